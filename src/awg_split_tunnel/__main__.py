@@ -1,0 +1,3 @@
+from awg_split_tunnel.cli import main
+
+main()
