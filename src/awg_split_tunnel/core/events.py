@@ -76,7 +76,8 @@ class EventBus:
         """Bind the bus to the running loop and deliver events published before it."""
         self._loop = asyncio.get_running_loop()
         for sub in self._subscribers:
-            if sub.task is None:
+            # A task that is done belonged to a loop that ended without stop().
+            if sub.task is None or sub.task.done():
                 self._start_subscriber(sub)
         pending, self._pending = self._pending, []
         for event in pending:
@@ -96,17 +97,25 @@ class EventBus:
         """Hand ``event`` to every subscriber of its type; never blocks, never raises."""
         loop = self._loop
         if loop is None:
-            if len(self._pending) < QUEUE_LIMIT:
-                self._pending.append(event)
+            self._keep_pending(event)
             return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not loop:
-            loop.call_soon_threadsafe(self._deliver, event)
-        else:
+        if running is loop:
             self._deliver(event)
+            return
+        try:
+            loop.call_soon_threadsafe(self._deliver, event)
+        except RuntimeError:
+            # The loop was closed without stop(): keep the event for the next start().
+            self._loop = None
+            self._keep_pending(event)
+
+    def _keep_pending(self, event: Event) -> None:
+        if len(self._pending) < QUEUE_LIMIT:
+            self._pending.append(event)
 
     def _deliver(self, event: Event) -> None:
         for sub in self._subscribers:
@@ -118,7 +127,10 @@ class EventBus:
             sub.queue.put_nowait(event)
 
     def _start_subscriber(self, sub: _Subscriber) -> None:
-        sub.queue = asyncio.Queue(QUEUE_LIMIT)
+        old, sub.queue = sub.queue, asyncio.Queue(QUEUE_LIMIT)
+        # Events still queued for a loop that ended without stop() are carried over.
+        while old is not None and not old.empty():
+            sub.queue.put_nowait(old.get_nowait())
         sub.task = asyncio.get_running_loop().create_task(self._run(sub))
 
     @staticmethod
@@ -130,5 +142,12 @@ class EventBus:
                 result = sub.handler(event)
                 if isinstance(result, Awaitable):
                     await result
+            except asyncio.CancelledError:
+                # Only our own cancellation (stop()) ends the subscription; a CancelledError the handler
+                # let out of something it awaited is a failure of that handler like any other.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                log.error("[Core] event handler %r was cancelled on %r", sub.handler, event)
             except Exception:
                 log.exception("[Core] event handler %r failed on %r", sub.handler, event)

@@ -1,0 +1,148 @@
+"""The test lab: a small internet in network namespaces, shared by tests, benchmarks and ``demo``.
+
+Needs root. Addresses are 198.18.0.0/15 and 2001:2::/48 only; nothing of the lab appears in the host's
+namespace, and it has no uplink. Typical use::
+
+    with Lab() as lab:                      # namespaces <prefix>-{client,inet,web,socks,http,wg}
+        start_web(lab)                      # 198.18.0.10 / 2001:2::10: HTTP :80, UDP echo :7
+        start_dante(lab)                    # SOCKS5 198.18.0.20:1080 (CONNECT + UDP ASSOCIATE)
+        start_tinyproxy(lab)                # HTTP CONNECT proxy 198.18.0.30:3128
+        peer = start_wireguard_go(lab, peers=[WireGuardPeer(client_pub, ["198.19.0.2/32"])])
+        lab.app("app-direct").seen_ip       # "198.18.0.1": what the web server saw
+        lab.spawn(CLIENT, ["awg-split-tunnel", "run", "-c", cfg])   # via nsenter, killed at close
+        with lab.socket(CLIENT, AF_INET, SOCK_DGRAM) as sock: ...   # a socket born in ns client
+        with lab.capture(CLIENT, "eth0", "udp") as cap: ...         # then cap.count("dst host ...")
+
+Every lab host reaches the bridge through its ``eth0``; on the bridge side (ns inet) the veth carries
+the host's name. See ``lab.md`` in the project docs for the rules.
+"""
+
+from awg_split_tunnel.lab.apps import make_app, run_app, spawn_app
+from awg_split_tunnel.lab.netns import LabError, LabUnavailable, PacketCapture, call_in_netns, cleanup_stale
+from awg_split_tunnel.lab.servers import (
+    LabInternet,
+    LabServer,
+    WireGuardPeer,
+    WireGuardServer,
+    generate_keypair,
+    public_key,
+    start_amneziawg_go,
+    start_dante,
+    start_internet,
+    start_iperf3,
+    start_microsocks,
+    start_tinyproxy,
+    start_web,
+    start_wireguard_go,
+)
+from awg_split_tunnel.lab.topology import (
+    AWG_PORT,
+    AWG_TUNNEL_CLIENT_IP,
+    AWG_TUNNEL_CLIENT_IP6,
+    AWG_TUNNEL_NET,
+    AWG_TUNNEL_NET6,
+    AWG_TUNNEL_SERVER_IP,
+    AWG_TUNNEL_SERVER_IP6,
+    CLIENT,
+    CLIENT_IP,
+    CLIENT_IP6,
+    HOSTS,
+    HTTP,
+    HTTP_IP,
+    HTTP_IP6,
+    HTTP_PROXY_AUTH_PORT,
+    HTTP_PROXY_PORT,
+    INET,
+    PREFIX_BASE,
+    SOCKS,
+    SOCKS_AUTH_PORT,
+    SOCKS_IP,
+    SOCKS_IP6,
+    SOCKS_PORT,
+    TUNNEL_CLIENT_IP,
+    TUNNEL_CLIENT_IP6,
+    TUNNEL_NET,
+    TUNNEL_NET6,
+    TUNNEL_SERVER_IP,
+    TUNNEL_SERVER_IP6,
+    UDP_ECHO_PORT,
+    UPLINK,
+    WEB,
+    WEB_IP,
+    WEB_IP6,
+    WEB_PORT,
+    WG,
+    WG_IP,
+    WG_IP6,
+    WG_PORT,
+    AppResult,
+    Lab,
+    LabHost,
+)
+
+__all__ = [
+    "AWG_PORT",
+    "AWG_TUNNEL_CLIENT_IP",
+    "AWG_TUNNEL_CLIENT_IP6",
+    "AWG_TUNNEL_NET",
+    "AWG_TUNNEL_NET6",
+    "AWG_TUNNEL_SERVER_IP",
+    "AWG_TUNNEL_SERVER_IP6",
+    "CLIENT",
+    "CLIENT_IP",
+    "CLIENT_IP6",
+    "HOSTS",
+    "HTTP",
+    "HTTP_IP",
+    "HTTP_IP6",
+    "HTTP_PROXY_AUTH_PORT",
+    "HTTP_PROXY_PORT",
+    "INET",
+    "PREFIX_BASE",
+    "SOCKS",
+    "SOCKS_AUTH_PORT",
+    "SOCKS_IP",
+    "SOCKS_IP6",
+    "SOCKS_PORT",
+    "TUNNEL_CLIENT_IP",
+    "TUNNEL_CLIENT_IP6",
+    "TUNNEL_NET",
+    "TUNNEL_NET6",
+    "TUNNEL_SERVER_IP",
+    "TUNNEL_SERVER_IP6",
+    "UDP_ECHO_PORT",
+    "UPLINK",
+    "WEB",
+    "WEB_IP",
+    "WEB_IP6",
+    "WEB_PORT",
+    "WG",
+    "WG_IP",
+    "WG_IP6",
+    "WG_PORT",
+    "AppResult",
+    "Lab",
+    "LabError",
+    "LabHost",
+    "LabInternet",
+    "LabServer",
+    "LabUnavailable",
+    "PacketCapture",
+    "WireGuardPeer",
+    "WireGuardServer",
+    "call_in_netns",
+    "cleanup_stale",
+    "generate_keypair",
+    "make_app",
+    "public_key",
+    "run_app",
+    "spawn_app",
+    "start_amneziawg_go",
+    "start_dante",
+    "start_internet",
+    "start_iperf3",
+    "start_microsocks",
+    "start_tinyproxy",
+    "start_web",
+    "start_wireguard_go",
+]

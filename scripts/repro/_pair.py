@@ -1,0 +1,56 @@
+"""A throw-away pair of network namespaces for the pydivert reproductions (run as root).
+
+``client`` (198.18.200.1/24, 2001:2:0:c8::1/64) ── veth ── ``server`` (198.18.200.2/24, 2001:2:0:c8::2/64).
+Everything is removed on exit, even on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+CLIENT_IP, SERVER_IP = "198.18.200.1", "198.18.200.2"
+CLIENT_IP6, SERVER_IP6 = "2001:2:0:c8::1", "2001:2:0:c8::2"
+
+
+@dataclass
+class Pair:
+    client: str
+    server: str
+
+    def nsenter(self, ns: str, *argv: str) -> list[str]:
+        """A command line running ``argv`` in ``ns`` without remounting /sys (keeps the SOCKET layer)."""
+        return ["nsenter", f"--net=/run/netns/{ns}", *argv]
+
+    def run(self, ns: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.nsenter(ns, *argv), check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True)
+
+
+@contextlib.contextmanager
+def namespace_pair() -> Iterator[Pair]:
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    tag = f"rp{os.getpid() % 100000}"
+    pair = Pair(f"{tag}c", f"{tag}s")
+    try:
+        _ip("netns", "add", pair.client)
+        _ip("netns", "add", pair.server)
+        _ip("link", "add", f"{tag}a", "netns", pair.client, "type", "veth", "peer", f"{tag}b", "netns", pair.server)
+        for ns, dev, ip4, ip6 in ((pair.client, f"{tag}a", CLIENT_IP, CLIENT_IP6), (pair.server, f"{tag}b", SERVER_IP, SERVER_IP6)):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{ip4}/24", "dev", dev)
+            _ip("-n", ns, "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
+            _ip("-n", ns, "link", "set", dev, "up")
+        yield pair
+    finally:
+        for ns in (pair.client, pair.server):
+            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -1,0 +1,1065 @@
+"""The YAML configuration (DESIGN §4): models, loading, and `ConfigManager` for validated edits.
+
+Loading never shows a traceback for bad input: YAML syntax errors, unknown keys, wrong types, duplicate
+tunnel ids, references to unknown tunnels, unreadable or malformed `.conf` files all become a
+`ConfigError` naming the file, the line and the key (`tunnels[1].server`). Lines come from the ruamel.yaml
+round-trip document, which is also what `ConfigManager` edits, so a user's comments and key order survive
+every change.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import logging
+import os
+import re
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PureWindowsPath
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import CommentMark, MarkedYAMLError, YAMLError
+from ruamel.yaml.tokens import CommentToken
+
+from awg_split_tunnel.core.events import ConfigChanged, EventBus
+from awg_split_tunnel.core.policy import DIRECT, DROP, RESERVED_TUNNEL_IDS, FallbackPolicy, TunnelType
+from awg_split_tunnel.errors import ConfigError
+from awg_split_tunnel.process.matcher import compile_pattern
+from awg_split_tunnel.provider.wireguard.conf import (
+    Endpoint,
+    WgConf,
+    awg_params,
+    check_setting,
+    conf_from_settings,
+    parse_conf,
+)
+
+log = logging.getLogger("awg_split_tunnel.core")
+
+ENV_CONFIG = "AWG_SPLIT_TUNNEL_CONFIG"
+TUNNEL_ID_RE = re.compile(r"[a-z0-9_-]+")
+TUNNEL_TYPES = tuple(t.value for t in TunnelType)
+DEFAULT_ALLOWED_IPS = "0.0.0.0/0, ::/0"
+"""What an inline peer routes when `allowed_ips` is not given: everything the router sends it."""
+
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
+def default_config_path() -> Path:
+    """`%ProgramData%\\awg-split-tunnel\\config.yaml` on Windows, `/etc/awg-split-tunnel/config.yaml`
+    elsewhere; the environment variable `AWG_SPLIT_TUNNEL_CONFIG` overrides both."""
+    return Path(default_config_location(sys.platform, os.environ))
+
+
+def default_config_location(platform: str, environ: Mapping[str, str]) -> PurePath:
+    """`default_config_path` for a given platform and environment (testable anywhere)."""
+    override = environ.get(ENV_CONFIG)
+    if override:
+        return Path(override).expanduser()
+    if platform == "win32":
+        base = environ.get("ProgramData") or r"C:\ProgramData"
+        return PureWindowsPath(base, "awg-split-tunnel", "config.yaml")
+    return Path("/etc/awg-split-tunnel/config.yaml")
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    # Numbers where text is expected (a numeric password, `h1: 5`) are taken as their text.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+def _setting_text(value: object) -> object:
+    """Inline WireGuard values in `.conf` syntax: lists joined with commas, booleans as on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple):
+        if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+            raise ValueError("expected a list of addresses")
+        return ", ".join(str(v) for v in value)
+    return value
+
+
+Setting = Annotated[str | None, BeforeValidator(_setting_text)]
+SecretSetting = Annotated[str | None, BeforeValidator(_setting_text), Field(repr=False)]
+
+
+class Rule(_Model):
+    """One line of `rules`: processes matching `process` go through `tunnel` (a tunnel id or `direct`)."""
+
+    process: str
+    tunnel: str
+    fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
+
+    @field_validator("process")
+    @classmethod
+    def _pattern_compiles(cls, value: str) -> str:
+        compile_pattern(value)  # ValueError names what is wrong (bad regex, empty pattern)
+        return value
+
+
+class _TunnelBase(_Model):
+    id: str
+    type: str
+    lan_bypass: bool = True
+
+    @field_validator("id")
+    @classmethod
+    def _id_syntax(cls, value: str) -> str:
+        if not TUNNEL_ID_RE.fullmatch(value):
+            raise ValueError(f"tunnel id {value!r} may contain only a-z, 0-9, '_' and '-'")
+        if value in RESERVED_TUNNEL_IDS:
+            raise ValueError(f"'{value}' is reserved (it means no tunnel); choose another id")
+        return value
+
+    @property
+    def tunnel_type(self) -> TunnelType:
+        return TunnelType(self.type)
+
+
+class _ProxyTunnel(_TunnelBase):
+    server: str
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+
+    @field_validator("server")
+    @classmethod
+    def _server_syntax(cls, value: str) -> str:
+        Endpoint.parse(value)
+        return value
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The proxy's host and port."""
+        return Endpoint.parse(self.server)
+
+
+class Socks5Tunnel(_ProxyTunnel):
+    """A SOCKS5 proxy; `udp` relays UDP through UDP ASSOCIATE."""
+
+    type: Literal["socks5"]
+    udp: bool = True
+
+
+class HttpTunnel(_ProxyTunnel):
+    """An HTTP CONNECT proxy. It cannot carry UDP: the apps' UDP is dropped (browsers fall back from QUIC
+    to TCP) or, with `udp: direct`, sent directly."""
+
+    type: Literal["http"]
+    udp: Literal["drop", "direct"] = "drop"
+
+
+_PEER_FIELDS = ("public_key", "preshared_key", "endpoint", "allowed_ips", "persistent_keepalive")
+
+
+class InlinePeer(_Model):
+    """The `peer:` of an inline packet tunnel (the keys of a `.conf` [Peer], in snake_case)."""
+
+    public_key: Annotated[str, BeforeValidator(_setting_text)]
+    preshared_key: SecretSetting = None
+    endpoint: Setting = None
+    allowed_ips: Setting = None
+    persistent_keepalive: Setting = None
+
+    @field_validator(*_PEER_FIELDS)
+    @classmethod
+    def _conf_syntax(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.field_name is not None:
+            check_setting("peer", info.field_name, value)
+        return value
+
+    def settings(self) -> dict[str, str]:
+        values = {name: getattr(self, name) for name in _PEER_FIELDS}
+        values.setdefault("allowed_ips", None)
+        if values["allowed_ips"] is None:
+            values["allowed_ips"] = DEFAULT_ALLOWED_IPS
+        return {k: v for k, v in values.items() if v is not None}
+
+
+_INTERFACE_FIELDS = (
+    "private_key",
+    "address",
+    "dns",
+    "mtu",
+    "listen_port",
+    "jc",
+    "jmin",
+    "jmax",
+    "s1",
+    "s2",
+    "s3",
+    "s4",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "i1",
+    "i2",
+    "i3",
+    "i4",
+    "i5",
+    "header_protection_key",
+    "content_padding_addition",
+    "rekey_after_time",
+    "rekey_timeout",
+    "reject_after_time",
+    "keepalive_timeout",
+    "max_handshake_attempts",
+    "random_trailers",
+    "disable_cookies",
+)
+_INLINE_SECRETS = ("private_key", "header_protection_key")
+
+
+class PacketTunnel(_TunnelBase):
+    """A WireGuard or AmneziaWG tunnel: `config_file` (a `.conf`, relative to the YAML file) or the same
+    settings inline, never both. `wg_conf` holds the effective settings once loaded."""
+
+    type: Literal["amneziawg", "wireguard"]
+    config_file: str | None = None
+    private_key: SecretSetting = None
+    address: Setting = None
+    dns: Setting = None
+    mtu: Setting = None
+    listen_port: Setting = None
+    jc: Setting = None
+    jmin: Setting = None
+    jmax: Setting = None
+    s1: Setting = None
+    s2: Setting = None
+    s3: Setting = None
+    s4: Setting = None
+    h1: Setting = None
+    h2: Setting = None
+    h3: Setting = None
+    h4: Setting = None
+    i1: Setting = None
+    i2: Setting = None
+    i3: Setting = None
+    i4: Setting = None
+    i5: Setting = None
+    header_protection_key: SecretSetting = None
+    content_padding_addition: Setting = None
+    rekey_after_time: Setting = None
+    rekey_timeout: Setting = None
+    reject_after_time: Setting = None
+    keepalive_timeout: Setting = None
+    max_handshake_attempts: Setting = None
+    random_trailers: Setting = None
+    disable_cookies: Setting = None
+    peer: InlinePeer | None = None
+
+    _wg_conf: WgConf | None = PrivateAttr(default=None)
+    _conf_path: Path | None = PrivateAttr(default=None)
+
+    @field_validator(*_INTERFACE_FIELDS)
+    @classmethod
+    def _conf_syntax(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.field_name is not None:
+            check_setting("interface", info.field_name, value)
+        return value
+
+    def inline_settings(self) -> dict[str, str]:
+        """The inline `[Interface]` settings that are given, by field name."""
+        return {name: value for name in _INTERFACE_FIELDS if (value := getattr(self, name)) is not None}
+
+    @property
+    def is_inline(self) -> bool:
+        return self.peer is not None or bool(self.inline_settings())
+
+    @property
+    def wg_conf(self) -> WgConf:
+        """The effective WireGuard/AmneziaWG settings (from `config_file` or inline)."""
+        return tunnel_wg_conf(self)
+
+    @property
+    def conf_path(self) -> Path | None:
+        """The resolved path of `config_file`, once loaded."""
+        return self._conf_path
+
+
+Tunnel = Annotated[Socks5Tunnel | HttpTunnel | PacketTunnel, Field(discriminator="type")]
+
+
+class Config(_Model):
+    """The whole validated configuration."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    default: str = DIRECT
+    tunnels: tuple[Tunnel, ...] = ()
+    rules: tuple[Rule, ...] = ()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def tunnel(self, tunnel_id: str) -> Socks5Tunnel | HttpTunnel | PacketTunnel | None:
+        """The tunnel with this id, or None."""
+        return next((t for t in self.tunnels if t.id == tunnel_id), None)
+
+    @property
+    def tunnel_ids(self) -> tuple[str, ...]:
+        return tuple(t.id for t in self.tunnels)
+
+    @property
+    def holds_secrets(self) -> bool:
+        """Whether the YAML itself carries private keys or passwords (then it is written 0600)."""
+        for t in self.tunnels:
+            if isinstance(t, PacketTunnel):
+                peer_secret = t.peer is not None and t.peer.preshared_key is not None
+                if peer_secret or any(getattr(t, name) is not None for name in _INLINE_SECRETS):
+                    return True
+            elif t.password is not None:
+                return True
+        return False
+
+
+def tunnel_wg_conf(tunnel: PacketTunnel) -> WgConf:
+    """The effective WireGuard settings of a packet tunnel, whether inline or from its `config_file`.
+
+    Tunnels of a loaded `Config` carry them already; an inline tunnel built by hand is converted here.
+    """
+    if tunnel._wg_conf is not None:
+        return tunnel._wg_conf
+    if tunnel.config_file is not None:
+        raise ConfigError(
+            f"tunnel '{tunnel.id}': config_file is read when the config is loaded (use load_config)",
+            key="config_file",
+        )
+    return _inline_wg_conf(tunnel)
+
+
+def _inline_wg_conf(tunnel: PacketTunnel) -> WgConf:
+    peers = [tunnel.peer.settings()] if tunnel.peer is not None else []
+    return conf_from_settings(tunnel.inline_settings(), peers)
+
+
+# -- reading: YAML → document → Config, errors located ------------------------------------------------
+
+
+KeyPath = tuple[str | int, ...]
+
+
+def _yaml(indent: tuple[int, int, int] = (2, 4, 2)) -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap a user's long lines
+    mapping, sequence, offset = indent
+    yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
+    return yaml
+
+
+def _guess_indent(text: str) -> tuple[int, int, int]:
+    """The user's indentation as ruamel's (mapping, sequence, offset), so that saving does not re-indent
+    the file: the first nested mapping key and the first block-sequence dash below a `key:` line tell."""
+    mapping: int | None = None
+    offset: int | None = None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    for parent, child in itertools.pairwise(lines):
+        head = parent.split("#", 1)[0].rstrip()
+        if not head.endswith(":"):
+            continue
+        # A `- key:` line's mapping starts after the dash.
+        parent_column = len(head) - len(head.lstrip(" -"))
+        depth = len(child) - len(child.lstrip(" "))
+        if depth < parent_column:
+            continue
+        step = depth - parent_column
+        if child.lstrip(" ").startswith("- ") and offset is None:
+            offset = step
+        elif not child.lstrip(" ").startswith("- ") and mapping is None and step > 0:
+            mapping = step
+        if mapping is not None and offset is not None:
+            break
+    mapping = mapping or 2
+    offset = 2 if offset is None else offset
+    return (mapping, offset + 2, offset)
+
+
+def _load_document(text: str, file: str) -> CommentedMap:
+    try:
+        doc = _yaml().load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        reason = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        raise ConfigError(f"YAML syntax: {reason}", file=file, line=mark.line + 1 if mark else None) from None
+    except YAMLError as exc:
+        raise ConfigError(f"YAML syntax: {exc}", file=file) from None
+    if doc is None:
+        return CommentedMap()
+    if not isinstance(doc, CommentedMap):
+        raise ConfigError(
+            "the config must be a mapping of keys (log_level, default, tunnels, rules)", file=file, line=1
+        )
+    return doc
+
+
+def _plain(node: object) -> object:
+    """ruamel's round-trip nodes as plain Python values for pydantic."""
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, bool):
+        return bool(node)
+    if isinstance(node, str):
+        return str(node)
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    return node
+
+
+def _locate(doc: CommentedMap, path: KeyPath) -> tuple[int | None, str]:
+    """The line (1-based) of the deepest node of `path` present in the document, and the key as users
+    read it (`tunnels[1].server`). Discriminator tags in pydantic locations are skipped."""
+    node: object = doc
+    line: int | None = None
+    key = ""
+    for step in path:
+        if isinstance(node, CommentedSeq) and isinstance(step, int):
+            key += f"[{step}]"
+            if 0 <= step < len(node):
+                line = node.lc.item(step)[0] + 1
+                node = node[step]
+            else:
+                node = None
+            continue
+        if isinstance(node, CommentedMap) and isinstance(step, str):
+            if step not in node and node.get("type") == step:
+                continue  # pydantic names the union member it chose
+            key += f".{step}" if key else step
+            if step in node:
+                line = node.lc.key(step)[0] + 1
+                node = node[step]
+            else:
+                node = None
+            continue
+        if isinstance(step, str) and step in TUNNEL_TYPES:
+            continue
+        key += f"[{step}]" if isinstance(step, int) else (f".{step}" if key else step)
+        node = None
+    return line, key
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    line: int | None
+    key: str
+    message: str
+
+
+_SECRET_WORDS = ("key", "password")
+
+
+def _problem(error: Mapping[str, Any], doc: CommentedMap) -> _Problem:
+    kind = error["type"]
+    loc: KeyPath = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        loc = (*loc, "type")
+    line, key = _locate(doc, loc)
+    name = str(loc[-1]) if loc else ""
+    if kind == "extra_forbidden":
+        message = f"unknown key '{name}'"
+    elif kind == "missing":
+        message = f"missing required key '{name}'"
+    elif kind == "union_tag_invalid":
+        message = f"unknown tunnel type '{ctx.get('tag')}'; expected one of {', '.join(TUNNEL_TYPES)}"
+    elif kind == "union_tag_not_found":
+        message = f"missing key 'type' (one of {', '.join(TUNNEL_TYPES)})"
+    elif kind == "value_error":
+        message = str(ctx.get("error", error["msg"]))
+    else:
+        message = str(error["msg"])
+        value = error.get("input")
+        secret = any(word in name for word in _SECRET_WORDS)
+        if isinstance(value, str | int | float | bool) and not secret:
+            message += f", got {value!r}"[:120]
+    return _Problem(line, key, message)
+
+
+def _validation_error(exc: ValidationError, doc: CommentedMap, file: str) -> ConfigError:
+    problems = [_problem(e, doc) for e in exc.errors(include_url=False)]
+    problems.sort(key=lambda p: p.line or 0)
+    first, rest = problems[0], problems[1:]
+    message = first.message
+    for p in rest:
+        where = f"{file}:{p.line}" if p.line else file
+        message += f"\n  also {where}, key '{p.key}': {p.message}"
+    return ConfigError(message, file=file, line=first.line, key=first.key or None)
+
+
+def _error_at(doc: CommentedMap, path: KeyPath, message: str, file: str) -> ConfigError:
+    line, key = _locate(doc, path)
+    return ConfigError(message, file=file, line=line, key=key)
+
+
+def _check_references(config: Config, doc: CommentedMap, file: str) -> None:
+    seen: dict[str, int] = {}
+    for index, tunnel in enumerate(config.tunnels):
+        if tunnel.id in seen:
+            raise _error_at(
+                doc,
+                ("tunnels", index, "id"),
+                f"duplicate tunnel id '{tunnel.id}' (also tunnels[{seen[tunnel.id]}])",
+                file,
+            )
+        seen[tunnel.id] = index
+    known = ", ".join(seen) or "none defined"
+    if config.default not in (DIRECT, DROP) and config.default not in seen:
+        raise _error_at(
+            doc,
+            ("default",),
+            f"unknown tunnel '{config.default}'; expected direct, drop or a tunnel id ({known})",
+            file,
+        )
+    for index, rule in enumerate(config.rules):
+        if rule.tunnel == DROP:
+            raise _error_at(
+                doc,
+                ("rules", index, "tunnel"),
+                "a rule's tunnel is a tunnel id or direct; to block an app use a tunnel with fallback: drop",
+                file,
+            )
+        if rule.tunnel != DIRECT and rule.tunnel not in seen:
+            raise _error_at(
+                doc,
+                ("rules", index, "tunnel"),
+                f"unknown tunnel '{rule.tunnel}'; expected direct or a tunnel id ({known})",
+                file,
+            )
+
+
+def _resolve_packet_tunnels(config: Config, doc: CommentedMap, file: str, base_dir: Path) -> None:
+    for index, tunnel in enumerate(config.tunnels):
+        if not isinstance(tunnel, PacketTunnel):
+            continue
+        here = ("tunnels", index)
+        if tunnel.config_file is not None:
+            if tunnel.is_inline:
+                given = ", ".join([*tunnel.inline_settings(), *(["peer"] if tunnel.peer else [])])
+                raise _error_at(
+                    doc,
+                    (*here, "config_file"),
+                    f"give either config_file or inline settings, not both (inline: {given})",
+                    file,
+                )
+            conf, source = _read_conf_file(tunnel, base_dir, doc, here, file), tunnel.config_file
+            tunnel._conf_path = base_dir / tunnel.config_file
+        else:
+            for required in ("private_key", "address", "peer"):
+                if getattr(tunnel, required) is None:
+                    raise _error_at(
+                        doc,
+                        (*here, required),
+                        f"a {tunnel.type} tunnel needs config_file or inline {required}",
+                        file,
+                    )
+            try:
+                conf = _inline_wg_conf(tunnel)
+            except ConfigError as exc:
+                raise _error_at(doc, (*here, exc.key or ""), exc.reason, file) from None
+            source = "its settings"
+        _check_usable(tunnel, conf, source, doc, here, file)
+        tunnel._wg_conf = conf
+
+
+def _read_conf_file(
+    tunnel: PacketTunnel, base_dir: Path, doc: CommentedMap, here: KeyPath, file: str
+) -> WgConf:
+    assert tunnel.config_file is not None
+    path = base_dir / tunnel.config_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _error_at(doc, (*here, "config_file"), f"cannot read {path}: {reason}", file) from None
+    try:
+        return parse_conf(text, file=str(path))
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc.reason} (tunnel '{tunnel.id}')", file=exc.file, line=exc.line, key=exc.key
+        ) from None
+
+
+def _check_usable(
+    tunnel: PacketTunnel, conf: WgConf, source: str, doc: CommentedMap, here: KeyPath, file: str
+) -> None:
+    """What a client tunnel needs beyond syntax: an address, a peer with an endpoint, the right type."""
+    key = "config_file" if tunnel.config_file is not None else None
+    problem: tuple[str, str] | None = None
+    if not conf.interface.addresses:
+        problem = (key or "address", f"{source} give no Address: the tunnel needs its own address")
+    elif not conf.peers:
+        problem = (key or "peer", f"{source} define no [Peer]")
+    elif any(p.endpoint is None for p in conf.peers):
+        problem = (
+            key or "peer",
+            f"{source} give a peer without Endpoint; a client must know where to connect",
+        )
+    elif tunnel.tunnel_type is TunnelType.WIREGUARD and conf.is_amneziawg:
+        names = ", ".join(awg_params(conf))
+        problem = (
+            "type",
+            f"type is wireguard but {source} set AmneziaWG parameters ({names}); use amneziawg",
+        )
+    if problem is not None:
+        raise _error_at(doc, (*here, problem[0]), problem[1], file)
+
+
+def _validate_document(doc: CommentedMap, file: str, base_dir: Path) -> Config:
+    try:
+        config = Config.model_validate(_plain(doc))
+    except ValidationError as exc:
+        raise _validation_error(exc, doc, file) from None
+    _check_references(config, doc, file)
+    _resolve_packet_tunnels(config, doc, file, base_dir)
+    return config
+
+
+def parse_config(text: str, *, file: str, base_dir: Path) -> Config:
+    """Validate YAML text; `config_file`s are read relative to `base_dir`. Raises ConfigError."""
+    return _validate_document(_load_document(text, file), file, base_dir)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file. Raises ConfigError."""
+    return parse_config(_read_text(path), file=str(path), base_dir=path.parent)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config: {exc.strerror or exc}", file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=str(path)) from None
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data` so that readers see the old file or the new one, never a mix: a temp
+    file in the same directory, fsync, rename over. The temp file is created with `mode` already, so a
+    secret is never readable by others, not even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if os.name == "posix":
+        # The rename itself is only durable once the directory entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _to_node(value: object) -> object:
+    """A user-supplied value as a round-trip node (None entries of mappings are left out)."""
+    if isinstance(value, Mapping):
+        node = CommentedMap()
+        for k, v in value.items():
+            if v is not None:
+                node[str(k)] = _to_node(v)
+        return node
+    if isinstance(value, list | tuple):
+        return CommentedSeq(_to_node(v) for v in value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, str):
+        return str(value)  # StrEnum members (FallbackPolicy) as their plain value
+    return value
+
+
+def _last_comment_slot(node: object) -> tuple[Any, object, int] | None:
+    """Where ruamel keeps the comment lines that follow `node`: the comment of its last scalar."""
+    if isinstance(node, CommentedMap) and node:
+        last = next(reversed(node))
+        value = node[last]
+        if isinstance(value, CommentedMap | CommentedSeq) and value:
+            return _last_comment_slot(value)
+        return node, last, 2
+    if isinstance(node, CommentedSeq) and node:
+        value = node[-1]
+        if isinstance(value, CommentedMap | CommentedSeq) and value:
+            return _last_comment_slot(value)
+        return node, len(node) - 1, 0
+    return None
+
+
+def _take_following_comment(node: object) -> str:
+    """Detach the comment lines after `node` (keeping its end-of-line comment) and return them."""
+    slot = _last_comment_slot(node)
+    if slot is None:
+        return ""
+    owner, key, position = slot
+    entry = owner.ca.items.get(key)
+    token = entry[position] if entry else None
+    if not isinstance(token, CommentToken) or "\n" not in token.value:
+        return ""
+    eol, following = token.value.split("\n", 1)
+    if eol:
+        kept = copy.copy(token)
+        kept.value = eol + "\n"
+        entry[position] = kept
+    else:
+        entry[position] = None
+    return following
+
+
+def _give_following_comment(node: object, following: str) -> None:
+    """Attach comment lines after `node` (the counterpart of `_take_following_comment`)."""
+    slot = _last_comment_slot(node) if following else None
+    if slot is None:
+        return
+    owner, key, position = slot
+    entry = owner.ca.items.setdefault(key, [None, None, None, None])
+    token = entry[position]
+    if isinstance(token, CommentToken):
+        token.value = token.value.rstrip("\n") + "\n" + following
+    else:
+        entry[position] = CommentToken("\n" + following, CommentMark(0), None)
+
+
+class ConfigManager:
+    """The config file as one validated, editable unit.
+
+    Every change is applied to a copy of the round-trip document, the WHOLE resulting config is
+    validated, and only then is the file replaced atomically and the change published as
+    `ConfigChanged`. A rejected change raises ConfigError and leaves memory and file as they were.
+    """
+
+    def __init__(self, path: Path, bus: EventBus | None = None) -> None:
+        self.path = Path(path)
+        self.bus = bus
+        self._doc: CommentedMap | None = None
+        self._config: Config | None = None
+        self._indent: tuple[int, int, int] = (2, 4, 2)
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def load(self, *, missing_ok: bool = False) -> Config:
+        """Read and validate the file. With `missing_ok`, a missing file is an empty config (created on the
+        first change or `save()`). Raises ConfigError."""
+        text = "" if missing_ok and not self.path.exists() else _read_text(self.path)
+        doc = _load_document(text, str(self.path))
+        config = _validate_document(doc, str(self.path), self.path.parent)
+        self._doc, self._config, self._indent = doc, config, _guess_indent(text)
+        self._warn_if_exposed(config)
+        return config
+
+    def reload(self) -> bool:
+        """Re-read the file (a daemon calls this when it changed on disk). On error the current config
+        stays and ConfigError is raised; returns whether the config changed (and then publishes)."""
+        old = self._config
+        config = self.load()
+        if config == old:
+            return False
+        self._publish("reload", {})
+        return True
+
+    @property
+    def config(self) -> Config:
+        """The validated config (loaded on first use)."""
+        if self._config is None:
+            return self.load()
+        return self._config
+
+    def list_rules(self) -> tuple[Rule, ...]:
+        return self.config.rules
+
+    # -- changes ----------------------------------------------------------------------------------------
+
+    def add_tunnel(self, tunnel: Mapping[str, Any]) -> None:
+        """Append a tunnel (the keys of DESIGN §4, e.g. ``{"id": "office", "type": "socks5", ...}``)."""
+        tunnel_id = str(tunnel.get("id", ""))
+        if self.config.tunnel(tunnel_id) is not None:
+            raise ConfigError(f"a tunnel with id '{tunnel_id}' already exists", file=str(self.path), key="id")
+
+        def change(doc: CommentedMap) -> None:
+            _append(_seq(doc, "tunnels"), _to_node(tunnel))
+
+        self._apply(change, "tunnel.add", {"id": tunnel_id})
+
+    def update_tunnel(self, tunnel_id: str, changes: Mapping[str, Any]) -> None:
+        """Set keys of a tunnel; a value of None removes the key (e.g. to switch from inline settings to
+        `config_file`)."""
+        index = self._tunnel_index(tunnel_id)
+
+        def change(doc: CommentedMap) -> None:
+            node = doc["tunnels"][index]
+            for key, value in changes.items():
+                if value is None:
+                    node.pop(key, None)
+                else:
+                    node[key] = _to_node(value)
+
+        self._apply(change, "tunnel.update", {"id": tunnel_id, "keys": sorted(changes)})
+
+    def remove_tunnel(self, tunnel_id: str) -> None:
+        """Remove a tunnel; refused while `default` or a rule uses it. A `.conf` it used stays on disk."""
+        index = self._tunnel_index(tunnel_id)
+        config, doc = self.config, self._document()
+        if config.default == tunnel_id:
+            raise _error_at(
+                doc,
+                ("default",),
+                f"tunnel '{tunnel_id}' is the default; change default first",
+                str(self.path),
+            )
+        for i, rule in enumerate(config.rules):
+            if rule.tunnel == tunnel_id:
+                raise _error_at(
+                    doc,
+                    ("rules", i, "tunnel"),
+                    f"tunnel '{tunnel_id}' is used by rule {i} ({rule.process}); "
+                    "change or remove that rule first",
+                    str(self.path),
+                )
+        self._apply(lambda d: _remove(d, "tunnels", index), "tunnel.remove", {"id": tunnel_id})
+
+    def add_rule(self, rule: Mapping[str, Any], index: int | None = None) -> int:
+        """Insert a rule before position `index` (append when None); returns its index. Rules are tried
+        in order, first match wins."""
+        count = len(self.config.rules)
+        position = count if index is None else index
+        if not 0 <= position <= count:
+            raise ConfigError(
+                f"rule index {index} is out of range (0-{count})", file=str(self.path), key="rules"
+            )
+
+        def change(doc: CommentedMap) -> None:
+            rules = _seq(doc, "rules")
+            _insert(rules, position, _to_node(rule))
+
+        self._apply(change, "rule.add", {"index": position, "process": str(rule.get("process", ""))})
+        return position
+
+    def remove_rule(self, index: int) -> Rule:
+        """Remove and return the rule at `index`."""
+        rules = self.config.rules
+        if not 0 <= index < len(rules):
+            raise ConfigError(
+                f"no rule {index} (there are {len(rules)})", file=str(self.path), key=f"rules[{index}]"
+            )
+        removed = rules[index]
+        self._apply(
+            lambda d: _remove(d, "rules", index), "rule.remove", {"index": index, "process": removed.process}
+        )
+        return removed
+
+    def import_conf(self, conf_path: Path, tunnel_id: str | None = None, *, copy: bool = True) -> str:
+        """Add a tunnel from a WireGuard/AmneziaWG `.conf`: type amneziawg when it sets AmneziaWG parameters,
+        else wireguard; the id defaults to the file name made a valid id. With `copy` the file is copied next
+        to the YAML as `<id>.conf` (mode 0600), else referenced where it is. Returns the tunnel id."""
+        conf_path = Path(conf_path)
+        text = _read_text(conf_path)
+        conf = parse_conf(text, file=str(conf_path))
+        new_id = tunnel_id if tunnel_id is not None else tunnel_id_from_name(conf_path.stem)
+        if not TUNNEL_ID_RE.fullmatch(new_id) or new_id in RESERVED_TUNNEL_IDS:
+            raise ConfigError(
+                f"'{new_id}' is not a valid tunnel id (a-z, 0-9, '_', '-'; not direct/drop)", key="id"
+            )
+        if self.config.tunnel(new_id) is not None:
+            raise ConfigError(
+                f"a tunnel with id '{new_id}' already exists; pass another id", file=str(self.path), key="id"
+            )
+        created: Path | None = None
+        if copy:
+            target = self.path.parent / f"{new_id}.conf"
+            if target.exists() and not _same_file(target, conf_path):
+                raise ConfigError(f"{target} already exists; remove it or pass another id", key="id")
+            if not target.exists():
+                _write(target, text.encode("utf-8"), SECRET_MODE)
+                created = target
+            reference = target.name
+        else:
+            reference = _reference(conf_path, self.path.parent)
+        kind = TunnelType.AMNEZIAWG if conf.is_amneziawg else TunnelType.WIREGUARD
+        entry = {"id": new_id, "type": kind.value, "config_file": reference}
+        try:
+            self._apply(
+                lambda d: _append(_seq(d, "tunnels"), _to_node(entry)),
+                "tunnel.add",
+                {"id": new_id, "imported_from": str(conf_path)},
+            )
+        except BaseException:
+            if created is not None:
+                with suppress(OSError):
+                    created.unlink()
+            raise
+        return new_id
+
+    def save(self) -> None:
+        """Write the current document (atomically; 0600 when it holds secrets)."""
+        self._write_config(self._dump(self._document()), self.config)
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _document(self) -> CommentedMap:
+        if self._doc is None:
+            self.load()
+        assert self._doc is not None
+        return self._doc
+
+    def _tunnel_index(self, tunnel_id: str) -> int:
+        for index, tunnel in enumerate(self.config.tunnels):
+            if tunnel.id == tunnel_id:
+                return index
+        known = ", ".join(self.config.tunnel_ids) or "none defined"
+        raise ConfigError(f"no tunnel '{tunnel_id}' (tunnels: {known})", file=str(self.path), key="tunnels")
+
+    def _dump(self, doc: CommentedMap) -> str:
+        out = io.StringIO()
+        _yaml(self._indent).dump(doc, out)
+        return out.getvalue()
+
+    def _apply(self, change: Callable[[CommentedMap], None], what: str, detail: dict[str, Any]) -> None:
+        draft = copy.deepcopy(self._document())
+        change(draft)
+        text = self._dump(draft)
+        file = str(self.path)
+        try:
+            # Validate exactly what will be written; the re-read document also has fresh line numbers.
+            doc = _load_document(text, file)
+            config = _validate_document(doc, file, self.path.parent)
+        except ConfigError as exc:
+            if exc.file != file:
+                raise  # a .conf file's own error keeps its file and line
+            raise ConfigError(f"change rejected: {exc.reason}", file=file, key=exc.key) from None
+        self._write_config(text, config)
+        self._doc, self._config = doc, config
+        self._publish(what, detail)
+
+    def _write_config(self, text: str, config: Config) -> None:
+        try:
+            current = stat.S_IMODE(self.path.stat().st_mode)
+        except OSError:
+            current = PUBLIC_MODE
+        mode = (current & 0o700) | 0o600 if config.holds_secrets else current
+        _write(self.path, text.encode("utf-8"), mode)
+
+    def _publish(self, what: str, detail: dict[str, Any]) -> None:
+        if self.bus is not None:
+            self.bus.publish(ConfigChanged(what=what, detail=detail))
+
+    def _warn_if_exposed(self, config: Config) -> None:
+        if os.name != "posix" or not config.holds_secrets:
+            return
+        with suppress(OSError):
+            if self.path.stat().st_mode & 0o077:
+                log.warning("[Core] %s holds private keys or passwords and is readable by others", self.path)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    try:
+        write_file_atomic(path, data, mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the file: {exc.strerror or exc}", file=str(path)) from None
+
+
+def _seq(doc: CommentedMap, key: str) -> CommentedSeq:
+    value = doc.get(key)
+    if not isinstance(value, CommentedSeq):
+        value = CommentedSeq()
+        doc[key] = value
+    return value
+
+
+def _insert(seq: CommentedSeq, index: int, node: object) -> None:
+    """Insert keeping comments with the items they describe. ruamel stores the comment lines above an
+    item as the tail of the item before it, so they move to the new item's tail."""
+    following = _take_following_comment(seq[index - 1]) if index > 0 else ""
+    seq.insert(index, node)
+    if index > 0:
+        _give_following_comment(seq[index], following)
+
+
+def _append(seq: CommentedSeq, node: object) -> None:
+    _insert(seq, len(seq), node)
+
+
+def _remove(doc: CommentedMap, key: str, index: int) -> None:
+    """Delete `doc[key][index]` with the comment lines above it; the lines above the next item (or below
+    the list) stay."""
+    seq = doc[key]
+    following = _take_following_comment(seq[index])
+    if index > 0:
+        _take_following_comment(seq[index - 1])
+    del seq[index]
+    if index > 0:
+        _give_following_comment(seq[index - 1], following)
+    elif following:
+        # The lines above the first item hang on the list's key.
+        entry = doc.ca.items.setdefault(key, [None, None, None, None])
+        token = entry[2]
+        if isinstance(token, CommentToken):
+            token.value = token.value.rstrip("\n") + "\n" + following
+        else:
+            entry[2] = CommentToken("\n" + following, CommentMark(0), None)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _reference(conf_path: Path, base_dir: Path) -> str:
+    """How the YAML names a `.conf` it does not own: relative when it lies below the YAML's directory."""
+    absolute = conf_path.resolve()
+    try:
+        return str(absolute.relative_to(base_dir.resolve()))
+    except ValueError:
+        return str(absolute)
+
+
+def tunnel_id_from_name(name: str) -> str:
+    """A valid tunnel id made from a file name: lower case, runs of other characters as one '-'."""
+    candidate = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-") or "tunnel"
+    return f"{candidate}-1" if candidate in RESERVED_TUNNEL_IDS else candidate
+
+
+def iter_packet_tunnels(config: Config) -> Iterator[PacketTunnel]:
+    """The WireGuard/AmneziaWG tunnels of a config, in order."""
+    return (t for t in config.tunnels if isinstance(t, PacketTunnel))

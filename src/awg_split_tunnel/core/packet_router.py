@@ -1,0 +1,751 @@
+"""PacketRouter: every new outbound flow → its process → its rule → tunnel, pass or drop (DESIGN §2).
+
+``PacketRouter`` is sans-I/O: ``route(buf, length, now, copy_meta)`` looks at one captured outbound packet
+in its receive buffer and returns a ``Verdict`` (rewritten in place where needed); connect events come in
+through ``connect_event``; packets it held or crafted (RSTs) come out of ``take_outgoing``; ``poll(now)``
+runs the timers. Process lookups are injected callables. ``RouterLoop`` is the thin I/O adapter: it owns
+the divert handles and a thread, and is the piece that moves to its own process (DESIGN §3).
+
+A new flow's first packet (TCP SYN, first UDP datagram) waits until the connect event naming its process
+has arrived (``hold_timeout``; events and packets come on different handles in no fixed order), then the
+OS socket tables are asked; a flow whose owner stays unknown gets the ``default`` route (counted). The
+decision is kept per flow in ``net.nat.FlowTable``; known flows take the fast path: one parse, one dict
+lookup, at most an address swap and a port write with incremental checksums.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
+from awg_split_tunnel.core.rule_engine import Decision, resolve
+from awg_split_tunnel.net.nat import (
+    FIN_FROM_APP,
+    FIN_FROM_PEER,
+    FlowTable,
+    FlowVerdict,
+    NatEntry,
+    app_key,
+    reply_key,
+)
+from awg_split_tunnel.net.packet import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    PacketView,
+    tcp_reset_for,
+)
+from awg_split_tunnel.process.lookup import ConnectEvents, ExeResolver, os_lookup_pid
+
+log = logging.getLogger("awg_split_tunnel.router")
+
+HOLD_TIMEOUT = 0.05
+"""Seconds a new flow's first packet waits for its connect event before the OS lookup (a few ms usual)."""
+MAX_HELD_PACKETS = 16
+"""Packets kept per waiting flow (SYN retransmits, a UDP burst); more are dropped, never leaked."""
+MAX_HELD_FLOWS = 1024
+EXPIRE_INTERVAL = 1.0
+
+ROUTER_FILTER = "outbound and !loopback and (tcp or udp)"
+"""What the NETWORK handle diverts: every outbound TCP/UDP packet not on loopback; the rest is decided
+in Python (the backend's filter language has no CIDR masks and slow interface filters)."""
+
+
+class Verdict(enum.IntEnum):
+    """What the I/O side does with the packet just routed."""
+
+    DROP = 0
+    REINJECT = 1
+    """Send unchanged, same direction."""
+    INJECT_INBOUND = 2
+    """Rewritten in place (hairpin): send it back as an INBOUND packet on the same interface."""
+    HOLD = 3
+    """The router kept a copy; it comes out of ``take_outgoing`` once decided."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRoute:
+    """How the router reaches one stream tunnel's local proxy (``None``: that protocol is not carried)."""
+
+    tcp_port: int | None
+    udp_port: int | None = None
+    lan_bypass: bool = True
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A packet to send: held and now decided, or crafted (an RST). ``meta`` is the adapter's copy of the
+    packet's address (interface index etc.); ``inbound`` says which direction to give it."""
+
+    data: bytearray
+    meta: object
+    inbound: bool
+
+
+@dataclass(slots=True)
+class RouterStats:
+    packets: int = 0
+    new_flows: int = 0
+    unknown_owner: int = 0
+    os_lookups: int = 0
+    held: int = 0
+    hold_overflow: int = 0
+    malformed: int = 0
+    fragments_dropped: int = 0
+    orphan_replies: int = 0
+    nat_collisions: int = 0
+    unroutable: int = 0
+    resets_sent: int = 0
+    flows_by_action: dict[str, int] = field(default_factory=dict)
+
+
+class RuleMatcher(Protocol):
+    """What the router needs of ``RuleEngine``."""
+
+    def match(self, exe_path: str) -> Decision: ...
+
+    @property
+    def default(self) -> Decision: ...
+
+
+@dataclass(slots=True)
+class _HeldFlow:
+    key: bytes
+    proto: int
+    src_addr: bytes
+    src_port: int
+    dst_addr: bytes
+    dst_port: int
+    deadline: float
+    packets: list[tuple[bytearray, object]]
+
+
+_LOOPBACK6 = bytes(15) + b"\x01"
+
+
+def _is_loopback(addr: bytes) -> bool:
+    return addr[0] == 127 if len(addr) == 4 else addr == _LOOPBACK6
+
+
+def is_lan_destination(addr: bytes) -> bool:
+    """DESIGN §4's LAN list, exactly: 10/8, 172.16/12, 192.168/16, 169.254/16, fc00::/7, fe80::/10,
+    loopback. (Not ``ipaddress.is_private``: that also covers 198.18.0.0/15, the lab's internet.)"""
+    b0 = addr[0]
+    if len(addr) == 4:
+        b1 = addr[1]
+        return (b0 == 10 or b0 == 127 or (b0 == 172 and (b1 & 0xF0) == 16) or (b0 == 192 and b1 == 168)) or (
+            b0 == 169 and b1 == 254
+        )
+    return (b0 & 0xFE) == 0xFC or (b0 == 0xFE and (addr[1] & 0xC0) == 0x80) or addr == _LOOPBACK6
+
+
+class PacketRouter:
+    """The router's state machine: flows, their decisions and NAT; no sockets, no clocks of its own.
+
+    ``tunnel_state`` is ``TunnelRegistry.state``; ``tunnels`` maps each stream tunnel id to its proxy's
+    ports. ``own_pids`` are the daemon's processes: their traffic (e.g. proxies' upstream connections)
+    always passes. Control methods (``set_tunnels``, ``tunnel_state_changed``, ``set_rules``) may be
+    called from another thread: they are queued and applied by ``poll``.
+    """
+
+    def __init__(
+        self,
+        rules: RuleMatcher,
+        tunnel_state: Callable[[str], TunnelState | None],
+        tunnels: Mapping[str, TunnelRoute],
+        *,
+        own_pids: Collection[int] = (),
+        exe_of: Callable[[int], str | None] | None = None,
+        os_lookup: Callable[[int, bytes, int, bytes, int], int | None] | None = os_lookup_pid,
+        hold_timeout: float = HOLD_TIMEOUT,
+        reject_tcp: bool = True,
+    ) -> None:
+        self._rules = rules
+        self._tunnel_state = tunnel_state
+        self._tunnels: dict[str, TunnelRoute] = {}
+        self._tcp_proxy_ports: frozenset[int] = frozenset()
+        self._udp_proxy_ports: frozenset[int] = frozenset()
+        self._apply_tunnels(tunnels)
+        self.own_pids = set(own_pids) or {os.getpid()}
+        self._exe_of = exe_of or ExeResolver().exe
+        self._os_lookup = os_lookup
+        self.hold_timeout = hold_timeout
+        self.reject_tcp = reject_tcp
+        self.table = FlowTable()
+        self.events = ConnectEvents()
+        self.stats = RouterStats()
+        self._view = PacketView()
+        self._held: dict[bytes, _HeldFlow] = {}
+        self._outgoing: list[Outgoing] = []
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._next_expiry = 0.0
+        self._fragment_ids: dict[bytes, float] = {}
+        self._now = 0.0
+        self._tcp_flows = self.table.flows(IPPROTO_TCP)
+        self._udp_flows = self.table.flows(IPPROTO_UDP)
+        self._tcp_peers = self.table.peers(IPPROTO_TCP)
+        self._udp_peers = self.table.peers(IPPROTO_UDP)
+
+    # -- control (any thread) ----------------------------------------------------------------------------
+
+    def set_tunnels(self, tunnels: Mapping[str, TunnelRoute]) -> None:
+        """Replace the stream tunnels' proxy ports (tunnels added or removed)."""
+        snapshot = dict(tunnels)
+        self._commands.put(lambda: self._apply_tunnels(snapshot))
+
+    def set_rules(self, rules: RuleMatcher) -> None:
+        """Use new rules for new flows; existing flows keep their decision."""
+
+        def apply() -> None:
+            self._rules = rules
+
+        self._commands.put(apply)
+
+    def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
+        """A tunnel left or reached UP: reset its fail-closed flows, re-decide flows it had blocked."""
+        self._commands.put(lambda: self._apply_state(tunnel_id, state))
+
+    def nat_lookup(self, proto: int | str, peer_ip: str, peer_port: int) -> NatEntry | None:
+        """The flow a proxy's accepted peer (``getpeername()``) stands for: orig_dst_ip/port, pid, exe.
+
+        Safe from the proxies' thread: one dict read.
+        """
+        number = _proto_number(proto)
+        address = ipaddress.ip_address(peer_ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return self.table.lookup_peer(number, address.packed, peer_port)
+
+    def connections(self) -> list[NatEntry]:
+        """The live flows (a snapshot for ``connections`` / ``status``)."""
+        return list(self.table)
+
+    # -- events ------------------------------------------------------------------------------------------
+
+    def connect_event(
+        self, proto: int, remote_addr: bytes, remote_port: int, pid: int, now: float, local_port: int = 0
+    ) -> None:
+        """A process (already known to be in this network namespace) connects to a remote.
+
+        ``local_port`` is 0 for Linux SOCKET CONNECT events and the real port for FLOW ESTABLISHED.
+        Waiting flows this event belongs to are decided at once.
+        """
+        if local_port:
+            self.events.add_flow(proto, local_port, remote_addr, remote_port, pid, now)
+        else:
+            self.events.add_connect(proto, remote_addr, remote_port, pid, now)
+        if not self._held:
+            return
+        for held in list(self._held.values()):
+            if held.proto == proto and held.dst_port == remote_port and held.dst_addr == remote_addr:
+                owner = self.events.claim(proto, held.src_port, remote_addr, remote_port, now)
+                if owner is None:
+                    break
+                self._decide_held(held, owner, now)
+
+    # -- the packet path -----------------------------------------------------------------------------------
+
+    def route(
+        self, buf: bytearray | memoryview, length: int, now: float, copy_meta: Callable[[], object]
+    ) -> Verdict:
+        """Decide one captured outbound packet; rewrites ``buf`` in place for ``INJECT_INBOUND``."""
+        self.stats.packets += 1
+        self._now = now
+        v = self._view
+        if not v.parse(buf, length):
+            self.stats.malformed += 1
+            return Verdict.REINJECT
+        proto = v.proto
+        if not v.has_ports:
+            if v.fragment:
+                return self._later_fragment(v)
+            return Verdict.REINJECT
+        l4 = v.l4
+        sport = (buf[l4] << 8) | buf[l4 + 1]
+        if proto == IPPROTO_TCP:
+            if sport in self._tcp_proxy_ports:
+                return self._proxy_reply(v, self._tcp_peers, now)
+            entry = self._tcp_flows.get(app_key(v))
+        else:
+            if sport in self._udp_proxy_ports:
+                return self._proxy_reply(v, self._udp_peers, now)
+            entry = self._udp_flows.get(app_key(v))
+        if entry is None:
+            return self._new_flow(v, now, copy_meta)
+        entry.last_seen = now
+        entry.packets_out += 1
+        verdict = entry.verdict
+        if verdict is FlowVerdict.PASS:
+            if proto == IPPROTO_TCP and buf[l4 + 13] & (TCP_FIN | TCP_RST):
+                self._tcp_closing(entry, buf[l4 + 13], FIN_FROM_APP, now)
+            return Verdict.REINJECT
+        if verdict is FlowVerdict.TUNNEL:
+            if v.fragment:
+                return self._first_fragment(v)
+            if proto == IPPROTO_TCP and buf[l4 + 13] & (TCP_FIN | TCP_RST):
+                self._tcp_closing(entry, buf[l4 + 13], FIN_FROM_APP, now)
+            v.swap_addresses()
+            v.set_dst_port(entry.proxy_port)
+            return Verdict.INJECT_INBOUND
+        if verdict is FlowVerdict.RESET:
+            self._reset(v, copy_meta())
+            self.table.remove(entry)
+            return Verdict.DROP
+        if proto == IPPROTO_TCP and self.reject_tcp and buf[l4 + 13] & TCP_SYN:
+            self._reset(v, copy_meta())
+        return Verdict.DROP
+
+    def _proxy_reply(self, v: PacketView, peers: dict[bytes, NatEntry], now: float) -> Verdict:
+        entry = peers.get(reply_key(v))
+        if entry is None or entry.verdict is not FlowVerdict.TUNNEL:
+            # The proxy answering a flow we no longer know: sent out it would reach the real host with
+            # the proxy's port, so it is dropped.
+            self.stats.orphan_replies += 1
+            return Verdict.DROP
+        entry.last_seen = now
+        entry.replied = True
+        entry.packets_in += 1
+        if v.proto == IPPROTO_TCP:
+            flags = v.buf[v.l4 + 13]
+            if flags & (TCP_FIN | TCP_RST):
+                self._tcp_closing(entry, flags, FIN_FROM_PEER, now)
+        v.swap_addresses()
+        v.set_src_port(entry.orig_dst_port)
+        return Verdict.INJECT_INBOUND
+
+    def _tcp_closing(self, entry: NatEntry, flags: int, side: int, now: float) -> None:
+        if flags & TCP_RST:
+            entry.closed_at = now
+        else:
+            entry.fin |= side
+            if entry.fin == FIN_FROM_APP | FIN_FROM_PEER or entry.verdict is FlowVerdict.PASS:
+                # A passed flow's inbound FIN is never seen here; its entry may go early, later packets
+                # of it pass as unknown non-SYN packets.
+                entry.closed_at = now
+
+    def _first_fragment(self, v: PacketView) -> Verdict:
+        # Only the first fragment carries the ports the proxy NAT needs, and later fragments escaped
+        # port filters (pydivert-notes): fragments of tunnelled flows are dropped, which also blocks the
+        # leak. The (src, dst, id) is remembered so the later fragments are recognised.
+        self.stats.fragments_dropped += 1
+        self._fragment_ids[self._fragment_id(v)] = self._now
+        return Verdict.DROP
+
+    def _later_fragment(self, v: PacketView) -> Verdict:
+        if self._fragment_ids and self._fragment_id(v) in self._fragment_ids:
+            self.stats.fragments_dropped += 1
+            return Verdict.DROP
+        return Verdict.REINJECT
+
+    @staticmethod
+    def _fragment_id(v: PacketView) -> bytes:
+        buf, a, n = v.buf, v.src_off, v.addr_len
+        if v.version == 4:
+            return bytes(buf[a : a + 2 * n]) + bytes(buf[4:6])
+        # IPv6: the identification sits in the fragment header, 4 bytes after its start; find it.
+        off, nxt = 40, buf[6]
+        while nxt != 44 and off < v.length:
+            nxt, off = buf[off], off + (buf[off + 1] + 1) * 8
+        return bytes(buf[a : a + 2 * n]) + bytes(buf[off + 4 : off + 8])
+
+    # -- new flows ---------------------------------------------------------------------------------------
+
+    def _new_flow(self, v: PacketView, now: float, copy_meta: Callable[[], object]) -> Verdict:
+        buf, l4, proto = v.buf, v.l4, v.proto
+        if proto == IPPROTO_TCP and (buf[l4 + 13] & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
+            return Verdict.REINJECT  # mid-stream packet of a connection older than the router
+        key = app_key(v)
+        held = self._held.get(key)
+        if held is not None:
+            if len(held.packets) >= MAX_HELD_PACKETS:
+                self.stats.hold_overflow += 1
+                return Verdict.DROP
+            held.packets.append((bytearray(buf[: v.length]), copy_meta()))
+            return Verdict.HOLD
+        src_port, dst_port = v.ports()
+        dst_addr = v.dst_addr
+        if _is_loopback(dst_addr):
+            return Verdict.REINJECT
+        if len(self._held) >= MAX_HELD_FLOWS:
+            self.stats.hold_overflow += 1
+            return Verdict.DROP
+        held = _HeldFlow(
+            key,
+            proto,
+            v.src_addr,
+            src_port,
+            dst_addr,
+            dst_port,
+            now + self.hold_timeout,
+            [(bytearray(buf[: v.length]), copy_meta())],
+        )
+        self.stats.new_flows += 1
+        pid = self.events.claim(proto, src_port, dst_addr, dst_port, now)
+        if pid is not None:
+            # The event came first: decide now, and let the caller send this very buffer.
+            held.packets.clear()
+            entry = self._decide(held, pid, now)
+            return self._apply_first(v, entry, copy_meta)
+        self._held[key] = held
+        self.stats.held += 1
+        return Verdict.HOLD
+
+    def _apply_first(self, v: PacketView, entry: NatEntry, copy_meta: Callable[[], object]) -> Verdict:
+        if entry.verdict is FlowVerdict.PASS:
+            return Verdict.REINJECT
+        if entry.verdict is FlowVerdict.TUNNEL:
+            if v.fragment:
+                return self._first_fragment(v)
+            v.swap_addresses()
+            v.set_dst_port(entry.proxy_port)
+            return Verdict.INJECT_INBOUND
+        if v.proto == IPPROTO_TCP and self.reject_tcp and v.buf[v.l4 + 13] & TCP_SYN:
+            self._reset(v, copy_meta())
+        return Verdict.DROP
+
+    def _decide_held(self, held: _HeldFlow, pid: int | None, now: float) -> None:
+        self._held.pop(held.key, None)
+        entry = self._decide(held, pid, now)
+        for data, meta in held.packets:
+            view = self._view
+            if not view.parse(data, len(data)):
+                continue
+            verdict = self._apply_first(view, entry, lambda meta=meta: meta)  # type: ignore[misc]
+            if verdict is Verdict.REINJECT:
+                self._outgoing.append(Outgoing(data, meta, inbound=False))
+            elif verdict is Verdict.INJECT_INBOUND:
+                self._outgoing.append(Outgoing(data, meta, inbound=True))
+
+    def _decide(self, held: _HeldFlow, pid: int | None, now: float) -> NatEntry:
+        """Owner → exe → rule → action; records the flow and returns its entry."""
+        exe: str | None = None
+        if pid is not None and pid not in self.own_pids:
+            exe = self._exe_of(pid)
+        if pid is not None and pid in self.own_pids:
+            decision: Decision | None = None
+            action = Action.PASS
+        else:
+            if exe is None:
+                self.stats.unknown_owner += 1
+                log.debug("[Router] owner of %s unknown: default route", _describe(held))
+                decision = self._rules.default
+            else:
+                decision = self._rules.match(exe)
+            action = self._action(decision, held.dst_addr)
+        entry = NatEntry(
+            held.proto,
+            held.src_addr,
+            held.src_port,
+            held.dst_addr,
+            held.dst_port,
+            FlowVerdict.PASS,
+            pid=pid,
+            exe=exe,
+            created=now,
+            last_seen=now,
+        )
+        if decision is not None:
+            entry.tunnel_id = decision.tunnel if decision.tunnel not in (DIRECT, DROP) else None
+            entry.fail_closed = decision.fallback is not FallbackPolicy.ALLOW_DIRECT
+        if action is Action.TUNNEL:
+            route = self._tunnels.get(entry.tunnel_id or "")
+            port = None
+            if route is not None:
+                port = route.tcp_port if held.proto == IPPROTO_TCP else route.udp_port
+            if port is None:
+                # A packet tunnel, or UDP through a tunnel that cannot carry it (HTTP): fail closed.
+                self.stats.unroutable += 1
+                action = Action.DROP
+            else:
+                entry.verdict = FlowVerdict.TUNNEL
+                entry.proxy_port = port
+        if action is Action.DROP:
+            entry.verdict = FlowVerdict.DROP
+        if not self.table.add(held.key, entry):
+            self.stats.nat_collisions += 1
+            entry.verdict = FlowVerdict.DROP
+            self.table.add(held.key, entry)
+        counts = self.stats.flows_by_action
+        counts[entry.verdict.name] = counts.get(entry.verdict.name, 0) + 1
+        return entry
+
+    def _action(self, decision: Decision, dst_addr: bytes) -> Action:
+        tunnel = decision.tunnel
+        if (
+            tunnel not in (DIRECT, DROP)
+            and decision.fallback is not FallbackPolicy.DROP
+            and is_lan_destination(dst_addr)
+        ):
+            route = self._tunnels.get(tunnel)
+            if route is None or route.lan_bypass:
+                return Action.PASS
+        state = None if tunnel in (DIRECT, DROP) else self._tunnel_state(tunnel)
+        return resolve(decision, state)
+
+    def _reset(self, v: PacketView, meta: object) -> None:
+        if v.proto != IPPROTO_TCP or v.buf[v.l4 + 13] & TCP_RST:
+            return
+        self.stats.resets_sent += 1
+        self._outgoing.append(Outgoing(tcp_reset_for(v), meta, inbound=True))
+
+    # -- timers ------------------------------------------------------------------------------------------
+
+    def take_outgoing(self) -> list[Outgoing]:
+        """Packets to send now (decided held packets, RSTs), in order."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When ``poll`` next has work (a held flow's timeout), or None."""
+        if not self._held:
+            return None
+        return min(h.deadline for h in self._held.values())
+
+    def poll(self, now: float) -> None:
+        """Apply queued control commands, decide timed-out held flows, expire old flows."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            command()
+        for held in [h for h in self._held.values() if h.deadline <= now]:
+            pid = self.events.claim(held.proto, held.src_port, held.dst_addr, held.dst_port, now)
+            if pid is None and self._os_lookup is not None:
+                self.stats.os_lookups += 1
+                pid = self._os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
+            self._decide_held(held, pid, now)
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRE_INTERVAL
+            self.table.expire(now)
+            self.events.expire(now)
+            if self._fragment_ids:
+                limit = now - 30.0
+                self._fragment_ids = {k: t for k, t in self._fragment_ids.items() if t > limit}
+
+    # -- control, applied on the router's thread ---------------------------------------------------------
+
+    def _apply_tunnels(self, tunnels: Mapping[str, TunnelRoute]) -> None:
+        self._tunnels = dict(tunnels)
+        self._tcp_proxy_ports = frozenset(r.tcp_port for r in tunnels.values() if r.tcp_port)
+        self._udp_proxy_ports = frozenset(r.udp_port for r in tunnels.values() if r.udp_port)
+
+    def _apply_state(self, tunnel_id: str, state: TunnelState) -> None:
+        for entry in self.table.for_tunnel(tunnel_id):
+            if state is TunnelState.UP:
+                if entry.verdict is FlowVerdict.DROP:
+                    self.table.remove(entry)  # decided while down: the next packet decides afresh
+            elif entry.verdict is FlowVerdict.TUNNEL and entry.fail_closed:
+                entry.verdict = FlowVerdict.RESET
+
+
+def _proto_number(proto: int | str) -> int:
+    if isinstance(proto, int):
+        return proto
+    return {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}[proto.lower()]
+
+
+def _describe(held: _HeldFlow) -> str:
+    name = "tcp" if held.proto == IPPROTO_TCP else "udp"
+    src, dst = ipaddress.ip_address(held.src_addr), ipaddress.ip_address(held.dst_addr)
+    return f"{name} {src}:{held.src_port} -> {dst}:{held.dst_port}"
+
+
+class NetworkPort(Protocol):
+    """The NETWORK handle as the loop uses it (``platform.divert.NetworkHandle``)."""
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def fileno(self) -> int | None: ...
+    def recv_into(self, buf: bytearray, c_buf: Any, addr: Any, timeout_ms: int = 0) -> int: ...
+    def send(self, c_buf: Any, length: int, addr: Any) -> bool: ...
+    def refresh(self) -> bool: ...
+    def new_buffer(self) -> tuple[bytearray, Any, Any]: ...
+    def copy_address(self, addr: Any) -> Any: ...
+    def set_inbound(self, addr: Any, inbound: bool = True) -> None: ...
+    def c_buffer(self, data: bytearray) -> Any: ...
+
+
+class ConnectEventLike(Protocol):
+    kind: int
+    pid: int
+    proto: int
+    local_port: int
+    remote_addr: bytes
+    remote_port: int
+
+
+class EventPort(Protocol):
+    """A SOCKET/FLOW handle as the loop uses it (``platform.divert.SocketEventHandle``)."""
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def fileno(self) -> int | None: ...
+    def recv(self, timeout_ms: int = 0) -> ConnectEventLike | None: ...
+
+
+EVENT_CONNECT = 4
+EVENT_ESTABLISHED = 1
+BATCH = 64
+"""Packets (and events) taken per wake-up before timers and the other handle get their turn."""
+REFRESH_INTERVAL = 2.0
+
+
+class RouterLoop:
+    """The thin I/O side: divert handles → ``PacketRouter`` → reinjection, on one dedicated thread.
+
+    ``start()`` opens the handles (raises if the backend refuses) and starts the thread; ``stop()``
+    closes them, after which traffic flows undiverted. ``accept_pid`` filters connect events to this
+    network namespace (``process.lookup.NamespaceFilter.same_namespace``). Everything the router needs
+    crosses into it through its queued control methods, so the loop can move into its own process
+    behind a pipe without changing the router.
+    """
+
+    def __init__(
+        self,
+        router: PacketRouter,
+        network: NetworkPort,
+        events: Iterable[EventPort] = (),
+        *,
+        accept_pid: Callable[[int], bool] = lambda pid: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.router = router
+        self.network = network
+        self.events = list(events)
+        self._accept_pid = accept_pid
+        self._clock = clock
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = -1, -1
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        opened: list[EventPort] = []
+        try:
+            for handle in self.events:  # events first: no SYN may arrive before its CONNECT can
+                handle.open()
+                opened.append(handle)
+            self.network.open()
+        except BaseException:
+            for handle in opened:
+                handle.close()
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="packet-router", daemon=True)
+        self._thread.start()
+        log.info("[Router] diverting outbound TCP/UDP (%d event handles)", len(self.events))
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        thread.join(5.0)
+        handles: list[EventPort | NetworkPort] = [self.network, *self.events]
+        for handle in handles:
+            try:
+                handle.close()
+            except Exception:
+                log.exception("[Router] closing a divert handle failed")
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        log.info("[Router] stopped: %s", self.router.stats)
+
+    def __enter__(self) -> RouterLoop:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the loop must not die silently: traffic would flow undiverted
+            self.error = exc
+            log.exception("[Router] packet loop failed")
+
+    def _poller(self) -> select.poll:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        handles: list[EventPort | NetworkPort] = [self.network, *self.events]
+        for handle in handles:
+            fd = handle.fileno()
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        return poller
+
+    def _loop(self) -> None:
+        router, net = self.router, self.network
+        buf, c_buf, addr = net.new_buffer()
+        send = net.send
+        set_inbound = net.set_inbound
+        route = router.route
+
+        def copy_meta() -> object:
+            return net.copy_address(addr)
+
+        poller = self._poller()
+        next_refresh = self._clock() + REFRESH_INTERVAL
+        while not self._stop.is_set():
+            deadline = router.next_deadline()
+            now = self._clock()
+            timeout = 200 if deadline is None else max(0, min(200, int((deadline - now) * 1000) + 1))
+            poller.poll(timeout)
+            now = self._clock()
+            self._drain_events(now)
+            for _ in range(BATCH):
+                n = net.recv_into(buf, c_buf, addr, 0)
+                if not n:
+                    break
+                verdict = route(buf, n, now, copy_meta)
+                if verdict is Verdict.REINJECT:
+                    send(c_buf, n, addr)
+                elif verdict is Verdict.INJECT_INBOUND:
+                    set_inbound(addr, True)
+                    send(c_buf, n, addr)
+                if router._outgoing:
+                    self._send_outgoing()
+            router.poll(now)
+            if router._outgoing:
+                self._send_outgoing()
+            if now >= next_refresh:
+                next_refresh = now + REFRESH_INTERVAL
+                if net.refresh():
+                    poller = self._poller()
+
+    def _drain_events(self, now: float) -> None:
+        router = self.router
+        for handle in self.events:
+            for _ in range(BATCH):
+                event = handle.recv(0)
+                if event is None:
+                    break
+                kind = event.kind
+                if kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and self._accept_pid(event.pid):
+                    local_port = event.local_port if kind == EVENT_ESTABLISHED else 0
+                    router.connect_event(
+                        event.proto, event.remote_addr, event.remote_port, event.pid, now, local_port
+                    )
+
+    def _send_outgoing(self) -> None:
+        net = self.network
+        for packet in self.router.take_outgoing():
+            net.set_inbound(packet.meta, packet.inbound)
+            net.send(net.c_buffer(packet.data), len(packet.data), packet.meta)

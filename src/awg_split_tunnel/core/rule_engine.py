@@ -1,0 +1,241 @@
+"""RuleEngine: which tunnel and fallback policy a process's new flows get (DESIGN §2, §4).
+
+Rules are tried in order and the first match wins, whatever the pattern kinds. Matching does not scan every
+rule: exact exe names are a hash lookup, directories a walk down a tree of path components, and only the
+wildcard, glob and regex rules are tried one by one — name wildcards and path globs as one combined regex
+each, whose alternatives are in rule order, so the regex engine itself returns the first matching rule.
+The answer is the smallest rule index any of these finds, which keeps first-match semantics exact.
+Results are cached per exe path until the rules change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
+from awg_split_tunnel.process.matcher import ExePath, Pattern, PatternKind, Platform, compile_pattern
+
+CACHE_SIZE = 65_536
+"""Exe paths whose decisions are remembered; the cache is emptied when full (cheaper than LRU upkeep)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One line of the config's ``rules``: processes matching ``process`` go through ``tunnel``."""
+
+    process: str
+    tunnel: str
+    fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a process's new flows go; ``rule_index`` is None when no rule matched (the default)."""
+
+    tunnel: str
+    fallback: FallbackPolicy
+    rule_index: int | None
+
+
+def resolve(decision: Decision, tunnel_state: TunnelState | None) -> Action:
+    """Apply DESIGN §2's fallback table to a decision and its tunnel's current state.
+
+    ``direct`` passes and ``drop`` drops whatever the policy; policy ``drop`` drops even when the tunnel
+    is UP (the table's first column); otherwise an UP tunnel carries the flow, and a tunnel in any other
+    state (or unknown: ``None``) passes it for ``allow_direct`` and drops it for ``block``.
+    """
+    if decision.tunnel == DIRECT:
+        return Action.PASS
+    if decision.tunnel == DROP or decision.fallback is FallbackPolicy.DROP:
+        return Action.DROP
+    if tunnel_state is TunnelState.UP:
+        return Action.TUNNEL
+    return Action.PASS if decision.fallback is FallbackPolicy.ALLOW_DIRECT else Action.DROP
+
+
+@dataclass(slots=True)
+class _DirectoryNode:
+    children: dict[str, _DirectoryNode] = field(default_factory=dict)
+    rule_index: int | None = None
+
+
+@dataclass(slots=True)
+class _CombinedRegex:
+    """Several fullmatch regexes as one alternation; group ``g`` (1-based) is rule ``rule_indexes[g-1]``."""
+
+    regex: re.Pattern[str]
+    rule_indexes: list[int]
+
+    @classmethod
+    def build(cls, patterns: list[tuple[int, Pattern]]) -> _CombinedRegex | None:
+        if not patterns:
+            return None
+        # Each pattern's regex has only non-capturing groups, so group numbers are alternative numbers.
+        alternation = "|".join(f"({p.regex.pattern if p.regex else ''})" for _, p in patterns)
+        return cls(re.compile(alternation), [index for index, _ in patterns])
+
+    def first(self, subject: str) -> int | None:
+        found = self.regex.fullmatch(subject)
+        if found is None:
+            return None
+        assert found.lastindex is not None
+        return self.rule_indexes[found.lastindex - 1]
+
+
+class _RuleIndex:
+    """The compiled rules, indexed by pattern kind."""
+
+    __slots__ = ("directories", "exact_names", "name_wildcards", "path_globs", "regexes")
+
+    def __init__(self, patterns: Sequence[Pattern]) -> None:
+        self.exact_names: dict[str, int] = {}
+        self.directories = _DirectoryNode()
+        names: list[tuple[int, Pattern]] = []
+        globs: list[tuple[int, Pattern]] = []
+        self.regexes: list[tuple[int, re.Pattern[str]]] = []
+        for index, pattern in enumerate(patterns):
+            kind = pattern.kind
+            if kind is PatternKind.EXE_NAME:
+                self.exact_names.setdefault(pattern.key, index)
+            elif kind is PatternKind.DIRECTORY:
+                node = self.directories
+                for component in pattern.components:
+                    node = node.children.setdefault(component, _DirectoryNode())
+                if node.rule_index is None:
+                    node.rule_index = index
+            elif kind is PatternKind.EXE_WILDCARD:
+                names.append((index, pattern))
+            elif kind is PatternKind.PATH_GLOB:
+                globs.append((index, pattern))
+            else:
+                assert pattern.regex is not None
+                self.regexes.append((index, pattern.regex))
+        self.name_wildcards = _CombinedRegex.build(names)
+        self.path_globs = _CombinedRegex.build(globs)
+
+    def first_match(self, exe: ExePath) -> int | None:
+        """The smallest index of a rule matching ``exe``, or None."""
+        best = self.exact_names.get(exe.bare_name)
+
+        node = self.directories
+        for component in exe.path.split("/")[:-1]:
+            child = node.children.get(component)
+            if child is None:
+                break
+            node = child
+            if node.rule_index is not None:
+                # No early exit: a deeper directory may come from an earlier rule.
+                best = _smaller(best, node.rule_index)
+
+        for combined, subject in ((self.name_wildcards, exe.name), (self.path_globs, exe.path)):
+            if combined is not None and (best is None or combined.rule_indexes[0] < best):
+                best = _smaller(best, combined.first(subject))
+
+        for index, regex in self.regexes:
+            if best is not None and index >= best:
+                break
+            if regex.search(exe.path) is not None:
+                return index
+        return best
+
+
+def _smaller(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a < b else b
+
+
+class RuleEngine:
+    """Matches executables to rules; first match wins, ``default`` for the rest.
+
+    ``default`` is ``direct``, ``drop`` or a tunnel id; unmatched processes get it with
+    ``default_fallback`` (``drop`` for the ``drop`` default). ``cache_size=0`` disables the cache.
+    Rules are swapped atomically by ``replace_rules``: a ``match`` running meanwhile answers from the
+    rules it started with.
+    """
+
+    resolve = staticmethod(resolve)
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        default: str,
+        platform: Platform | None = None,
+        *,
+        default_fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT,
+        cache_size: int = CACHE_SIZE,
+    ) -> None:
+        self.platform = platform or Platform.current()
+        self._cache_size = cache_size
+        self._install(rules, default, default_fallback)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self._rules
+
+    @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        """The compiled pattern of each rule, in rule order."""
+        return self._patterns
+
+    @property
+    def default(self) -> Decision:
+        return self._default
+
+    @property
+    def cached_paths(self) -> int:
+        """How many exe paths have a cached decision."""
+        return len(self._state[0])
+
+    def replace_rules(
+        self, rules: Sequence[Rule], default: str, *, default_fallback: FallbackPolicy | None = None
+    ) -> None:
+        """Install new rules (and default); cached decisions are forgotten. ValueError on a bad pattern."""
+        self._install(rules, default, default_fallback or self._default_fallback)
+
+    def match(self, exe_path: str) -> Decision:
+        """The decision for the executable at ``exe_path`` (a full path, or a bare exe name)."""
+        cache, index, decisions, default = self._state
+        decision = cache.get(exe_path)
+        if decision is None:
+            rule_index = index.first_match(ExePath.parse(exe_path, self.platform))
+            decision = default if rule_index is None else decisions[rule_index]
+            if self._cache_size:
+                if len(cache) >= self._cache_size:
+                    cache.clear()
+                cache[exe_path] = decision
+        return decision
+
+    def match_uncached(self, exe_path: str) -> Decision:
+        """``match`` without the cache (for dry runs and measurements)."""
+        _, index, decisions, default = self._state
+        rule_index = index.first_match(ExePath.parse(exe_path, self.platform))
+        return default if rule_index is None else decisions[rule_index]
+
+    def _install(self, rules: Sequence[Rule], default: str, default_fallback: FallbackPolicy) -> None:
+        patterns: list[Pattern] = []
+        for i, rule in enumerate(rules):
+            try:
+                patterns.append(compile_pattern(rule.process, self.platform))
+            except ValueError as exc:
+                raise ValueError(f"rule {i}: {exc}") from None
+        if not default:
+            raise ValueError("empty default tunnel")
+        index = _RuleIndex(patterns)
+        decisions = [Decision(rule.tunnel, rule.fallback, i) for i, rule in enumerate(rules)]
+        fallback = FallbackPolicy.DROP if default == DROP else default_fallback
+        self._rules = tuple(rules)
+        self._patterns = tuple(patterns)
+        self._default_fallback = default_fallback
+        self._default = Decision(default, fallback, None)
+        # One tuple, swapped in one assignment: readers never see new rules with an old cache.
+        self._state: tuple[dict[str, Decision], _RuleIndex, list[Decision], Decision] = (
+            {},
+            index,
+            decisions,
+            self._default,
+        )

@@ -1,0 +1,188 @@
+"""The flow table: each flow's decision and, for tunnelled flows, its NAT + hairpin mapping.
+
+A tunnelled flow from the app (A:a → D:d) is rewritten to (D:a → A:P), P being the tunnel's local proxy
+port, and injected inbound; the proxy thus sees its peer as D:a and finds d here, keyed by (D, a). The
+proxy's replies (A:P → D:a) are rewritten back to (D:d → A:a). Keys are raw address+port bytes straight
+from the packet, so the hot path builds one ``bytes`` per packet and nothing else.
+
+Expiry (time passed in): TCP flows linger ``TCP_CLOSED_LINGER`` after an RST or a FIN from both sides,
+and go after ``TCP_IDLE_TIMEOUT`` without packets (``TCP_SYN_TIMEOUT`` before the first reply); UDP flows
+go after ``UDP_IDLE_TIMEOUT`` without packets.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from awg_split_tunnel.net.packet import IPPROTO_TCP, IPPROTO_UDP, PacketView
+
+TCP_IDLE_TIMEOUT = 7440.0
+"""RFC 5382 REQ-5: an established TCP mapping lives at least 2 h 4 min without packets."""
+TCP_SYN_TIMEOUT = 75.0
+"""A flow that never saw a packet back (no SYN-ACK) is given up like a connect() would."""
+TCP_CLOSED_LINGER = 10.0
+"""After RST or FIN both ways: long enough for the last ACKs and retransmitted FINs."""
+UDP_IDLE_TIMEOUT = 60.0
+"""RFC 4787 REQ-5 asks for at least 2 min for arbitrary ports; 60 s keeps DNS/QUIC tables small."""
+
+FIN_FROM_APP = 1
+FIN_FROM_PEER = 2
+
+
+class FlowVerdict(enum.IntEnum):
+    """What the router does with every packet of a flow."""
+
+    PASS = 0
+    """Reinject unchanged (direct, LAN bypass, the daemon's own traffic)."""
+    TUNNEL = 1
+    """NAT + hairpin to the tunnel's local proxy."""
+    DROP = 2
+    """Drop (policy drop, or tunnel down with ``block``)."""
+    RESET = 3
+    """The flow's tunnel went down: answer the app's next packet with an RST and drop it."""
+
+
+@dataclass(slots=True, eq=False)
+class NatEntry:
+    """One flow: its owner, its verdict and, for tunnelled flows, where the proxy must connect to."""
+
+    proto: int
+    app_addr: bytes
+    app_port: int
+    orig_dst_addr: bytes
+    orig_dst_port: int
+    verdict: FlowVerdict
+    tunnel_id: str | None = None
+    proxy_port: int = 0
+    pid: int | None = None
+    exe: str | None = None
+    created: float = 0.0
+    last_seen: float = 0.0
+    fail_closed: bool = False
+    """Reset when the tunnel goes down (policy ``block``/``drop``); ``allow_direct`` flows are left be."""
+    replied: bool = False
+    fin: int = 0
+    closed_at: float | None = None
+    packets_out: int = 0
+    packets_in: int = 0
+    key: bytes = field(default=b"", repr=False)
+
+    @property
+    def orig_dst_ip(self) -> str:
+        """The destination the app asked for, as text (what a proxy connects to)."""
+        return str(ipaddress.ip_address(self.orig_dst_addr))
+
+    @property
+    def app_ip(self) -> str:
+        return str(ipaddress.ip_address(self.app_addr))
+
+    @property
+    def peer_key(self) -> bytes:
+        """How the proxy sees this flow's peer: (original destination, app's port)."""
+        return self.orig_dst_addr + self.app_port.to_bytes(2, "big")
+
+    def deadline(self) -> float:
+        if self.closed_at is not None:
+            return self.closed_at + TCP_CLOSED_LINGER
+        if self.proto == IPPROTO_UDP:
+            return self.last_seen + UDP_IDLE_TIMEOUT
+        return self.last_seen + (TCP_IDLE_TIMEOUT if self.replied else TCP_SYN_TIMEOUT)
+
+
+def app_key(view: PacketView) -> bytes:
+    """The key of an app's packet: source and destination address, then source and destination port."""
+    buf, a, n, l4 = view.buf, view.src_off, view.addr_len, view.l4
+    if l4 == a + 2 * n:  # no IP options / extension headers: one contiguous slice
+        return bytes(buf[a : l4 + 4])
+    return bytes(buf[a : a + 2 * n]) + bytes(buf[l4 : l4 + 4])
+
+
+def reply_key(view: PacketView) -> bytes:
+    """The key of a proxy's reply (A:P → D:a): its destination address and port, i.e. the peer key."""
+    buf, off = view.buf, view.src_off + view.addr_len
+    return bytes(buf[off : off + view.addr_len]) + bytes(buf[view.l4 + 2 : view.l4 + 4])
+
+
+def _proto_index(proto: int) -> int:
+    if proto == IPPROTO_TCP:
+        return 0
+    if proto == IPPROTO_UDP:
+        return 1
+    raise ValueError(f"no flow table for protocol {proto}")
+
+
+class FlowTable:
+    """All known flows, by app-side key and (tunnelled flows) by peer key; plain dicts, one owner."""
+
+    __slots__ = ("_flows", "_peers", "collisions")
+
+    def __init__(self) -> None:
+        self._flows: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
+        self._peers: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
+        self.collisions = 0
+
+    def __len__(self) -> int:
+        return len(self._flows[0]) + len(self._flows[1])
+
+    def __iter__(self) -> Iterator[NatEntry]:
+        yield from list(self._flows[0].values())
+        yield from list(self._flows[1].values())
+
+    def flows(self, proto: int) -> dict[bytes, NatEntry]:
+        """The app-side dict of ``proto`` (the router reads it directly on the hot path)."""
+        return self._flows[_proto_index(proto)]
+
+    def peers(self, proto: int) -> dict[bytes, NatEntry]:
+        """The peer-key dict of ``proto``: tunnelled flows as their proxy sees them."""
+        return self._peers[_proto_index(proto)]
+
+    def add(self, key: bytes, entry: NatEntry) -> bool:
+        """Insert a flow; False (counted) if a tunnelled flow's peer key is taken by another live flow.
+
+        Two flows from the same app port to the same address but different destination ports would look
+        identical to the proxy; the second cannot be tunnelled until the first expires.
+        """
+        i = _proto_index(entry.proto)
+        entry.key = key
+        if entry.verdict is FlowVerdict.TUNNEL:
+            peer = entry.peer_key
+            other = self._peers[i].get(peer)
+            if other is not None and other is not self._flows[i].get(key):
+                self.collisions += 1
+                return False
+            self._peers[i][peer] = entry
+        old = self._flows[i].get(key)
+        if old is not None and old is not entry:
+            self._unlink_peer(old)
+        self._flows[i][key] = entry
+        return True
+
+    def remove(self, entry: NatEntry) -> None:
+        i = _proto_index(entry.proto)
+        if self._flows[i].get(entry.key) is entry:
+            del self._flows[i][entry.key]
+        self._unlink_peer(entry)
+
+    def _unlink_peer(self, entry: NatEntry) -> None:
+        if entry.verdict is FlowVerdict.TUNNEL or entry.verdict is FlowVerdict.RESET:
+            peers = self._peers[_proto_index(entry.proto)]
+            peer = entry.peer_key
+            if peers.get(peer) is entry:
+                del peers[peer]
+
+    def lookup_peer(self, proto: int, peer_addr: bytes, peer_port: int) -> NatEntry | None:
+        """The tunnelled flow a proxy's accepted peer (address, port) stands for."""
+        return self._peers[_proto_index(proto)].get(peer_addr + peer_port.to_bytes(2, "big"))
+
+    def for_tunnel(self, tunnel_id: str) -> list[NatEntry]:
+        return [e for e in self if e.tunnel_id == tunnel_id]
+
+    def expire(self, now: float) -> list[NatEntry]:
+        """Remove and return the flows whose time is up."""
+        gone = [e for e in self if e.deadline() <= now]
+        for entry in gone:
+            self.remove(entry)
+        return gone

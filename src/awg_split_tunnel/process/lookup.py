@@ -1,0 +1,221 @@
+"""Who owns a new flow: SOCKET/FLOW events → pid, pid → exe path, and the OS lookup fallback.
+
+- ``ConnectEvents`` (sans-I/O) keeps the connect events not yet claimed by a packet. On Linux a CONNECT
+  event's local port is 0 (the hook runs before the implicit bind: ``scripts/repro/connect_local_port.py``),
+  so an event is matched to its flow's first packet by (protocol, remote address, remote port), oldest
+  first. FLOW-layer ESTABLISHED events carry the full 5-tuple and match exactly (unconnected UDP
+  ``sendto()`` raises no CONNECT at all).
+- ``NamespaceFilter``: SOCKET events are host-wide (``scripts/repro/socket_events_host_wide.py``), so
+  events of processes in other network namespaces are dropped before they reach the table.
+- ``ExeResolver``: pid → exe path through psutil, cached by (pid, create time) so a reused pid never
+  inherits a dead process's rules.
+- ``os_lookup_pid``: the fallback when no event came: the socket tables of this network namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+EVENT_MAX_AGE = 2.0
+"""Seconds an unclaimed connect event is kept (a connect whose packet we never saw: loopback, refused)."""
+
+MAX_EVENTS = 4096
+"""Unclaimed events kept at most; the oldest go first (a flood must not grow memory)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    pid: int
+    at: float
+
+
+class ConnectEvents:
+    """Connect events waiting for the first packet of their flow (no I/O; time passed in)."""
+
+    __slots__ = ("_by_remote", "_by_tuple", "_count", "dropped", "max_age")
+
+    def __init__(self, max_age: float = EVENT_MAX_AGE) -> None:
+        self.max_age = max_age
+        self._by_remote: dict[tuple[int, bytes, int], deque[_Pending]] = {}
+        self._by_tuple: dict[tuple[int, int, bytes, int], _Pending] = {}
+        self._count = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self._count + len(self._by_tuple)
+
+    def add_connect(self, proto: int, remote_addr: bytes, remote_port: int, pid: int, now: float) -> None:
+        """A SOCKET CONNECT: ``pid`` is about to send to (remote_addr, remote_port)."""
+        if self._count >= MAX_EVENTS:
+            self.expire(now)
+            if self._count >= MAX_EVENTS:
+                self.dropped += 1
+                return
+        self._by_remote.setdefault((proto, remote_addr, remote_port), deque()).append(_Pending(pid, now))
+        self._count += 1
+
+    def add_flow(
+        self, proto: int, local_port: int, remote_addr: bytes, remote_port: int, pid: int, now: float
+    ) -> None:
+        """A FLOW ESTABLISHED (or a CONNECT with a real local port): an exact match."""
+        if len(self._by_tuple) >= MAX_EVENTS:
+            self.expire(now)
+            if len(self._by_tuple) >= MAX_EVENTS:
+                self.dropped += 1
+                return
+        self._by_tuple[(proto, local_port, remote_addr, remote_port)] = _Pending(pid, now)
+
+    def claim(
+        self, proto: int, local_port: int, remote_addr: bytes, remote_port: int, now: float
+    ) -> int | None:
+        """The pid of the flow whose first packet this is, consuming the event; None if none is known."""
+        exact = self._by_tuple.pop((proto, local_port, remote_addr, remote_port), None)
+        if exact is not None and now - exact.at <= self.max_age:
+            self._drop_one_connect(proto, remote_addr, remote_port, exact.pid)
+            return exact.pid
+        queue = self._by_remote.get((proto, remote_addr, remote_port))
+        while queue:
+            pending = queue.popleft()
+            self._count -= 1
+            if now - pending.at <= self.max_age:
+                if not queue:
+                    del self._by_remote[(proto, remote_addr, remote_port)]
+                return pending.pid
+        if queue is not None:
+            del self._by_remote[(proto, remote_addr, remote_port)]
+        return None
+
+    def _drop_one_connect(self, proto: int, remote_addr: bytes, remote_port: int, pid: int) -> None:
+        # The same connect may have been seen on both layers: consume its CONNECT too, or it would be
+        # claimed by the next flow to the same remote.
+        key = (proto, remote_addr, remote_port)
+        queue = self._by_remote.get(key)
+        if not queue:
+            return
+        for pending in queue:
+            if pending.pid == pid:
+                queue.remove(pending)
+                self._count -= 1
+                break
+        if not queue:
+            del self._by_remote[key]
+
+    def expire(self, now: float) -> None:
+        """Forget events older than ``max_age``."""
+        limit = now - self.max_age
+        for key in [k for k, q in self._by_remote.items() if q and q[0].at < limit]:
+            queue = self._by_remote[key]
+            while queue and queue[0].at < limit:
+                queue.popleft()
+                self._count -= 1
+            if not queue:
+                del self._by_remote[key]
+        for exact in [k for k, p in self._by_tuple.items() if p.at < limit]:
+            del self._by_tuple[exact]
+
+
+def netns_inode(pid: int | str = "self") -> int | None:
+    """The inode of ``pid``'s network namespace, or None if the process is gone or hidden."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+class NamespaceFilter:
+    """Keeps only events of processes in this process's network namespace.
+
+    The answer is cached per pid for the lifetime of the filter's cache; ``forget`` drops a pid (on
+    CLOSE) so a reused pid is checked afresh.
+    """
+
+    __slots__ = ("_cache", "_own", "_stat")
+
+    def __init__(self, own_inode: int | None = None, stat: Callable[[int], int | None] = netns_inode) -> None:
+        self._own = own_inode if own_inode is not None else netns_inode()
+        self._stat = stat
+        self._cache: dict[int, bool] = {}
+
+    def same_namespace(self, pid: int) -> bool:
+        if pid <= 0:
+            return False  # kernel context (softirq accepts): no process to route
+        known = self._cache.get(pid)
+        if known is None:
+            inode = self._stat(pid)
+            known = inode is not None and inode == self._own
+            if len(self._cache) > 65536:
+                self._cache.clear()
+            self._cache[pid] = known
+        return known
+
+    def forget(self, pid: int) -> None:
+        self._cache.pop(pid, None)
+
+
+class ExeResolver:
+    """pid → exe path, cached by (pid, create time): PID reuse never maps a new process to an old path."""
+
+    __slots__ = ("_cache", "misses")
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, float], str] = {}
+        self.misses = 0
+
+    def exe(self, pid: int) -> str | None:
+        """The exe path of ``pid``, or None if the process is gone or cannot be inspected."""
+        try:
+            proc = psutil.Process(pid)
+            key = (pid, proc.create_time())
+            path = self._cache.get(key)
+            if path is None:
+                self.misses += 1
+                path = proc.exe() or proc.name()
+                if len(self._cache) > 16384:
+                    self._cache.clear()
+                self._cache[key] = path
+            return path
+        except (psutil.Error, OSError):
+            return None
+
+
+def os_lookup_pid(
+    proto: int, local_addr: bytes, local_port: int, remote_addr: bytes, remote_port: int
+) -> int | None:
+    """The pid owning a local socket, from the OS socket tables of this network namespace (slow: a scan).
+
+    Prefers the socket connected to exactly this remote; falls back to one bound to the local port
+    (unconnected UDP). None if no process owns it (it closed already) or pids are hidden.
+    """
+    kind = "tcp" if proto == IPPROTO_TCP else "udp"
+    local_ip = str(ipaddress.ip_address(local_addr))
+    remote_ip = str(ipaddress.ip_address(remote_addr))
+    bound: int | None = None
+    try:
+        connections = psutil.net_connections(kind=kind)
+    except (psutil.Error, OSError):
+        return None
+    for conn in connections:
+        if not conn.laddr or conn.laddr.port != local_port or conn.pid is None:
+            continue
+        if conn.raddr:
+            if conn.raddr.port == remote_port and _same_ip(conn.raddr.ip, remote_ip):
+                return conn.pid
+        elif _same_ip(conn.laddr.ip, local_ip) or conn.laddr.ip in ("0.0.0.0", "::"):
+            bound = conn.pid
+    return bound
+
+
+def _same_ip(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+    return a.removeprefix("::ffff:") == b.removeprefix("::ffff:")

@@ -1,0 +1,702 @@
+"""The WireGuard device as a sans-I/O state machine: peers, index table, handshakes, keypairs, timers.
+
+Datagrams go in through `receive_datagram`, IP packets through `send_packet`; datagrams to send come out
+of `datagrams_to_send`, events out of the calls. Time is passed in (`now`, monotonic seconds); the
+wall clock used only for TAI64N timestamps and the random sources are injectable. Every message is built
+and classified through an `Envelope`, so AmneziaWG reuses all of this. Nothing raises out of
+`receive_datagram`: bad input is counted in `dropped` and discarded.
+
+AllowedIPs: the device owns the routing table. Pass `allowed_source(peer_public_key, ip_packet)`; a
+decrypted packet whose source it rejects is dropped and counted as `bad_source`. The default accepts all.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from awg_split_tunnel.errors import ProtocolError
+from awg_split_tunnel.provider.wireguard import crypto, noise
+from awg_split_tunnel.provider.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
+from awg_split_tunnel.provider.wireguard.envelope import Envelope, MessageType, PlainEnvelope, UdpWindow
+from awg_split_tunnel.provider.wireguard.messages import CookieReply, HandshakeInitiation, HandshakeResponse
+from awg_split_tunnel.provider.wireguard.noise import (
+    Handshake,
+    HandshakeRejected,
+    StaticIdentity,
+)
+from awg_split_tunnel.provider.wireguard.session import REJECT_AFTER_MESSAGES, Keypair, Keypairs
+from awg_split_tunnel.provider.wireguard.session import REKEY_AFTER_MESSAGES as _REKEY_AFTER_MESSAGES
+from awg_split_tunnel.provider.wireguard.tai64n import tai64n
+from awg_split_tunnel.provider.wireguard.timers import UNDER_LOAD_AFTER_TIME, PeerTimers, Rng, TimerSettings
+from awg_split_tunnel.provider.wireguard.value_range import Range
+
+Endpoint = tuple[str, int]
+DEFAULT_MTU = 1420
+QUEUE_STAGED_SIZE = 128  # packets waiting for a handshake, per peer (wireguard-go QueueStagedSize)
+UNDER_LOAD_HANDSHAKES = 128  # handshake messages per second that mean "under load" (1024 / 8)
+RATE_LIMIT_PER_SECOND = 20.0
+RATE_LIMIT_BURST = 5.0
+
+# Module-level so tests can lower it to force a rekey by message count.
+REKEY_AFTER_MESSAGES = _REKEY_AFTER_MESSAGES
+
+
+class DropReason(enum.StrEnum):
+    MALFORMED = "malformed"
+    BAD_MAC1 = "bad_mac1"
+    BAD_MAC2 = "bad_mac2"
+    RATE_LIMITED = "rate_limited"
+    UNKNOWN_PEER = "unknown_peer"
+    UNKNOWN_INDEX = "unknown_index"
+    HANDSHAKE_FAILED = "handshake_failed"
+    STALE_TIMESTAMP = "stale_timestamp"
+    INITIATION_FLOOD = "initiation_flood"
+    UNEXPECTED_RESPONSE = "unexpected_response"
+    BAD_COOKIE = "bad_cookie"
+    EXPIRED_KEYPAIR = "expired_keypair"
+    DECRYPT_FAILED = "decrypt_failed"
+    REPLAY = "replay"
+    INVALID_PACKET = "invalid_packet"
+    BAD_SOURCE = "bad_source"
+    NO_ENDPOINT = "no_endpoint"
+    QUEUE_FULL = "queue_full"
+
+
+_REJECTION_REASONS = {
+    "replayed initiation timestamp": DropReason.STALE_TIMESTAMP,
+    "initiation flood": DropReason.INITIATION_FLOOD,
+    "initiation from an unknown peer": DropReason.UNKNOWN_PEER,
+    "response without a pending initiation": DropReason.UNEXPECTED_RESPONSE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WireGuardEvent:
+    """Base of what the protocol reports; `peer` is the peer's static public key."""
+
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PacketReceived(WireGuardEvent):
+    ip_packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted(WireGuardEvent):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointChanged(WireGuardEvent):
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUnreachable(WireGuardEvent):
+    """Handshakes kept failing for max_handshake_attempts × rekey_timeout; queued packets were dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    public_key: bytes
+    preshared_key: bytes | None = None
+    endpoint: Endpoint | None = None
+    persistent_keepalive: Range | None = None
+
+
+@dataclass(slots=True)
+class PeerStats:
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    tx_packets: int = 0
+    last_handshake: float | None = None
+    endpoint: Endpoint | None = None
+
+
+@dataclass(slots=True)
+class Peer:
+    """Everything the device keeps for one peer."""
+
+    public_key: bytes
+    handshake: Handshake
+    cookies: CookieGenerator
+    endpoint: Endpoint | None
+    persistent_keepalive: Range | None
+    keypairs: Keypairs = field(default_factory=Keypairs)
+    timers: PeerTimers = field(default_factory=PeerTimers)
+    window: UdpWindow = field(default_factory=UdpWindow)
+    staged: deque[bytes] = field(default_factory=lambda: deque(maxlen=QUEUE_STAGED_SIZE))
+    stats: PeerStats = field(default_factory=PeerStats)
+    last_sent_initiation: float | None = None
+
+
+@dataclass(slots=True)
+class _TokenBucket:
+    tokens: float
+    at: float
+
+
+class WireGuardProtocol:
+    """A WireGuard device without I/O: one local static key, any number of peers."""
+
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        envelope: Envelope | None = None,
+        timers: TimerSettings | None = None,
+        mtu: int = DEFAULT_MTU,
+        rng: Rng | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        new_ephemeral: Callable[[], bytes] = crypto.generate_private_key,
+        wall_clock: Callable[[], float] = time.time,
+        allowed_source: Callable[[bytes, bytes], bool] | None = None,
+        under_load_handshakes: int = UNDER_LOAD_HANDSHAKES,
+        disable_cookies: bool = False,
+    ) -> None:
+        self.identity = StaticIdentity.from_private(private_key)
+        self.envelope: Envelope = envelope if envelope is not None else PlainEnvelope()
+        self.settings = timers if timers is not None else TimerSettings()
+        self.mtu = mtu
+        self.rng: Rng = rng if rng is not None else random.SystemRandom()
+        self.new_ephemeral = new_ephemeral
+        self.wall_clock = wall_clock
+        self.allowed_source = allowed_source
+        self.under_load_handshakes = under_load_handshakes
+        self.disable_cookies = disable_cookies
+        self.cookie_checker = CookieChecker.for_public_key(self.identity.public, random_bytes)
+        self.peers: dict[bytes, Peer] = {}
+        self.dropped: Counter[str] = Counter()
+        self._indices: dict[int, tuple[Peer, Keypair | None]] = {}
+        self._outgoing: list[tuple[bytes, Endpoint]] = []
+        self._load_window_start = 0.0
+        self._load_count = 0
+        self._under_load_until: float | None = None
+        self._buckets: dict[str, _TokenBucket] = {}
+        self._up = False
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public
+
+    def add_peer(self, config: PeerConfig, now: float) -> Peer:
+        """Add a peer; raises ProtocolError for a public key no handshake could ever use."""
+        if config.public_key in self.peers:
+            raise ProtocolError("peer already added")
+        psk = config.preshared_key if config.preshared_key is not None else bytes(32)
+        peer = Peer(
+            public_key=config.public_key,
+            handshake=Handshake.for_peer(self.identity, config.public_key, psk),
+            cookies=CookieGenerator.for_public_key(config.public_key),
+            endpoint=config.endpoint,
+            persistent_keepalive=config.persistent_keepalive,
+        )
+        peer.stats.endpoint = config.endpoint
+        peer.timers.max_attempts = self.settings.max_handshake_attempts.pick(self.rng)
+        self.peers[config.public_key] = peer
+        if self._up and peer.persistent_keepalive is not None:
+            self._send_keepalive(peer, now)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is not None:
+            self._zero_key_material(peer)
+            peer.timers.stop_all()
+
+    def start(self, now: float) -> None:
+        """The interface came up: peers with a persistent keepalive send one at once."""
+        self._up = True
+        for peer in self.peers.values():
+            if peer.persistent_keepalive is not None:
+                self._send_keepalive(peer, now)
+
+    def set_under_load(self, now: float, duration: float = UNDER_LOAD_AFTER_TIME) -> None:
+        """Treat the device as under load until `now + duration` (tests, or an adapter that knows)."""
+        self._under_load_until = now + duration
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def next_timer_deadline(self) -> float | None:
+        found: float | None = None
+        for peer in self.peers.values():
+            t = peer.timers.earliest()
+            if t is not None and (found is None or t < found):
+                found = t
+        return found
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send_packet(self, peer_key: bytes, ip_packet: bytes, now: float) -> None:
+        """Encrypt `ip_packet` to the peer, or queue it and start a handshake if no keypair is usable."""
+        peer = self.peers.get(peer_key)
+        if peer is None:
+            self.dropped[DropReason.UNKNOWN_PEER] += 1
+            return
+        keypair = peer.keypairs.current
+        if (
+            not peer.staged
+            and keypair is not None
+            and keypair.send_counter < REJECT_AFTER_MESSAGES
+            and now - keypair.created < self.settings.reject_after
+            and peer.endpoint is not None
+        ):
+            self._send_transport(peer, keypair, ip_packet, now)
+            self._after_transport_sent(peer, keypair, True, now)
+            return
+        if len(peer.staged) == QUEUE_STAGED_SIZE:
+            self.dropped[DropReason.QUEUE_FULL] += 1  # deque drops the oldest
+        peer.staged.append(ip_packet)
+        self._send_staged(peer, now)
+
+    def initiate_handshake(self, peer_key: bytes, now: float) -> None:
+        """Start a handshake with the peer now (subject to the minimum gap between initiations)."""
+        peer = self.peers.get(peer_key)
+        if peer is not None:
+            self._send_initiation(peer, now, is_retry=False)
+
+    def _send_keepalive(self, peer: Peer, now: float) -> None:
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now)
+
+    def _send_staged(self, peer: Peer, now: float) -> None:
+        keypair = peer.keypairs.current
+        if (
+            keypair is None
+            or keypair.send_counter >= REJECT_AFTER_MESSAGES
+            or now - keypair.created >= self.settings.reject_after
+        ):
+            self._send_initiation(peer, now, is_retry=False)
+            return
+        if peer.endpoint is None:
+            return
+        data_sent = False
+        while peer.staged:
+            packet = peer.staged.popleft()
+            if not self._send_transport(peer, keypair, packet, now):
+                break
+            data_sent = data_sent or bool(packet)
+        self._after_transport_sent(peer, keypair, data_sent, now)
+
+    def _send_transport(self, peer: Peer, keypair: Keypair, packet: bytes, now: float) -> bool:
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.dropped[DropReason.NO_ENDPOINT] += 1
+            return False
+        envelope = self.envelope
+        n = len(packet)
+        padded = envelope.transport_plaintext_length(n, self.mtu, peer.window)
+        plaintext = packet + bytes(padded - n) if padded > n else packet
+        message = keypair.seal(envelope.type_value(MessageType.TRANSPORT), plaintext)
+        if message is None:
+            return False
+        datagram = envelope.wrap_transport(message, peer.window)
+        self._outgoing.append((datagram, endpoint))
+        stats = peer.stats
+        stats.tx_bytes += len(datagram)
+        if n:
+            stats.tx_packets += 1
+        return True
+
+    def _after_transport_sent(self, peer: Peer, keypair: Keypair, data_sent: bool, now: float) -> None:
+        self._authenticated_packet_traversal(peer, now)
+        peer.timers.send_keepalive = None  # any authenticated packet sent
+        if data_sent and peer.timers.new_handshake is None:
+            peer.timers.new_handshake = now + self.settings.new_handshake_delay(self.rng)
+        # keep the key fresh (sending side)
+        if keypair.send_counter > REKEY_AFTER_MESSAGES or (
+            keypair.is_initiator and now - keypair.created > self.settings.rekey_after_time.pick(self.rng)
+        ):
+            self._send_initiation(peer, now, is_retry=False)
+
+    def _send_initiation(self, peer: Peer, now: float, *, is_retry: bool) -> None:
+        timers = peer.timers
+        if not is_retry:
+            timers.handshake_attempts = 0
+            timers.max_attempts = self.settings.max_handshake_attempts.pick(self.rng)
+        last = peer.last_sent_initiation
+        if last is not None and now - last < self.settings.min_initiation_gap:
+            return
+        if peer.endpoint is None:
+            self.dropped[DropReason.NO_ENDPOINT] += 1
+            return
+        peer.last_sent_initiation = now
+        hs = peer.handshake
+        self._free_index(hs.local_index, None)
+        index = self._new_index(peer, None)
+        envelope = self.envelope
+        try:
+            msg = noise.create_initiation(
+                hs,
+                self.identity,
+                self.new_ephemeral(),
+                index,
+                tai64n(self.wall_clock()),
+                envelope.type_value(MessageType.INITIATION),
+            )
+        except HandshakeRejected:
+            self._indices.pop(index, None)
+            return
+        message = peer.cookies.add_macs(msg.pack(), now)
+        for datagram in envelope.before_initiation(now):
+            self._outgoing.append((datagram, peer.endpoint))
+        self._emit_handshake(peer, MessageType.INITIATION, message)
+        self._authenticated_packet_traversal(peer, now)
+        timers.send_keepalive = None
+        timers.retransmit_handshake = now + self.settings.retransmit_delay(self.rng)
+
+    def _emit_handshake(self, peer: Peer, kind: MessageType, message: bytes) -> None:
+        assert peer.endpoint is not None
+        datagram = self.envelope.wrap_handshake(kind, message, peer.window)
+        self._outgoing.append((datagram, peer.endpoint))
+        peer.stats.tx_bytes += len(datagram)
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, source: Endpoint, now: float) -> list[WireGuardEvent]:
+        """Process one received UDP payload; never raises on bad input (it is counted and dropped)."""
+        try:
+            classified = self.envelope.unwrap(data)
+        except Exception:  # a hostile datagram must never escape into the event loop
+            classified = None
+        if classified is None:
+            self.dropped[DropReason.MALFORMED] += 1
+            return []
+        kind, message = classified
+        try:
+            if kind == MessageType.TRANSPORT:
+                return self._receive_transport(message, source, now, len(data))
+            if kind == MessageType.INITIATION or kind == MessageType.RESPONSE:
+                return self._receive_handshake(kind, message, source, now, len(data))
+            if kind == MessageType.COOKIE_REPLY:
+                self._receive_cookie_reply(message, now)
+                return []
+        except (ProtocolError, ValueError, IndexError, struct.error):
+            self.dropped[DropReason.MALFORMED] += 1
+            return []
+        self.dropped[DropReason.MALFORMED] += 1
+        return []
+
+    def _receive_transport(
+        self, message: bytes, source: Endpoint, now: float, size: int
+    ) -> list[WireGuardEvent]:
+        if len(message) < 32:
+            self.dropped[DropReason.MALFORMED] += 1
+            return []
+        entry = self._indices.get(int.from_bytes(message[4:8], "little"))
+        keypair = entry[1] if entry is not None else None
+        if entry is None or keypair is None:
+            self.dropped[DropReason.UNKNOWN_INDEX] += 1
+            return []
+        peer = entry[0]
+        if now - keypair.created >= self.settings.reject_after:
+            self.dropped[DropReason.EXPIRED_KEYPAIR] += 1
+            return []
+        plaintext = keypair.open(message)
+        if plaintext is None:
+            self.dropped[DropReason.DECRYPT_FAILED] += 1
+            return []
+        if not keypair.accept_counter(message):
+            self.dropped[DropReason.REPLAY] += 1
+            return []
+        events: list[WireGuardEvent] = []
+        self._update_endpoint(peer, source, events)
+        envelope = self.envelope
+        envelope.note_received(peer.window, len(plaintext))
+        dropped = peer.keypairs.received_with(keypair)
+        if dropped is not None:
+            for old in dropped:
+                self._free_index(old.local_index, old)
+            self._handshake_complete(peer, now, events)
+            self._send_staged_if_any(peer, now)
+        self._keep_key_fresh_receiving(peer, now)
+        self._authenticated_packet_traversal(peer, now)
+        timers = peer.timers
+        timers.new_handshake = None  # any authenticated packet received
+        stats = peer.stats
+        stats.rx_bytes += size
+        if envelope.is_keepalive(plaintext):
+            return events
+        if timers.send_keepalive is None:
+            timers.send_keepalive = now + self.settings.keepalive_timeout.pick(self.rng)
+        else:
+            timers.need_another_keepalive = True
+        packet = _trim_ip_packet(plaintext)
+        if packet is None:
+            self.dropped[DropReason.INVALID_PACKET] += 1
+            return events
+        if self.allowed_source is not None and not self.allowed_source(peer.public_key, packet):
+            self.dropped[DropReason.BAD_SOURCE] += 1
+            return events
+        stats.rx_packets += 1
+        events.append(PacketReceived(peer.public_key, packet))
+        return events
+
+    def _send_staged_if_any(self, peer: Peer, now: float) -> None:
+        if peer.staged:
+            self._send_staged(peer, now)
+
+    def _receive_handshake(
+        self, kind: MessageType, message: bytes, source: Endpoint, now: float, size: int
+    ) -> list[WireGuardEvent]:
+        checker = self.cookie_checker
+        under_load = self._is_under_load(now)  # counts every handshake message, as a queue length would
+        if not checker.check_mac1(message):
+            self.dropped[DropReason.BAD_MAC1] += 1
+            return []
+        if under_load:
+            src = source_bytes(source)
+            if not checker.check_mac2(message, src, now):
+                self.dropped[DropReason.BAD_MAC2] += 1
+                if not self.disable_cookies:
+                    reply = checker.create_reply(
+                        message, src, self.envelope.type_value(MessageType.COOKIE_REPLY), now
+                    )
+                    window = UdpWindow()
+                    self._outgoing.append(
+                        (self.envelope.wrap_handshake(MessageType.COOKIE_REPLY, reply.pack(), window), source)
+                    )
+                return []
+            if not self._rate_allows(source[0], now):
+                self.dropped[DropReason.RATE_LIMITED] += 1
+                return []
+        try:
+            if kind == MessageType.INITIATION:
+                return self._receive_initiation(message, source, now, size)
+            return self._receive_response(message, source, now, size)
+        except HandshakeRejected as exc:
+            self.dropped[_REJECTION_REASONS.get(exc.reason, DropReason.HANDSHAKE_FAILED)] += 1
+            return []
+
+    def _receive_initiation(
+        self, message: bytes, source: Endpoint, now: float, size: int
+    ) -> list[WireGuardEvent]:
+        msg = HandshakeInitiation.parse(message)
+        if msg is None:
+            self.dropped[DropReason.MALFORMED] += 1
+            return []
+
+        def find(static: bytes) -> Handshake | None:
+            found = self.peers.get(static)
+            return found.handshake if found is not None else None
+
+        hs = noise.consume_initiation(msg, self.identity, find, now)
+        peer = self.peers[hs.remote_static]
+        events: list[WireGuardEvent] = []
+        peer.stats.rx_bytes += size
+        self._update_endpoint(peer, source, events)
+        self._authenticated_packet_traversal(peer, now)
+        peer.timers.new_handshake = None
+        # respond
+        self._free_index(hs.local_index, None)
+        index = self._new_index(peer, None)
+        response = noise.create_response(
+            hs, self.new_ephemeral(), index, self.envelope.type_value(MessageType.RESPONSE)
+        )
+        out = peer.cookies.add_macs(response.pack(), now)
+        keys = noise.derive_transport_keys(hs)
+        self._install_keypair(peer, keys, now)
+        self._emit_handshake(peer, MessageType.RESPONSE, out)
+        self._authenticated_packet_traversal(peer, now)
+        peer.timers.send_keepalive = None
+        return events
+
+    def _receive_response(
+        self, message: bytes, source: Endpoint, now: float, size: int
+    ) -> list[WireGuardEvent]:
+        msg = HandshakeResponse.parse(message)
+        if msg is None:
+            self.dropped[DropReason.MALFORMED] += 1
+            return []
+        entry = self._indices.get(msg.receiver)
+        if entry is None or entry[1] is not None:
+            self.dropped[DropReason.UNKNOWN_INDEX] += 1
+            return []
+        peer = entry[0]
+        noise.consume_response(msg, self.identity, peer.handshake)
+        events: list[WireGuardEvent] = []
+        peer.stats.rx_bytes += size
+        self._update_endpoint(peer, source, events)
+        self._authenticated_packet_traversal(peer, now)
+        peer.timers.new_handshake = None
+        keys = noise.derive_transport_keys(peer.handshake)
+        self._install_keypair(peer, keys, now)
+        self._handshake_complete(peer, now, events)
+        # The responder only trusts the new session once something arrives on it (awg-protocol.md §1.4).
+        self._send_keepalive(peer, now)
+        return events
+
+    def _receive_cookie_reply(self, message: bytes, now: float) -> None:
+        reply = CookieReply.parse(message)
+        if reply is None:
+            self.dropped[DropReason.MALFORMED] += 1
+            return
+        entry = self._indices.get(reply.receiver)
+        if entry is None:
+            self.dropped[DropReason.UNKNOWN_INDEX] += 1
+            return
+        if not entry[0].cookies.consume_reply(reply, now):
+            self.dropped[DropReason.BAD_COOKIE] += 1
+
+    # -- state changes -------------------------------------------------------------------------
+
+    def _install_keypair(self, peer: Peer, keys: noise.TransportKeys, now: float) -> None:
+        keypair = Keypair(
+            keys.send, keys.receive, keys.local_index, keys.remote_index, keys.is_initiator, now
+        )
+        self._indices[keys.local_index] = (peer, keypair)
+        for old in peer.keypairs.install(keypair):
+            self._free_index(old.local_index, old)
+        # session derived: erase keys if nothing renews them
+        peer.timers.zero_key_material = now + 3 * self.settings.reject_after
+
+    def _handshake_complete(self, peer: Peer, now: float, events: list[WireGuardEvent]) -> None:
+        timers = peer.timers
+        timers.retransmit_handshake = None
+        timers.handshake_attempts = 0
+        timers.max_attempts = self.settings.max_handshake_attempts.pick(self.rng)
+        timers.sent_last_minute_handshake = False
+        peer.stats.last_handshake = now
+        events.append(HandshakeCompleted(peer.public_key))
+
+    def _keep_key_fresh_receiving(self, peer: Peer, now: float) -> None:
+        timers = peer.timers
+        if timers.sent_last_minute_handshake:
+            return
+        keypair = peer.keypairs.current
+        if keypair is None or not keypair.is_initiator:
+            return
+        if now - keypair.created > self.settings.rekey_on_receive_age(self.rng):
+            timers.sent_last_minute_handshake = True
+            self._send_initiation(peer, now, is_retry=False)
+
+    def _authenticated_packet_traversal(self, peer: Peer, now: float) -> None:
+        interval = peer.persistent_keepalive
+        if interval is not None:
+            peer.timers.persistent_keepalive = now + interval.pick(self.rng)
+
+    def _update_endpoint(self, peer: Peer, source: Endpoint, events: list[WireGuardEvent]) -> None:
+        if peer.endpoint != source:
+            peer.endpoint = source
+            peer.stats.endpoint = source
+            events.append(EndpointChanged(peer.public_key, source))
+
+    def _zero_key_material(self, peer: Peer) -> None:
+        for keypair in peer.keypairs.clear():
+            self._free_index(keypair.local_index, keypair)
+        hs = peer.handshake
+        self._free_index(hs.local_index, None)
+        hs.clear()
+
+    def _new_index(self, peer: Peer, keypair: Keypair | None) -> int:
+        while True:
+            index = self.rng.getrandbits(32)
+            if index not in self._indices:
+                self._indices[index] = (peer, keypair)
+                return index
+
+    def _free_index(self, index: int, keypair: Keypair | None) -> None:
+        entry = self._indices.get(index)
+        if entry is not None and entry[1] is keypair:
+            del self._indices[index]
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def _is_under_load(self, now: float) -> bool:
+        if now - self._load_window_start >= 1.0:
+            self._load_window_start = now
+            self._load_count = 0
+        self._load_count += 1
+        if self._load_count >= self.under_load_handshakes:
+            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+        return self._under_load_until is not None and now < self._under_load_until
+
+    def _rate_allows(self, host: str, now: float) -> bool:
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) > 4096:
+                self._buckets.clear()  # bound memory under a spoofed-source flood
+            bucket = self._buckets[host] = _TokenBucket(RATE_LIMIT_BURST, now)
+        bucket.tokens = min(RATE_LIMIT_BURST, bucket.tokens + (now - bucket.at) * RATE_LIMIT_PER_SECOND)
+        bucket.at = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def handle_timers(self, now: float) -> list[WireGuardEvent]:
+        """Run every peer timer that is due; returns the events they produced (PeerUnreachable)."""
+        events: list[WireGuardEvent] = []
+        for peer in list(self.peers.values()):
+            timers = peer.timers
+            if timers.retransmit_handshake is not None and timers.retransmit_handshake <= now:
+                timers.retransmit_handshake = None
+                self._expired_retransmit(peer, now, events)
+            if timers.new_handshake is not None and timers.new_handshake <= now:
+                timers.new_handshake = None
+                self._send_initiation(peer, now, is_retry=False)
+            if timers.send_keepalive is not None and timers.send_keepalive <= now:
+                timers.send_keepalive = None
+                self._send_keepalive(peer, now)
+                if timers.need_another_keepalive:
+                    timers.need_another_keepalive = False
+                    timers.send_keepalive = now + self.settings.keepalive_timeout.pick(self.rng)
+            if timers.persistent_keepalive is not None and timers.persistent_keepalive <= now:
+                timers.persistent_keepalive = None
+                if peer.persistent_keepalive is not None:
+                    self._send_keepalive(peer, now)
+            if timers.zero_key_material is not None and timers.zero_key_material <= now:
+                timers.zero_key_material = None
+                self._zero_key_material(peer)
+        return events
+
+    def _expired_retransmit(self, peer: Peer, now: float, events: list[WireGuardEvent]) -> None:
+        timers = peer.timers
+        if timers.handshake_attempts > timers.max_attempts:
+            timers.send_keepalive = None
+            peer.staged.clear()
+            if timers.zero_key_material is None:
+                timers.zero_key_material = now + 3 * self.settings.reject_after
+            events.append(PeerUnreachable(peer.public_key))
+            return
+        timers.handshake_attempts += 1
+        self._send_initiation(peer, now, is_retry=True)
+
+
+def _trim_ip_packet(plaintext: bytes) -> bytes | None:
+    """The IP packet inside a decrypted plaintext, padding removed; None if it is not IPv4/IPv6."""
+    n = len(plaintext)
+    version = plaintext[0] >> 4
+    if version == 4:
+        if n < 20:
+            return None
+        length = int.from_bytes(plaintext[2:4], "big")
+        if length < 20 or length > n:
+            return None
+    elif version == 6:
+        if n < 40:
+            return None
+        length = int.from_bytes(plaintext[4:6], "big") + 40
+        if length > n:
+            return None
+    else:
+        return None
+    return plaintext if length == n else plaintext[:length]

@@ -1,0 +1,462 @@
+"""TunnelProxy: the local, transparent end of one stream tunnel (SOCKS5, HTTP proxy, direct).
+
+The packet router redirects an app's connection here by NAT + hairpin, so the proxy sees the peer as
+(original destination IP, app's source port). ``nat_lookup`` — supplied by the router — turns that into the
+original destination and the app's pid; the proxy then opens the flow through the tunnel's provider and
+relays both ways. UDP works the same way on one local socket: one provider association per app address,
+replies sent back to that address (the router rewrites them to come from the original destination).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
+from awg_split_tunnel.provider.interface import (
+    STREAM_LIMIT,
+    Address,
+    StreamProvider,
+    UdpChannel,
+    abort_stream,
+    format_address,
+    normalize_ip,
+)
+
+log = logging.getLogger("awg_split_tunnel.proxy")
+
+RELAY_CHUNK = 256 * 1024
+"""Bytes asked of the kernel per read; also the write-buffer high-water mark that pauses the reader."""
+
+UDP_IDLE_TIMEOUT = 60.0
+UDP_PENDING_LIMIT = 64
+"""Datagrams held per association while it is being opened through the tunnel."""
+
+Protocol = Literal["tcp", "udp"]
+
+
+@dataclass(frozen=True, slots=True)
+class NatEntry:
+    """What the router knows about a redirected flow: where the app meant to go, and who the app is."""
+
+    orig_dst_ip: str
+    orig_dst_port: int
+    pid: int | None = None
+    exe: str | None = None
+
+
+NatLookup = Callable[[Protocol, str, int], NatEntry | None]
+"""``nat_lookup(proto, peer_ip, peer_port)``: the entry for the peer the proxy sees, or None."""
+
+FlowFailed = Callable[[BaseException], None]
+
+
+@dataclass(slots=True)
+class TunnelCounters:
+    """Per-tunnel totals since start (``status`` shows them)."""
+
+    tcp_flows: int = 0
+    tcp_failed: int = 0
+    nat_misses: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    udp_associations: int = 0
+    udp_failed: int = 0
+    datagrams_up: int = 0
+    datagrams_down: int = 0
+    datagrams_dropped: int = 0
+    resets: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class TcpFlow:
+    """One relayed TCP connection (``connections`` lists them)."""
+
+    flow_id: int
+    peer: Address
+    dst: Address
+    pid: int | None
+    exe: str | None
+    started: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    _app: asyncio.StreamWriter | None = field(default=None, repr=False)
+    _upstream: asyncio.StreamWriter | None = field(default=None, repr=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+    _reset: bool = field(default=False, repr=False)
+
+
+@dataclass(slots=True, eq=False)
+class UdpAssociation:
+    """One app address's datagrams through the tunnel."""
+
+    peer: Address
+    dst: Address
+    pid: int | None
+    exe: str | None
+    started: float
+    last_active: float
+    channel: UdpChannel | None = None
+    pending: list[bytes] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    dropped: int = 0
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class TunnelProxy:
+    """The TCP listener and UDP relay of one stream tunnel."""
+
+    def __init__(
+        self,
+        tunnel_id: str,
+        provider: StreamProvider,
+        nat_lookup: NatLookup,
+        listen_host: str = "127.0.0.1",
+        *,
+        tcp_port: int = 0,
+        udp_port: int = 0,
+        udp: bool = True,
+        on_flow_failed: FlowFailed | None = None,
+        udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
+    ) -> None:
+        self.tunnel_id = tunnel_id
+        self.provider = provider
+        self.counters = TunnelCounters()
+        self._nat_lookup = nat_lookup
+        self._listen_host = listen_host
+        self._tcp_port = tcp_port
+        self._udp_port = udp_port
+        self._udp_enabled = udp
+        self._on_flow_failed = on_flow_failed
+        self._udp_idle_timeout = udp_idle_timeout
+        self._server: asyncio.Server | None = None
+        self._udp_transport: asyncio.DatagramTransport | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._flows: dict[int, TcpFlow] = {}
+        self._associations: dict[Address, UdpAssociation] = {}
+        self._ids = itertools.count(1)
+        self._udp_unsupported_logged = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the TCP listener (and the UDP socket when UDP is on)."""
+        self._server = await asyncio.start_server(
+            self._serve_tcp, self._listen_host, self._tcp_port, limit=STREAM_LIMIT, backlog=1024
+        )
+        if self._udp_enabled:
+            loop = asyncio.get_running_loop()
+            self._udp_transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpRelayProtocol(self), local_addr=(self._listen_host, self._udp_port)
+            )
+            self._sweeper = loop.create_task(self._sweep_idle())
+        log.info("[Proxy] %s listening on %s", self.tunnel_id, format_address(*self.tcp_address))
+
+    async def stop(self) -> None:
+        """Stop listening and reset every flow."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.close_all()
+        if self._udp_transport is not None:
+            self._udp_transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        await asyncio.sleep(0)
+
+    @property
+    def tcp_address(self) -> Address:
+        if self._server is None:
+            raise RuntimeError("TunnelProxy not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return (host, port)
+
+    @property
+    def udp_address(self) -> Address | None:
+        if self._udp_transport is None:
+            return None
+        host, port = self._udp_transport.get_extra_info("sockname")[:2]
+        return (host, port)
+
+    @property
+    def tcp_flows(self) -> list[TcpFlow]:
+        return list(self._flows.values())
+
+    @property
+    def udp_associations(self) -> list[UdpAssociation]:
+        return list(self._associations.values())
+
+    def close_all(self) -> int:
+        """Reset every flow of the tunnel (apps see a connection reset); returns how many were open.
+
+        Used when the tunnel goes DOWN and its policy is not ``allow_direct``.
+        """
+        count = len(self._flows) + len(self._associations)
+        for flow in list(self._flows.values()):
+            self._reset_flow(flow)
+        for assoc in list(self._associations.values()):
+            self._end_association(assoc)
+        return count
+
+    # --- TCP ---------------------------------------------------------------------------------------
+
+    async def _serve_tcp(self, app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter) -> None:
+        peer_ip, peer_port = app_writer.get_extra_info("peername")[:2]
+        peer = (normalize_ip(peer_ip), peer_port)
+        entry = self._lookup("tcp", peer)
+        if entry is None:
+            abort_stream(app_writer, reset=True)
+            return
+        flow = TcpFlow(
+            next(self._ids),
+            peer,
+            (entry.orig_dst_ip, entry.orig_dst_port),
+            entry.pid,
+            entry.exe,
+            time.time(),
+            _app=app_writer,
+        )
+        self._flows[flow.flow_id] = flow
+        try:
+            await self._relay_tcp(flow, app_reader, app_writer)
+        finally:
+            self._flows.pop(flow.flow_id, None)
+
+    async def _relay_tcp(
+        self, flow: TcpFlow, app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            up_reader, up_writer = await self.provider.open_tcp(*flow.dst)
+        except asyncio.CancelledError:
+            abort_stream(app_writer, reset=True)
+            raise
+        except Exception as exc:
+            self.counters.tcp_failed += 1
+            self._flow_failed("TCP", flow.dst, flow.exe, exc)
+            abort_stream(app_writer, reset=True)
+            return
+        if flow._reset:  # close_all() ran while the flow was being opened
+            abort_stream(up_writer)
+            return
+        flow._upstream = up_writer
+        self.counters.tcp_flows += 1
+        log.debug(
+            "[Proxy] %s: %s (pid %s) -> %s",
+            self.tunnel_id,
+            flow.exe or "?",
+            flow.pid,
+            format_address(*flow.dst),
+        )
+        for writer in (app_writer, up_writer):
+            writer.transport.set_write_buffer_limits(high=RELAY_CHUNK)
+        loop = asyncio.get_running_loop()
+        up = loop.create_task(self._pump(flow, app_reader, up_writer, upstream=True))
+        down = loop.create_task(self._pump(flow, up_reader, app_writer, upstream=False))
+        flow._tasks = [up, down]
+        try:
+            done, _ = await asyncio.wait(flow._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            self._reset_flow(flow)
+            raise
+        if flow._reset:
+            return
+        failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        if failed or len(done) < 2:
+            # One side broke: the other must not mistake it for a clean end.
+            log.debug("[Proxy] %s: flow to %s reset: %s", self.tunnel_id, format_address(*flow.dst), failed)
+            self._reset_flow(flow)
+            return
+        for writer in (app_writer, up_writer):
+            writer.close()
+        for writer in (app_writer, up_writer):
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _pump(
+        self,
+        flow: TcpFlow,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        upstream: bool,
+    ) -> None:
+        """Copy one direction; EOF is passed on as a half-close (shutdown SHUT_WR)."""
+        counters = self.counters
+        while True:
+            data = await reader.read(RELAY_CHUNK)
+            if not data:
+                if writer.can_write_eof() and not writer.transport.is_closing():
+                    writer.write_eof()
+                return
+            writer.write(data)
+            if upstream:
+                flow.bytes_up += len(data)
+                counters.bytes_up += len(data)
+            else:
+                flow.bytes_down += len(data)
+                counters.bytes_down += len(data)
+            await writer.drain()
+
+    def _reset_flow(self, flow: TcpFlow) -> None:
+        if flow._reset:
+            return
+        flow._reset = True
+        self.counters.resets += 1
+        if flow._app is not None:
+            abort_stream(flow._app, reset=True)
+        if flow._upstream is not None:
+            abort_stream(flow._upstream)
+        for task in flow._tasks:
+            task.cancel()
+        self._flows.pop(flow.flow_id, None)
+
+    # --- UDP ---------------------------------------------------------------------------------------
+
+    def datagram_from_app(self, data: bytes, addr: Address) -> None:
+        """One datagram from an app (as the router hairpinned it)."""
+        peer = (normalize_ip(addr[0]), addr[1])
+        loop = asyncio.get_running_loop()
+        assoc = self._associations.get(peer)
+        if assoc is None:
+            if not self.provider.supports_udp:
+                self.counters.datagrams_dropped += 1
+                if not self._udp_unsupported_logged:
+                    self._udp_unsupported_logged = True
+                    log.info("[Proxy] %s: UDP is not carried by this tunnel; dropping it", self.tunnel_id)
+                return
+            entry = self._lookup("udp", peer)
+            if entry is None:
+                self.counters.datagrams_dropped += 1
+                return
+            now = loop.time()
+            assoc = UdpAssociation(
+                peer, (entry.orig_dst_ip, entry.orig_dst_port), entry.pid, entry.exe, time.time(), now
+            )
+            self._associations[peer] = assoc
+            self.counters.udp_associations += 1
+            assoc._task = loop.create_task(self._run_association(assoc))
+        assoc.last_active = loop.time()
+        if assoc.channel is None:
+            if len(assoc.pending) < UDP_PENDING_LIMIT:
+                assoc.pending.append(data)
+            else:
+                assoc.dropped += 1
+                self.counters.datagrams_dropped += 1
+            return
+        self._send_up(assoc, data)
+
+    def _send_up(self, assoc: UdpAssociation, data: bytes) -> None:
+        assert assoc.channel is not None
+        try:
+            assoc.channel.send_to(data, assoc.dst)
+        except AwgSplitTunnelError:
+            assoc.dropped += 1
+            self.counters.datagrams_dropped += 1
+            return
+        assoc.bytes_up += len(data)
+        self.counters.bytes_up += len(data)
+        self.counters.datagrams_up += 1
+
+    async def _run_association(self, assoc: UdpAssociation) -> None:
+        try:
+            channel = await self.provider.open_udp()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters.udp_failed += 1
+            self.counters.datagrams_dropped += len(assoc.pending)
+            self._flow_failed("UDP", assoc.dst, assoc.exe, exc)
+            self._associations.pop(assoc.peer, None)
+            return
+        if self._associations.get(assoc.peer) is not assoc:  # ended while opening
+            channel.close()
+            return
+        assoc.channel = channel
+        pending, assoc.pending = assoc.pending, []
+        for data in pending:
+            self._send_up(assoc, data)
+        expected = (normalize_ip(assoc.dst[0]), assoc.dst[1])
+        try:
+            while True:
+                data, src = await channel.recv()
+                if (normalize_ip(src[0]), src[1]) != expected or self._udp_transport is None:
+                    # The hairpin can only present replies as coming from the original destination.
+                    assoc.dropped += 1
+                    self.counters.datagrams_dropped += 1
+                    continue
+                assoc.last_active = asyncio.get_running_loop().time()
+                assoc.bytes_down += len(data)
+                self.counters.bytes_down += len(data)
+                self.counters.datagrams_down += 1
+                self._udp_transport.sendto(data, assoc.peer)
+        except TunnelError as exc:
+            log.debug("[Proxy] %s: UDP association of %s ended: %s", self.tunnel_id, assoc.peer, exc)
+        finally:
+            channel.close()
+            if self._associations.get(assoc.peer) is assoc:
+                del self._associations[assoc.peer]
+
+    def _end_association(self, assoc: UdpAssociation) -> None:
+        self._associations.pop(assoc.peer, None)
+        if assoc.channel is not None:
+            assoc.channel.close()
+        if assoc._task is not None:
+            assoc._task.cancel()
+
+    async def _sweep_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        period = max(self._udp_idle_timeout / 4, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            deadline = loop.time() - self._udp_idle_timeout
+            for assoc in list(self._associations.values()):
+                if assoc.last_active < deadline:
+                    self._end_association(assoc)
+
+    # --- shared ------------------------------------------------------------------------------------
+
+    def _lookup(self, proto: Protocol, peer: Address) -> NatEntry | None:
+        try:
+            entry = self._nat_lookup(proto, peer[0], peer[1])
+        except Exception:
+            log.exception("[Proxy] %s: NAT lookup failed", self.tunnel_id)
+            entry = None
+        if entry is None:
+            self.counters.nat_misses += 1
+            log.debug("[Proxy] %s: no NAT entry for %s %s", self.tunnel_id, proto, format_address(*peer))
+        return entry
+
+    def _flow_failed(self, what: str, dst: Address, exe: str | None, exc: BaseException) -> None:
+        log.info(
+            "[Proxy] %s: %s flow of %s to %s failed: %s",
+            self.tunnel_id,
+            what,
+            exe or "?",
+            format_address(*dst),
+            exc,
+        )
+        if self._on_flow_failed is not None:
+            try:
+                self._on_flow_failed(exc)
+            except Exception:
+                log.exception("[Proxy] %s: flow-failure callback raised", self.tunnel_id)
+
+
+class _UdpRelayProtocol(asyncio.DatagramProtocol):
+    def __init__(self, proxy: TunnelProxy) -> None:
+        self._proxy = proxy
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._proxy.datagram_from_app(data, (str(addr[0]), addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("[Proxy] %s: UDP socket: %s", self._proxy.tunnel_id, exc)

@@ -1,0 +1,196 @@
+"""End to end: the real PacketRouter on pydivert in the lab routes each app by its exe name.
+
+The router, its divert handles and a TunnelProxy for a SOCKS5 tunnel (microsocks in ns socks for TCP,
+dante for UDP) run in ns client as one small daemon process (this file run with ``--serve``). Test apps
+are copies of one interpreter under different names; the web server tells each which address it saw:
+198.18.0.20 (via SOCKS5 microsocks), 198.18.0.21... no: dante shares ns socks, so 198.18.0.20 too;
+198.18.0.1 (direct). A ``drop`` app is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces and eBPF"),
+]
+
+PROXY_PORT = 15001
+"""The SOCKS5 tunnel's local proxy port (TCP and UDP, IPv4 and IPv6)."""
+DANTE_PORT = 1081
+
+
+def serve(config: dict[str, object]) -> None:
+    """The daemon under test: router + divert loop + the SOCKS5 tunnel's proxies. Runs in ns client."""
+    import asyncio
+    import logging
+
+    from awg_split_tunnel.core.packet_router import ROUTER_FILTER, PacketRouter, RouterLoop, TunnelRoute
+    from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
+    from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
+    from awg_split_tunnel.platform.divert import NetworkHandle, SocketEventHandle
+    from awg_split_tunnel.process.lookup import NamespaceFilter
+    from awg_split_tunnel.provider.socks5.provider import Socks5Provider
+    from awg_split_tunnel.proxy.tunnel_proxy import TunnelProxy
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    rules = RuleEngine(
+        [
+            Rule("app-socks", "socks"),
+            Rule("app-udpsocks", "socksudp"),
+            Rule("app-drop", "socks", FallbackPolicy.DROP),
+            Rule("app-down", "downtunnel", FallbackPolicy.BLOCK),
+        ],
+        "direct",
+    )
+    states = {"socks": TunnelState.UP, "socksudp": TunnelState.UP, "downtunnel": TunnelState.DOWN}
+    tunnels = {
+        "socks": TunnelRoute(PROXY_PORT, None),
+        "socksudp": TunnelRoute(PROXY_PORT + 1, PROXY_PORT + 1),
+        "downtunnel": TunnelRoute(PROXY_PORT + 2, None),
+    }
+
+    async def main() -> None:
+        router = PacketRouter(rules, states.get, tunnels, own_pids={os.getpid()})
+        socks_ip = str(config["socks_ip"])
+        proxies = [
+            TunnelProxy("socks", Socks5Provider(socks_ip, int(str(config["socks_port"]))), router.nat_lookup,
+                        "0.0.0.0", tcp_port=PROXY_PORT, udp=False),
+            TunnelProxy("socks", Socks5Provider(socks_ip, int(str(config["socks_port"]))), router.nat_lookup,
+                        "::", tcp_port=PROXY_PORT, udp=False),
+            TunnelProxy("socksudp", Socks5Provider(socks_ip, int(str(config["dante_port"]))), router.nat_lookup,
+                        "0.0.0.0", tcp_port=PROXY_PORT + 1, udp_port=PROXY_PORT + 1),
+        ]
+        for proxy in proxies:
+            await proxy.start()
+        loop = RouterLoop(
+            router,
+            NetworkHandle(ROUTER_FILTER),
+            [SocketEventHandle(), SocketEventHandle.flows()],
+            accept_pid=NamespaceFilter().same_namespace,
+        )
+        loop.start()
+        print("ready", flush=True)
+        # Until the test closes our stdin.
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        loop.stop()
+        print(json.dumps({"stats": str(router.stats), "error": repr(loop.error)}), flush=True)
+        for proxy in proxies:
+            await proxy.stop()
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[object]:
+    from awg_split_tunnel.lab import Lab, make_app, start_dante, start_microsocks, start_web
+
+    with Lab() as lab:
+        start_web(lab)
+        start_microsocks(lab)
+        start_dante(lab, port=DANTE_PORT)
+        for name in ("app-socks", "app-udpsocks", "app-direct", "app-drop", "app-down"):
+            make_app(lab, name)
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: object) -> Iterator[subprocess.Popen[str]]:
+    from awg_split_tunnel.lab import CLIENT, SOCKS_IP, SOCKS_PORT
+
+    config = {"socks_ip": SOCKS_IP, "socks_port": SOCKS_PORT, "dante_port": DANTE_PORT}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    process = lab.spawn(  # type: ignore[attr-defined]
+        CLIENT,
+        [sys.executable, __file__, "--serve", json.dumps(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stdout is not None and process.stdin is not None
+    ready, _, _ = select.select([process.stdout], [], [], 20)
+    line = process.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        process.kill()
+        pytest.fail(f"router daemon did not start: {line!r} {process.stderr.read() if process.stderr else ''}")
+    yield process
+    try:
+        out, err = process.communicate(timeout=10)  # closes stdin: the daemon's signal to stop
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    print(out, err[-3000:])
+    assert "'error': 'None'" in out.replace('"', "'") or '"error": "None"' in out, out
+
+
+def test_app_routed_to_socks5_is_seen_from_the_socks_server(lab: object, daemon: object) -> None:
+    result = lab.app("app-socks")  # type: ignore[attr-defined]
+    assert result.ok, result.stderr
+    assert result.seen_ip == "198.18.0.20"
+
+
+def test_app_routed_direct_is_seen_from_the_client(lab: object, daemon: object) -> None:
+    result = lab.app("app-direct")  # type: ignore[attr-defined]
+    assert result.ok, result.stderr
+    assert result.seen_ip == "198.18.0.1"
+
+
+def test_drop_app_cannot_connect_and_fails_fast(lab: object, daemon: object) -> None:
+    started = time.monotonic()
+    result = lab.app("app-drop", timeout=5.0)  # type: ignore[attr-defined]
+    assert not result.ok and result.seen_ip == ""
+    assert time.monotonic() - started < 4.0, "a dropped TCP connect is refused with an RST, not left to time out"
+
+
+def test_block_app_cannot_connect_while_its_tunnel_is_down(lab: object, daemon: object) -> None:
+    result = lab.app("app-down", timeout=3.0)  # type: ignore[attr-defined]
+    assert not result.ok and result.seen_ip == ""
+
+
+def test_ipv6_app_routed_to_socks5_is_seen_from_the_socks_server(lab: object, daemon: object) -> None:
+    result = lab.app("app-socks", v6=True)  # type: ignore[attr-defined]
+    assert result.ok, result.stderr
+    assert result.seen_ip == "2001:2::20"
+
+
+def test_ipv6_app_routed_direct_is_seen_from_the_client(lab: object, daemon: object) -> None:
+    result = lab.app("app-direct", v6=True)  # type: ignore[attr-defined]
+    assert result.ok, result.stderr
+    assert result.seen_ip == "2001:2::1"
+
+
+def test_udp_direct_and_through_socks5(lab: object, daemon: object) -> None:
+    direct = lab.app("app-direct", udp=True)  # type: ignore[attr-defined]
+    assert direct.ok, direct.stderr
+    assert direct.seen_ip == "198.18.0.1"
+    tunnelled = lab.app("app-udpsocks", udp=True)  # type: ignore[attr-defined]
+    assert tunnelled.ok, tunnelled.stderr
+    assert tunnelled.seen_ip == "198.18.0.20"
+
+
+def test_many_apps_at_once_each_get_their_own_route(lab: object, daemon: object) -> None:
+    from awg_split_tunnel.lab import spawn_app
+    from awg_split_tunnel.lab.apps import app_client_args
+
+    names = ["app-socks", "app-direct"] * 5
+    procs = [spawn_app(lab, name, app_client_args(timeout=5.0)) for name in names]  # type: ignore[arg-type]
+    outputs = [p.communicate(timeout=15)[0] for p in procs]
+    for name, out in zip(names, outputs, strict=True):
+        expected = "198.18.0.20" if name == "app-socks" else "198.18.0.1"
+        assert expected in out, (name, out)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--serve":
+    serve(json.loads(sys.argv[2]))

@@ -1,0 +1,315 @@
+"""PacketRouter as a user sees it: which apps go through which tunnel, what is held, reset or dropped."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute, Verdict, is_lan_destination
+from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
+from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
+from awg_split_tunnel.net.packet import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    PacketView,
+    build_packet,
+)
+from awg_split_tunnel.process.matcher import Platform
+
+APP = ipaddress.ip_address("198.18.0.1").packed
+WEB = ipaddress.ip_address("198.18.0.10").packed
+APP6 = ipaddress.ip_address("2001:2::1").packed
+WEB6 = ipaddress.ip_address("2001:2::10").packed
+NAS = ipaddress.ip_address("192.168.1.5").packed
+PROXY_TCP, PROXY_UDP, HTTP_TCP = 15001, 15002, 15003
+
+PIDS = {100: "/usr/bin/app-socks", 200: "/usr/bin/app-direct", 300: "/usr/bin/app-drop", 400: "/usr/bin/app-block",
+        500: "/usr/bin/app-http", 600: "/usr/bin/app-lan"}
+
+
+class Env:
+    def __init__(self, default: str = "direct") -> None:
+        self.states = {"socks": TunnelState.UP, "web": TunnelState.UP, "lan": TunnelState.UP}
+        self.lookups: list[tuple[int, int]] = []
+        self.os_owner: int | None = None
+        rules = [
+            Rule("app-socks", "socks"),
+            Rule("app-direct", "direct"),
+            Rule("app-drop", "socks", FallbackPolicy.DROP),
+            Rule("app-block", "socks", FallbackPolicy.BLOCK),
+            Rule("app-http", "web", FallbackPolicy.BLOCK),
+            Rule("app-lan", "lan"),
+        ]
+        self.router = PacketRouter(
+            RuleEngine(rules, default, Platform.POSIX),
+            self.states.get,
+            {
+                "socks": TunnelRoute(PROXY_TCP, PROXY_UDP),
+                "web": TunnelRoute(HTTP_TCP, None),
+                "lan": TunnelRoute(PROXY_TCP + 10, None, lan_bypass=False),
+            },
+            own_pids={999},
+            exe_of=PIDS.get,
+            os_lookup=self._os_lookup,
+        )
+        self.now = 1000.0
+
+    def _os_lookup(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> int | None:
+        self.lookups.append((proto, sport))
+        return self.os_owner
+
+    def route(self, packet: bytearray) -> Verdict:
+        return self.router.route(packet, len(packet), self.now, lambda: "meta")
+
+    def connect(self, pid: int, dst: bytes = WEB, dport: int = 80, proto: int = IPPROTO_TCP) -> None:
+        self.router.connect_event(proto, dst, dport, pid, self.now)
+
+
+def syn(sport: int = 40000, dst: bytes = WEB, dport: int = 80, src: bytes = APP) -> bytearray:
+    return build_packet(src, dst, IPPROTO_TCP, sport, dport, tcp_flags=TCP_SYN, seq=77)
+
+
+def view(packet: bytearray) -> PacketView:
+    v = PacketView()
+    assert v.parse(packet, len(packet))
+    return v
+
+
+def test_app_routed_to_tunnel_is_hairpinned_to_its_proxy_and_found_by_nat_lookup() -> None:
+    env = Env()
+    env.connect(100)
+    packet = syn()
+    assert env.route(packet) is Verdict.INJECT_INBOUND
+    v = view(packet)
+    assert (v.src_addr, v.src_port, v.dst_addr, v.dst_port) == (WEB, 40000, APP, PROXY_TCP)
+    assert v.checksums_valid()
+    entry = env.router.nat_lookup("tcp", "198.18.0.10", 40000)
+    assert entry is not None
+    assert (entry.orig_dst_ip, entry.orig_dst_port, entry.pid, entry.exe) == ("198.18.0.10", 80, 100, PIDS[100])
+    assert env.router.nat_lookup("tcp", "::ffff:198.18.0.10", 40000) is entry
+
+
+def test_proxy_reply_is_rewritten_to_come_from_the_original_destination() -> None:
+    env = Env()
+    env.connect(100)
+    env.route(syn())
+    reply = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 40000, b"hello", tcp_flags=TCP_ACK | TCP_SYN)
+    assert env.route(reply) is Verdict.INJECT_INBOUND
+    v = view(reply)
+    assert (v.src_addr, v.src_port, v.dst_addr, v.dst_port) == (WEB, 80, APP, 40000)
+    assert v.checksums_valid()
+
+
+def test_reply_for_an_unknown_flow_is_dropped_not_leaked() -> None:
+    env = Env()
+    stray = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 41000, b"x")
+    assert env.route(stray) is Verdict.DROP
+    assert env.router.stats.orphan_replies == 1
+
+
+def test_first_packet_waits_for_its_connect_event() -> None:
+    env = Env()
+    assert env.route(syn()) is Verdict.HOLD
+    retransmit = syn()
+    assert env.route(retransmit) is Verdict.HOLD
+    assert env.router.take_outgoing() == []
+    env.connect(100)
+    out = env.router.take_outgoing()
+    assert len(out) == 2 and all(o.inbound and o.meta == "meta" for o in out)
+    assert view(out[0].data).dst_port == PROXY_TCP
+    assert env.lookups == []
+
+
+def test_without_event_the_os_tables_are_asked_after_the_hold_timeout() -> None:
+    env = Env()
+    env.os_owner = 200
+    assert env.route(syn()) is Verdict.HOLD
+    env.router.poll(env.now + 0.001)
+    assert env.router.take_outgoing() == []
+    env.router.poll(env.now + 1.0)
+    out = env.router.take_outgoing()
+    assert env.lookups == [(IPPROTO_TCP, 40000)]
+    assert len(out) == 1 and not out[0].inbound and view(out[0].data).dst_port == 80
+
+
+def test_unknown_owner_gets_the_default_route_and_is_counted() -> None:
+    env = Env(default="socks")
+    env.route(syn())
+    env.router.poll(env.now + 1.0)
+    (out,) = env.router.take_outgoing()
+    assert out.inbound and view(out.data).dst_port == PROXY_TCP
+    assert env.router.stats.unknown_owner == 1
+
+
+def test_direct_app_passes_unchanged() -> None:
+    env = Env()
+    env.connect(200)
+    packet = syn()
+    original = bytes(packet)
+    assert env.route(packet) is Verdict.REINJECT
+    assert bytes(packet) == original
+    data = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"GET /", tcp_flags=TCP_ACK)
+    assert env.route(data) is Verdict.REINJECT
+
+
+def test_drop_app_is_refused_with_a_reset() -> None:
+    env = Env()
+    env.connect(300)
+    assert env.route(syn()) is Verdict.DROP
+    (rst,) = env.router.take_outgoing()
+    v = view(rst.data)
+    assert rst.inbound and v.tcp_flags == TCP_RST | TCP_ACK and v.tcp_ack == 78
+    assert (v.src_addr, v.src_port, v.dst_addr, v.dst_port) == (WEB, 80, APP, 40000)
+
+
+def test_own_traffic_always_passes() -> None:
+    env = Env(default="socks")
+    env.connect(999, dport=1080)
+    assert env.route(syn(dport=1080)) is Verdict.REINJECT
+
+
+def test_lan_destinations_bypass_tunnels_unless_the_tunnel_says_otherwise() -> None:
+    env = Env()
+    env.connect(100, dst=NAS)
+    assert env.route(syn(dst=NAS)) is Verdict.REINJECT
+    env.connect(600, dst=NAS)
+    assert env.route(syn(sport=40001, dst=NAS)) is Verdict.INJECT_INBOUND
+
+
+@pytest.mark.parametrize(
+    ("address", "lan"),
+    [
+        ("10.1.2.3", True), ("172.16.0.1", True), ("172.31.255.255", True), ("172.32.0.1", False),
+        ("192.168.0.1", True), ("169.254.1.1", True), ("127.0.0.1", True), ("198.18.0.10", False),
+        ("100.64.0.1", False), ("8.8.8.8", False), ("fc00::1", True), ("fdff::1", True), ("fe80::1", True),
+        ("febf::1", True), ("fec0::1", False), ("::1", True), ("2001:2::10", False),
+    ],
+)
+def test_lan_list_is_exactly_the_designs(address: str, lan: bool) -> None:
+    assert is_lan_destination(ipaddress.ip_address(address).packed) is lan
+
+
+def test_block_app_is_dropped_while_its_tunnel_is_down_and_retried_when_up() -> None:
+    env = Env()
+    env.states["socks"] = TunnelState.DOWN
+    env.connect(400)
+    assert env.route(syn()) is Verdict.DROP
+    env.states["socks"] = TunnelState.UP
+    env.router.tunnel_state_changed("socks", TunnelState.UP)
+    env.router.poll(env.now)
+    env.connect(400)
+    assert env.route(syn()) is Verdict.INJECT_INBOUND
+
+
+def test_allow_direct_app_goes_direct_while_its_tunnel_is_down() -> None:
+    env = Env()
+    env.states["socks"] = TunnelState.CONNECTING
+    env.connect(100)
+    assert env.route(syn()) is Verdict.REINJECT
+
+
+def test_tunnel_down_resets_fail_closed_flows_and_leaves_allow_direct_ones() -> None:
+    env = Env()
+    env.connect(400)
+    env.route(syn(sport=40000))
+    env.connect(100)
+    env.route(syn(sport=40001))
+    env.router.take_outgoing()
+    env.router.tunnel_state_changed("socks", TunnelState.DOWN)
+    env.router.poll(env.now)
+    blocked = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"more", tcp_flags=TCP_ACK, seq=5, ack=9000)
+    assert env.route(blocked) is Verdict.DROP
+    (rst,) = env.router.take_outgoing()
+    assert view(rst.data).tcp_flags == TCP_RST and view(rst.data).tcp_seq == 9000
+    allowed = build_packet(APP, WEB, IPPROTO_TCP, 40001, 80, b"more", tcp_flags=TCP_ACK)
+    assert env.route(allowed) is Verdict.INJECT_INBOUND
+
+
+def test_udp_through_a_tunnel_without_udp_is_dropped() -> None:
+    env = Env()
+    env.connect(500, dport=443, proto=IPPROTO_UDP)
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 443, b"quic")) is Verdict.DROP
+    assert env.router.stats.unroutable == 1
+
+
+def test_udp_hairpin_and_reply() -> None:
+    env = Env()
+    env.router.connect_event(IPPROTO_UDP, WEB, 7, 100, env.now, local_port=5000)
+    out = build_packet(APP, WEB, IPPROTO_UDP, 5000, 7, b"ping")
+    assert env.route(out) is Verdict.INJECT_INBOUND
+    assert view(out).dst_port == PROXY_UDP and view(out).checksums_valid()
+    back = build_packet(APP, WEB, IPPROTO_UDP, PROXY_UDP, 5000, b"pong")
+    assert env.route(back) is Verdict.INJECT_INBOUND
+    v = view(back)
+    assert (v.src_addr, v.src_port, v.dst_port) == (WEB, 7, 5000) and v.checksums_valid()
+
+
+def test_ipv6_flows_are_tunnelled_too() -> None:
+    env = Env()
+    env.connect(100, dst=WEB6)
+    packet = syn(src=APP6, dst=WEB6)
+    assert env.route(packet) is Verdict.INJECT_INBOUND
+    v = view(packet)
+    assert (v.src_addr, v.dst_addr, v.dst_port) == (WEB6, APP6, PROXY_TCP) and v.checksums_valid()
+    assert env.router.nat_lookup("tcp", "2001:2::10", 40000) is not None
+
+
+def test_fragments_of_tunnelled_udp_are_dropped_all_of_them() -> None:
+    env = Env()
+    env.connect(100, dport=7, proto=IPPROTO_UDP)
+    env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 7, b"first"))
+    first = build_packet(APP, WEB, IPPROTO_UDP, 5000, 7, b"x" * 32)
+    first[4:6], first[6:8] = b"\x12\x34", struct.pack("!H", 0x2000)
+    assert env.route(first) is Verdict.DROP
+    later = bytearray(first)
+    later[6:8] = struct.pack("!H", 4)
+    assert env.route(later) is Verdict.DROP
+    unrelated = bytearray(later)
+    unrelated[4:6] = b"\x99\x99"
+    assert env.route(unrelated) is Verdict.REINJECT
+
+
+def test_flows_expire() -> None:
+    env = Env()
+    env.router.connect_event(IPPROTO_UDP, WEB, 7, 100, env.now, local_port=5000)
+    env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 7, b"ping"))
+    env.connect(100)
+    env.route(syn())
+    env.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_RST | TCP_ACK))
+    assert len(env.router.table) == 2
+    env.router.poll(env.now + 11)
+    assert [e.proto for e in env.router.connections()] == [IPPROTO_UDP]
+    env.router.poll(env.now + 61)
+    assert env.router.connections() == []
+
+
+def test_tcp_flow_closes_after_fin_both_ways() -> None:
+    env = Env()
+    env.connect(100)
+    env.route(syn())
+    env.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_FIN | TCP_ACK))
+    env.route(build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 40000, tcp_flags=TCP_FIN | TCP_ACK))
+    env.router.poll(env.now + 10.5)
+    assert env.router.connections() == []
+
+
+def test_mid_stream_packets_of_unknown_connections_pass() -> None:
+    env = Env(default="socks")
+    packet = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"old", tcp_flags=TCP_ACK)
+    assert env.route(packet) is Verdict.REINJECT
+    assert env.router.stats.new_flows == 0
+
+
+@settings(max_examples=150)
+@given(st.binary(max_size=100))
+def test_garbage_never_raises(data: bytes) -> None:
+    env = Env(default="socks")
+    env.router.route(bytearray(data), len(data), 0.0, lambda: None)

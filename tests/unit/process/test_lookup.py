@@ -1,0 +1,118 @@
+"""Who owns a flow: connect events matched to first packets, namespace filtering, pid → exe, OS fallback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from awg_split_tunnel.process.lookup import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    ConnectEvents,
+    ExeResolver,
+    NamespaceFilter,
+    netns_inode,
+    os_lookup_pid,
+)
+
+WEB = bytes([198, 18, 0, 10])
+
+
+def test_events_are_claimed_by_remote_in_arrival_order() -> None:
+    events = ConnectEvents()
+    events.add_connect(IPPROTO_TCP, WEB, 80, 11, now=0.0)
+    events.add_connect(IPPROTO_TCP, WEB, 80, 22, now=0.1)
+    assert events.claim(IPPROTO_TCP, 40000, WEB, 80, now=0.2) == 11
+    assert events.claim(IPPROTO_TCP, 40001, WEB, 80, now=0.2) == 22
+    assert events.claim(IPPROTO_TCP, 40002, WEB, 80, now=0.2) is None
+    assert len(events) == 0
+
+
+def test_protocol_and_remote_must_match() -> None:
+    events = ConnectEvents()
+    events.add_connect(IPPROTO_TCP, WEB, 80, 11, now=0.0)
+    assert events.claim(IPPROTO_UDP, 40000, WEB, 80, now=0.0) is None
+    assert events.claim(IPPROTO_TCP, 40000, WEB, 443, now=0.0) is None
+    assert events.claim(IPPROTO_TCP, 40000, bytes([198, 18, 0, 11]), 80, now=0.0) is None
+
+
+def test_exact_flow_events_win_and_consume_the_matching_connect() -> None:
+    events = ConnectEvents()
+    events.add_connect(IPPROTO_UDP, WEB, 53, 11, now=0.0)
+    events.add_connect(IPPROTO_UDP, WEB, 53, 22, now=0.0)
+    events.add_flow(IPPROTO_UDP, 5001, WEB, 53, 22, now=0.0)
+    assert events.claim(IPPROTO_UDP, 5001, WEB, 53, now=0.0) == 22
+    assert events.claim(IPPROTO_UDP, 5000, WEB, 53, now=0.0) == 11
+    assert len(events) == 0
+
+
+def test_stale_events_are_not_claimed_and_expire() -> None:
+    events = ConnectEvents(max_age=2.0)
+    events.add_connect(IPPROTO_TCP, WEB, 80, 11, now=0.0)
+    events.add_flow(IPPROTO_UDP, 1, WEB, 80, 11, now=0.0)
+    assert events.claim(IPPROTO_TCP, 40000, WEB, 80, now=5.0) is None
+    events.add_connect(IPPROTO_TCP, WEB, 443, 11, now=0.0)
+    events.expire(now=5.0)
+    assert len(events) == 0
+
+
+def test_a_flood_of_events_is_bounded() -> None:
+    events = ConnectEvents()
+    for i in range(5000):
+        events.add_connect(IPPROTO_UDP, WEB, i, 1, now=0.0)
+    assert len(events) == 4096 and events.dropped == 5000 - 4096
+
+
+def test_namespace_filter_keeps_only_this_namespace() -> None:
+    inodes = {10: 111, 20: 222}
+    ns = NamespaceFilter(own_inode=111, stat=inodes.get)
+    assert ns.same_namespace(10)
+    assert not ns.same_namespace(20)
+    assert not ns.same_namespace(30)  # gone
+    assert not ns.same_namespace(0)  # kernel context
+    inodes[20] = 111
+    assert not ns.same_namespace(20)  # cached...
+    ns.forget(20)
+    assert ns.same_namespace(20)  # ...until forgotten
+
+
+def test_own_namespace_is_recognised_for_real_processes() -> None:
+    assert NamespaceFilter().same_namespace(os.getpid())
+    assert netns_inode(os.getpid()) == netns_inode()
+
+
+def test_exe_of_a_process_is_its_executable_and_cached() -> None:
+    resolver = ExeResolver()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        exe = resolver.exe(child.pid)
+        assert exe is not None and os.path.samefile(exe, sys.executable)
+        resolver.exe(child.pid)
+        assert resolver.misses == 1
+    finally:
+        child.kill()
+        child.wait()
+    assert resolver.exe(child.pid) is None
+
+
+def test_os_lookup_finds_connected_tcp_and_bound_udp_sockets() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    try:
+        lport = client.getsockname()[1]
+        rport = listener.getsockname()[1]
+        loop = bytes([127, 0, 0, 1])
+        assert os_lookup_pid(IPPROTO_TCP, loop, lport, loop, rport) == os.getpid()
+        uport = udp.getsockname()[1]
+        assert os_lookup_pid(IPPROTO_UDP, loop, uport, WEB, 53) == os.getpid()
+        assert os_lookup_pid(IPPROTO_UDP, loop, 1, WEB, 53) is None
+    finally:
+        client.close()
+        listener.close()
+        udp.close()

@@ -1,0 +1,309 @@
+"""TunnelProxy on loopback with the direct provider and a fake NAT table standing in for the router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from awg_split_tunnel.errors import TunnelError
+from awg_split_tunnel.provider.direct import DirectProvider
+from awg_split_tunnel.provider.interface import Address, StreamPair, StreamProvider
+from awg_split_tunnel.proxy.tunnel_proxy import NatEntry, Protocol, TunnelProxy
+
+pytestmark = pytest.mark.timeout(30)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class FakeNat:
+    """The router's NAT table: peer (as the proxy sees it) -> original destination."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str, int], NatEntry] = {}
+        self.lookups: list[tuple[str, str, int]] = []
+
+    def __call__(self, proto: Protocol, ip: str, port: int) -> NatEntry | None:
+        self.lookups.append((proto, ip, port))
+        return self.entries.get((proto, ip, port))
+
+
+async def server(handler: Handler) -> tuple[asyncio.Server, Address]:
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[:2]
+
+
+async def app_connect(proxy: TunnelProxy, nat: FakeNat, dst: Address, **entry: object) -> StreamPair:
+    """Connect like a redirected app: the NAT entry is keyed by the app socket's address."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    nat.entries[("tcp", *sock.getsockname())] = NatEntry(dst[0], dst[1], **entry)  # type: ignore[arg-type]
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, proxy.tcp_address)
+    return await asyncio.open_connection(sock=sock)
+
+
+def on_proxy(body: Callable[[TunnelProxy, FakeNat], Awaitable[None]]) -> Callable[[], None]:
+    """Run ``body`` in a fresh event loop with a started proxy (direct provider) and an empty NAT table."""
+
+    def test() -> None:
+        async def main() -> None:
+            nat = FakeNat()
+            proxy = TunnelProxy("office", DirectProvider(connect_timeout=2), nat, "127.0.0.1")
+            await proxy.start()
+            try:
+                await body(proxy, nat)
+            finally:
+                await proxy.stop()
+
+        asyncio.run(main())
+
+    return test
+
+
+def in_loop(body: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    def test() -> None:
+        asyncio.run(body())  # type: ignore[arg-type]
+
+    return test
+
+
+async def echo_upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data.upper())
+        await writer.drain()
+    writer.close()
+
+
+@on_proxy
+async def test_flow_reaches_the_original_destination_and_is_counted(proxy: TunnelProxy, nat: FakeNat) -> None:
+    srv, dst = await server(echo_upper)
+    async with srv:
+        reader, writer = await app_connect(proxy, nat, dst, pid=4242, exe="/usr/bin/app-socks")
+        writer.write(b"hello through the tunnel")
+        assert await reader.readexactly(24) == b"HELLO THROUGH THE TUNNEL"
+        [flow] = proxy.tcp_flows
+        assert (flow.dst, flow.pid, flow.exe) == (dst, 4242, "/usr/bin/app-socks")
+        assert (flow.bytes_up, flow.bytes_down) == (24, 24)
+        writer.close()
+        await writer.wait_closed()
+        await _until(lambda: not proxy.tcp_flows)
+    assert nat.lookups[0][0] == "tcp" and nat.lookups[0][1] == "127.0.0.1"
+    assert proxy.counters.tcp_flows == 1
+    assert (proxy.counters.bytes_up, proxy.counters.bytes_down) == (24, 24)
+
+
+@on_proxy
+async def test_unknown_peer_is_reset(proxy: TunnelProxy, _nat: FakeNat) -> None:
+    reader, _ = await asyncio.open_connection(*proxy.tcp_address)
+    with pytest.raises(ConnectionResetError):
+        await reader.read(1)
+    assert proxy.counters.nat_misses == 1
+
+
+@in_loop
+async def test_unreachable_destination_resets_the_app_and_reports_the_failure() -> None:
+    nat = FakeNat()
+    failures: list[BaseException] = []
+    p = TunnelProxy("office", DirectProvider(connect_timeout=2), nat, on_flow_failed=failures.append)
+    await p.start()
+    try:
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        reader, _ = await app_connect(p, nat, closed.getsockname())
+        with pytest.raises(ConnectionResetError):
+            await reader.read(1)
+        closed.close()
+    finally:
+        await p.stop()
+    assert p.counters.tcp_failed == 1
+    assert len(failures) == 1 and isinstance(failures[0], TunnelError)
+    assert "Connection refused" in str(failures[0])
+
+
+@on_proxy
+async def test_app_half_close_reaches_the_server_and_the_reply_still_arrives(
+    proxy: TunnelProxy, nat: FakeNat
+) -> None:
+    async def count_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()  # only returns at EOF: needs the proxy to pass on SHUT_WR
+        writer.write(f"got {len(data)} bytes".encode())
+        await writer.drain()
+        writer.close()
+
+    srv, dst = await server(count_until_eof)
+    async with srv:
+        reader, writer = await app_connect(proxy, nat, dst)
+        writer.write(b"x" * 100_000)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"got 100000 bytes"
+        writer.close()
+
+
+@on_proxy
+async def test_server_half_close_still_lets_the_app_send(proxy: TunnelProxy, nat: FakeNat) -> None:
+    received = asyncio.get_running_loop().create_future()
+
+    async def greet_then_listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye")
+        writer.write_eof()
+        received.set_result(await reader.read())
+        writer.close()
+
+    srv, dst = await server(greet_then_listen)
+    async with srv:
+        reader, writer = await app_connect(proxy, nat, dst)
+        assert await asyncio.wait_for(reader.read(), 5) == b"bye"  # EOF arrives, the flow stays
+        writer.write(b"late request")
+        writer.write_eof()
+        assert await asyncio.wait_for(received, 5) == b"late request"
+        writer.close()
+
+
+@on_proxy
+async def test_slow_reader_applies_back_pressure_to_the_server(proxy: TunnelProxy, nat: FakeNat) -> None:
+    sent = 0
+    chunk = b"z" * 65536
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        try:
+            while sent < 512 * 1024 * 1024:
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+        except ConnectionError:
+            pass
+        writer.close()
+
+    srv, dst = await server(flood)
+    async with srv:
+        reader, writer = await app_connect(proxy, nat, dst)
+        await asyncio.sleep(1.0)
+        stalled_at = sent
+        await asyncio.sleep(0.5)
+        # The app reads nothing: the server must be held back (socket buffers + bounded proxy buffers),
+        # not allowed to push hundreds of megabytes into the proxy's memory.
+        assert sent == stalled_at
+        assert sent < 64 * 1024 * 1024
+        [flow] = proxy.tcp_flows
+        assert flow.bytes_down <= sent
+        total = 0
+        while total < 8 * 1024 * 1024:
+            total += len(await reader.read(1 << 20))
+        await _until(lambda: sent > stalled_at)  # reading resumes the flow
+        writer.close()
+
+
+@on_proxy
+async def test_close_all_resets_every_flow_of_the_tunnel(proxy: TunnelProxy, nat: FakeNat) -> None:
+    upstream_closed = asyncio.get_running_loop().create_future()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        upstream_closed.set_result(True)
+        writer.close()
+
+    srv, dst = await server(hold)
+    async with srv:
+        apps = [await app_connect(proxy, nat, dst) for _ in range(3)]
+        await _until(lambda: len(proxy.tcp_flows) == 3)
+        assert proxy.close_all() == 3
+        for reader, _ in apps:
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(1), 5)
+        assert await asyncio.wait_for(upstream_closed, 5)
+        assert proxy.tcp_flows == []
+        assert proxy.counters.resets == 3
+
+
+@on_proxy
+async def test_udp_is_relayed_and_replies_come_back_to_the_app(proxy: TunnelProxy, nat: FakeNat) -> None:
+    loop = asyncio.get_running_loop()
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.setblocking(False)
+
+    async def serve_echo() -> None:
+        while True:
+            data, addr = await loop.sock_recvfrom(echo, 2048)
+            await loop.sock_sendto(echo, b"re:" + data, addr)
+
+    echo_task = loop.create_task(serve_echo())
+    app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    app.bind(("127.0.0.1", 0))
+    app.setblocking(False)
+    nat.entries[("udp", *app.getsockname())] = NatEntry(*echo.getsockname(), pid=7, exe="app-udp")
+    udp_address = proxy.udp_address
+    assert udp_address is not None
+    try:
+        for i in range(3):
+            await loop.sock_sendto(app, b"ping%d" % i, udp_address)
+            data, src = await asyncio.wait_for(loop.sock_recvfrom(app, 2048), 5)
+            assert data == b"re:ping%d" % i
+            assert src == udp_address  # the router turns this into the original destination
+        [assoc] = proxy.udp_associations
+        assert (assoc.dst, assoc.pid) == (echo.getsockname(), 7)
+        assert proxy.counters.datagrams_up == 3 and proxy.counters.datagrams_down == 3
+        assert proxy.close_all() == 1
+        assert proxy.udp_associations == []
+    finally:
+        echo_task.cancel()
+        app.close()
+        echo.close()
+
+
+class TcpOnlyProvider(DirectProvider):
+    @property
+    def supports_udp(self) -> bool:
+        return False
+
+    async def open_udp(self) -> object:  # type: ignore[override]
+        raise AssertionError("must not be asked")
+
+
+@in_loop
+async def test_udp_for_a_tcp_only_tunnel_is_dropped_and_counted() -> None:
+    nat = FakeNat()
+    p = TunnelProxy("corp", TcpOnlyProvider(), nat)
+    await p.start()
+    app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        udp_address = p.udp_address
+        assert udp_address is not None
+        app.sendto(b"quic initial", udp_address)
+        await _until(lambda: p.counters.datagrams_dropped == 1)
+        assert p.udp_associations == [] and nat.lookups == []
+    finally:
+        app.close()
+        await p.stop()
+
+
+@in_loop
+async def test_stop_resets_open_flows() -> None:
+    nat = FakeNat()
+    provider: StreamProvider = DirectProvider()
+    p = TunnelProxy("office", provider, nat)
+    await p.start()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    srv, dst = await server(hold)
+    async with srv:
+        reader, _ = await app_connect(p, nat, dst)
+        await _until(lambda: len(p.tcp_flows) == 1)
+        await p.stop()
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(1), 5)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
