@@ -1,8 +1,26 @@
-"""The `awg-split-tunnel` command line."""
+"""The `awg-split-tunnel` command line (DESIGN §5).
+
+Every command turns a `ConfigError` (or any error of ours) into one clear line on stderr and exit code 1:
+the user never sees a traceback for bad input.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from awg_split_tunnel.errors import AwgSplitTunnelError
+
+if TYPE_CHECKING:
+    from awg_split_tunnel.core.config import ConfigManager
 
 app = typer.Typer(
     name="awg-split-tunnel",
@@ -11,6 +29,52 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+rule_app = typer.Typer(help="Edit the rules (saved to the YAML, comments kept).", no_args_is_help=True)
+app.add_typer(rule_app, name="rule")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (default: $AWG_SPLIT_TUNNEL_CONFIG or the platform config dir).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(1)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Map our errors (and unreadable files) to one line on stderr and exit code 1."""
+    try:
+        yield
+    except AwgSplitTunnelError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+
+
+def _config_path(config: Path | None) -> Path:
+    from awg_split_tunnel.core.config import default_config_path
+
+    return config if config is not None else default_config_path()
+
+
+def _manager(config: Path | None, *, missing_ok: bool = False) -> ConfigManager:
+    from awg_split_tunnel.core.config import ConfigManager
+
+    manager = ConfigManager(_config_path(config))
+    manager.load(missing_ok=missing_ok)
+    return manager
 
 
 @app.callback()
@@ -24,6 +88,204 @@ def version() -> None:
     from awg_split_tunnel import __version__
 
     typer.echo(__version__)
+
+
+# -- check / match --------------------------------------------------------------------------------------
+
+
+def _tunnel_target(tunnel: object) -> str:
+    from awg_split_tunnel.core.config import PacketTunnel, tunnel_wg_conf
+
+    if isinstance(tunnel, PacketTunnel):
+        conf = tunnel_wg_conf(tunnel)
+        endpoints = ", ".join(str(p.endpoint) for p in conf.peers if p.endpoint is not None)
+        source = tunnel.config_file if tunnel.config_file else "inline"
+        return f"{endpoints or 'no endpoint'}  ({source})"
+    server = getattr(tunnel, "server", "")
+    user = getattr(tunnel, "username", None)
+    return f"{user}@{server}" if user else str(server)
+
+
+def _tunnel_notes(tunnel: object) -> str:
+    from awg_split_tunnel.core.config import HttpTunnel, PacketTunnel, Socks5Tunnel, tunnel_wg_conf
+
+    notes: list[str] = []
+    if isinstance(tunnel, PacketTunnel):
+        conf = tunnel_wg_conf(tunnel)
+        notes.append(", ".join(str(a) for a in conf.interface.addresses) or "no address")
+        if conf.interface.mtu:
+            notes.append(f"mtu {conf.interface.mtu}")
+        if conf.is_amneziawg:
+            notes.append("obfuscated")
+    elif isinstance(tunnel, Socks5Tunnel):
+        notes.append("udp via associate" if tunnel.udp else "udp dropped")
+    elif isinstance(tunnel, HttpTunnel):
+        notes.append(f"udp {tunnel.udp}ped" if tunnel.udp == "drop" else "udp direct")
+    if not getattr(tunnel, "lan_bypass", True):
+        notes.append("no LAN bypass")
+    return "; ".join(notes)
+
+
+@app.command()
+def check(config: ConfigOption = None) -> None:
+    """Validate the config; print its tunnels and rules. Exit 1 with a clear error on bad input."""
+    with _user_errors():
+        from awg_split_tunnel.process.matcher import compile_pattern
+
+        manager = _manager(config)
+        cfg = manager.config
+        tunnels = Table(title="Tunnels", title_justify="left")
+        for column in ("id", "type", "server / endpoint", "notes"):
+            tunnels.add_column(column)
+        for t in cfg.tunnels:
+            tunnels.add_row(t.id, t.type, _tunnel_target(t), _tunnel_notes(t))
+        rules = Table(title="Rules (first match wins)", title_justify="left")
+        for column in ("#", "process", "kind", "tunnel", "fallback"):
+            rules.add_column(column)
+        for i, r in enumerate(cfg.rules):
+            kind = compile_pattern(r.process).kind.value.replace("_", " ")
+            rules.add_row(str(i), r.process, kind, r.tunnel, r.fallback.value)
+        out.print(f"[bold]{manager.path}[/]: OK")
+        out.print(tunnels)
+        out.print(rules)
+        out.print(f"Unmatched processes: [bold]{cfg.default}[/]")
+
+
+PlatformOption = Annotated[
+    str | None,
+    typer.Option(
+        "--platform",
+        help="Evaluate with windows or posix path semantics (default: this machine's).",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def match(
+    process: Annotated[str, typer.Argument(help="An exe name or a full path.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    platform: PlatformOption = None,
+) -> None:
+    """Dry run of the rule engine: which tunnel and policy PROCESS gets, and which rule decided."""
+    with _user_errors():
+        from awg_split_tunnel.core.routing import engine_from_config
+        from awg_split_tunnel.process.matcher import Platform
+
+        chosen: Platform | None = None
+        if platform is not None:
+            try:
+                chosen = Platform(platform.lower())
+            except ValueError:
+                raise _fail(f"--platform must be 'windows' or 'posix', not {platform!r}") from None
+        manager = _manager(config)
+        cfg = manager.config
+        decision = engine_from_config(cfg, chosen).match_uncached(process)
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "tunnel": decision.tunnel,
+                        "fallback": decision.fallback.value,
+                        "rule_index": decision.rule_index,
+                    }
+                )
+            )
+            return
+        out.print(f"tunnel:   [bold]{decision.tunnel}[/]")
+        out.print(f"fallback: {decision.fallback.value}")
+        if decision.rule_index is None:
+            out.print("rule:     none matched; the default applies")
+        else:
+            rule = cfg.rules[decision.rule_index]
+            out.print(f"rule:     #{decision.rule_index}  {rule.process!r}")
+
+
+# -- config editing ---------------------------------------------------------------------------------------
+
+
+@app.command("import")
+def import_conf(
+    file: Annotated[Path, typer.Argument(help="A WireGuard/AmneziaWG .conf file.")],
+    tunnel_id: Annotated[str | None, typer.Option("--id", help="Tunnel id (default: the file name).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a WireGuard/AmneziaWG tunnel from a .conf (copied next to the config, mode 0600)."""
+    with _user_errors():
+        manager = _manager(config, missing_ok=True)
+        new_id = manager.import_conf(file, tunnel_id)
+        kind = next(t.type for t in manager.config.tunnels if t.id == new_id)
+        out.print(f"added tunnel [bold]{new_id}[/] ({kind}) to {manager.path}")
+
+
+@rule_app.command("list")
+def rule_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List the rules in order."""
+    with _user_errors():
+        cfg = _manager(config).config
+        if as_json:
+            rules = [
+                {"index": i, "process": r.process, "tunnel": r.tunnel, "fallback": r.fallback.value}
+                for i, r in enumerate(cfg.rules)
+            ]
+            typer.echo(json.dumps({"rules": rules, "default": cfg.default}))
+            return
+        table = Table()
+        for column in ("#", "process", "tunnel", "fallback"):
+            table.add_column(column)
+        for i, r in enumerate(cfg.rules):
+            table.add_row(str(i), r.process, r.tunnel, r.fallback.value)
+        out.print(table)
+        out.print(f"Unmatched processes: [bold]{cfg.default}[/]")
+
+
+@rule_app.command("add")
+def rule_add(
+    process: Annotated[
+        str, typer.Argument(help="Pattern: exe name, *wildcard*, directory/, path glob, re:…")
+    ],
+    tunnel: Annotated[str, typer.Option("--tunnel", "-t", help="Tunnel id, or 'direct'.")],
+    fallback: Annotated[str, typer.Option(help="allow_direct | block | drop")] = "allow_direct",
+    index: Annotated[int | None, typer.Option(help="Insert before this rule (default: append).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a rule (first match wins, so order matters)."""
+    with _user_errors():
+        manager = _manager(config)
+        at = manager.add_rule({"process": process, "tunnel": tunnel, "fallback": fallback}, index)
+        out.print(f"rule #{at} added: {process!r} → {tunnel} ({fallback})")
+
+
+@rule_app.command("remove")
+def rule_remove(index: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
+    """Remove the rule at INDEX (see `rule list`)."""
+    with _user_errors():
+        removed = _manager(config).remove_rule(index)
+        out.print(f"rule #{index} removed: {removed.process!r} → {removed.tunnel}")
+
+
+# -- keys ---------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def genkey() -> None:
+    """Print a new private key (base64), like `wg genkey`."""
+    from awg_split_tunnel.provider.wireguard.keys import generate_private_key
+
+    typer.echo(generate_private_key())
+
+
+@app.command()
+def pubkey() -> None:
+    """Read a private key on stdin and print its public key, like `wg pubkey`."""
+    from awg_split_tunnel.provider.wireguard.keys import public_key
+
+    text = sys.stdin.read().strip()
+    try:
+        typer.echo(public_key(text))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 def main() -> None:

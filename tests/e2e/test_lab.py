@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import struct
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,43 +82,61 @@ def test_peer_addresses_print_as_users_expect_them() -> None:
     assert format_peer("2001:2::1", 80) == ("2001:2::1", "[2001:2::1]:80")
 
 
-async def _loopback_exchange(requests: list[bytes], port: int = 0) -> list[bytes]:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    server = asyncio.create_task(serve(port, 0, v4="127.0.0.1", v6=None))
-    try:
-        for _ in range(100):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+@pytest.fixture(scope="module")
+def loopback_echo() -> Iterator[int]:
+    """The echo server on 127.0.0.1 in a background thread (no root needed); yields its HTTP port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(serve(port, 0, v4="127.0.0.1", v6=None))
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
                 break
-            except OSError:
-                await asyncio.sleep(0.02)
-        answers = []
+        time.sleep(0.02)
+    yield port
+    loop.call_soon_threadsafe(task.cancel)
+    thread.join(5)
+    loop.close()
+
+
+def _exchange(port: int, requests: list[bytes]) -> list[bytes]:
+    """Send requests one after another on one connection; return each full response."""
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        stream = sock.makefile("rb")
         for request in requests:
-            writer.write(request)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
+            sock.sendall(request)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = stream.readline()
+                if not line:
+                    raise ConnectionError("server closed the connection")
+                head += line
             length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-            answers.append(head + await reader.readexactly(length))
-        writer.close()
-        return answers
-    finally:
-        server.cancel()
+            answers.append(head + stream.read(length))
+    return answers
 
 
-def test_echo_server_answers_keepalive_requests_on_loopback() -> None:
+def test_echo_server_answers_keepalive_requests(loopback_echo: int) -> None:
     chunked = b"POST /sha256 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-    answers = asyncio.run(
-        _loopback_exchange(
-            [
-                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-                b"POST /sha256 HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde",
-                chunked,
-                b"GET /bytes/1000 HTTP/1.1\r\n\r\n",
-            ]
-        )
+    answers = _exchange(
+        loopback_echo,
+        [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /sha256 HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcde",
+            chunked,
+            b"GET /bytes/1000 HTTP/1.1\r\n\r\n",
+        ],
     )
     assert answers[0].split(b"\r\n\r\n")[1].startswith(b"127.0.0.1\n127.0.0.1:")
     digest = hashlib.sha256(b"abcde").hexdigest().encode()
@@ -124,9 +145,20 @@ def test_echo_server_answers_keepalive_requests_on_loopback() -> None:
     assert answers[3].split(b"\r\n\r\n", 1)[1] == pattern_bytes(1000)
 
 
-def test_echo_server_answers_garbage_with_400_and_keeps_serving() -> None:
-    answers = asyncio.run(_loopback_exchange([b"NONSENSE\r\n\r\n"]))
-    assert answers[0].startswith(b"HTTP/1.1 400")
+def test_echo_server_answers_a_bad_request_line_with_400(loopback_echo: int) -> None:
+    assert _exchange(loopback_echo, [b"NONSENSE\r\n\r\n"])[0].startswith(b"HTTP/1.1 400")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=300))
+def test_echo_server_survives_any_garbage(loopback_echo: int, garbage: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", loopback_echo), timeout=5) as sock:
+        sock.sendall(garbage + b"\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionError):
+            while sock.recv(65536):
+                pass
+    assert _exchange(loopback_echo, [b"GET / HTTP/1.1\r\n\r\n"])[0].startswith(b"HTTP/1.1 200")
 
 
 # -- the lab's shape ------------------------------------------------------------------------------------

@@ -180,6 +180,22 @@ def test_udp_direct_and_through_socks5(lab: object, daemon: object) -> None:
     assert tunnelled.seen_ip == "198.18.0.20"
 
 
+def test_tunnelled_app_sends_nothing_to_the_web_server_directly(lab: object, daemon: object) -> None:
+    from awg_split_tunnel.lab import CLIENT
+
+    # Only what leaves for the web server: injected (hairpinned) packets show up on the uplink's tap too,
+    # as inbound packets from the web server's address.
+    web_filter = "(ip src 198.18.0.1 and ip dst 198.18.0.10) or (ip6 src 2001:2::1 and ip6 dst 2001:2::10)"
+    with lab.capture(CLIENT, bpf_filter=web_filter) as tunnelled:  # type: ignore[attr-defined]
+        assert lab.app("app-socks").seen_ip == "198.18.0.20"  # type: ignore[attr-defined]
+        assert lab.app("app-udpsocks", udp=True).seen_ip == "198.18.0.20"  # type: ignore[attr-defined]
+        assert lab.app("app-socks", v6=True).seen_ip == "2001:2::20"  # type: ignore[attr-defined]
+    assert tunnelled.count() == 0, "\n".join(tunnelled.packets())
+    with lab.capture(CLIENT, bpf_filter=web_filter) as direct:  # type: ignore[attr-defined]
+        assert lab.app("app-direct").seen_ip == "198.18.0.1"  # type: ignore[attr-defined]
+    assert direct.count() > 0, "the capture sees direct traffic, so its silence above means something"
+
+
 def test_many_apps_at_once_each_get_their_own_route(lab: object, daemon: object) -> None:
     from awg_split_tunnel.lab import spawn_app
     from awg_split_tunnel.lab.apps import app_client_args

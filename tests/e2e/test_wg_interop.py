@@ -43,19 +43,20 @@ CLIENT_PORT = 51900
 
 @dataclass(slots=True)
 class OurClient:
-    """Our `tun` client process in ns client."""
+    """Our `tun` command in a lab namespace (ns client unless `host` says otherwise)."""
 
     lab: Lab
     ifname: str
     conf: Path
     log: Path
+    host: str = CLIENT
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> OurClient:
         argv = [sys.executable, "-m", "awg_split_tunnel.provider.wireguard.tun_client"]
         argv += [str(self.conf), "--ifname", self.ifname]
         with open(self.log, "ab") as out:
-            self.process = self.lab.spawn(CLIENT, argv, stdout=out, stderr=subprocess.STDOUT)
+            self.process = self.lab.spawn(self.host, argv, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while " up: " not in self.output():
             if self.process.poll() is not None or time.monotonic() > deadline:

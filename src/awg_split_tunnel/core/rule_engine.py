@@ -2,10 +2,10 @@
 
 Rules are tried in order and the first match wins, whatever the pattern kinds. Matching does not scan every
 rule: exact exe names are a hash lookup, directories a walk down a tree of path components, and only the
-wildcard, glob and regex rules are tried one by one — name wildcards and path globs as one combined regex
-each, whose alternatives are in rule order, so the regex engine itself returns the first matching rule.
-The answer is the smallest rule index any of these finds, which keeps first-match semantics exact.
-Results are cached per exe path until the rules change.
+wildcard, glob and regex rules are tried one by one, in rule order — wildcards and globs only when the
+subject contains a fragment of their literal text (``_FragmentIndex``). Each part stops at the best rule
+index found so far, and the answer is the smallest index any of them finds, which keeps first-match
+semantics exact. Results are cached per exe path until the rules change.
 """
 
 from __future__ import annotations
@@ -61,27 +61,60 @@ class _DirectoryNode:
     rule_index: int | None = None
 
 
-@dataclass(slots=True)
-class _CombinedRegex:
-    """Several fullmatch regexes as one alternation; group ``g`` (1-based) is rule ``rule_indexes[g-1]``."""
+FRAGMENT = 3
+"""Length of the text fragments wildcard and glob patterns are indexed by."""
 
-    regex: re.Pattern[str]
-    rule_indexes: list[int]
+_Candidate = tuple[int, re.Pattern[str]]
 
-    @classmethod
-    def build(cls, patterns: list[tuple[int, Pattern]]) -> _CombinedRegex | None:
-        if not patterns:
-            return None
-        # Each pattern's regex has only non-capturing groups, so group numbers are alternative numbers.
-        alternation = "|".join(f"({p.regex.pattern if p.regex else ''})" for _, p in patterns)
-        return cls(re.compile(alternation), [index for index, _ in patterns])
 
-    def first(self, subject: str) -> int | None:
-        found = self.regex.fullmatch(subject)
-        if found is None:
-            return None
-        assert found.lastindex is not None
-        return self.rule_indexes[found.lastindex - 1]
+class _FragmentIndex:
+    """Wildcard or glob patterns, found through a fragment of literal text each of them must contain.
+
+    A pattern can only fullmatch a subject containing every literal run of its text (the parts between
+    ``*`` and ``?``), so each pattern is filed under one ``FRAGMENT``-character piece of those runs — the
+    one shared by the fewest patterns so far — and a lookup tries only the patterns filed under the
+    fragments of its subject. Patterns without such a piece (``*``, ``a?b*``) are tried for every subject.
+    """
+
+    __slots__ = ("by_fragment", "unindexed")
+
+    def __init__(self, patterns: list[tuple[int, Pattern]]) -> None:
+        self.by_fragment: dict[str, list[_Candidate]] = {}
+        self.unindexed: list[_Candidate] = []
+        for index, pattern in patterns:
+            assert pattern.regex is not None
+            fragments = {
+                run[i : i + FRAGMENT]
+                for run in re.split(r"[*?]+", pattern.key)
+                for i in range(len(run) - FRAGMENT + 1)
+            }
+            if not fragments:
+                self.unindexed.append((index, pattern.regex))
+                continue
+            fragment = min(fragments, key=lambda f: (len(self.by_fragment.get(f, ())), f))
+            self.by_fragment.setdefault(fragment, []).append((index, pattern.regex))
+
+    def first(self, subject: str, best: int | None) -> int | None:
+        """The smallest index below ``best`` of a pattern fullmatching ``subject``, else ``best``."""
+        by_fragment = self.by_fragment
+        if by_fragment:
+            fragments = {subject[i : i + FRAGMENT] for i in range(len(subject) - FRAGMENT + 1)}
+            for fragment in fragments:
+                candidates = by_fragment.get(fragment)
+                if candidates is None:
+                    continue
+                for index, regex in candidates:  # in rule order
+                    if best is not None and index >= best:
+                        break
+                    if regex.fullmatch(subject) is not None:
+                        best = index
+                        break
+        for index, regex in self.unindexed:
+            if best is not None and index >= best:
+                break
+            if regex.fullmatch(subject) is not None:
+                return index
+        return best
 
 
 class _RuleIndex:
@@ -112,8 +145,8 @@ class _RuleIndex:
             else:
                 assert pattern.regex is not None
                 self.regexes.append((index, pattern.regex))
-        self.name_wildcards = _CombinedRegex.build(names)
-        self.path_globs = _CombinedRegex.build(globs)
+        self.name_wildcards = _FragmentIndex(names)
+        self.path_globs = _FragmentIndex(globs)
 
     def first_match(self, exe: ExePath) -> int | None:
         """The smallest index of a rule matching ``exe``, or None."""
@@ -129,9 +162,8 @@ class _RuleIndex:
                 # No early exit: a deeper directory may come from an earlier rule.
                 best = _smaller(best, node.rule_index)
 
-        for combined, subject in ((self.name_wildcards, exe.name), (self.path_globs, exe.path)):
-            if combined is not None and (best is None or combined.rule_indexes[0] < best):
-                best = _smaller(best, combined.first(subject))
+        best = self.name_wildcards.first(exe.name, best)
+        best = self.path_globs.first(exe.path, best)
 
         for index, regex in self.regexes:
             if best is not None and index >= best:

@@ -383,8 +383,13 @@ def start_userspace_wireguard(
     routes: Sequence[str] = (),
     awg_params: Mapping[str, str | int] | None = None,
     mtu: int | None = None,
+    log_level: str = "verbose",
 ) -> WireGuardServer:
-    """A userspace WireGuard-family daemon in ``host``, configured with its tool; see the wrappers."""
+    """A userspace WireGuard-family daemon in ``host``, configured with its tool; see the wrappers.
+
+    ``log_level`` (``verbose``, ``error``, ``silent``) goes to the daemon's log in the lab's tmpdir;
+    benchmarks may want ``error``.
+    """
     ifname = ifname or lab.new_ifname("w" if flavour is WIREGUARD_GO else "a")
     if len(ifname) > 15:
         raise ValueError(f"interface name longer than 15 characters: {ifname!r}")
@@ -430,7 +435,7 @@ def start_userspace_wireguard(
         [flavour.daemon, "-f", ifname],
         ready,
         configure=configure,
-        env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"},
+        env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": log_level},
         before_start=before_start,
     )
     server.start()
@@ -452,6 +457,7 @@ def start_wireguard_go(
     host: str = WG,
     routes: Sequence[str] = (),
     mtu: int | None = None,
+    log_level: str = "verbose",
 ) -> WireGuardServer:
     """A wireguard-go peer (in ns wg by default) forwarding tunnel traffic to the lab without NAT.
 
@@ -471,6 +477,7 @@ def start_wireguard_go(
         address=address,
         routes=routes,
         mtu=mtu,
+        log_level=log_level,
     )
 
 
@@ -506,6 +513,7 @@ def start_amneziawg_go(
     host: str = WG,
     routes: Sequence[str] = (),
     mtu: int | None = None,
+    log_level: str = "verbose",
 ) -> WireGuardServer:
     """The reference amneziawg-go peer, like :func:`start_wireguard_go` plus AmneziaWG parameters.
 
@@ -528,6 +536,7 @@ def start_amneziawg_go(
         routes=routes,
         awg_params=awg_params,
         mtu=mtu,
+        log_level=log_level,
     )
 
 

@@ -21,8 +21,10 @@ SERVER = "198.18.0.30:3128"
 OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-def client(host: str = "198.18.0.10", port: int = 443, **creds: str) -> HttpConnectClient:
-    return HttpConnectClient(SERVER, host, port, **creds)
+def client(
+    host: str = "198.18.0.10", port: int = 443, username: str | None = None, password: str | None = None
+) -> HttpConnectClient:
+    return HttpConnectClient(SERVER, host, port, username=username, password=password)
 
 
 def test_request_without_credentials() -> None:

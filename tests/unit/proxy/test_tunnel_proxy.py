@@ -36,11 +36,13 @@ async def server(handler: Handler) -> tuple[asyncio.Server, Address]:
     return srv, srv.sockets[0].getsockname()[:2]
 
 
-async def app_connect(proxy: TunnelProxy, nat: FakeNat, dst: Address, **entry: object) -> StreamPair:
+async def app_connect(
+    proxy: TunnelProxy, nat: FakeNat, dst: Address, pid: int | None = None, exe: str | None = None
+) -> StreamPair:
     """Connect like a redirected app: the NAT entry is keyed by the app socket's address."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    nat.entries[("tcp", *sock.getsockname())] = NatEntry(dst[0], dst[1], **entry)  # type: ignore[arg-type]
+    nat.entries[("tcp", *sock.getsockname())] = NatEntry(dst[0], dst[1], pid, exe)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, proxy.tcp_address)
     return await asyncio.open_connection(sock=sock)
@@ -237,7 +239,8 @@ async def test_udp_is_relayed_and_replies_come_back_to_the_app(proxy: TunnelProx
     app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     app.bind(("127.0.0.1", 0))
     app.setblocking(False)
-    nat.entries[("udp", *app.getsockname())] = NatEntry(*echo.getsockname(), pid=7, exe="app-udp")
+    echo_ip, echo_port = echo.getsockname()
+    nat.entries[("udp", *app.getsockname())] = NatEntry(echo_ip, echo_port, pid=7, exe="app-udp")
     udp_address = proxy.udp_address
     assert udp_address is not None
     try:

@@ -119,7 +119,7 @@ class HttpProxyProvider(StreamProvider):
         if isinstance(exc, asyncio.LimitOverrunError | ValueError):
             return TunnelError(f"HTTP proxy {self.label} sent an oversized header line")
         if isinstance(exc, OSError):
-            return TunnelError(f"HTTP proxy {self.label}: {describe_os_error(exc)}")
+            return TunnelError(f"HTTP proxy {self.label}: {describe_os_error(exc)} before answering")
         return exc
 
 

@@ -186,7 +186,7 @@ class Socks5Provider(StreamProvider):
         if isinstance(exc, asyncio.IncompleteReadError):
             return TunnelError(f"SOCKS5 server {self.label} closed the connection during negotiation")
         if isinstance(exc, OSError):
-            return TunnelError(f"SOCKS5 server {self.label}: {describe_os_error(exc)}")
+            return TunnelError(f"SOCKS5 server {self.label}: {describe_os_error(exc)} during negotiation")
         return exc
 
 

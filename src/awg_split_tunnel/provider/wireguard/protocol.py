@@ -166,6 +166,7 @@ class WireGuardProtocol:
         self.identity = StaticIdentity.from_private(private_key)
         self.envelope: Envelope = envelope if envelope is not None else PlainEnvelope()
         self.settings = timers if timers is not None else TimerSettings()
+        self._reject_after = self.settings.reject_after  # read per packet: keep it a plain float
         self.mtu = mtu
         self.rng: Rng = rng if rng is not None else random.SystemRandom()
         self.new_ephemeral = new_ephemeral
@@ -253,7 +254,7 @@ class WireGuardProtocol:
             not peer.staged
             and keypair is not None
             and keypair.send_counter < REJECT_AFTER_MESSAGES
-            and now - keypair.created < self.settings.reject_after
+            and now - keypair.created < self._reject_after
             and peer.endpoint is not None
         ):
             self._send_transport(peer, keypair, ip_packet, now)
@@ -280,7 +281,7 @@ class WireGuardProtocol:
         if (
             keypair is None
             or keypair.send_counter >= REJECT_AFTER_MESSAGES
-            or now - keypair.created >= self.settings.reject_after
+            or now - keypair.created >= self._reject_after
         ):
             self._send_initiation(peer, now, is_retry=False)
             return
@@ -315,10 +316,12 @@ class WireGuardProtocol:
         return True
 
     def _after_transport_sent(self, peer: Peer, keypair: Keypair, data_sent: bool, now: float) -> None:
-        self._authenticated_packet_traversal(peer, now)
-        peer.timers.send_keepalive = None  # any authenticated packet sent
-        if data_sent and peer.timers.new_handshake is None:
-            peer.timers.new_handshake = now + self.settings.new_handshake_delay(self.rng)
+        timers = peer.timers
+        if peer.persistent_keepalive is not None:
+            self._authenticated_packet_traversal(peer, now)
+        timers.send_keepalive = None  # any authenticated packet sent
+        if data_sent and timers.new_handshake is None:
+            timers.new_handshake = now + self.settings.new_handshake_delay(self.rng)
         # keep the key fresh (sending side)
         if keypair.send_counter > REKEY_AFTER_MESSAGES or (
             keypair.is_initiator and now - keypair.created > self.settings.rekey_after_time.pick(self.rng)
@@ -405,7 +408,7 @@ class WireGuardProtocol:
             self.dropped[DropReason.UNKNOWN_INDEX] += 1
             return []
         peer = entry[0]
-        if now - keypair.created >= self.settings.reject_after:
+        if now - keypair.created >= self._reject_after:
             self.dropped[DropReason.EXPIRED_KEYPAIR] += 1
             return []
         plaintext = keypair.open(message)
@@ -416,7 +419,8 @@ class WireGuardProtocol:
             self.dropped[DropReason.REPLAY] += 1
             return []
         events: list[WireGuardEvent] = []
-        self._update_endpoint(peer, source, events)
+        if peer.endpoint != source:
+            self._update_endpoint(peer, source, events)
         envelope = self.envelope
         envelope.note_received(peer.window, len(plaintext))
         dropped = peer.keypairs.received_with(keypair)
@@ -425,9 +429,11 @@ class WireGuardProtocol:
                 self._free_index(old.local_index, old)
             self._handshake_complete(peer, now, events)
             self._send_staged_if_any(peer, now)
-        self._keep_key_fresh_receiving(peer, now)
-        self._authenticated_packet_traversal(peer, now)
         timers = peer.timers
+        if not timers.sent_last_minute_handshake:
+            self._keep_key_fresh_receiving(peer, now)
+        if peer.persistent_keepalive is not None:
+            self._authenticated_packet_traversal(peer, now)
         timers.new_handshake = None  # any authenticated packet received
         stats = peer.stats
         stats.rx_bytes += size
@@ -564,7 +570,7 @@ class WireGuardProtocol:
         for old in peer.keypairs.install(keypair):
             self._free_index(old.local_index, old)
         # session derived: erase keys if nothing renews them
-        peer.timers.zero_key_material = now + 3 * self.settings.reject_after
+        peer.timers.zero_key_material = now + 3 * self._reject_after
 
     def _handshake_complete(self, peer: Peer, now: float, events: list[WireGuardEvent]) -> None:
         timers = peer.timers
@@ -674,7 +680,7 @@ class WireGuardProtocol:
             timers.send_keepalive = None
             peer.staged.clear()
             if timers.zero_key_material is None:
-                timers.zero_key_material = now + 3 * self.settings.reject_after
+                timers.zero_key_material = now + 3 * self._reject_after
             events.append(PeerUnreachable(peer.public_key))
             return
         timers.handshake_attempts += 1
