@@ -54,3 +54,25 @@ def namespace_pair() -> Iterator[Pair]:
         for ns in (pair.client, pair.server):
             subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def inside(pair: Pair, ns: str, script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``script --inside ARGS`` in namespace ``ns`` (via nsenter) and return its output."""
+    return subprocess.run(
+        pair.nsenter(ns, sys.executable, script, "--inside", *args),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def serve_tcp(pair: Pair, port: int) -> subprocess.Popen[bytes]:
+    """A TCP server in ns server on ``port`` that accepts and closes; kill it when done."""
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+        f"s.bind(('::', {port})); s.listen(128)\n"
+        "while True:\n    c, _ = s.accept(); c.close()\n"
+    )
+    return subprocess.Popen(pair.nsenter(pair.server, sys.executable, "-c", code))

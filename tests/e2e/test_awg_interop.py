@@ -18,7 +18,15 @@ from test_wg_interop import OurClient, udp_echo
 
 from awg_split_tunnel.lab import Lab
 from awg_split_tunnel.lab.servers import WireGuardPeer, generate_keypair, start_amneziawg_go
-from awg_split_tunnel.lab.topology import CLIENT_IP, TUNNEL_CLIENT_IP, TUNNEL_SERVER_IP, WEB_IP, WG, WG_IP
+from awg_split_tunnel.lab.topology import (
+    CLIENT,
+    CLIENT_IP,
+    TUNNEL_CLIENT_IP,
+    TUNNEL_SERVER_IP,
+    WEB_IP,
+    WG,
+    WG_IP,
+)
 from awg_split_tunnel.provider.amneziawg.envelope import header_keystream
 from awg_split_tunnel.provider.wireguard.value_range import Range
 
@@ -148,6 +156,10 @@ def our_client(lab: Lab, params: dict[str, str], server_public: str, name: str) 
 def test_our_initiator_and_responder_match_the_documented_wire_format(web_lab: Lab, generation: str) -> None:
     params = PARAMETER_SETS[generation]
     wire = WireSet.of(params)
+    # The device sends same-size runs as one UDP GSO write; a veth passes such a super-datagram on whole,
+    # so tcpdump would see it unsegmented. Segmenting in software on our side shows datagrams as on a NIC.
+    web_lab.run(CLIENT, ["ethtool", "-K", "eth0", "tx-udp-segmentation", "off"], check=True)
+    web_lab.run(WG, ["ethtool", "-K", "eth0", "tx-udp-segmentation", "off"], check=True)
     server_private, server_public = generate_keypair()
     client, client_public = our_client(web_lab, params, server_public, f"init-{generation}")
     server_conf = web_lab.tmpdir / f"resp-{generation}.conf"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import struct
@@ -54,6 +55,7 @@ from awg_split_tunnel.lab import (
     start_amneziawg_go,
     start_dante,
     start_internet,
+    start_iperf3,
     start_microsocks,
     start_tinyproxy,
     start_wireguard_go,
@@ -267,6 +269,13 @@ def test_web_server_streams_and_hashes_for_checksum_transfers(web_lab: Lab, tmp_
         CLIENT, ["curl", "-sS", "--data-binary", f"@{upload}", f"http://[{WEB_IP6}]/sha256"], check=True
     )
     assert posted.stdout.strip() == hashlib.sha256(upload.read_bytes()).hexdigest()
+
+
+@needs_root
+def test_iperf3_server_is_ready_for_throughput_runs(lab: Lab) -> None:
+    start_iperf3(lab)
+    done = lab.run(CLIENT, ["iperf3", "-c", WEB_IP, "-t", "1", "-J"], check=True)
+    assert json.loads(done.stdout)["end"]["sum_received"]["bytes"] > 0
 
 
 # -- proxies ---------------------------------------------------------------------------------------------

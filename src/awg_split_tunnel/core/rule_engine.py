@@ -65,15 +65,18 @@ FRAGMENT = 3
 """Length of the text fragments wildcard and glob patterns are indexed by."""
 
 _Candidate = tuple[int, re.Pattern[str]]
+# What separates the literal runs of a glob; ``**/`` matches zero directories, so its ``/`` is optional.
+_WILDCARDS = re.compile(r"\*\*/|[*?]+")
 
 
 class _FragmentIndex:
     """Wildcard or glob patterns, found through a fragment of literal text each of them must contain.
 
     A pattern can only fullmatch a subject containing every literal run of its text (the parts between
-    ``*`` and ``?``), so each pattern is filed under one ``FRAGMENT``-character piece of those runs — the
-    one shared by the fewest patterns so far — and a lookup tries only the patterns filed under the
-    fragments of its subject. Patterns without such a piece (``*``, ``a?b*``) are tried for every subject.
+    ``*``, ``?`` and ``**/``), so each pattern is filed under one ``FRAGMENT``-character piece of those
+    runs — the one shared by the fewest patterns so far — and a lookup tries only the patterns filed under
+    the fragments of its subject. Patterns without such a piece (``*``, ``a?b*``) are tried for every
+    subject.
     """
 
     __slots__ = ("by_fragment", "unindexed")
@@ -85,7 +88,7 @@ class _FragmentIndex:
             assert pattern.regex is not None
             fragments = {
                 run[i : i + FRAGMENT]
-                for run in re.split(r"[*?]+", pattern.key)
+                for run in _WILDCARDS.split(pattern.key)
                 for i in range(len(run) - FRAGMENT + 1)
             }
             if not fragments:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,8 +84,8 @@ class AmneziaEnvelope:
     `params` must be valid (`AmneziaParams.check()` is called here and raises `ConfigError` otherwise).
     `rng` picks type values, junk sizes, trailer and padding lengths (amneziawg-go uses a
     non-cryptographic PRNG for these); `urandom` supplies the bytes that go on the wire (prefixes, junk,
-    trailers, `<r>`-family tags). `<t>` tags carry Unix seconds: from `unix_clock()` when given, else from
-    the `now` passed to `before_initiation` (which must then be wall-clock time).
+    trailers, `<r>`-family tags). `<t>` tags carry Unix seconds from `unix_clock()`, not the monotonic
+    `now` the core passes in.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class AmneziaEnvelope:
         *,
         rng: random.Random | None = None,
         urandom: Callable[[int], bytes] = os.urandom,
-        unix_clock: Callable[[], float] | None = None,
+        unix_clock: Callable[[], float] = time.time,
     ) -> None:
         params.check()
         self._unix_clock = unix_clock
@@ -135,7 +136,7 @@ class AmneziaEnvelope:
 
     def before_initiation(self, now: float) -> list[bytes]:
         out = []
-        unix_now = self._unix_clock() if self._unix_clock is not None else now
+        unix_now = self._unix_clock() if self._i_packets else 0.0
         for template in self._i_packets:
             out.append(template.generate(unix_now, self._urandom, self._packets_sent))
             self._packets_sent += 1
@@ -236,7 +237,7 @@ def envelope_for(
     *,
     rng: random.Random | None = None,
     urandom: Callable[[int], bytes] = os.urandom,
-    unix_clock: Callable[[], float] | None = None,
+    unix_clock: Callable[[], float] = time.time,
 ) -> Envelope:
     """`PlainEnvelope` when the set is WireGuard on the wire, else an `AmneziaEnvelope` (raises
     `ConfigError` for an invalid set either way)."""
