@@ -1,8 +1,8 @@
 """Fixtures for end-to-end tests in the network-namespace lab.
 
 ``lab`` gives a fresh, started :class:`~awg_split_tunnel.lab.Lab` (closed afterwards, even on failure);
-``web_lab`` the same with the echo web server running. Tests marked ``@needs_root`` (or
-``@pytest.mark.root``) skip with a reason when not run as root.
+``web_lab`` the same with the echo web server running. Tests marked ``@pytest.mark.root`` skip with a
+reason when not run as root; ``needs_root`` below is the equivalent skipif for a test module to copy.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,6 +61,9 @@ from awg_split_tunnel.lab import (
 )
 from awg_split_tunnel.lab.echo_server import format_peer, pattern_bytes, pattern_sha256, serve
 from awg_split_tunnel.lab.netns import OWNER_DIR, list_netns
+
+# Same as conftest.needs_root; defined here so this module imports nothing from conftest.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 # -- the echo server's own logic (no root needed) ------------------------------------------------------
 
@@ -486,7 +488,9 @@ def test_close_removes_namespaces_processes_and_sockets_even_after_failure() -> 
     with pytest.raises(RuntimeError, match="test failure"), Lab() as lab:
         server = start_microsocks(lab)
         wg = start_wireguard_go(lab)
-        pids = [server.pid, wg.server.pid]
+        # A daemon that detached from whoever started it is found through its namespace.
+        detached = lab.run(WEB, ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], check=True)
+        pids = [server.pid, wg.server.pid, int(detached.stdout)]
         raise RuntimeError("test failure")
     assert not [name for name in list_netns() if name.startswith(lab.prefix)]
     for pid in pids:

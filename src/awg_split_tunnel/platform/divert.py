@@ -12,7 +12,8 @@ Backend misbehaviour is handled here, each workaround in one named place with th
 - ``NetworkHandle.send`` EMSGSIZE     — oversize packets on loopback (``oversize_send.py``)
 - ``NetworkHandle.refresh``          — interfaces created after open are not covered (``new_interface.py``)
 - ``PRIORITY_*``                      — two handles with one priority misbehave: every handle gets its own
-- injection uses the capture handle  — a SEND_ONLY handle drops INBOUND injections (``send_only_inbound.py``)
+- injection uses the capture handle  — a SEND_ONLY handle was reported to drop INBOUND injections
+  (``send_only_inbound.py``; not reproduced on kernel 6.18, kept because it costs nothing)
 
 SOCKET-layer quirks (local port 0 in CONNECT, host-wide events) are handled where the events are matched,
 in ``process/lookup.py``.
@@ -112,8 +113,8 @@ def _explain_socket_layer_failure(exc: Exception) -> OSError:
 class NetworkHandle:
     """A NETWORK-layer divert handle used through raw buffers: ``recv_into`` → rewrite → ``send``.
 
-    Packets are sent back on the same handle they came from: a SEND_ONLY handle silently failed to inject
-    INBOUND packets (``scripts/repro/send_only_inbound.py``).
+    Packets are sent back on the same handle they came from: a SEND_ONLY handle was reported to fail
+    silently on INBOUND injection (``scripts/repro/send_only_inbound.py`` checks it; here it worked).
     """
 
     def __init__(self, filter: str, priority: int = PRIORITY_NETWORK) -> None:

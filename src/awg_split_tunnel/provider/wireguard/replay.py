@@ -31,11 +31,10 @@ class ReplayWindow:
         ring = self._ring
         if counter > self._last:
             current = self._last >> _LOG_BLOCK_BITS
-            diff = index_block - current
-            if diff > RING_BLOCKS:
-                diff = RING_BLOCKS  # the whole ring is stale: clear it all
-            for i in range(current + 1, current + diff + 1):
-                ring[i & _BLOCK_MASK] = 0
+            if index_block != current:  # most packets stay in the current block: nothing to clear
+                diff = min(index_block - current, RING_BLOCKS)  # beyond the ring: clear all of it
+                for i in range(current + 1, current + diff + 1):
+                    ring[i & _BLOCK_MASK] = 0
             self._last = counter
         elif self._last - counter > WINDOW_SIZE:
             return False
