@@ -288,5 +288,17 @@ def pubkey() -> None:
         raise _fail(str(exc)) from None
 
 
+@app.command()
+def tun(
+    file: Annotated[Path, typer.Argument(help="A WireGuard/AmneziaWG .conf file.")],
+    ifname: Annotated[str, typer.Option("--ifname", help="Interface name to create.")] = "awgst0",
+) -> None:
+    """Linux, root: run the tunnel of FILE.conf as a standalone userspace client on a TUN interface
+    (addresses, MTU and routes for AllowedIPs set up, all removed on Ctrl-C / SIGTERM)."""
+    from awg_split_tunnel.provider.wireguard.tun_client import run_tun_client
+
+    raise typer.Exit(run_tun_client(file, ifname))
+
+
 def main() -> None:
     app()

@@ -254,6 +254,18 @@ def test_running_app_shows_its_own_exe_name(web_lab: Lab) -> None:
 
 
 @needs_root
+def test_app_made_in_another_directory_runs_from_there(web_lab: Lab, tmp_path: Path) -> None:
+    path = make_app(web_lab, "curl-like", tmp_path / "opt" / "tools" / "bin")
+    assert path == tmp_path / "opt" / "tools" / "bin" / "curl-like"
+    process = web_lab.spawn_app("curl-like", delay=0.5)
+    deadline = time.monotonic() + 2
+    while os.readlink(f"/proc/{process.pid}/exe") != str(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.readlink(f"/proc/{process.pid}/exe") == str(path)
+    assert process.communicate(timeout=10)[0].splitlines()[0] == CLIENT_IP
+
+
+@needs_root
 def test_app_reports_an_unreachable_server_with_its_exit_code(web_lab: Lab) -> None:
     result = web_lab.app("app-direct", port=81, timeout=2)
     assert result.returncode == 4 and not result.seen_ip
@@ -483,6 +495,15 @@ def test_capture_counts_only_matching_packets(web_lab: Lab) -> None:
     assert capture.count(f"dst host {SOCKS_IP}") == 0
 
 
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie waiting for init to reap it counts as dead."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
 @needs_root
 def test_close_removes_namespaces_processes_and_sockets_even_after_failure() -> None:
     with pytest.raises(RuntimeError, match="test failure"), Lab() as lab:
@@ -494,7 +515,7 @@ def test_close_removes_namespaces_processes_and_sockets_even_after_failure() -> 
         raise RuntimeError("test failure")
     assert not [name for name in list_netns() if name.startswith(lab.prefix)]
     for pid in pids:
-        assert pid is not None and not Path(f"/proc/{pid}").exists()
+        assert pid is not None and not _alive(pid)
     assert not Path(f"/var/run/wireguard/{wg.ifname}.sock").exists()
     assert not lab.tmpdir.exists()
     assert not (OWNER_DIR / f"{lab.prefix}.owner").exists()

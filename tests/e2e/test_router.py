@@ -196,6 +196,28 @@ def test_tunnelled_app_sends_nothing_to_the_web_server_directly(lab: object, dae
     assert direct.count() > 0, "the capture sees direct traffic, so its silence above means something"
 
 
+BIG_DATAGRAM = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_PMTUDISC_DONT: let the kernel fragment it
+s.sendto(b"x" * 4000, (sys.argv[1], 7))
+"""
+
+
+def test_fragments_of_a_tunnelled_datagram_never_leave_directly(lab: object, daemon: object) -> None:
+    from awg_split_tunnel.lab import CLIENT, WEB_IP, make_app
+
+    fragments = "ip src 198.18.0.1 and ip dst 198.18.0.10 and (ip[6:2] & 0x3fff != 0)"
+    counts = {}
+    for name in ("app-udpsocks", "app-direct"):
+        with lab.capture(CLIENT, bpf_filter=fragments) as capture:  # type: ignore[attr-defined]
+            done = lab.run(CLIENT, [make_app(lab, name), "-c", BIG_DATAGRAM, WEB_IP])  # type: ignore[attr-defined,arg-type]
+            assert done.returncode == 0, done.stderr
+            time.sleep(0.3)
+        counts[name] = capture.count()
+    assert counts == {"app-udpsocks": 0, "app-direct": 3}
+
+
 def test_many_apps_at_once_each_get_their_own_route(lab: object, daemon: object) -> None:
     from awg_split_tunnel.lab import spawn_app
     from awg_split_tunnel.lab.apps import app_client_args

@@ -139,7 +139,7 @@ def run(body: Callable[[], Awaitable[object]]) -> None:
     asyncio.run(main())
 
 
-async def echo_server(banner: bytes = b"") -> tuple[asyncio.Server, Address]:
+async def echo_server(banner: bytes = b"", host: str = LOOPBACK) -> tuple[asyncio.Server, Address]:
     """TCP server on loopback: sends ``banner`` at once (server-first protocols), then echoes."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -150,14 +150,17 @@ async def echo_server(banner: bytes = b"") -> tuple[asyncio.Server, Address]:
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, LOOPBACK, 0)
+    server = await asyncio.start_server(handle, host, 0)
     return server, server.sockets[0].getsockname()[:2]
 
 
-async def assert_tcp_through(provider: StreamProvider, banner: bytes = b"") -> None:
-    server, dst = await echo_server(banner)
+async def assert_tcp_through(
+    provider: StreamProvider, banner: bytes = b"", host: str = LOOPBACK, name: str | None = None
+) -> None:
+    """Echo through the tunnel; ``name`` (resolved by the server) replaces the IP in the request."""
+    server, dst = await echo_server(banner, host)
     async with server:
-        reader, writer = await provider.open_tcp(*dst)
+        reader, writer = await provider.open_tcp(name or dst[0], dst[1])
         if banner:
             assert await asyncio.wait_for(reader.readexactly(len(banner)), 5) == banner
         payload = os.urandom(300_000)
@@ -180,6 +183,16 @@ def test_microsocks_connect_with_username_password(servers: list[ServerProcess])
     run(
         lambda: assert_tcp_through(Socks5Provider(LOOPBACK, server.port, username="alice", password="s3cret"))
     )
+
+
+def test_microsocks_connect_to_ipv6_and_named_destinations(servers: list[ServerProcess]) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    server = microsocks(servers)
+    provider = Socks5Provider(LOOPBACK, server.port)
+    run(lambda: assert_tcp_through(provider, host="::1"))  # ATYP 4
+    # ATYP 3: "localhost" is resolved by the server from its hosts file, never by DNS.
+    run(lambda: assert_tcp_through(provider, name="localhost"))
 
 
 def test_microsocks_wrong_password_is_a_clear_error(servers: list[ServerProcess]) -> None:
@@ -269,6 +282,51 @@ def test_socks5_tunnel_proxy_end_to_end(servers: list[ServerProcess]) -> None:
             assert proxy.counters.tcp_flows == 1 and proxy.counters.bytes_down == 4000
         finally:
             await proxy.stop()
+
+    run(body)
+
+
+def test_udp_through_tunnel_proxy_and_dante(servers: list[ServerProcess], tmp_path: Path) -> None:
+    """An app's datagrams go app -> TunnelProxy -> dante (UDP ASSOCIATE) -> destination and back."""
+    server = dante(servers, tmp_path)
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        echo.bind((LOOPBACK, 0))
+        echo.setblocking(False)
+
+        async def serve() -> None:
+            while True:
+                data, addr = await loop.sock_recvfrom(echo, 65535)
+                await loop.sock_sendto(echo, data[::-1], addr)
+
+        task = loop.create_task(serve())
+        app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        app.bind((LOOPBACK, 0))
+        app.setblocking(False)
+        echo_ip, echo_port = echo.getsockname()
+        entry = NatEntry(echo_ip, echo_port, pid=2, exe="app-socks")
+        proxy = TunnelProxy(
+            "office",
+            Socks5Provider(LOOPBACK, server.port),
+            lambda proto, ip, port: entry if (proto, ip, port) == ("udp", *app.getsockname()) else None,
+        )
+        await proxy.start()
+        try:
+            udp_address = proxy.udp_address
+            assert udp_address is not None
+            for i in range(5):
+                await loop.sock_sendto(app, b"datagram-%d" % i, udp_address)
+                data, _ = await asyncio.wait_for(loop.sock_recvfrom(app, 2048), 5)
+                assert data == (b"datagram-%d" % i)[::-1]
+            assert proxy.counters.udp_associations == 1
+            assert proxy.counters.datagrams_up == 5 and proxy.counters.datagrams_down == 5
+        finally:
+            await proxy.stop()
+            task.cancel()
+            app.close()
+            echo.close()
 
     run(body)
 
@@ -451,5 +509,58 @@ def test_health_reports_wrong_credentials_as_down(servers: list[ServerProcess]) 
             await monitor.stop()
         assert reports[0][0] is TunnelState.DOWN
         assert "rejected the username/password" in reports[0][1]
+
+    run(body)
+
+
+def test_health_probes_at_once_after_a_flow_failed() -> None:
+    """A failed flow wakes the monitor: a server that died between periodic probes is noticed now."""
+
+    async def body() -> None:
+        server, port = await fake_server(b"\x05\x00")  # answers the greeting, like a SOCKS5 server
+        provider = Socks5Provider(LOOPBACK, port)
+        reports: list[TunnelState] = []
+        monitor = HealthMonitor(
+            "office", provider, lambda _id, state, _why: reports.append(state), interval_up=30.0
+        )
+        monitor.start()
+        try:
+            async with asyncio.timeout(5):
+                while reports != [TunnelState.UP]:
+                    await asyncio.sleep(0.02)
+            probes = monitor.probes
+            monitor.flow_failed(TunnelError("flow failed"))
+            async with asyncio.timeout(2):
+                while monitor.probes == probes:
+                    await asyncio.sleep(0.02)
+            assert reports == [TunnelState.UP]  # still answering: stays UP
+        finally:
+            await monitor.stop()
+            server.close()
+
+    run(body)
+
+
+def test_health_hung_server_goes_down_by_timeout() -> None:
+    """A server that accepts TCP but never answers the greeting is DOWN, with the reason."""
+
+    async def body() -> None:
+        server, port = await fake_server(b"")
+        reports: list[tuple[TunnelState, str]] = []
+        monitor = HealthMonitor(
+            "office", Socks5Provider(LOOPBACK, port), lambda _id, state, why: reports.append((state, why))
+        )
+        started = time.monotonic()
+        monitor.start()
+        try:
+            async with asyncio.timeout(5):
+                while not reports:
+                    await asyncio.sleep(0.02)
+        finally:
+            await monitor.stop()
+            server.close()
+        assert reports[0][0] is TunnelState.DOWN
+        assert "did not complete a handshake" in reports[0][1]
+        assert time.monotonic() - started < 2.5
 
     run(body)

@@ -59,9 +59,11 @@ MAX_HELD_PACKETS = 16
 MAX_HELD_FLOWS = 1024
 EXPIRE_INTERVAL = 1.0
 
-ROUTER_FILTER = "outbound and !loopback and (tcp or udp)"
-"""What the NETWORK handle diverts: every outbound TCP/UDP packet not on loopback; the rest is decided
-in Python (the backend's filter language has no CIDR masks and slow interface filters)."""
+ROUTER_FILTER = "outbound and !loopback and (tcp or udp or ip.FragOff > 0 or ipv6.NextHdr == 44)"
+"""What the NETWORK handle diverts: every outbound TCP/UDP packet not on loopback, and every later IP
+fragment — those carry no transport header, so ``udp`` alone lets them escape undiverted
+(``scripts/repro/fragments_escape.py``). The rest is decided in Python: the backend's filter language has
+no CIDR masks, and interface filters were slow."""
 
 
 class Verdict(enum.IntEnum):

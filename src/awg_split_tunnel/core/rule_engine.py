@@ -3,7 +3,7 @@
 Rules are tried in order and the first match wins, whatever the pattern kinds. Matching does not scan every
 rule: exact exe names are a hash lookup, directories a walk down a tree of path components, and only the
 wildcard, glob and regex rules are tried one by one, in rule order — wildcards and globs only when the
-subject contains a fragment of their literal text (``_FragmentIndex``). Each part stops at the best rule
+subject contains a fragment of their literal text (``_LiteralIndex``). Each part stops at the best rule
 index found so far, and the answer is the smallest index any of them finds, which keeps first-match
 semantics exact. Results are cached per exe path until the rules change.
 """
@@ -11,6 +11,7 @@ semantics exact. Results are cached per exe path until the rules change.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,55 +70,86 @@ _Candidate = tuple[int, re.Pattern[str]]
 _WILDCARDS = re.compile(r"\*\*/|[*?]+")
 
 
-class _FragmentIndex:
-    """Wildcard or glob patterns, found through a fragment of literal text each of them must contain.
+class _LiteralIndex:
+    """Wildcard or glob patterns, found through a piece of literal text each of them must contain.
 
-    A pattern can only fullmatch a subject containing every literal run of its text (the parts between
-    ``*``, ``?`` and ``**/``), so each pattern is filed under one ``FRAGMENT``-character piece of those
-    runs — the one shared by the fewest patterns so far — and a lookup tries only the patterns filed under
-    the fragments of its subject. Patterns without such a piece (``*``, ``a?b*``) are tried for every
-    subject.
+    A pattern can only fullmatch a subject that contains every literal run of its text (the parts between
+    ``*``, ``?`` and ``**/``), and a path glob only a path that has each of its literal directory
+    components (``/opt/*/bin/x``: ``opt`` and ``bin``) as a whole component. So each pattern is filed
+    under one such component, or else one ``FRAGMENT``-character piece of a literal run — whichever the
+    fewest patterns share — and a lookup tries only the patterns filed under the components or fragments
+    of its subject. Patterns with neither (``*``, ``a?b*``) are tried for every subject.
     """
 
-    __slots__ = ("by_fragment", "unindexed")
+    __slots__ = ("by_component", "by_fragment", "unindexed")
 
-    def __init__(self, patterns: list[tuple[int, Pattern]]) -> None:
+    def __init__(self, patterns: list[tuple[int, Pattern]], *, by_component: bool) -> None:
+        self.by_component: dict[str, list[_Candidate]] = {}
         self.by_fragment: dict[str, list[_Candidate]] = {}
         self.unindexed: list[_Candidate] = []
-        for index, pattern in patterns:
+        keys_of = [(index, pattern, _index_keys(pattern.key, by_component)) for index, pattern in patterns]
+        # Text most patterns share (a common directory, say) would bring them all up for most subjects.
+        shared_by = Counter(key for _, _, keys in keys_of for key in keys)
+        for index, pattern, keys in keys_of:
             assert pattern.regex is not None
-            fragments = {
-                run[i : i + FRAGMENT]
-                for run in _WILDCARDS.split(pattern.key)
-                for i in range(len(run) - FRAGMENT + 1)
-            }
-            if not fragments:
+            if not keys:
                 self.unindexed.append((index, pattern.regex))
                 continue
-            fragment = min(fragments, key=lambda f: (len(self.by_fragment.get(f, ())), f))
-            self.by_fragment.setdefault(fragment, []).append((index, pattern.regex))
+            table, text = min(keys, key=lambda k: (shared_by[k], len(self._table(k).get(k[1], ())), k))
+            self._table((table, text)).setdefault(text, []).append((index, pattern.regex))
 
-    def first(self, subject: str, best: int | None) -> int | None:
-        """The smallest index below ``best`` of a pattern fullmatching ``subject``, else ``best``."""
-        by_fragment = self.by_fragment
-        if by_fragment:
-            fragments = {subject[i : i + FRAGMENT] for i in range(len(subject) - FRAGMENT + 1)}
-            for fragment in fragments:
-                candidates = by_fragment.get(fragment)
-                if candidates is None:
-                    continue
-                for index, regex in candidates:  # in rule order
-                    if best is not None and index >= best:
-                        break
-                    if regex.fullmatch(subject) is not None:
-                        best = index
-                        break
+    def _table(self, key: tuple[str, str]) -> dict[str, list[_Candidate]]:
+        return self.by_component if key[0] == "component" else self.by_fragment
+
+    def first(self, subject: str, components: Sequence[str], best: int | None) -> int | None:
+        """The smallest index below ``best`` of a pattern fullmatching ``subject``, else ``best``.
+
+        ``components`` is ``subject.split("/")`` (passed in because the caller has it already).
+        """
+        if self.by_component:
+            best = self._first_in(self.by_component, components, subject, best)
+        if self.by_fragment:
+            fragments = [subject[i : i + FRAGMENT] for i in range(len(subject) - FRAGMENT + 1)]
+            best = self._first_in(self.by_fragment, fragments, subject, best)
         for index, regex in self.unindexed:
             if best is not None and index >= best:
                 break
             if regex.fullmatch(subject) is not None:
                 return index
         return best
+
+    @staticmethod
+    def _first_in(
+        table: dict[str, list[_Candidate]], keys: Sequence[str], subject: str, best: int | None
+    ) -> int | None:
+        for key in keys:
+            candidates = table.get(key)
+            if candidates is None:
+                continue
+            for index, regex in candidates:  # in rule order
+                if best is not None and index >= best:
+                    break
+                if regex.fullmatch(subject) is not None:
+                    best = index
+                    break
+        return best
+
+
+def _index_keys(glob: str, by_component: bool) -> set[tuple[str, str]]:
+    keys = {
+        ("fragment", run[i : i + FRAGMENT])
+        for run in _WILDCARDS.split(glob)
+        for i in range(len(run) - FRAGMENT + 1)
+    }
+    if by_component:
+        # Every component but the last is followed by a ``/`` in any path the glob matches, and preceded
+        # by one or by the start: a literal one is a whole component of the path.
+        keys.update(
+            ("component", component)
+            for component in glob.split("/")[:-1]
+            if component and "*" not in component and "?" not in component
+        )
+    return keys
 
 
 class _RuleIndex:
@@ -148,15 +180,16 @@ class _RuleIndex:
             else:
                 assert pattern.regex is not None
                 self.regexes.append((index, pattern.regex))
-        self.name_wildcards = _FragmentIndex(names)
-        self.path_globs = _FragmentIndex(globs)
+        self.name_wildcards = _LiteralIndex(names, by_component=False)
+        self.path_globs = _LiteralIndex(globs, by_component=True)
 
     def first_match(self, exe: ExePath) -> int | None:
         """The smallest index of a rule matching ``exe``, or None."""
         best = self.exact_names.get(exe.bare_name)
 
         node = self.directories
-        for component in exe.path.split("/")[:-1]:
+        components = exe.path.split("/")
+        for component in components[:-1]:
             child = node.children.get(component)
             if child is None:
                 break
@@ -165,8 +198,8 @@ class _RuleIndex:
                 # No early exit: a deeper directory may come from an earlier rule.
                 best = _smaller(best, node.rule_index)
 
-        best = self.name_wildcards.first(exe.name, best)
-        best = self.path_globs.first(exe.path, best)
+        best = self.name_wildcards.first(exe.name, (), best)
+        best = self.path_globs.first(exe.path, components, best)
 
         for index, regex in self.regexes:
             if best is not None and index >= best:

@@ -47,28 +47,32 @@ def make_app(lab: Lab, name: str, directory: Path | None = None) -> Path:
     folder = directory or lab.tmpdir / "apps"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    if path.exists():
-        return path
+    if not path.exists():
+        _install_interpreter(path)
+    lab.apps[name] = path
+    return path
+
+
+def _install_interpreter(path: Path) -> None:
     source = _interpreter()
     shutil.copy2(source, path)
     if _works(path):
-        return path
+        return
     path.unlink()
     try:
         os.link(source, path)
     except OSError as exc:
         raise LabError(
-            f"cannot make test app {name}: copy of {source} does not run, link failed: {exc}"
+            f"cannot make test app {path.name}: copy of {source} does not run, link failed: {exc}"
         ) from exc
     if not _works(path):
         path.unlink()
-        raise LabError(f"cannot make test app {name}: neither a copy nor a link of {source} runs")
-    return path
+        raise LabError(f"cannot make test app {path.name}: neither a copy nor a link of {source} runs")
 
 
 def app_path(lab: Lab, name: str) -> Path:
-    """Path of test app ``name``, created on first use."""
-    return make_app(lab, name)
+    """Path of test app ``name``: the one :func:`make_app` made, else a new one in the lab's apps dir."""
+    return lab.apps.get(name) or make_app(lab, name)
 
 
 def app_argv(lab: Lab, name: str, args: Sequence[str] = ()) -> list[str]:

@@ -154,6 +154,8 @@ class Lab:
         self._namespaces: list[str] = []
         self._ifname_counter = 0
         self._capture_counter = 0
+        # Test apps made so far, by name (see apps.make_app).
+        self.apps: dict[str, Path] = {}
         self._started = False
         self._closed = False
 

@@ -35,6 +35,8 @@ RELAY_CHUNK = 256 * 1024
 """Bytes asked of the kernel per read; also the write-buffer high-water mark that pauses the reader."""
 
 UDP_IDLE_TIMEOUT = 60.0
+UDP_RETRY_AFTER = 1.0
+"""After a failed open, an app address's datagrams are dropped this long before the tunnel is tried again."""
 UDP_PENDING_LIMIT = 64
 """Datagrams held per association while it is being opened through the tunnel."""
 
@@ -107,6 +109,7 @@ class UdpAssociation:
     bytes_up: int = 0
     bytes_down: int = 0
     dropped: int = 0
+    failed_until: float = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -326,6 +329,12 @@ class TunnelProxy:
         peer = (normalize_ip(addr[0]), addr[1])
         loop = asyncio.get_running_loop()
         assoc = self._associations.get(peer)
+        if assoc is not None and assoc.failed_until:
+            if loop.time() < assoc.failed_until:
+                self.counters.datagrams_dropped += 1
+                return
+            del self._associations[peer]
+            assoc = None
         if assoc is None:
             if not self.provider.supports_udp:
                 self.counters.datagrams_dropped += 1
@@ -374,8 +383,10 @@ class TunnelProxy:
         except Exception as exc:
             self.counters.udp_failed += 1
             self.counters.datagrams_dropped += len(assoc.pending)
+            assoc.pending.clear()
+            # Remember the failure for a moment: a UDP burst must not become a burst of tunnel handshakes.
+            assoc.failed_until = asyncio.get_running_loop().time() + UDP_RETRY_AFTER
             self._flow_failed("UDP", assoc.dst, assoc.exe, exc)
-            self._associations.pop(assoc.peer, None)
             return
         if self._associations.get(assoc.peer) is not assoc:  # ended while opening
             channel.close()

@@ -11,7 +11,7 @@ import pytest
 
 from awg_split_tunnel.errors import TunnelError
 from awg_split_tunnel.provider.direct import DirectProvider
-from awg_split_tunnel.provider.interface import Address, StreamPair, StreamProvider
+from awg_split_tunnel.provider.interface import Address, StreamPair, StreamProvider, UdpChannel
 from awg_split_tunnel.proxy.tunnel_proxy import NatEntry, Protocol, TunnelProxy
 
 pytestmark = pytest.mark.timeout(30)
@@ -310,3 +310,116 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+class FakeUdpChannel(UdpChannel):
+    """An in-memory association: what the app sent, and replies the test injects."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Address]] = []
+        self.replies: asyncio.Queue[tuple[bytes, Address] | None] = asyncio.Queue()
+        self._closed = False
+
+    def send_to(self, data: bytes, dst: Address) -> None:
+        self.sent.append((data, dst))
+
+    async def recv(self) -> tuple[bytes, Address]:
+        item = await self.replies.get()
+        if item is None or self._closed:
+            raise TunnelError("fake association closed")
+        return item
+
+    def close(self) -> None:
+        self._closed = True
+        self.replies.put_nowait(None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class FakeUdpProvider(DirectProvider):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.opened: list[FakeUdpChannel] = []
+
+    async def open_udp(self) -> UdpChannel:
+        if self.fail:
+            raise TunnelError("SOCKS5 server 198.18.0.20:1080 is unreachable: Connection refused")
+        channel = FakeUdpChannel()
+        self.opened.append(channel)
+        return channel
+
+
+def udp_app(nat: FakeNat, dst: Address) -> socket.socket:
+    app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    app.bind(("127.0.0.1", 0))
+    app.setblocking(False)
+    nat.entries[("udp", *app.getsockname())] = NatEntry(dst[0], dst[1])
+    return app
+
+
+@in_loop
+async def test_udp_replies_from_another_source_are_dropped() -> None:
+    nat = FakeNat()
+    provider = FakeUdpProvider()
+    p = TunnelProxy("office", provider, nat)
+    await p.start()
+    app = udp_app(nat, ("198.18.0.10", 53))
+    loop = asyncio.get_running_loop()
+    try:
+        udp_address = p.udp_address
+        assert udp_address is not None
+        await loop.sock_sendto(app, b"query", udp_address)
+        await _until(lambda: bool(provider.opened) and bool(provider.opened[0].sent))
+        channel = provider.opened[0]
+        assert channel.sent == [(b"query", ("198.18.0.10", 53))]
+        channel.replies.put_nowait((b"spoofed", ("198.18.0.66", 53)))
+        channel.replies.put_nowait((b"answer", ("198.18.0.10", 53)))
+        data, _ = await asyncio.wait_for(loop.sock_recvfrom(app, 2048), 5)
+        assert data == b"answer"  # the spoofed one never reached the app
+        assert p.counters.datagrams_dropped == 1 and p.counters.datagrams_down == 1
+    finally:
+        app.close()
+        await p.stop()
+
+
+@in_loop
+async def test_idle_udp_association_is_closed() -> None:
+    nat = FakeNat()
+    provider = FakeUdpProvider()
+    p = TunnelProxy("office", provider, nat, udp_idle_timeout=0.2)
+    await p.start()
+    app = udp_app(nat, ("198.18.0.10", 53))
+    try:
+        udp_address = p.udp_address
+        assert udp_address is not None
+        app.sendto(b"x", udp_address)
+        await _until(lambda: len(p.udp_associations) == 1)
+        await _until(lambda: not p.udp_associations, timeout=3)
+        assert provider.opened[0].closed
+    finally:
+        app.close()
+        await p.stop()
+
+
+@in_loop
+async def test_failed_udp_open_is_not_retried_for_every_datagram() -> None:
+    nat = FakeNat()
+    failures: list[BaseException] = []
+    provider = FakeUdpProvider(fail=True)
+    p = TunnelProxy("office", provider, nat, on_flow_failed=failures.append)
+    await p.start()
+    app = udp_app(nat, ("198.18.0.10", 443))
+    try:
+        udp_address = p.udp_address
+        assert udp_address is not None
+        for _ in range(20):
+            app.sendto(b"quic", udp_address)
+        await _until(lambda: p.counters.datagrams_dropped == 20)
+        assert len(failures) == 1 and p.counters.udp_failed == 1
+        assert "unreachable" in str(failures[0])
+    finally:
+        app.close()
+        await p.stop()

@@ -74,7 +74,10 @@ class HttpProxyProvider(StreamProvider):
                     assert not events or not events[0].leftover
         except BaseException as exc:
             abort_stream(writer)
-            raise self._translate(exc) from exc
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         return reader, writer
 
     async def probe_connection(self) -> StreamPair:
@@ -95,7 +98,10 @@ class HttpProxyProvider(StreamProvider):
                 while not probe.receive(await reader.read(1024) or _eof()):
                     pass
         except BaseException as exc:
-            raise self._translate(exc) from exc
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         finally:
             abort_stream(writer)
 

@@ -149,7 +149,10 @@ class Socks5Provider(StreamProvider):
                         writer.write(out)
         except BaseException as exc:
             abort_stream(writer)
-            raise self._translate(exc) from exc
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         return reader, writer, client
 
     async def _request(
@@ -171,7 +174,10 @@ class Socks5Provider(StreamProvider):
                         if isinstance(event, Established):
                             return event
         except BaseException as exc:
-            raise self._translate(exc) from exc
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
 
     def _translate(self, exc: BaseException) -> BaseException:
         """The error a caller should see for a failed negotiation."""

@@ -56,6 +56,7 @@ SO_RCVBUFFORCE = 33
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65535 - 40 - 8  # one GSO write is one IP datagram before segmentation (IPv6 worst case)
 _SEGMENT_SIZE = struct.Struct("=H")
 
 
@@ -194,13 +195,16 @@ class DatagramSocket:
             size = len(data)
             j = i + 1
             if self.gso:
+                total = size
                 while (
                     j < n
                     and j - i < UDP_MAX_SEGMENTS
                     and datagrams[j][1] == endpoint
                     and len(datagrams[j][0]) <= size
                     and len(datagrams[j - 1][0]) == size
+                    and total + len(datagrams[j][0]) <= GSO_MAX_BYTES
                 ):
+                    total += len(datagrams[j][0])
                     j += 1
             address = self._address(endpoint)
             try:

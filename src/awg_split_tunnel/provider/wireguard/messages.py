@@ -119,14 +119,3 @@ class TransportHeader:
         if len(data) < MIN_TRANSPORT_SIZE:
             return None
         return cls(*_TRANSPORT_HEADER.unpack_from(data))
-
-
-def pack_transport_header_into(buffer: bytearray, type_value: int, receiver: int, counter: int) -> None:
-    """Write a transport header at offset 0 of `buffer` (the hot path builds messages in place)."""
-    _TRANSPORT_HEADER.pack_into(buffer, 0, type_value, receiver, counter)
-
-
-def unpack_transport_header(data: bytes) -> tuple[int, int, int]:
-    """(type_value, receiver, counter) of a transport message at least 16 bytes long."""
-    result: tuple[int, int, int] = _TRANSPORT_HEADER.unpack_from(data)
-    return result

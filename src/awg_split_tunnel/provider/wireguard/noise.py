@@ -8,7 +8,6 @@ timestamp and the time, so a handshake is reproducible byte for byte. Messages c
 from __future__ import annotations
 
 import enum
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -234,7 +233,3 @@ def derive_transport_keys(hs: Handshake) -> TransportKeys:
     keys = TransportKeys(send, receive, hs.local_index, hs.remote_index, is_initiator)
     hs.clear()
     return keys
-
-
-def same_key(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)

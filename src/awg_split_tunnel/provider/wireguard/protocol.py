@@ -635,7 +635,9 @@ class WireGuardProtocol:
             self._load_count = 0
         self._load_count += 1
         if self._load_count >= self.under_load_handshakes:
-            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+            until = now + UNDER_LOAD_AFTER_TIME
+            if self._under_load_until is None or until > self._under_load_until:
+                self._under_load_until = until
         return self._under_load_until is not None and now < self._under_load_until
 
     def _rate_allows(self, host: str, now: float) -> bool:

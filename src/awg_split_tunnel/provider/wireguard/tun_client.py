@@ -258,6 +258,15 @@ async def _run_until_signalled(client: TunClient) -> None:
                     peer.rx_bytes,
                     peer.tx_bytes,
                 )
+            stats = device.stats
+            log.info(
+                "[WG] %s: %d datagrams in, %d out (%d GSO writes); dropped %s",
+                client.ifname,
+                stats.datagrams_in,
+                stats.datagrams_out,
+                stats.gso_sends,
+                device.dropped or "nothing",
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
