@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import select
+import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -46,11 +47,14 @@ from awg_split_tunnel.net.packet import (
     TCP_RST,
     TCP_SYN,
     PacketView,
+    build_packet,
     tcp_reset_for,
 )
 from awg_split_tunnel.process.lookup import ConnectEvents, ExeResolver, os_lookup_pid
 
 log = logging.getLogger("awg_split_tunnel.router")
+
+_U32 = struct.Struct("!I")
 
 HOLD_TIMEOUT = 0.05
 """Seconds a new flow's first packet waits for its connect event before the OS lookup (a few ms usual)."""
@@ -133,6 +137,7 @@ class _HeldFlow:
     dst_port: int
     deadline: float
     packets: list[tuple[bytearray, object]]
+    meta: object = None
 
 
 _LOOPBACK6 = bytes(15) + b"\x01"
@@ -297,8 +302,12 @@ class PacketRouter:
         if verdict is FlowVerdict.TUNNEL:
             if v.fragment:
                 return self._first_fragment(v)
-            if proto == IPPROTO_TCP and buf[l4 + 13] & (TCP_FIN | TCP_RST):
-                self._tcp_closing(entry, buf[l4 + 13], FIN_FROM_APP, now)
+            if proto == IPPROTO_TCP:
+                flags = buf[l4 + 13]
+                if flags & TCP_ACK:
+                    entry.app_ack = _U32.unpack_from(buf, l4 + 8)[0]
+                if flags & (TCP_FIN | TCP_RST):
+                    self._tcp_closing(entry, flags, FIN_FROM_APP, now)
             v.swap_addresses()
             v.set_dst_port(entry.proxy_port)
             return Verdict.INJECT_INBOUND
@@ -384,23 +393,15 @@ class PacketRouter:
         if len(self._held) >= MAX_HELD_FLOWS:
             self.stats.hold_overflow += 1
             return Verdict.DROP
-        held = _HeldFlow(
-            key,
-            proto,
-            v.src_addr,
-            src_port,
-            dst_addr,
-            dst_port,
-            now + self.hold_timeout,
-            [(bytearray(buf[: v.length]), copy_meta())],
-        )
+        meta = copy_meta()
+        held = _HeldFlow(key, proto, v.src_addr, src_port, dst_addr, dst_port, now + self.hold_timeout, [], meta)
         self.stats.new_flows += 1
         pid = self.events.claim(proto, src_port, dst_addr, dst_port, now)
         if pid is not None:
             # The event came first: decide now, and let the caller send this very buffer.
-            held.packets.clear()
             entry = self._decide(held, pid, now)
             return self._apply_first(v, entry, copy_meta)
+        held.packets.append((bytearray(buf[: v.length]), meta))
         self._held[key] = held
         self.stats.held += 1
         return Verdict.HOLD
@@ -458,6 +459,7 @@ class PacketRouter:
             exe=exe,
             created=now,
             last_seen=now,
+            meta=held.meta,
         )
         if decision is not None:
             entry.tunnel_id = decision.tunnel if decision.tunnel not in (DIRECT, DROP) else None
@@ -552,6 +554,21 @@ class PacketRouter:
                     self.table.remove(entry)  # decided while down: the next packet decides afresh
             elif entry.verdict is FlowVerdict.TUNNEL and entry.fail_closed:
                 entry.verdict = FlowVerdict.RESET
+                if entry.proto == IPPROTO_TCP and entry.app_ack >= 0 and entry.meta is not None:
+                    # Reset the app now, not at its next packet: an app waiting for data may never send.
+                    # If data was in flight the app answers with a challenge ACK, which meets RESET.
+                    rst = build_packet(
+                        entry.orig_dst_addr,
+                        entry.app_addr,
+                        IPPROTO_TCP,
+                        entry.orig_dst_port,
+                        entry.app_port,
+                        tcp_flags=TCP_RST,
+                        seq=entry.app_ack,
+                        window=0,
+                    )
+                    self.stats.resets_sent += 1
+                    self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
 
 
 def _proto_number(proto: int | str) -> int:

@@ -233,6 +233,21 @@ def test_tunnel_down_resets_fail_closed_flows_and_leaves_allow_direct_ones() -> 
     assert env.route(allowed) is Verdict.INJECT_INBOUND
 
 
+def test_tunnel_down_resets_a_waiting_app_at_once() -> None:
+    env = Env()
+    env.connect(400)
+    env.route(syn())
+    env.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"GET", tcp_flags=TCP_ACK, seq=78, ack=5000))
+    assert env.router.take_outgoing() == []
+    env.router.tunnel_state_changed("socks", TunnelState.DOWN)
+    env.router.poll(env.now)
+    (rst,) = env.router.take_outgoing()
+    v = view(rst.data)
+    assert rst.inbound and rst.meta == "meta"
+    assert (v.src_addr, v.src_port, v.dst_addr, v.dst_port) == (WEB, 80, APP, 40000)
+    assert v.tcp_flags == TCP_RST and v.tcp_seq == 5000 and v.checksums_valid()
+
+
 def test_udp_through_a_tunnel_without_udp_is_dropped() -> None:
     env = Env()
     env.connect(500, dport=443, proto=IPPROTO_UDP)

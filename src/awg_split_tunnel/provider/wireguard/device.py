@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import ipaddress
 import logging
 import socket
@@ -112,7 +113,7 @@ class DatagramSocket:
         self.sock = sock
         self._dual = sock.family == socket.AF_INET6
         self.port: int = sock.getsockname()[1]
-        self.gso = True
+        self.gso = not os.environ.get("NOGSO")
         self.gso_sends = 0
         self._addr_cache: dict[tuple[Any, ...], Endpoint] = {}
 
