@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -111,6 +111,7 @@ class UdpAssociation:
     dropped: int = 0
     failed_until: float = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _reply_via: asyncio.DatagramTransport | None = field(default=None, repr=False)
 
 
 class TunnelProxy:
@@ -121,7 +122,7 @@ class TunnelProxy:
         tunnel_id: str,
         provider: StreamProvider,
         nat_lookup: NatLookup,
-        listen_host: str = "127.0.0.1",
+        listen_host: str | Sequence[str] = "127.0.0.1",
         *,
         tcp_port: int = 0,
         udp_port: int = 0,
@@ -133,14 +134,15 @@ class TunnelProxy:
         self.provider = provider
         self.counters = TunnelCounters()
         self._nat_lookup = nat_lookup
-        self._listen_host = listen_host
+        # One host per address family the router hairpins to (e.g. an IPv4 and an IPv6 address).
+        self._listen_hosts = [listen_host] if isinstance(listen_host, str) else list(listen_host)
         self._tcp_port = tcp_port
         self._udp_port = udp_port
         self._udp_enabled = udp
         self._on_flow_failed = on_flow_failed
         self._udp_idle_timeout = udp_idle_timeout
         self._server: asyncio.Server | None = None
-        self._udp_transport: asyncio.DatagramTransport | None = None
+        self._udp_transports: list[asyncio.DatagramTransport] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._flows: dict[int, TcpFlow] = {}
         self._associations: dict[Address, UdpAssociation] = {}
@@ -152,15 +154,21 @@ class TunnelProxy:
     async def start(self) -> None:
         """Bind the TCP listener (and the UDP socket when UDP is on)."""
         self._server = await asyncio.start_server(
-            self._serve_tcp, self._listen_host, self._tcp_port, limit=STREAM_LIMIT, backlog=1024
+            self._serve_tcp, self._listen_hosts, self._tcp_port, limit=STREAM_LIMIT, backlog=1024
         )
         if self._udp_enabled:
             loop = asyncio.get_running_loop()
-            self._udp_transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpRelayProtocol(self), local_addr=(self._listen_host, self._udp_port)
-            )
+            for host in self._listen_hosts:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpRelayProtocol(self), local_addr=(host, self._udp_port)
+                )
+                self._udp_transports.append(transport)
             self._sweeper = loop.create_task(self._sweep_idle())
-        log.info("[Proxy] %s listening on %s", self.tunnel_id, format_address(*self.tcp_address))
+        log.info(
+            "[Proxy] %s listening on %s",
+            self.tunnel_id,
+            ", ".join(format_address(*a) for a in self.tcp_addresses),
+        )
 
     async def stop(self) -> None:
         """Stop listening and reset every flow."""
@@ -169,26 +177,35 @@ class TunnelProxy:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.close_all()
-        if self._udp_transport is not None:
-            self._udp_transport.close()
+        for transport in self._udp_transports:
+            transport.close()
+        self._udp_transports = []
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
         await asyncio.sleep(0)
 
     @property
-    def tcp_address(self) -> Address:
+    def tcp_addresses(self) -> list[Address]:
+        """Where the listener is bound, one address per listen host (ports differ when bound to 0)."""
         if self._server is None:
             raise RuntimeError("TunnelProxy not started")
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return (host, port)
+        return [(s.getsockname()[0], s.getsockname()[1]) for s in self._server.sockets]
+
+    @property
+    def tcp_address(self) -> Address:
+        return self.tcp_addresses[0]
+
+    @property
+    def udp_addresses(self) -> list[Address]:
+        return [
+            (t.get_extra_info("sockname")[0], t.get_extra_info("sockname")[1]) for t in self._udp_transports
+        ]
 
     @property
     def udp_address(self) -> Address | None:
-        if self._udp_transport is None:
-            return None
-        host, port = self._udp_transport.get_extra_info("sockname")[:2]
-        return (host, port)
+        addresses = self.udp_addresses
+        return addresses[0] if addresses else None
 
     @property
     def tcp_flows(self) -> list[TcpFlow]:
@@ -324,8 +341,8 @@ class TunnelProxy:
 
     # --- UDP ---------------------------------------------------------------------------------------
 
-    def datagram_from_app(self, data: bytes, addr: Address) -> None:
-        """One datagram from an app (as the router hairpinned it)."""
+    def datagram_from_app(self, data: bytes, addr: Address, transport: asyncio.DatagramTransport) -> None:
+        """One datagram from an app (as the router hairpinned it), received on ``transport``."""
         peer = (normalize_ip(addr[0]), addr[1])
         loop = asyncio.get_running_loop()
         assoc = self._associations.get(peer)
@@ -348,7 +365,13 @@ class TunnelProxy:
                 return
             now = loop.time()
             assoc = UdpAssociation(
-                peer, (entry.orig_dst_ip, entry.orig_dst_port), entry.pid, entry.exe, time.time(), now
+                peer,
+                (entry.orig_dst_ip, entry.orig_dst_port),
+                entry.pid,
+                entry.exe,
+                time.time(),
+                now,
+                _reply_via=transport,
             )
             self._associations[peer] = assoc
             self.counters.udp_associations += 1
@@ -399,7 +422,7 @@ class TunnelProxy:
         try:
             while True:
                 data, src = await channel.recv()
-                if (normalize_ip(src[0]), src[1]) != expected or self._udp_transport is None:
+                if (normalize_ip(src[0]), src[1]) != expected or assoc._reply_via is None:
                     # The hairpin can only present replies as coming from the original destination.
                     assoc.dropped += 1
                     self.counters.datagrams_dropped += 1
@@ -408,7 +431,7 @@ class TunnelProxy:
                 assoc.bytes_down += len(data)
                 self.counters.bytes_down += len(data)
                 self.counters.datagrams_down += 1
-                self._udp_transport.sendto(data, assoc.peer)
+                assoc._reply_via.sendto(data, assoc.peer)
         except TunnelError as exc:
             log.debug("[Proxy] %s: UDP association of %s ended: %s", self.tunnel_id, assoc.peer, exc)
         finally:
@@ -465,9 +488,15 @@ class TunnelProxy:
 class _UdpRelayProtocol(asyncio.DatagramProtocol):
     def __init__(self, proxy: TunnelProxy) -> None:
         self._proxy = proxy
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self._proxy.datagram_from_app(data, (str(addr[0]), addr[1]))
+        if self._transport is not None:
+            self._proxy.datagram_from_app(data, (str(addr[0]), addr[1]), self._transport)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("[Proxy] %s: UDP socket: %s", self._proxy.tunnel_id, exc)

@@ -423,3 +423,28 @@ async def test_failed_udp_open_is_not_retried_for_every_datagram() -> None:
     finally:
         app.close()
         await p.stop()
+
+
+@in_loop
+async def test_listens_on_ipv4_and_ipv6_for_apps_of_either_family() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    nat = FakeNat()
+    p = TunnelProxy("office", DirectProvider(), nat, ["127.0.0.1", "::1"])
+    await p.start()
+    srv, dst = await server(echo_upper)
+    try:
+        v6_listener = next(a for a in p.tcp_addresses if ":" in a[0])
+        sock = socket.socket(socket.AF_INET6)
+        sock.bind(("::1", 0))
+        nat.entries[("tcp", "::1", sock.getsockname()[1])] = NatEntry(dst[0], dst[1])
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, v6_listener)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"six")
+        assert await asyncio.wait_for(reader.readexactly(3), 5) == b"SIX"
+        writer.close()
+        assert len(p.udp_addresses) == 2
+    finally:
+        srv.close()
+        await p.stop()

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from awg_split_tunnel.errors import ProtocolError
 from awg_split_tunnel.provider.wireguard import crypto, noise
 from awg_split_tunnel.provider.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
-from awg_split_tunnel.provider.wireguard.envelope import Envelope, MessageType, PlainEnvelope, UdpWindow
+from awg_split_tunnel.provider.wireguard.envelope import (
+    DEFAULT_UDP_WINDOW,
+    Envelope,
+    MessageType,
+    PlainEnvelope,
+    UdpWindow,
+)
 from awg_split_tunnel.provider.wireguard.messages import CookieReply, HandshakeInitiation, HandshakeResponse
 from awg_split_tunnel.provider.wireguard.noise import (
     Handshake,
@@ -424,8 +430,7 @@ class WireGuardProtocol:
             self.dropped[DropReason.REPLAY] += 1
             return []
         events: list[WireGuardEvent] = []
-        if peer.endpoint != source:
-            self._update_endpoint(peer, source, events)
+        self._update_endpoint(peer, source, events)
         envelope = self.envelope
         envelope.note_received(peer.window, len(plaintext))
         dropped = peer.keypairs.received_with(keypair)
@@ -603,6 +608,10 @@ class WireGuardProtocol:
             peer.timers.persistent_keepalive = now + interval.pick(self.rng)
 
     def _update_endpoint(self, peer: Peer, source: Endpoint, events: list[WireGuardEvent]) -> None:
+        """After every authenticated datagram. amneziawg-go resets the trailer window whenever it sets the
+        peer's endpoint from a packet, and on Linux every received datagram carries a fresh endpoint
+        object, so the window is back at its start after each authenticated receive."""
+        peer.window.value = DEFAULT_UDP_WINDOW
         if peer.endpoint != source:
             peer.endpoint = source
             peer.stats.endpoint = source
