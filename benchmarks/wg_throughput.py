@@ -190,9 +190,8 @@ def main() -> int:
     def ratio(a: str, b: str) -> None:
         if a in results and b in results:
             ra, rb = results[a], results[b]
-            print(
-                f"{ra.name} / {rb.name}: upload {ra.upload / rb.upload:.2f}, download {ra.download / rb.download:.2f}"
-            )
+            up, down = ra.upload / rb.upload, ra.download / rb.download
+            print(f"{ra.name} / {rb.name}: upload {up:.2f}, download {down:.2f}")
 
     print()
     ratio("ours", "wg-go")

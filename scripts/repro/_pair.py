@@ -43,8 +43,23 @@ def namespace_pair() -> Iterator[Pair]:
     try:
         _ip("netns", "add", pair.client)
         _ip("netns", "add", pair.server)
-        _ip("link", "add", f"{tag}a", "netns", pair.client, "type", "veth", "peer", f"{tag}b", "netns", pair.server)
-        for ns, dev, ip4, ip6 in ((pair.client, f"{tag}a", CLIENT_IP, CLIENT_IP6), (pair.server, f"{tag}b", SERVER_IP, SERVER_IP6)):
+        _ip(
+            "link",
+            "add",
+            f"{tag}a",
+            "netns",
+            pair.client,
+            "type",
+            "veth",
+            "peer",
+            f"{tag}b",
+            "netns",
+            pair.server,
+        )
+        for ns, dev, ip4, ip6 in (
+            (pair.client, f"{tag}a", CLIENT_IP, CLIENT_IP6),
+            (pair.server, f"{tag}b", SERVER_IP, SERVER_IP6),
+        ):
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "addr", "add", f"{ip4}/24", "dev", dev)
             _ip("-n", ns, "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
@@ -56,7 +71,9 @@ def namespace_pair() -> Iterator[Pair]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def inside(pair: Pair, ns: str, script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def inside(
+    pair: Pair, ns: str, script: str, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run ``script --inside ARGS`` in namespace ``ns`` (via nsenter) and return its output."""
     return subprocess.run(
         pair.nsenter(ns, sys.executable, script, "--inside", *args),

@@ -21,7 +21,9 @@ N = 20
 def inside() -> None:
     import pydivert
 
-    with pydivert.Divert("tcp", layer=pydivert.Layer.SOCKET, flags=pydivert.Flag.SNIFF | pydivert.Flag.RECV_ONLY) as h:
+    with pydivert.Divert(
+        "tcp", layer=pydivert.Layer.SOCKET, flags=pydivert.Flag.SNIFF | pydivert.Flag.RECV_ONLY
+    ) as h:
         used = set()
         for _ in range(N):
             s = socket.create_connection((_pair.SERVER_IP, 8080), timeout=3)
@@ -39,8 +41,10 @@ def inside() -> None:
                 connects += 1
                 carried += a.Socket.LocalPort in used
                 right_pid += a.Socket.ProcessId == os.getpid()
-        print(f"{connects} CONNECT events for {N} connects; {right_pid} with our pid; "
-              f"{carried} carried the local port the connection used")
+        print(
+            f"{connects} CONNECT events for {N} connects; {right_pid} with our pid; "
+            f"{carried} carried the local port the connection used"
+        )
 
 
 if __name__ == "__main__":

@@ -87,11 +87,16 @@ if __name__ == "__main__":
         divert_and_send(sys.argv[2], sys.argv[3])
     else:
         with _pair.namespace_pair() as pair:
-            cases = [(f, "4") for f in ("outbound and udp.DstPort == 9999", "outbound and udp", ROUTER_FILTER)]
+            cases = [
+                (f, "4") for f in ("outbound and udp.DstPort == 9999", "outbound and udp", ROUTER_FILTER)
+            ]
             cases += [(f, "6") for f in ("outbound and udp", ROUTER_FILTER)]
             for filter, family in cases:
-                counter = subprocess.Popen(pair.nsenter(pair.server, sys.executable, __file__, "--count", "4"),
-                                           stdout=subprocess.PIPE, text=True)
+                counter = subprocess.Popen(
+                    pair.nsenter(pair.server, sys.executable, __file__, "--count", "4"),
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 assert counter.stdout is not None
                 counter.stdout.readline()
                 done = _pair.inside(pair, pair.client, __file__, filter, family)

@@ -34,8 +34,9 @@ def inside() -> None:
         subprocess.run(["ip", "addr", "add", "198.18.201.1/24", "dev", "rpnew0"], check=True)
         subprocess.run(["ip", "link", "set", "rpnew0", "up"], check=True)
         subprocess.run(["ip", "link", "set", "rpnew1", "up"], check=True)
-        subprocess.run(["ip", "neigh", "add", "198.18.201.2", "lladdr", "02:00:00:00:00:02", "dev", "rpnew0"],
-                       check=True)
+        subprocess.run(
+            ["ip", "neigh", "add", "198.18.201.2", "lladdr", "02:00:00:00:00:02", "dev", "rpnew0"], check=True
+        )
         with pydivert.Divert("outbound and udp.DstPort == 9999", priority=2, flags=flags) as after:
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("198.18.201.2", 9999))
             print(f"handle opened before the interface appeared saw the packet: {saw(before)}")

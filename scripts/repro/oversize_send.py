@@ -35,6 +35,7 @@ def inside() -> None:
     errors: dict[str, int] = {}
     largest = count = 0
     with pydivert.Divert("tcp.DstPort == 9000") as h:
+
         def pump() -> None:
             nonlocal largest, count
             while True:

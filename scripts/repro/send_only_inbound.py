@@ -23,9 +23,10 @@ def inside() -> None:
     listener.bind(("0.0.0.0", 15002))
     listener.settimeout(1.0)
     app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with pydivert.Divert("outbound and udp.DstPort == 9999", priority=1) as capture, pydivert.Divert(
-        "false", priority=2, flags=pydivert.Flag.SEND_ONLY
-    ) as send_only:
+    with (
+        pydivert.Divert("outbound and udp.DstPort == 9999", priority=1) as capture,
+        pydivert.Divert("false", priority=2, flags=pydivert.Flag.SEND_ONLY) as send_only,
+    ):
         for label, injector in (("SEND_ONLY handle", send_only), ("capture handle", capture)):
             app.sendto(label.encode(), (_pair.SERVER_IP, 9999))
             packet = capture.recv(timeout=2)

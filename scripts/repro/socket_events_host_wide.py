@@ -33,8 +33,12 @@ def inside(port: str) -> None:
                 try:
                     import os
 
-                    ns = "same" if os.stat(f"/proc/{s.ProcessId}/ns/net").st_ino == os.stat(
-                        "/proc/self/ns/net").st_ino else "OTHER"
+                    ns = (
+                        "same"
+                        if os.stat(f"/proc/{s.ProcessId}/ns/net").st_ino
+                        == os.stat("/proc/self/ns/net").st_ino
+                        else "OTHER"
+                    )
                 except OSError:
                     ns = "gone"
                 print(f"CONNECT from pid {s.ProcessId} (network namespace: {ns}) to port {port}", flush=True)
@@ -47,12 +51,17 @@ if __name__ == "__main__":
         inside(sys.argv[2])
     else:
         with _pair.namespace_pair() as pair:
-            watcher = subprocess.Popen(pair.nsenter(pair.client, sys.executable, __file__, "--inside", "8181"),
-                                       stdout=subprocess.PIPE, text=True)
+            watcher = subprocess.Popen(
+                pair.nsenter(pair.client, sys.executable, __file__, "--inside", "8181"),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert watcher.stdout is not None
             watcher.stdout.readline()
             # A process in ns server connects to a listener of its own namespace.
-            code = ("import socket,time\nl=socket.socket();l.bind(('127.0.0.1',8181));l.listen()\n"
-                    "c=socket.create_connection(('127.0.0.1',8181));time.sleep(0.5)")
+            code = (
+                "import socket,time\nl=socket.socket();l.bind(('127.0.0.1',8181));l.listen()\n"
+                "c=socket.create_connection(('127.0.0.1',8181));time.sleep(0.5)"
+            )
             subprocess.run(pair.nsenter(pair.server, sys.executable, "-c", code), check=True)
             print(watcher.communicate(timeout=10)[0])

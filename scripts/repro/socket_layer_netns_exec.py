@@ -17,8 +17,9 @@ import _pair
 
 CODE = """
 import pydivert
+flags = pydivert.Flag.SNIFF | pydivert.Flag.RECV_ONLY
 try:
-    with pydivert.Divert("tcp", layer=pydivert.Layer.SOCKET, flags=pydivert.Flag.SNIFF | pydivert.Flag.RECV_ONLY):
+    with pydivert.Divert("tcp", layer=pydivert.Layer.SOCKET, flags=flags):
         print("opened")
 except Exception as exc:
     print(f"failed: {type(exc).__name__}: {exc}")
@@ -30,5 +31,7 @@ if __name__ == "__main__":
             ("ip netns exec", ["ip", "netns", "exec", pair.client]),
             ("nsenter --net ", ["nsenter", f"--net=/run/netns/{pair.client}"]),
         ):
-            done = subprocess.run([*argv, sys.executable, "-c", CODE], capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                [*argv, sys.executable, "-c", CODE], capture_output=True, text=True, check=False
+            )
             print(f"{label}: {done.stdout.strip() or done.stderr.strip()[-300:]}")

@@ -38,8 +38,13 @@ def inside() -> None:
                     seen[(name, s.RemotePort)] = seen.get((name, s.RemotePort), 0) + 1
 
     stop = time.monotonic() + 5
-    threads = [threading.Thread(target=watch, args=(layer, name, stop))
-               for layer, name in ((pydivert.Layer.SOCKET, "SOCKET CONNECT"), (pydivert.Layer.FLOW, "FLOW ESTABLISHED"))]
+    threads = [
+        threading.Thread(target=watch, args=(layer, name, stop))
+        for layer, name in (
+            (pydivert.Layer.SOCKET, "SOCKET CONNECT"),
+            (pydivert.Layer.FLOW, "FLOW ESTABLISHED"),
+        )
+    ]
     for t in threads:
         t.start()
     opened.wait()
@@ -51,7 +56,9 @@ def inside() -> None:
     for t in threads:
         t.join()
     for port, how in ((9001, "sendto() unconnected"), (9002, "connect() + send()")):
-        counts = ", ".join(f"{name}: {seen.get((name, port), 0)}" for name in ("SOCKET CONNECT", "FLOW ESTABLISHED"))
+        counts = ", ".join(
+            f"{name}: {seen.get((name, port), 0)}" for name in ("SOCKET CONNECT", "FLOW ESTABLISHED")
+        )
         print(f"{how:22} -> {counts}")
 
 

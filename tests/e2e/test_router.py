@@ -1,10 +1,10 @@
 """End to end: the real PacketRouter on pydivert in the lab routes each app by its exe name.
 
-The router, its divert handles and a TunnelProxy for a SOCKS5 tunnel (microsocks in ns socks for TCP,
-dante for UDP) run in ns client as one small daemon process (this file run with ``--serve``). Test apps
-are copies of one interpreter under different names; the web server tells each which address it saw:
-198.18.0.20 (via SOCKS5 microsocks), 198.18.0.21... no: dante shares ns socks, so 198.18.0.20 too;
-198.18.0.1 (direct). A ``drop`` app is refused.
+The router, its divert handles and TunnelProxies for two SOCKS5 tunnels (microsocks for TCP, dante for
+UDP, both in ns socks) run in ns client as one small daemon process: this file run with ``--serve``. Test
+apps are copies of one interpreter under different names; the web server tells each which address it
+saw: 198.18.0.20 / 2001:2::20 means via SOCKS5, 198.18.0.1 / 2001:2::1 means direct. A ``drop`` app is
+refused, a ``block`` app is refused while its tunnel is down and reset when the tunnel goes down.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def serve(config: dict[str, object]) -> None:
             Rule("app-udpsocks", "socksudp"),
             Rule("app-drop", "socks", FallbackPolicy.DROP),
             Rule("app-down", "downtunnel", FallbackPolicy.BLOCK),
+            Rule("app-block", "socks", FallbackPolicy.BLOCK),
         ],
         "direct",
     )
@@ -64,12 +65,30 @@ def serve(config: dict[str, object]) -> None:
         router = PacketRouter(rules, states.get, tunnels, own_pids={os.getpid()})
         socks_ip = str(config["socks_ip"])
         proxies = [
-            TunnelProxy("socks", Socks5Provider(socks_ip, int(str(config["socks_port"]))), router.nat_lookup,
-                        "0.0.0.0", tcp_port=PROXY_PORT, udp=False),
-            TunnelProxy("socks", Socks5Provider(socks_ip, int(str(config["socks_port"]))), router.nat_lookup,
-                        "::", tcp_port=PROXY_PORT, udp=False),
-            TunnelProxy("socksudp", Socks5Provider(socks_ip, int(str(config["dante_port"]))), router.nat_lookup,
-                        "0.0.0.0", tcp_port=PROXY_PORT + 1, udp_port=PROXY_PORT + 1),
+            TunnelProxy(
+                "socks",
+                Socks5Provider(socks_ip, int(str(config["socks_port"]))),
+                router.nat_lookup,
+                "0.0.0.0",
+                tcp_port=PROXY_PORT,
+                udp=False,
+            ),
+            TunnelProxy(
+                "socks",
+                Socks5Provider(socks_ip, int(str(config["socks_port"]))),
+                router.nat_lookup,
+                "::",
+                tcp_port=PROXY_PORT,
+                udp=False,
+            ),
+            TunnelProxy(
+                "socksudp",
+                Socks5Provider(socks_ip, int(str(config["dante_port"]))),
+                router.nat_lookup,
+                "0.0.0.0",
+                tcp_port=PROXY_PORT + 1,
+                udp_port=PROXY_PORT + 1,
+            ),
         ]
         for proxy in proxies:
             await proxy.start()
@@ -81,10 +100,18 @@ def serve(config: dict[str, object]) -> None:
         )
         loop.start()
         print("ready", flush=True)
-        # Until the test closes our stdin.
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        # Commands from the test, one per line ("down ID" / "up ID"), until it closes our stdin.
+        while line := await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline):
+            command, tunnel_id = line.split()
+            states[tunnel_id] = TunnelState.UP if command == "up" else TunnelState.DOWN
+            router.tunnel_state_changed(tunnel_id, states[tunnel_id])
+            print("ok", flush=True)
         loop.stop()
-        print(json.dumps({"stats": str(router.stats), "error": repr(loop.error)}), flush=True)
+        flows = [
+            f"{e.proto} {e.app_port}->{e.orig_dst_ip}:{e.orig_dst_port} {e.verdict.name} {e.tunnel_id}"
+            for e in router.connections()
+        ]
+        print(json.dumps({"stats": str(router.stats), "error": repr(loop.error), "flows": flows}), flush=True)
         for proxy in proxies:
             await proxy.stop()
 
@@ -99,7 +126,7 @@ def lab() -> Iterator[object]:
         start_web(lab)
         start_microsocks(lab)
         start_dante(lab, port=DANTE_PORT)
-        for name in ("app-socks", "app-udpsocks", "app-direct", "app-drop", "app-down"):
+        for name in ("app-socks", "app-udpsocks", "app-direct", "app-drop", "app-down", "app-block"):
             make_app(lab, name)
         yield lab
 
@@ -124,7 +151,9 @@ def daemon(lab: object) -> Iterator[subprocess.Popen[str]]:
     line = process.stdout.readline() if ready else ""
     if line.strip() != "ready":
         process.kill()
-        pytest.fail(f"router daemon did not start: {line!r} {process.stderr.read() if process.stderr else ''}")
+        pytest.fail(
+            f"router daemon did not start: {line!r} {process.stderr.read() if process.stderr else ''}"
+        )
     yield process
     try:
         out, err = process.communicate(timeout=10)  # closes stdin: the daemon's signal to stop
@@ -151,7 +180,9 @@ def test_drop_app_cannot_connect_and_fails_fast(lab: object, daemon: object) -> 
     started = time.monotonic()
     result = lab.app("app-drop", timeout=5.0)  # type: ignore[attr-defined]
     assert not result.ok and result.seen_ip == ""
-    assert time.monotonic() - started < 4.0, "a dropped TCP connect is refused with an RST, not left to time out"
+    assert time.monotonic() - started < 4.0, (
+        "a dropped TCP connect is refused with an RST, not left to time out"
+    )
 
 
 def test_block_app_cannot_connect_while_its_tunnel_is_down(lab: object, daemon: object) -> None:
@@ -196,6 +227,51 @@ def test_tunnelled_app_sends_nothing_to_the_web_server_directly(lab: object, dae
     assert direct.count() > 0, "the capture sees direct traffic, so its silence above means something"
 
 
+WAITING_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: web\\r\\n")  # incomplete: the server keeps waiting
+print("connected", flush=True)
+try:
+    print("data" if s.recv(100) else "closed", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+except TimeoutError:
+    print("timeout", flush=True)
+"""
+
+
+def _command(daemon: subprocess.Popen[str], line: str) -> None:
+    assert daemon.stdin is not None and daemon.stdout is not None
+    daemon.stdin.write(line + "\n")
+    daemon.stdin.flush()
+    assert daemon.stdout.readline().strip() == "ok"
+
+
+def test_tunnel_down_resets_open_connections_of_block_apps(
+    lab: object, daemon: subprocess.Popen[str]
+) -> None:
+    from awg_split_tunnel.lab import CLIENT, WEB_IP, make_app
+
+    app = lab.spawn(  # type: ignore[attr-defined]
+        CLIENT,
+        [make_app(lab, "app-block"), "-c", WAITING_CLIENT, WEB_IP],
+        stdout=subprocess.PIPE,
+        text=True,  # type: ignore[arg-type]
+    )
+    try:
+        assert app.stdout.readline().strip() == "connected"
+        started = time.monotonic()
+        _command(daemon, "down socks")
+        assert app.stdout.readline().strip() == "reset"
+        assert time.monotonic() - started < 2.0
+        assert lab.app("app-block", timeout=2.0).seen_ip == ""  # type: ignore[attr-defined]
+    finally:
+        app.kill()
+        _command(daemon, "up socks")
+    assert lab.app("app-block").seen_ip == "198.18.0.20"  # type: ignore[attr-defined]
+
+
 BIG_DATAGRAM = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -216,6 +292,35 @@ def test_fragments_of_a_tunnelled_datagram_never_leave_directly(lab: object, dae
             time.sleep(0.3)
         counts[name] = capture.count()
     assert counts == {"app-udpsocks": 0, "app-direct": 3}
+
+
+DOWNLOAD = """
+import hashlib, socket, sys, time
+n = int(sys.argv[2])
+s = socket.create_connection((sys.argv[1], 80), timeout=20)
+started = time.monotonic()
+s.sendall(f"GET /bytes/{n} HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n".encode())
+data = bytearray()
+while chunk := s.recv(1 << 20):
+    data += chunk
+body = bytes(data[data.index(b"\\r\\n\\r\\n") + 4 :])
+print(len(body), hashlib.sha256(body).hexdigest(), f"{len(body) * 8 / (time.monotonic() - started) / 1e6:.0f}")
+"""
+
+
+def test_bulk_download_through_the_tunnel_arrives_intact(lab: object, daemon: object) -> None:
+    from awg_split_tunnel.lab import CLIENT, WEB_IP, make_app
+    from awg_split_tunnel.lab.echo_server import pattern_sha256
+
+    size = 32 << 20
+    speeds = {}
+    for name in ("app-socks", "app-direct"):
+        done = lab.run(CLIENT, [make_app(lab, name), "-c", DOWNLOAD, WEB_IP, str(size)])  # type: ignore[attr-defined,arg-type]
+        assert done.returncode == 0, done.stderr
+        length, digest, mbit = done.stdout.split()
+        assert (int(length), digest) == (size, pattern_sha256(size))
+        speeds[name] = int(mbit)
+    print(f"32 MiB download, Mbit/s: {speeds}")
 
 
 def test_many_apps_at_once_each_get_their_own_route(lab: object, daemon: object) -> None:

@@ -116,7 +116,12 @@ class Rule(_Model):
     @field_validator("process")
     @classmethod
     def _pattern_compiles(cls, value: str) -> str:
-        compile_pattern(value)  # ValueError names what is wrong (bad regex, empty pattern)
+        try:
+            compile_pattern(value)
+        except ValueError:
+            raise  # it names what is wrong (bad regex, empty pattern)
+        except Exception as exc:  # a pattern must never crash loading
+            raise ValueError(f"invalid process pattern {value!r}: {exc}") from None
         return value
 
 
@@ -408,6 +413,12 @@ def _load_document(text: str, file: str) -> CommentedMap:
         raise ConfigError(f"YAML syntax: {reason}", file=file, line=mark.line + 1 if mark else None) from None
     except YAMLError as exc:
         raise ConfigError(f"YAML syntax: {exc}", file=file) from None
+    except Exception as exc:
+        # ruamel.yaml itself trips over some malformed scalars (`-_` raises IndexError, `._` ValueError);
+        # bad input must still end as a ConfigError.
+        raise ConfigError(
+            f"YAML syntax: cannot read a value ({type(exc).__name__}: {exc})", file=file
+        ) from None
     if doc is None:
         return CommentedMap()
     if not isinstance(doc, CommentedMap):
@@ -492,6 +503,10 @@ def _problem(error: Mapping[str, Any], doc: CommentedMap) -> _Problem:
         message = f"unknown tunnel type '{ctx.get('tag')}'; expected one of {', '.join(TUNNEL_TYPES)}"
     elif kind == "union_tag_not_found":
         message = f"missing key 'type' (one of {', '.join(TUNNEL_TYPES)})"
+    elif kind in ("tuple_type", "list_type"):
+        message = "expected a list (one '- ' line per item)"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = "expected a mapping of keys"
     elif kind == "value_error":
         message = str(ctx.get("error", error["msg"]))
     else:
@@ -774,16 +789,23 @@ class ConfigManager:
         self._doc: CommentedMap | None = None
         self._config: Config | None = None
         self._indent: tuple[int, int, int] = (2, 4, 2)
+        # The file as last read or written (None: absent), to notice edits made behind our back.
+        self._on_disk: str | None = None
+        # The text of a file with no keys yet (only comments): ruamel has no node to keep them on.
+        self._preamble = ""
 
     # -- reading ----------------------------------------------------------------------------------------
 
     def load(self, *, missing_ok: bool = False) -> Config:
         """Read and validate the file. With `missing_ok`, a missing file is an empty config (created on the
         first change or `save()`). Raises ConfigError."""
-        text = "" if missing_ok and not self.path.exists() else _read_text(self.path)
+        exists = not missing_ok or self.path.exists()
+        text = _read_text(self.path) if exists else ""
         doc = _load_document(text, str(self.path))
         config = _validate_document(doc, str(self.path), self.path.parent)
         self._doc, self._config, self._indent = doc, config, _guess_indent(text)
+        self._on_disk = text if exists else None
+        self._preamble = "" if doc else text
         self._warn_if_exposed(config)
         return config
 
@@ -949,9 +971,14 @@ class ConfigManager:
         raise ConfigError(f"no tunnel '{tunnel_id}' (tunnels: {known})", file=str(self.path), key="tunnels")
 
     def _dump(self, doc: CommentedMap) -> str:
+        preamble = (
+            self._preamble if not self._preamble or self._preamble.endswith("\n") else self._preamble + "\n"
+        )
+        if not doc:
+            return preamble
         out = io.StringIO()
         _yaml(self._indent).dump(doc, out)
-        return out.getvalue()
+        return preamble + out.getvalue()
 
     def _apply(self, change: Callable[[CommentedMap], None], what: str, detail: dict[str, Any]) -> None:
         draft = copy.deepcopy(self._document())
@@ -967,16 +994,31 @@ class ConfigManager:
                 raise  # a .conf file's own error keeps its file and line
             raise ConfigError(f"change rejected: {exc.reason}", file=file, key=exc.key) from None
         self._write_config(text, config)
-        self._doc, self._config = doc, config
+        self._doc, self._config, self._preamble = doc, config, "" if doc else text
         self._publish(what, detail)
 
     def _write_config(self, text: str, config: Config) -> None:
+        self._refuse_if_changed_on_disk()
         try:
             current = stat.S_IMODE(self.path.stat().st_mode)
         except OSError:
             current = PUBLIC_MODE
         mode = (current & 0o700) | 0o600 if config.holds_secrets else current
         _write(self.path, text.encode("utf-8"), mode)
+        self._on_disk = text
+
+    def _refuse_if_changed_on_disk(self) -> None:
+        """Two editors (the CLI while the daemon runs, or a text editor) must not silently undo each other."""
+        try:
+            current: str | None = self.path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            current = None
+        except OSError:
+            return  # writing will report it
+        if current != self._on_disk:
+            raise ConfigError(
+                "the file changed on disk since it was loaded; reload it and try again", file=str(self.path)
+            )
 
     def _publish(self, what: str, detail: dict[str, Any]) -> None:
         if self.bus is not None:

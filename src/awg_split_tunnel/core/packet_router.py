@@ -394,7 +394,9 @@ class PacketRouter:
             self.stats.hold_overflow += 1
             return Verdict.DROP
         meta = copy_meta()
-        held = _HeldFlow(key, proto, v.src_addr, src_port, dst_addr, dst_port, now + self.hold_timeout, [], meta)
+        held = _HeldFlow(
+            key, proto, v.src_addr, src_port, dst_addr, dst_port, now + self.hold_timeout, [], meta
+        )
         self.stats.new_flows += 1
         pid = self.events.claim(proto, src_port, dst_addr, dst_port, now)
         if pid is not None:

@@ -95,11 +95,11 @@ class _LiteralIndex:
             if not keys:
                 self.unindexed.append((index, pattern.regex))
                 continue
-            table, text = min(keys, key=lambda k: (shared_by[k], len(self._table(k).get(k[1], ())), k))
-            self._table((table, text)).setdefault(text, []).append((index, pattern.regex))
+            kind, text = min(keys, key=lambda k: (shared_by[k], len(self._table(k[0]).get(k[1], ())), k))
+            self._table(kind).setdefault(text, []).append((index, pattern.regex))
 
-    def _table(self, key: tuple[str, str]) -> dict[str, list[_Candidate]]:
-        return self.by_component if key[0] == "component" else self.by_fragment
+    def _table(self, kind: str) -> dict[str, list[_Candidate]]:
+        return self.by_component if kind == "component" else self.by_fragment
 
     def first(self, subject: str, components: Sequence[str], best: int | None) -> int | None:
         """The smallest index below ``best`` of a pattern fullmatching ``subject``, else ``best``.

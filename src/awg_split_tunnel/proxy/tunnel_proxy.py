@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
 from awg_split_tunnel.provider.interface import (
@@ -33,6 +33,9 @@ log = logging.getLogger("awg_split_tunnel.proxy")
 
 RELAY_CHUNK = 256 * 1024
 """Bytes asked of the kernel per read; also the write-buffer high-water mark that pauses the reader."""
+
+CLOSE_TIMEOUT = 10.0
+"""How long a finished flow may take to flush its last bytes before it is reset."""
 
 UDP_IDLE_TIMEOUT = 60.0
 UDP_RETRY_AFTER = 1.0
@@ -230,8 +233,11 @@ class TunnelProxy:
     # --- TCP ---------------------------------------------------------------------------------------
 
     async def _serve_tcp(self, app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter) -> None:
-        peer_ip, peer_port = app_writer.get_extra_info("peername")[:2]
-        peer = (normalize_ip(peer_ip), peer_port)
+        peername = app_writer.get_extra_info("peername")
+        if not peername:  # the app already gave up
+            app_writer.transport.abort()
+            return
+        peer = (normalize_ip(peername[0]), peername[1])
         entry = self._lookup("tcp", peer)
         if entry is None:
             abort_stream(app_writer, reset=True)
@@ -297,9 +303,15 @@ class TunnelProxy:
             return
         for writer in (app_writer, up_writer):
             writer.close()
-        for writer in (app_writer, up_writer):
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                for writer in (app_writer, up_writer):
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        except TimeoutError:
+            # A peer that stopped reading keeps our last bytes unsent; do not hold the flow for it.
+            abort_stream(app_writer, reset=True)
+            abort_stream(up_writer)
 
     async def _pump(
         self,
@@ -491,8 +503,8 @@ class _UdpRelayProtocol(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # asyncio's datagram transport does not inherit DatagramTransport on every version; it quacks.
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if self._transport is not None:

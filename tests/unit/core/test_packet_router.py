@@ -31,8 +31,14 @@ WEB6 = ipaddress.ip_address("2001:2::10").packed
 NAS = ipaddress.ip_address("192.168.1.5").packed
 PROXY_TCP, PROXY_UDP, HTTP_TCP = 15001, 15002, 15003
 
-PIDS = {100: "/usr/bin/app-socks", 200: "/usr/bin/app-direct", 300: "/usr/bin/app-drop", 400: "/usr/bin/app-block",
-        500: "/usr/bin/app-http", 600: "/usr/bin/app-lan"}
+PIDS = {
+    100: "/usr/bin/app-socks",
+    200: "/usr/bin/app-direct",
+    300: "/usr/bin/app-drop",
+    400: "/usr/bin/app-block",
+    500: "/usr/bin/app-http",
+    600: "/usr/bin/app-lan",
+}
 
 
 class Env:
@@ -93,7 +99,12 @@ def test_app_routed_to_tunnel_is_hairpinned_to_its_proxy_and_found_by_nat_lookup
     assert v.checksums_valid()
     entry = env.router.nat_lookup("tcp", "198.18.0.10", 40000)
     assert entry is not None
-    assert (entry.orig_dst_ip, entry.orig_dst_port, entry.pid, entry.exe) == ("198.18.0.10", 80, 100, PIDS[100])
+    assert (entry.orig_dst_ip, entry.orig_dst_port, entry.pid, entry.exe) == (
+        "198.18.0.10",
+        80,
+        100,
+        PIDS[100],
+    )
     assert env.router.nat_lookup("tcp", "::ffff:198.18.0.10", 40000) is entry
 
 
@@ -187,10 +198,23 @@ def test_lan_destinations_bypass_tunnels_unless_the_tunnel_says_otherwise() -> N
 @pytest.mark.parametrize(
     ("address", "lan"),
     [
-        ("10.1.2.3", True), ("172.16.0.1", True), ("172.31.255.255", True), ("172.32.0.1", False),
-        ("192.168.0.1", True), ("169.254.1.1", True), ("127.0.0.1", True), ("198.18.0.10", False),
-        ("100.64.0.1", False), ("8.8.8.8", False), ("fc00::1", True), ("fdff::1", True), ("fe80::1", True),
-        ("febf::1", True), ("fec0::1", False), ("::1", True), ("2001:2::10", False),
+        ("10.1.2.3", True),
+        ("172.16.0.1", True),
+        ("172.31.255.255", True),
+        ("172.32.0.1", False),
+        ("192.168.0.1", True),
+        ("169.254.1.1", True),
+        ("127.0.0.1", True),
+        ("198.18.0.10", False),
+        ("100.64.0.1", False),
+        ("8.8.8.8", False),
+        ("fc00::1", True),
+        ("fdff::1", True),
+        ("fe80::1", True),
+        ("febf::1", True),
+        ("fec0::1", False),
+        ("::1", True),
+        ("2001:2::10", False),
     ],
 )
 def test_lan_list_is_exactly_the_designs(address: str, lan: bool) -> None:

@@ -31,8 +31,13 @@ def view(packet: bytearray) -> PacketView:
     return v
 
 
-def entry(sport: int = 40000, dst: bytes = WEB, dport: int = 80, verdict: FlowVerdict = FlowVerdict.TUNNEL,
-          proto: int = IPPROTO_TCP) -> NatEntry:
+def entry(
+    sport: int = 40000,
+    dst: bytes = WEB,
+    dport: int = 80,
+    verdict: FlowVerdict = FlowVerdict.TUNNEL,
+    proto: int = IPPROTO_TCP,
+) -> NatEntry:
     return NatEntry(proto, APP, sport, dst, dport, verdict, tunnel_id="socks", proxy_port=15001, created=0.0)
 
 

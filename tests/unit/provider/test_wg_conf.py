@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,16 @@ def test_every_key_is_read_into_a_typed_value() -> None:
 def test_round_trip_of_a_full_file_keeps_every_value() -> None:
     conf = parse_conf(AMNEZIA_EXPORT)
     assert parse_conf(conf.to_text()) == conf
+
+
+def test_values_a_conf_cannot_hold_are_refused_when_writing() -> None:
+    conf = parse_conf(minimal())
+    for bad in (
+        dataclasses.replace(conf.interface, i1="<r 5> # not a comment"),
+        dataclasses.replace(conf.interface, post_up=("echo a\nrm -rf /",)),
+    ):
+        with pytest.raises(ValueError, match="cannot be written"):
+            WgConf(bad, conf.peers).to_text()
 
 
 def test_private_keys_do_not_appear_in_repr() -> None:
@@ -556,3 +567,25 @@ def test_case_spacing_and_comments_do_not_change_the_meaning(conf: WgConf, data:
             line += "  # note"
         noisy.append(line)
     assert parse_conf("\n".join(noisy)) == conf
+
+
+KEY_NAMES = ["PrivateKey", "Address", "DNS", "MTU", "ListenPort", "FwMark", "Table", "PostUp", "SaveConfig"]
+KEY_NAMES += ["Jc", "S1", "H1", "I1", "HeaderProtectionKey", "RekeyTimeout", "RandomTrailers", "PublicKey"]
+KEY_NAMES += ["PresharedKey", "Endpoint", "AllowedIPs", "PersistentKeepalive", "AdvancedSecurity", "[Peer]"]
+values = st.text(
+    alphabet=st.sampled_from(list("0123456789abcdefx:./-[]<> ,=#\t+AZ=\u0661\u00e9")), max_size=24
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from(KEY_NAMES), values), max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_hostile_files_give_a_config_error_never_a_crash(lines: list[tuple[str, str]]) -> None:
+    text = f"[Interface]\nPrivateKey = {PRIV}\n" + "\n".join(
+        k if k.startswith("[") else f"{k} = {v}" for k, v in lines
+    )
+    try:
+        conf = parse_conf(text, file="f.conf")
+    except ConfigError as error:
+        assert error.file == "f.conf"
+    else:
+        assert parse_conf(conf.to_text()) == conf

@@ -184,7 +184,8 @@ class WgConf:
         return bool(awg_params(self))
 
     def to_text(self) -> str:
-        """The file as awg-quick reads it; `parse_conf(conf.to_text()) == conf`."""
+        """The file as awg-quick reads it; `parse_conf(conf.to_text()) == conf`. ValueError for a value
+        no `.conf` can hold (a `#` or a line break in a template or command)."""
         lines = ["[Interface]", *_format_section(self.interface, _INTERFACE_KEYS)]
         for peer in self.peers:
             lines += ["", "[Peer]", *_format_section(peer, _PEER_KEYS)]
@@ -434,10 +435,12 @@ def _format_section(section: InterfaceSection | PeerSection, keys: Sequence[_Key
             value = (*section.dns, *section.dns_search)
         if value is None or value == () or (key.field == "save_config" and not value):
             continue
-        if key.written_as_lines:
-            lines += [f"{key.name} = {item}" for item in value]
-        else:
-            lines.append(f"{key.name} = {key.format(value)}")
+        texts = [str(item) for item in value] if key.written_as_lines else [key.format(value)]
+        for text in texts:
+            # A '#' would start a comment and a line break a new line: the file would mean something else.
+            if "#" in text or "\n" in text or "\r" in text:
+                raise ValueError(f"{key.name} value {text!r} cannot be written to a .conf file")
+            lines.append(f"{key.name} = {text}")
     return lines
 
 

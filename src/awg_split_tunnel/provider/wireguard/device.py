@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import ipaddress
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,9 +56,18 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SOL_UDP = 17
 UDP_SEGMENT = 103
+UDP_GRO = 104
 UDP_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65535 - 40 - 8  # one GSO write is one IP datagram before segmentation (IPv6 worst case)
 _SEGMENT_SIZE = struct.Struct("=H")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
+def _gro_segment_size(ancdata: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, value in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            return int.from_bytes(value[:4], sys.byteorder)
+    return 0
 
 
 @dataclass(slots=True)
@@ -107,14 +116,22 @@ def normalize_endpoint(address: tuple[Any, ...]) -> Endpoint:
 class DatagramSocket:
     """A non-blocking UDP socket (dual-stack when the host has IPv6) with batched receive and GSO send."""
 
-    __slots__ = ("_addr_cache", "_dual", "gso", "gso_sends", "port", "sock")
+    __slots__ = ("_addr_cache", "_dual", "gro", "gso", "gso_sends", "port", "receive_errors", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._dual = sock.family == socket.AF_INET6
         self.port: int = sock.getsockname()[1]
-        self.gso = not os.environ.get("NOGSO")
+        self.gso = True
         self.gso_sends = 0
+        self.receive_errors = 0
+        try:
+            # UDP GRO: the kernel hands over runs of same-size datagrams (what a GSO sender like
+            # wireguard-go emits) as one read.
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        except OSError:
+            self.gro = False
         self._addr_cache: dict[tuple[Any, ...], Endpoint] = {}
 
     @classmethod
@@ -157,25 +174,36 @@ class DatagramSocket:
         self.sock.close()
 
     def receive_batch(self, limit: int = RECEIVE_BATCH) -> list[tuple[bytes, Endpoint]]:
-        """Up to `limit` waiting datagrams with their normalised sources; [] when none wait."""
+        """Up to `limit` waiting datagrams with their normalised sources; [] when none wait. A GRO
+        super-datagram (same-size datagrams the kernel coalesced) is split back into its datagrams."""
         out: list[tuple[bytes, Endpoint]] = []
-        recvfrom = self.sock.recvfrom
         cache = self._addr_cache
+        gro = self.gro
+        recvmsg = self.sock.recvmsg
+        recvfrom = self.sock.recvfrom
         for _ in range(limit):
             try:
-                data, address = recvfrom(MAX_DATAGRAM)
+                if gro:
+                    data, ancdata, _flags, address = recvmsg(MAX_DATAGRAM, _GRO_CMSG_SPACE)
+                else:
+                    data, address = recvfrom(MAX_DATAGRAM)
+                    ancdata = None
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as exc:
-                # ICMP errors surface here as ECONNREFUSED and friends: nothing to read, keep going.
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    continue
-                raise
+            except OSError:
+                # ICMP errors (port unreachable from a dead endpoint) surface here; nothing to read.
+                self.receive_errors += 1
+                continue
             endpoint = cache.get(address)
             if endpoint is None:
                 if len(cache) > 1024:
                     cache.clear()
                 endpoint = cache[address] = normalize_endpoint(address)
+            if ancdata:
+                segment = _gro_segment_size(ancdata)
+                if segment and len(data) > segment:
+                    out.extend((data[i : i + segment], endpoint) for i in range(0, len(data), segment))
+                    continue
             out.append((data, endpoint))
         return out
 

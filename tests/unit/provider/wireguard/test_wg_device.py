@@ -4,10 +4,14 @@ report state; plus the TUN offload arithmetic the device relies on when attached
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
+import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -18,6 +22,7 @@ from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.platform.linux import tun
 from awg_split_tunnel.provider.amneziawg.params import AmneziaParams
 from awg_split_tunnel.provider.wireguard import crypto
+from awg_split_tunnel.provider.wireguard.conf import parse_conf
 from awg_split_tunnel.provider.wireguard.device import (
     DatagramSocket,
     DeviceSettings,
@@ -26,6 +31,7 @@ from awg_split_tunnel.provider.wireguard.device import (
     normalize_endpoint,
 )
 from awg_split_tunnel.provider.wireguard.timers import TimerSettings
+from awg_split_tunnel.provider.wireguard.tun_client import plan_routes, run_tun_client
 from awg_split_tunnel.provider.wireguard.value_range import Range
 
 CLIENT_NET = ipaddress.ip_network("198.19.0.2/32")
@@ -293,9 +299,67 @@ def test_gso_batch_reaches_the_receiver_as_separate_datagrams() -> None:
         receiver.close()
 
 
+def test_gro_receive_splits_a_coalesced_batch_back_into_datagrams() -> None:
+    receiver = DatagramSocket.bind(0, "127.0.0.1")
+    sender = DatagramSocket.bind(0, "127.0.0.1")
+    try:
+        target = ("127.0.0.1", receiver.port)
+        datagrams = [(bytes([i]) * 1200, target) for i in range(20)] + [(b"last", target)]
+        assert sender.send_batch(datagrams) == (21, 0)
+        got: list[bytes] = []
+        deadline = time.monotonic() + 2
+        while len(got) < 21 and time.monotonic() < deadline:
+            got += [data for data, _ in receiver.receive_batch()]
+        assert got == [d for d, _ in datagrams]
+        assert receiver.receive_batch() == []
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_ipv4_mapped_sources_are_reported_as_ipv4() -> None:
     assert normalize_endpoint(("::ffff:198.18.0.1", 51820, 0, 0)) == ("198.18.0.1", 51820)
     assert normalize_endpoint(("2001:2::1", 51820, 0, 0)) == ("2001:2::1", 51820)
+
+
+# --- the `tun` command's error paths (provider/wireguard/tun_client.py) ------------------------------
+
+
+def test_tun_command_needs_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "wg0.conf"
+    conf.write_text("[Interface]\nPrivateKey = " + base64.b64encode(bytes(32)).decode() + "\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert run_tun_client(conf, "wgtest0") == 1
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_tun_command_names_the_file_and_line_of_a_bad_conf(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "bad.conf"
+    conf.write_text("[Interface]\nPrivateKey = not-a-key\n")
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    assert run_tun_client(conf, "wgtest0") == 1
+    err = capsys.readouterr().err
+    assert "bad.conf:2" in err and "PrivateKey" in err
+
+
+def test_routes_follow_allowed_ips_like_wg_quick() -> None:
+    key = base64.b64encode(bytes(range(32))).decode()
+    conf = parse_conf(
+        f"[Interface]\nPrivateKey = {key}\n[Peer]\nPublicKey = {key}\n"
+        "AllowedIPs = 198.19.0.0/24, 0.0.0.0/0, 198.19.0.7/32, ::/0\n"
+    )
+    plan = plan_routes(conf)
+    assert [str(n) for n in plan.routes] == ["198.19.0.7/32", "198.19.0.0/24"]
+    assert plan.default_families == [4, 6] and plan.fwmark == 51820
+    off = parse_conf(
+        f"[Interface]\nPrivateKey = {key}\nTable = off\n[Peer]\nPublicKey = {key}\nAllowedIPs = ::/0\n"
+    )
+    assert plan_routes(off).routes == [] and plan_routes(off).default_families == []
 
 
 # --- TUN offload arithmetic (platform/linux/tun.py) ------------------------------------------------
