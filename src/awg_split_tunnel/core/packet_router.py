@@ -179,8 +179,14 @@ class PacketRouter:
         os_lookup: Callable[[int, bytes, int, bytes, int], int | None] | None = os_lookup_pid,
         hold_timeout: float = HOLD_TIMEOUT,
         reject_tcp: bool = True,
+        on_tunnelled: Callable[[NatEntry], None] | None = None,
+        on_forgotten: Callable[[NatEntry], None] | None = None,
     ) -> None:
         self._rules = rules
+        # Told about every flow entering / leaving the NAT, so a process that does not own the table (the
+        # control plane, when the loop runs in its own process) can keep a mirror for nat_lookup.
+        self._on_tunnelled = on_tunnelled
+        self._on_forgotten = on_forgotten
         self._tunnel_state = tunnel_state
         self._tunnels: dict[str, TunnelRoute] = {}
         self._tcp_proxy_ports: frozenset[int] = frozenset()
@@ -313,7 +319,7 @@ class PacketRouter:
             return Verdict.INJECT_INBOUND
         if verdict is FlowVerdict.RESET:
             self._reset(v, copy_meta())
-            self.table.remove(entry)
+            self._forget(entry)
             return Verdict.DROP
         if proto == IPPROTO_TCP and self.reject_tcp and buf[l4 + 13] & TCP_SYN:
             self._reset(v, copy_meta())
@@ -486,7 +492,14 @@ class PacketRouter:
             self.table.add(held.key, entry)
         counts = self.stats.flows_by_action
         counts[entry.verdict.name] = counts.get(entry.verdict.name, 0) + 1
+        if entry.verdict is FlowVerdict.TUNNEL and self._on_tunnelled is not None:
+            self._on_tunnelled(entry)
         return entry
+
+    def _forget(self, entry: NatEntry) -> None:
+        self.table.remove(entry)
+        if self._on_forgotten is not None and entry.proxy_port:
+            self._on_forgotten(entry)
 
     def _action(self, decision: Decision, dst_addr: bytes) -> Action:
         tunnel = decision.tunnel
@@ -536,7 +549,9 @@ class PacketRouter:
             self._decide_held(held, pid, now)
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRE_INTERVAL
-            self.table.expire(now)
+            for entry in self.table.expire(now):
+                if self._on_forgotten is not None and entry.proxy_port:
+                    self._on_forgotten(entry)
             self.events.expire(now)
             if self._fragment_ids:
                 limit = now - 30.0
@@ -553,7 +568,7 @@ class PacketRouter:
         for entry in self.table.for_tunnel(tunnel_id):
             if state is TunnelState.UP:
                 if entry.verdict is FlowVerdict.DROP:
-                    self.table.remove(entry)  # decided while down: the next packet decides afresh
+                    self._forget(entry)  # decided while down: the next packet decides afresh
             elif entry.verdict is FlowVerdict.TUNNEL and entry.fail_closed:
                 entry.verdict = FlowVerdict.RESET
                 if entry.proto == IPPROTO_TCP and entry.app_ack >= 0 and entry.meta is not None:

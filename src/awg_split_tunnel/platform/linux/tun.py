@@ -106,6 +106,18 @@ class Tun:
         """Up to `batch` reads' worth of IP packets (super-packets already segmented); [] when none wait."""
         packets: list[bytes] = []
         fd, buf, view, stats = self.fd, self._buf, self._view, self.stats
+        if not self.vnet_hdr:
+            read = os.read
+            for _ in range(batch):
+                try:
+                    packets.append(read(fd, MAX_PACKET))
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+            stats.reads += len(packets)
+            stats.packets_read += len(packets)
+            return packets
         readv = os.readv
         for _ in range(batch):
             try:
@@ -115,9 +127,6 @@ class Tun:
             except InterruptedError:
                 continue
             stats.reads += 1
-            if not self.vnet_hdr:
-                packets.append(bytes(view[:n]))
-                continue
             if n <= VNET_HDR_SIZE:
                 stats.dropped_malformed += 1
                 continue

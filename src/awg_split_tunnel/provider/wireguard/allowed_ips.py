@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
+_CACHE_LIMIT = 4096
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -64,11 +65,14 @@ class _Family(Generic[V]):
 class AllowedIPs(Generic[V]):
     """Longest-prefix-match table from IP prefixes to peers (any hashable value)."""
 
-    __slots__ = ("_v4", "_v6")
+    __slots__ = ("_cache", "_v4", "_v6")
 
     def __init__(self) -> None:
         self._v4: _Family[V] = _Family(32)
         self._v6: _Family[V] = _Family(128)
+        # Packed address → result of the packet lookups; a flow's packets repeat the same few addresses,
+        # so most lookups on the data path are one slice and one dict hit. Cleared on every change.
+        self._cache: dict[bytes, V | None] = {}
 
     def insert(self, network: Network | str, value: V) -> None:
         """Map `network` to `value`, replacing whoever held exactly that prefix. Host bits are ignored
@@ -76,11 +80,13 @@ class AllowedIPs(Generic[V]):
         net = _network(network)
         family = self._v4 if net.version == 4 else self._v6
         family.insert(int(net.network_address), net.prefixlen, value)
+        self._cache.clear()
 
     def remove(self, network: Network | str) -> V | None:
         """Remove exactly this prefix; returns the value it had, or None."""
         net = _network(network)
         family = self._v4 if net.version == 4 else self._v6
+        self._cache.clear()
         return family.remove(int(net.network_address), net.prefixlen)
 
     def remove_value(self, value: V) -> int:
@@ -112,19 +118,34 @@ class AllowedIPs(Generic[V]):
 
     def lookup_destination(self, packet: bytes | bytearray | memoryview) -> V | None:
         """Peer for an IP packet's destination address; None for anything that is not IPv4/IPv6."""
-        if len(packet) >= 20 and packet[0] >> 4 == 4:
-            return self._v4.lookup(int.from_bytes(packet[16:20], "big"))
-        if len(packet) >= 40 and packet[0] >> 4 == 6:
-            return self._v6.lookup(int.from_bytes(packet[24:40], "big"))
+        n = len(packet)
+        if n >= 20 and packet[0] >> 4 == 4:
+            return self._cached(bytes(packet[16:20]))
+        if n >= 40 and packet[0] >> 4 == 6:
+            return self._cached(bytes(packet[24:40]))
         return None
 
     def lookup_source(self, packet: bytes | bytearray | memoryview) -> V | None:
         """Peer for an IP packet's source address; None for anything that is not IPv4/IPv6."""
-        if len(packet) >= 20 and packet[0] >> 4 == 4:
-            return self._v4.lookup(int.from_bytes(packet[12:16], "big"))
-        if len(packet) >= 40 and packet[0] >> 4 == 6:
-            return self._v6.lookup(int.from_bytes(packet[8:24], "big"))
+        n = len(packet)
+        if n >= 20 and packet[0] >> 4 == 4:
+            return self._cached(bytes(packet[12:16]))
+        if n >= 40 and packet[0] >> 4 == 6:
+            return self._cached(bytes(packet[8:24]))
         return None
+
+    def _cached(self, packed: bytes) -> V | None:
+        cache = self._cache
+        try:
+            return cache[packed]
+        except KeyError:
+            pass
+        family = self._v4 if len(packed) == 4 else self._v6
+        value = family.lookup(int.from_bytes(packed, "big"))
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()  # a scan of many addresses must not grow memory without bound
+        cache[packed] = value
+        return value
 
     def items(self) -> list[tuple[Network, V]]:
         """Every (prefix, value), IPv4 first, longest prefixes first within a family."""

@@ -120,3 +120,15 @@ def test_lookup_matches_a_linear_scan(
         assert table.lookup(addr.packed) == expected
     assert len(table) == len(reference)
     assert sorted(table.items(), key=str) == sorted(reference.items(), key=str)
+
+
+def test_changes_take_effect_for_packets_already_seen() -> None:
+    table: AllowedIPs[str] = AllowedIPs()
+    table.insert("198.19.0.0/24", "a")
+    packet = _ipv4_packet("198.18.0.1", "198.19.0.9")
+    assert table.lookup_destination(packet) == "a"
+    table.insert("198.19.0.9/32", "b")
+    assert table.lookup_destination(packet) == "b"
+    table.remove("198.19.0.9/32")
+    table.remove("198.19.0.0/24")
+    assert table.lookup_destination(packet) is None
