@@ -31,28 +31,34 @@ DANTE_PORT = 1081
 
 
 def serve(config: dict[str, object]) -> None:
-    """The daemon under test: router + divert loop + the SOCKS5 tunnel's proxies. Runs in ns client."""
+    """The daemon under test: router + divert loop + the SOCKS5 tunnels' proxies. Runs in ns client.
+
+    ``config["mode"]`` is ``thread`` (RouterLoop on a thread of this process) or ``process``
+    (RouterProcess: the loop in its own process, as DESIGN §3 wants).
+    """
     import asyncio
     import logging
 
-    from awg_split_tunnel.core.packet_router import ROUTER_FILTER, PacketRouter, RouterLoop, TunnelRoute
+    from awg_split_tunnel.core.packet_router import (
+        PacketRouter,
+        RouterLoop,
+        RouterProcess,
+        RouterSettings,
+        TunnelRoute,
+    )
     from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
     from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
-    from awg_split_tunnel.platform.divert import NetworkHandle, SocketEventHandle
-    from awg_split_tunnel.process.lookup import NamespaceFilter
+    from awg_split_tunnel.platform.divert import router_handles
     from awg_split_tunnel.provider.socks5.provider import Socks5Provider
     from awg_split_tunnel.proxy.tunnel_proxy import TunnelProxy
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    rules = RuleEngine(
-        [
-            Rule("app-socks", "socks"),
-            Rule("app-udpsocks", "socksudp"),
-            Rule("app-drop", "socks", FallbackPolicy.DROP),
-            Rule("app-down", "downtunnel", FallbackPolicy.BLOCK),
-            Rule("app-block", "socks", FallbackPolicy.BLOCK),
-        ],
-        "direct",
+    rules = (
+        Rule("app-socks", "socks"),
+        Rule("app-udpsocks", "socksudp"),
+        Rule("app-drop", "socks", FallbackPolicy.DROP),
+        Rule("app-down", "downtunnel", FallbackPolicy.BLOCK),
+        Rule("app-block", "socks", FallbackPolicy.BLOCK),
     )
     states = {"socks": TunnelState.UP, "socksudp": TunnelState.UP, "downtunnel": TunnelState.DOWN}
     tunnels = {
@@ -62,43 +68,33 @@ def serve(config: dict[str, object]) -> None:
     }
 
     async def main() -> None:
-        router = PacketRouter(rules, states.get, tunnels, own_pids={os.getpid()})
+        router: PacketRouter | RouterProcess
+        if config["mode"] == "process":
+            router = RouterProcess(RouterSettings(rules, "direct", tunnels, states), router_handles)
+        else:
+            router = PacketRouter(RuleEngine(rules, "direct"), states.get, tunnels, own_pids={os.getpid()})
         socks_ip = str(config["socks_ip"])
+
+        def proxy(tunnel_id: str, port: int, host: str, socks_port: object, udp: bool) -> TunnelProxy:
+            provider = Socks5Provider(socks_ip, int(str(socks_port)))
+            return TunnelProxy(
+                tunnel_id, provider, router.nat_lookup, host, tcp_port=port, udp_port=port, udp=udp
+            )
+
         proxies = [
-            TunnelProxy(
-                "socks",
-                Socks5Provider(socks_ip, int(str(config["socks_port"]))),
-                router.nat_lookup,
-                "0.0.0.0",
-                tcp_port=PROXY_PORT,
-                udp=False,
-            ),
-            TunnelProxy(
-                "socks",
-                Socks5Provider(socks_ip, int(str(config["socks_port"]))),
-                router.nat_lookup,
-                "::",
-                tcp_port=PROXY_PORT,
-                udp=False,
-            ),
-            TunnelProxy(
-                "socksudp",
-                Socks5Provider(socks_ip, int(str(config["dante_port"]))),
-                router.nat_lookup,
-                "0.0.0.0",
-                tcp_port=PROXY_PORT + 1,
-                udp_port=PROXY_PORT + 1,
-            ),
+            proxy("socks", PROXY_PORT, "0.0.0.0", config["socks_port"], False),
+            proxy("socks", PROXY_PORT, "::", config["socks_port"], False),
+            proxy("socksudp", PROXY_PORT + 1, "0.0.0.0", config["dante_port"], True),
         ]
-        for proxy in proxies:
-            await proxy.start()
-        loop = RouterLoop(
-            router,
-            NetworkHandle(ROUTER_FILTER),
-            [SocketEventHandle(), SocketEventHandle.flows()],
-            accept_pid=NamespaceFilter().same_namespace,
-        )
-        loop.start()
+        for p in proxies:
+            await p.start()
+        if isinstance(router, RouterProcess):
+            router.start()
+            loop = None
+        else:
+            network, events, accept_pid = router_handles()
+            loop = RouterLoop(router, network, events, accept_pid=accept_pid)
+            loop.start()
         print("ready", flush=True)
         # Commands from the test, one per line ("down ID" / "up ID"), until it closes our stdin.
         while line := await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline):
@@ -106,14 +102,21 @@ def serve(config: dict[str, object]) -> None:
             states[tunnel_id] = TunnelState.UP if command == "up" else TunnelState.DOWN
             router.tunnel_state_changed(tunnel_id, states[tunnel_id])
             print("ok", flush=True)
-        loop.stop()
-        flows = [
-            f"{e.proto} {e.app_port}->{e.orig_dst_ip}:{e.orig_dst_port} {e.verdict.name} {e.tunnel_id}"
-            for e in router.connections()
-        ]
-        print(json.dumps({"stats": str(router.stats), "error": repr(loop.error), "flows": flows}), flush=True)
-        for proxy in proxies:
-            await proxy.stop()
+        if isinstance(router, RouterProcess):
+            snapshot = router.snapshot()
+            router.stop()
+            stats, flows, error = snapshot[0] if snapshot else None, snapshot[1] if snapshot else [], None
+        else:
+            assert loop is not None
+            loop.stop()
+            stats, error = router.stats, loop.error
+            flows = [(e.proto, e.app_port, e.orig_dst_ip, e.verdict.name) for e in router.connections()]
+        print(
+            json.dumps({"stats": str(stats), "error": repr(error), "flows": [str(f) for f in flows]}),
+            flush=True,
+        )
+        for p in proxies:
+            await p.stop()
 
     asyncio.run(main())
 
@@ -131,11 +134,11 @@ def lab() -> Iterator[object]:
         yield lab
 
 
-@pytest.fixture(scope="module")
-def daemon(lab: object) -> Iterator[subprocess.Popen[str]]:
+@pytest.fixture(scope="module", params=["thread", "process"])
+def daemon(lab: object, request: pytest.FixtureRequest) -> Iterator[subprocess.Popen[str]]:
     from awg_split_tunnel.lab import CLIENT, SOCKS_IP, SOCKS_PORT
 
-    config = {"socks_ip": SOCKS_IP, "socks_port": SOCKS_PORT, "dante_port": DANTE_PORT}
+    config = {"socks_ip": SOCKS_IP, "socks_port": SOCKS_PORT, "dante_port": DANTE_PORT, "mode": request.param}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     process = lab.spawn(  # type: ignore[attr-defined]
         CLIENT,
@@ -304,7 +307,8 @@ data = bytearray()
 while chunk := s.recv(1 << 20):
     data += chunk
 body = bytes(data[data.index(b"\\r\\n\\r\\n") + 4 :])
-print(len(body), hashlib.sha256(body).hexdigest(), f"{len(body) * 8 / (time.monotonic() - started) / 1e6:.0f}")
+mbit = len(body) * 8 / (time.monotonic() - started) / 1e6
+print(len(body), hashlib.sha256(body).hexdigest(), f"{mbit:.0f}")
 """
 
 

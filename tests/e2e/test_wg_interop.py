@@ -27,9 +27,12 @@ from awg_split_tunnel.lab.topology import (
     CLIENT,
     CLIENT_IP,
     TUNNEL_CLIENT_IP,
+    TUNNEL_CLIENT_IP6,
     TUNNEL_SERVER_IP,
+    TUNNEL_SERVER_IP6,
     UDP_ECHO_PORT,
     WEB_IP,
+    WEB_IP6,
     WG,
 )
 
@@ -86,12 +89,12 @@ def client_conf(
     private_key: str,
     server: WireGuardServer,
     *,
-    allowed_ips: str = f"{TUNNEL_SERVER_IP}/32, {WEB_IP}/32",
+    allowed_ips: str = f"{TUNNEL_SERVER_IP}/32, {WEB_IP}/32, {WEB_IP6}/128",
     extra_interface: str = "",
     extra_peer: str = "",
 ) -> str:
     return (
-        f"[Interface]\nPrivateKey = {private_key}\nAddress = {TUNNEL_CLIENT_IP}/24\n"
+        f"[Interface]\nPrivateKey = {private_key}\nAddress = {TUNNEL_CLIENT_IP}/24, {TUNNEL_CLIENT_IP6}/64\n"
         f"ListenPort = {CLIENT_PORT}\n"
         f"{extra_interface}\n"
         f"[Peer]\nPublicKey = {server.public_key}\nEndpoint = {server.endpoint}\nAllowedIPs = {allowed_ips}\n"
@@ -114,8 +117,13 @@ def make_setup(
     server = start_wireguard_go(
         lab,
         peers=[
-            WireGuardPeer(client_public, [f"{TUNNEL_CLIENT_IP}/32"], endpoint=f"{CLIENT_IP}:{CLIENT_PORT}")
+            WireGuardPeer(
+                client_public,
+                [f"{TUNNEL_CLIENT_IP}/32", f"{TUNNEL_CLIENT_IP6}/128"],
+                endpoint=f"{CLIENT_IP}:{CLIENT_PORT}",
+            )
         ],
+        address=[f"{TUNNEL_SERVER_IP}/24", f"{TUNNEL_SERVER_IP6}/64"],
     )
     kwargs = {"allowed_ips": allowed_ips} if allowed_ips else {}
     conf = lab.tmpdir / f"ours-{name}.conf"
@@ -164,11 +172,13 @@ def latest_handshake(server: WireGuardServer) -> int:
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-def test_we_initiate_ping_and_the_web_server_sees_our_tunnel_address(setup: Setup) -> None:
+def test_we_initiate_and_the_web_server_sees_our_tunnel_addresses(setup: Setup) -> None:
     assert udp_echo(setup.lab) == [TUNNEL_CLIENT_IP] * 3, setup.client.output()
     seen = curl(setup.lab, f"http://{WEB_IP}/")
     assert seen.returncode == 0, seen.stderr
     assert seen.stdout.splitlines()[0] == TUNNEL_CLIENT_IP
+    seen6 = curl(setup.lab, f"http://[{WEB_IP6}]/")
+    assert seen6.stdout.splitlines()[:1] == [TUNNEL_CLIENT_IP6], seen6.stderr
     assert latest_handshake(setup.server) > 0
 
 

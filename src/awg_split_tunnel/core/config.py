@@ -196,8 +196,8 @@ class InlinePeer(_Model):
         return value
 
     def settings(self) -> dict[str, str]:
+        """The given settings by field name; `allowed_ips` defaults to everything."""
         values = {name: getattr(self, name) for name in _PEER_FIELDS}
-        values.setdefault("allowed_ips", None)
         if values["allowed_ips"] is None:
             values["allowed_ips"] = DEFAULT_ALLOWED_IPS
         return {k: v for k, v in values.items() if v is not None}
@@ -305,7 +305,9 @@ class PacketTunnel(_TunnelBase):
         return self._conf_path
 
 
-Tunnel = Annotated[Socks5Tunnel | HttpTunnel | PacketTunnel, Field(discriminator="type")]
+AnyTunnel = Socks5Tunnel | HttpTunnel | PacketTunnel
+"""Any tunnel model (for annotations and isinstance checks)."""
+Tunnel = Annotated[AnyTunnel, Field(discriminator="type")]
 
 
 class Config(_Model):
@@ -321,7 +323,7 @@ class Config(_Model):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    def tunnel(self, tunnel_id: str) -> Socks5Tunnel | HttpTunnel | PacketTunnel | None:
+    def tunnel(self, tunnel_id: str) -> AnyTunnel | None:
         """The tunnel with this id, or None."""
         return next((t for t in self.tunnels if t.id == tunnel_id), None)
 
@@ -599,7 +601,7 @@ def _resolve_packet_tunnels(config: Config, doc: CommentedMap, file: str, base_d
                 conf = _inline_wg_conf(tunnel)
             except ConfigError as exc:
                 raise _error_at(doc, (*here, exc.key or ""), exc.reason, file) from None
-            source = "its settings"
+            source = "the inline settings"
         _check_usable(tunnel, conf, source, doc, here, file)
         tunnel._wg_conf = conf
 
@@ -629,19 +631,19 @@ def _check_usable(
     key = "config_file" if tunnel.config_file is not None else None
     problem: tuple[str, str] | None = None
     if not conf.interface.addresses:
-        problem = (key or "address", f"{source} give no Address: the tunnel needs its own address")
+        problem = (key or "address", f"no Address in {source}: the tunnel needs its own address")
     elif not conf.peers:
-        problem = (key or "peer", f"{source} define no [Peer]")
+        problem = (key or "peer", f"no [Peer] in {source}")
     elif any(p.endpoint is None for p in conf.peers):
         problem = (
             key or "peer",
-            f"{source} give a peer without Endpoint; a client must know where to connect",
+            f"a peer in {source} has no Endpoint; a client must know where to connect",
         )
     elif tunnel.tunnel_type is TunnelType.WIREGUARD and conf.is_amneziawg:
         names = ", ".join(awg_params(conf))
         problem = (
             "type",
-            f"type is wireguard but {source} set AmneziaWG parameters ({names}); use amneziawg",
+            f"type is wireguard but AmneziaWG parameters are set in {source} ({names}); use type: amneziawg",
         )
     if problem is not None:
         raise _error_at(doc, (*here, problem[0]), problem[1], file)

@@ -15,6 +15,7 @@ lookup, at most an address swap and a port write with incremental checksums.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
-from awg_split_tunnel.core.rule_engine import Decision, resolve
+from awg_split_tunnel.core.rule_engine import Decision, Rule, RuleEngine, resolve
 from awg_split_tunnel.net.nat import (
     FIN_FROM_APP,
     FIN_FROM_PEER,
@@ -588,6 +589,24 @@ class PacketRouter:
                     self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
 
 
+def flow_row(e: NatEntry) -> tuple[Any, ...]:
+    """One flow for ``connections``: proto, app ip, app port, dst ip, dst port, verdict, tunnel, pid, exe,
+    packets out, packets in."""
+    return (
+        e.proto,
+        e.app_ip,
+        e.app_port,
+        e.orig_dst_ip,
+        e.orig_dst_port,
+        e.verdict.name,
+        e.tunnel_id,
+        e.pid,
+        e.exe,
+        e.packets_out,
+        e.packets_in,
+    )
+
+
 def _proto_number(proto: int | str) -> int:
     if isinstance(proto, int):
         return proto
@@ -641,13 +660,14 @@ REFRESH_INTERVAL = 2.0
 
 
 class RouterLoop:
-    """The thin I/O side: divert handles → ``PacketRouter`` → reinjection, on one dedicated thread.
+    """The thin I/O side: divert handles → ``PacketRouter`` → reinjection, on one thread.
 
-    ``start()`` opens the handles (raises if the backend refuses) and starts the thread; ``stop()``
-    closes them, after which traffic flows undiverted. ``accept_pid`` filters connect events to this
-    network namespace (``process.lookup.NamespaceFilter.same_namespace``). Everything the router needs
-    crosses into it through its queued control methods, so the loop can move into its own process
-    behind a pipe without changing the router.
+    ``start()`` opens the handles (raises if the backend refuses) and runs the loop on a new thread;
+    ``stop()`` ends it and closes the handles, after which traffic flows undiverted. ``run()`` does the
+    same on the calling thread until ``request_stop()`` (``RouterProcess`` uses it). ``accept_pid``
+    filters connect events to this network namespace (``process.lookup.NamespaceFilter``). ``control``
+    is an optional ``multiprocessing`` connection whose messages go to ``on_control`` on the loop's
+    thread.
     """
 
     def __init__(
@@ -658,21 +678,27 @@ class RouterLoop:
         *,
         accept_pid: Callable[[int], bool] = lambda pid: True,
         clock: Callable[[], float] = time.monotonic,
+        control: Any = None,
+        on_control: Callable[[Any], None] | None = None,
     ) -> None:
         self.router = router
         self.network = network
         self.events = list(events)
         self._accept_pid = accept_pid
         self._clock = clock
+        self._control = control
+        self._on_control = on_control
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = -1, -1
+        self._opened = False
         self.error: BaseException | None = None
 
-    def start(self) -> None:
+    def open(self) -> None:
+        """Open the handles: event handles first, so no SYN can arrive before its CONNECT could."""
         opened: list[EventPort] = []
         try:
-            for handle in self.events:  # events first: no SYN may arrive before its CONNECT can
+            for handle in self.events:
                 handle.open()
                 opened.append(handle)
             self.network.open()
@@ -682,17 +708,13 @@ class RouterLoop:
             raise
         self._wake_r, self._wake_w = os.pipe()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="packet-router", daemon=True)
-        self._thread.start()
+        self._opened = True
         log.info("[Router] diverting outbound TCP/UDP (%d event handles)", len(self.events))
 
-    def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
+    def close(self) -> None:
+        if not self._opened:
             return
-        self._stop.set()
-        os.write(self._wake_w, b"x")
-        thread.join(5.0)
+        self._opened = False
         handles: list[EventPort | NetworkPort] = [self.network, *self.events]
         for handle in handles:
             try:
@@ -702,6 +724,32 @@ class RouterLoop:
         os.close(self._wake_r)
         os.close(self._wake_w)
         log.info("[Router] stopped: %s", self.router.stats)
+
+    def start(self) -> None:
+        self.open()
+        self._thread = threading.Thread(target=self._run, name="packet-router", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self.request_stop()
+            thread.join(5.0)
+        self.close()
+
+    def run(self) -> None:
+        """Open (unless open), loop on this thread until ``request_stop()``, close."""
+        if not self._opened:
+            self.open()
+        try:
+            self._loop()
+        finally:
+            self.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        if self._opened:
+            os.write(self._wake_w, b"x")
 
     def __enter__(self) -> RouterLoop:
         self.start()
@@ -720,6 +768,8 @@ class RouterLoop:
     def _poller(self) -> select.poll:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
+        if self._control is not None:
+            poller.register(self._control.fileno(), select.POLLIN)
         handles: list[EventPort | NetworkPort] = [self.network, *self.events]
         for handle in handles:
             fd = handle.fileno()
@@ -745,6 +795,8 @@ class RouterLoop:
             timeout = 200 if deadline is None else max(0, min(200, int((deadline - now) * 1000) + 1))
             poller.poll(timeout)
             now = self._clock()
+            if self._control is not None:
+                self._drain_control()
             self._drain_events(now)
             for _ in range(BATCH):
                 n = net.recv_into(buf, c_buf, addr, 0)
@@ -766,6 +818,18 @@ class RouterLoop:
                 if net.refresh():
                     poller = self._poller()
 
+    def _drain_control(self) -> None:
+        control, handler = self._control, self._on_control
+        try:
+            while control.poll(0):
+                message = control.recv()
+                if handler is not None:
+                    handler(message)
+        except (EOFError, OSError):
+            # The control plane is gone: stop diverting (the OS firewall holds the kill switch).
+            log.error("[Router] control connection lost: stopping")
+            self._stop.set()
+
     def _drain_events(self, now: float) -> None:
         router = self.router
         for handle in self.events:
@@ -785,3 +849,239 @@ class RouterLoop:
         for packet in self.router.take_outgoing():
             net.set_inbound(packet.meta, packet.inbound)
             net.send(net.c_buffer(packet.data), len(packet.data), packet.meta)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """Everything the router process starts from (sent to it once, pickled)."""
+
+    rules: tuple[Rule, ...]
+    default: str
+    tunnels: Mapping[str, TunnelRoute]
+    states: Mapping[str, TunnelState]
+    default_fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
+    own_pids: frozenset[int] = frozenset()
+    hold_timeout: float = HOLD_TIMEOUT
+
+
+HandleFactory = Callable[[], tuple[NetworkPort, list[EventPort], Callable[[int], bool]]]
+"""Builds (unopened) NETWORK handle, event handles and the namespace filter inside the router process;
+``platform.divert.router_handles``. A module-level function, so it can be pickled."""
+
+START_TIMEOUT = 20.0
+
+
+class RouterProcess:
+    """The divert loop in its own process (DESIGN §3): a busy control plane cannot stall packets.
+
+    The child owns the handles, the PacketRouter and its tables; the control plane talks to it over one
+    pipe: rule/state/tunnel changes go down; every tunnelled flow's NAT entry comes up *before* its first
+    packet is reinjected, so ``nat_lookup`` (called by the proxies when they accept) finds it — on a miss it
+    drains the pipe itself before answering. A reader thread keeps the pipe drained otherwise.
+    """
+
+    def __init__(self, settings: RouterSettings, open_handles: HandleFactory) -> None:
+        self.settings = settings
+        self._open_handles = open_handles
+        self._process: Any = None
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._nat: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
+        self._snapshot: tuple[dict[str, Any], list[tuple[Any, ...]]] | None = None
+        self._snapshot_ready = threading.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the router process; returns once its handles are open. RuntimeError if they cannot be."""
+        import multiprocessing
+
+        # spawn, not fork: the control plane has threads and an event loop a forked child must not inherit.
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        settings = RouterSettings(
+            self.settings.rules,
+            self.settings.default,
+            dict(self.settings.tunnels),
+            dict(self.settings.states),
+            self.settings.default_fallback,
+            frozenset({*self.settings.own_pids, os.getpid()}),
+            self.settings.hold_timeout,
+        )
+        self._process = context.Process(
+            target=_router_process_main,
+            args=(settings, self._open_handles, child_conn),
+            name="awg-packet-router",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        if not self._conn.poll(timeout):
+            self._kill()
+            raise RuntimeError(f"the packet router process did not start within {timeout:.0f}s")
+        first = self._conn.recv()
+        if first[0] != "ready":
+            self._kill()
+            raise RuntimeError(f"the packet router process failed: {first[1]}")
+        self._reader = threading.Thread(target=self._read, name="packet-router-pipe", daemon=True)
+        self._reader.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._process is None:
+            return
+        with contextlib.suppress(OSError):
+            self._conn.send(("stop",))
+        self._process.join(timeout)
+        self._kill()
+
+    def _kill(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.is_alive():
+            process.terminate()
+            process.join(2.0)
+        if self._conn is not None:
+            self._conn.close()
+
+    # -- control plane side --------------------------------------------------------------------------------
+
+    def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
+        self._send(("state", tunnel_id, state))
+
+    def set_tunnels(self, tunnels: Mapping[str, TunnelRoute]) -> None:
+        self._send(("tunnels", dict(tunnels)))
+
+    def set_rules(
+        self, rules: Iterable[Rule], default: str, default_fallback: FallbackPolicy | None = None
+    ) -> None:
+        self._send(("rules", tuple(rules), default, default_fallback or self.settings.default_fallback))
+
+    def nat_lookup(self, proto: int | str, peer_ip: str, peer_port: int) -> NatEntry | None:
+        """Like ``PacketRouter.nat_lookup``, from the control plane's mirror of the router's NAT."""
+        number = _proto_number(proto)
+        address = ipaddress.ip_address(peer_ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        key = address.packed + peer_port.to_bytes(2, "big")
+        table = self._nat[0 if number == IPPROTO_TCP else 1]
+        entry = table.get(key)
+        if entry is None:
+            self._drain()  # its announcement may still sit in the pipe
+            entry = table.get(key)
+        return entry
+
+    def snapshot(self, timeout: float = 2.0) -> tuple[dict[str, Any], list[tuple[Any, ...]]] | None:
+        """(router stats, flows as tuples) from the router process, or None if it did not answer."""
+        self._snapshot_ready.clear()
+        self._send(("snapshot",))
+        return self._snapshot if self._snapshot_ready.wait(timeout) else None
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self._conn is None:
+            raise RuntimeError("the packet router process is not running")
+        self._conn.send(message)
+
+    def _read(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                conn.poll(None)
+            except (EOFError, OSError):
+                return
+            if not self._drain():
+                return
+
+    def _drain(self) -> bool:
+        """Apply every message waiting in the pipe; False once it is closed."""
+        if self._conn is None:
+            return False
+        with self._lock:
+            try:
+                while self._conn.poll(0):
+                    self._apply(self._conn.recv())
+            except (EOFError, OSError):
+                return False
+        return True
+
+    def _apply(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "nat":
+            _, proto, key, dst_addr, dst_port, pid, exe, app_addr, app_port, tunnel_id = message
+            self._nat[0 if proto == IPPROTO_TCP else 1][key] = NatEntry(
+                proto, app_addr, app_port, dst_addr, dst_port, FlowVerdict.TUNNEL, tunnel_id, pid=pid, exe=exe
+            )
+        elif kind == "gone":
+            _, proto, key = message
+            self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
+        elif kind == "snapshot":
+            self._snapshot = (message[1], message[2])
+            self._snapshot_ready.set()
+
+
+def nat_announcement(entry: NatEntry) -> tuple[Any, ...]:
+    """The router process's message for a new tunnelled flow (``RouterProcess`` mirrors it)."""
+    dst = (entry.orig_dst_addr, entry.orig_dst_port)
+    owner = (entry.pid, entry.exe, entry.app_addr, entry.app_port, entry.tunnel_id)
+    return ("nat", entry.proto, entry.peer_key, *dst, *owner)
+
+
+def nat_withdrawal(entry: NatEntry) -> tuple[Any, ...]:
+    return ("gone", entry.proto, entry.peer_key)
+
+
+def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, conn: Any) -> None:
+    """The router process: build router and loop, report ready, loop until told to stop."""
+    import dataclasses
+    import signal
+
+    # Ctrl-C reaches the whole process group; the control plane decides when the router stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    states = dict(settings.states)
+
+    def tunnelled(entry: NatEntry) -> None:
+        conn.send(nat_announcement(entry))
+
+    def forgotten(entry: NatEntry) -> None:
+        conn.send(nat_withdrawal(entry))
+
+    try:
+        engine = RuleEngine(settings.rules, settings.default, default_fallback=settings.default_fallback)
+        router = PacketRouter(
+            engine,
+            states.get,
+            settings.tunnels,
+            own_pids={*settings.own_pids, os.getpid()},
+            hold_timeout=settings.hold_timeout,
+            on_tunnelled=tunnelled,
+            on_forgotten=forgotten,
+        )
+        network, events, accept_pid = open_handles()
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+
+    def on_control(message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "stop":
+            loop.request_stop()
+        elif kind == "state":
+            states[message[1]] = message[2]
+            router.tunnel_state_changed(message[1], message[2])
+        elif kind == "tunnels":
+            router.set_tunnels(message[1])
+        elif kind == "rules":
+            router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
+        elif kind == "snapshot":
+            flows = [flow_row(e) for e in router.connections()]
+            conn.send(("snapshot", dataclasses.asdict(router.stats), flows))
+
+    loop = RouterLoop(router, network, events, accept_pid=accept_pid, control=conn, on_control=on_control)
+    try:
+        loop.open()
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready",))
+    loop.run()

@@ -27,6 +27,7 @@ import errno
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,3 +361,17 @@ def _interface_names() -> frozenset[str]:
     # if_nameindex() asks the kernel through a socket of this process's network namespace; /sys/class/net
     # would show the namespace whose sysfs is mounted, which under nsenter is the host's.
     return frozenset(name for _, name in socket.if_nameindex())
+
+
+def router_handles() -> tuple[NetworkHandle, list[SocketEventHandle], Callable[[int], bool]]:
+    """The router's unopened handles and its namespace filter: a ``core.packet_router.HandleFactory``.
+
+    NETWORK handle with ``ROUTER_FILTER``; SOCKET CONNECT events (TCP, connected UDP) and FLOW ESTABLISHED
+    events (UDP ``sendto()``, which raises no CONNECT on Linux: ``scripts/repro/udp_sendto_no_connect.py``);
+    events from other network namespaces are filtered out (``scripts/repro/socket_events_host_wide.py``).
+    """
+    from awg_split_tunnel.core.packet_router import ROUTER_FILTER
+    from awg_split_tunnel.process.lookup import NamespaceFilter
+
+    events = [SocketEventHandle(), SocketEventHandle.flows()]
+    return NetworkHandle(ROUTER_FILTER), events, NamespaceFilter().same_namespace

@@ -395,14 +395,14 @@ def test_inline_tunnel_needs_key_address_and_peer(tmp_path: Path) -> None:
         f"    peer: {{public_key: '{PUB}'}}\n",
     )
     assert_located(error, tmp_path / "config.yaml", 6, "tunnels[0].peer")
-    assert "without Endpoint" in str(error)
+    assert "has no Endpoint" in str(error)
 
 
 def test_wireguard_type_with_amneziawg_parameters_is_refused(tmp_path: Path) -> None:
     (tmp_path / "nl.conf").write_text(AWG_EXPORT)
     error = config_error(tmp_path, "tunnels:\n  - id: nl\n    type: wireguard\n    config_file: nl.conf\n")
     assert_located(error, tmp_path / "config.yaml", 3, "tunnels[0].type")
-    assert "use amneziawg" in str(error) and "jc" in str(error)
+    assert "use type: amneziawg" in str(error) and "jc" in str(error)
 
 
 def test_top_level_must_be_a_mapping_and_text_utf8(tmp_path: Path) -> None:

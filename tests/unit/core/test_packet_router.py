@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute, Verdict, is_lan_destination
+from awg_split_tunnel.core.packet_router import (
+    PacketRouter,
+    RouterProcess,
+    RouterSettings,
+    TunnelRoute,
+    Verdict,
+    is_lan_destination,
+    nat_announcement,
+    nat_withdrawal,
+)
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.packet import (
@@ -352,3 +361,40 @@ def test_mid_stream_packets_of_unknown_connections_pass() -> None:
 def test_garbage_never_raises(data: bytes) -> None:
     env = Env(default="socks")
     env.router.route(bytearray(data), len(data), 0.0, lambda: None)
+
+
+def _settings() -> RouterSettings:
+    return RouterSettings((Rule("app-socks", "socks"),), "direct", {"socks": TunnelRoute(PROXY_TCP)}, {})
+
+
+def test_router_process_mirror_answers_nat_lookups_from_announcements() -> None:
+    announced: list[tuple[object, ...]] = []
+    env = Env()
+    router = PacketRouter(
+        RuleEngine([Rule("app-socks", "socks")], "direct", Platform.POSIX),
+        env.states.get,
+        {"socks": TunnelRoute(PROXY_TCP)},
+        exe_of=PIDS.get,
+        on_tunnelled=lambda e: announced.append(nat_announcement(e)),
+        on_forgotten=lambda e: announced.append(nat_withdrawal(e)),
+    )
+    router.connect_event(IPPROTO_TCP, WEB, 80, 100, 0.0)
+    packet = syn()
+    router.route(packet, len(packet), 0.0, lambda: None)
+    mirror = RouterProcess(_settings(), tuple)
+    for message in announced:
+        mirror._apply(message)
+    entry = mirror.nat_lookup("tcp", "198.18.0.10", 40000)
+    assert entry is not None and (entry.orig_dst_port, entry.pid, entry.exe) == (80, 100, PIDS[100])
+    router.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_RST), 40, 1.0, lambda: None)
+    router.poll(100.0)
+    for message in announced[1:]:
+        mirror._apply(message)
+    assert mirror.nat_lookup("tcp", "198.18.0.10", 40000) is None
+
+
+def test_router_process_that_cannot_open_its_handles_fails_to_start_with_the_reason() -> None:
+    # ``tuple`` stands in for a handle factory that returns nothing usable.
+    process = RouterProcess(_settings(), tuple)
+    with pytest.raises(RuntimeError, match="packet router process failed: ValueError"):
+        process.start(timeout=30)

@@ -72,8 +72,13 @@ class Tun:
         self._view = memoryview(self._buf)
 
     @classmethod
-    def open(cls, name: str = "", *, vnet_hdr: bool = False) -> Tun:
-        """Create (or attach to) TUN interface `name`; the kernel picks a name when it is empty."""
+    def open(cls, name: str = "", *, vnet_hdr: bool = False, read_offload: bool = True) -> Tun:
+        """Create (or attach to) TUN interface `name`; the kernel picks a name when it is empty.
+
+        `vnet_hdr` adds the virtio-net header to every read and write, which lets `write_packets` hand
+        coalesced TCP super-packets to the kernel. `read_offload` (with `vnet_hdr`) also lets the kernel
+        give us TSO super-packets to read, which we must then cut up ourselves; without it reads stay
+        MTU-size packets."""
         if len(name.encode()) >= IFNAMSIZ:
             raise TunnelError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
         try:
@@ -88,7 +93,8 @@ class Tun:
             result = fcntl.ioctl(fd, TUNSETIFF, ifr)
             if vnet_hdr:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if read_offload else 0
+                fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
         except OSError as exc:
             os.close(fd)
             if exc.errno == errno.EPERM:
@@ -160,6 +166,27 @@ class Tun:
             self.stats.dropped_malformed += 1
             return
         self.stats.writes += 1
+
+    def write_packets(self, packets: list[bytes]) -> None:
+        """Hand IP packets to the kernel; with a vnet header, consecutive segments of one TCP flow go
+        as one super-packet (GRO done here: one write and one pass through the stack instead of many)."""
+        if not self.vnet_hdr:
+            for packet in packets:
+                self.write_packet(packet)
+            return
+        fd, stats = self.fd, self.stats
+        writev = os.writev
+        for header, packet in coalesce_tcp(packets):
+            try:
+                writev(fd, [header, packet])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EIO, errno.EFAULT, errno.EMSGSIZE):
+                    raise
+                stats.dropped_malformed += 1
+                continue
+            stats.writes += 1
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -270,6 +297,135 @@ def _segment_tcp(packet: memoryview, mss: int) -> list[bytes]:
         offset += mss
         index += 1
     return segments
+
+
+_IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBH")  # IPv4 header without options + TCP up to the window
+
+
+class _Flow:
+    """A run of TCP segments being merged: header of the first, payloads, next expected sequence."""
+
+    __slots__ = (
+        "doff",
+        "header",
+        "ihl",
+        "key",
+        "last_flags",
+        "mss",
+        "next_seq",
+        "payloads",
+        "size",
+        "version",
+    )
+
+    def __init__(
+        self, key: bytes, header: bytes, ihl: int, doff: int, version: int, payload: bytes, seq: int
+    ) -> None:
+        self.key = key
+        self.header = header
+        self.ihl = ihl
+        self.doff = doff
+        self.version = version
+        self.payloads = [payload]
+        self.mss = len(payload)
+        self.size = len(header) + len(payload)
+        self.next_seq = (seq + len(payload)) & 0xFFFFFFFF
+        self.last_flags = header[ihl + 13]
+
+
+def _tcp_segment(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
+    """(flow key, IP header length, TCP header length, sequence, TCP flags) of a TCP segment that GRO may
+    merge: IPv4 without options or fragments, or IPv6 without extension headers; data, ACK, no other
+    control flags."""
+    n = len(packet)
+    version = packet[0] >> 4
+    if version == 4:
+        if n < 40 or packet[0] != 0x45 or packet[9] != 6 or packet[6] & 0x3F or packet[7]:
+            return None
+        ihl = 20
+    elif version == 6:
+        if n < 60 or packet[6] != 6:
+            return None
+        ihl = 40
+    else:
+        return None
+    doff = (packet[ihl + 12] >> 4) * 4
+    flags = packet[ihl + 13]
+    if doff < 20 or n <= ihl + doff or flags & ~0x18 or not flags & 0x10:
+        return None
+    if version == 4:
+        # TOS, DF, TTL, addresses, ports, ack, data offset and window, options: all must match.
+        key = packet[1:2] + packet[6:7] + packet[8:9] + packet[12:24] + packet[28:33] + packet[34:36]
+    else:
+        key = packet[0:4] + packet[7:8] + packet[8:44] + packet[48:53] + packet[54:56]
+    key += packet[ihl + 20 : ihl + doff]
+    seq = int.from_bytes(packet[ihl + 4 : ihl + 8], "big")
+    return key, ihl, doff, seq, flags
+
+
+def coalesce_tcp(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(vnet header, packet) pairs for `packets` in order, consecutive in-order segments of one TCP flow
+    merged into a GSO super-packet (the Linux GRO rules: same headers, equal-size segments except a
+    shorter last one, PSH ends a run, at most 64 KB)."""
+    out: list[tuple[bytes, bytes]] = []
+    flow: _Flow | None = None
+    for packet in packets:
+        info = _tcp_segment(packet)
+        if info is None:
+            if flow is not None:
+                out.append(_finish(flow))
+                flow = None
+            out.append((_NO_VNET_HDR, packet))
+            continue
+        key, ihl, doff, seq, flags = info
+        payload_len = len(packet) - ihl - doff
+        if (
+            flow is not None
+            and key == flow.key
+            and seq == flow.next_seq
+            and payload_len <= flow.mss
+            and flow.size + payload_len <= MAX_PACKET
+        ):
+            flow.payloads.append(packet[ihl + doff :])
+            flow.size += payload_len
+            flow.next_seq = (seq + payload_len) & 0xFFFFFFFF
+            flow.last_flags = flags
+            if payload_len < flow.mss or flags & 0x08:
+                out.append(_finish(flow))  # a short segment or PSH ends the run, as in Linux GRO
+                flow = None
+            continue
+        if flow is not None:
+            out.append(_finish(flow))
+        flow = _Flow(key, packet[: ihl + doff], ihl, doff, 4 if ihl == 20 else 6, packet[ihl + doff :], seq)
+        if flags & 0x08:
+            out.append(_finish(flow))
+            flow = None
+    if flow is not None:
+        out.append(_finish(flow))
+    return out
+
+
+def _finish(flow: _Flow) -> tuple[bytes, bytes]:
+    if len(flow.payloads) == 1:
+        return _NO_VNET_HDR, flow.header + flow.payloads[0]
+    ihl, doff = flow.ihl, flow.doff
+    header = bytearray(flow.header)
+    tcp_len = flow.size - ihl
+    if flow.version == 4:
+        struct.pack_into("!H", header, 2, flow.size)
+        header[10:12] = b"\0\0"
+        header[10:12] = checksum(header[:20]).to_bytes(2, "big")
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+        addresses = header[12:20]
+    else:
+        struct.pack_into("!H", header, 4, tcp_len)
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV6
+        addresses = header[8:40]
+    header[ihl + 13] |= flow.last_flags & 0x08
+    # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the kernel finishes per segment.
+    header[ihl + 16 : ihl + 18] = ones_complement_sum(addresses, 6 + tcp_len).to_bytes(2, "big")
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, ihl + doff, flow.mss, ihl, 16)
+    return vnet, bytes(header) + b"".join(flow.payloads)
 
 
 # --- interface configuration through iproute2 ------------------------------------------------------

@@ -441,3 +441,54 @@ def test_unsupported_offload_is_refused() -> None:
     header = tun.VNET_HDR.pack(0, 3, 28, 1000, 20, 6)  # UDP fragmentation offload: never enabled by us
     with pytest.raises(ValueError):
         tun.offload_segments(memoryview(header + udp_packet("198.18.0.1", "198.18.0.2")))
+
+
+def tcp_stream(payload: bytes, mss: int, version: int, psh_every: int = 0) -> list[bytes]:
+    """The MSS-size segments a sender would put on the wire for `payload` (valid checksums)."""
+    segments = []
+    for i, offset in enumerate(range(0, len(payload), mss)):
+        chunk = payload[offset : offset + mss]
+        flags = 0x10 | (0x08 if psh_every and (i + 1) % psh_every == 0 else 0)
+        seg = bytearray(tcp_super_packet(chunk, version, flags=flags))
+        ip_len = 20 if version == 4 else 40
+        struct.pack_into("!I", seg, ip_len + 4, (0xFFFFFF00 + offset) & 0xFFFFFFFF)
+        if version == 4:
+            struct.pack_into("!H", seg, 4, (0xFFFE + i) & 0xFFFF)
+            seg[10:12] = reference_checksum(bytes(seg[:20])).to_bytes(2, "big")
+            pseudo = bytes(seg[12:20]) + struct.pack("!BBH", 0, 6, len(seg) - 20)
+        else:
+            pseudo = bytes(seg[8:40]) + struct.pack("!IxxxB", len(seg) - 40, 6)
+        seg[ip_len + 16 : ip_len + 18] = reference_checksum(pseudo + bytes(seg[ip_len:])).to_bytes(2, "big")
+        segments.append(bytes(seg))
+    return segments
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    payload=st.binary(min_size=1, max_size=12000),
+    mss=st.integers(min_value=500, max_value=1400),
+    version=st.sampled_from([4, 6]),
+    psh_every=st.sampled_from([0, 3]),
+)
+def test_gro_merges_a_tcp_run_that_segments_back_to_the_same_packets(
+    payload: bytes, mss: int, version: int, psh_every: int
+) -> None:
+    segments = tcp_stream(payload, mss, version, psh_every)
+    assert all(tcp_valid(s, version) for s in segments)
+    merged = tun.coalesce_tcp(segments)
+    if not psh_every:
+        per_run = (65535 - (40 if version == 4 else 60)) // mss  # a super-packet is one IP packet
+        assert len(merged) == -(-len(segments) // per_run)
+    rebuilt: list[bytes] = []
+    for header, packet in merged:
+        rebuilt += tun.offload_segments(memoryview(header + packet))
+    assert rebuilt == segments
+
+
+def test_gro_keeps_other_packets_in_place_and_separate_flows_apart() -> None:
+    a = tcp_stream(b"a" * 3000, 1000, 4)
+    other = udp_packet("198.18.0.1", "198.18.0.2")
+    b = tcp_stream(b"b" * 2000, 1000, 6)
+    merged = tun.coalesce_tcp([a[0], a[1], other, a[2], *b])
+    assert [len(tun.offload_segments(memoryview(h + p))) for h, p in merged] == [2, 1, 1, 2]
+    assert merged[1] == (bytes(tun.VNET_HDR_SIZE), other)
