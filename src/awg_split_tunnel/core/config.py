@@ -43,6 +43,7 @@ from awg_split_tunnel.core.events import ConfigChanged, EventBus
 from awg_split_tunnel.core.policy import DIRECT, DROP, RESERVED_TUNNEL_IDS, FallbackPolicy, TunnelType
 from awg_split_tunnel.errors import ConfigError
 from awg_split_tunnel.process.matcher import compile_pattern
+from awg_split_tunnel.provider.amneziawg.params import CONF_NAMES, AmneziaParams
 from awg_split_tunnel.provider.wireguard.conf import (
     Endpoint,
     WgConf,
@@ -602,7 +603,7 @@ def _resolve_packet_tunnels(config: Config, doc: CommentedMap, file: str, base_d
             except ConfigError as exc:
                 raise _error_at(doc, (*here, exc.key or ""), exc.reason, file) from None
             source = "the inline settings"
-        _check_usable(tunnel, conf, source, doc, here, file)
+        _check_usable(tunnel, conf, source, doc, here, file, base_dir)
         tunnel._wg_conf = conf
 
 
@@ -625,7 +626,13 @@ def _read_conf_file(
 
 
 def _check_usable(
-    tunnel: PacketTunnel, conf: WgConf, source: str, doc: CommentedMap, here: KeyPath, file: str
+    tunnel: PacketTunnel,
+    conf: WgConf,
+    source: str,
+    doc: CommentedMap,
+    here: KeyPath,
+    file: str,
+    base_dir: Path,
 ) -> None:
     """What a client tunnel needs beyond syntax: an address, a peer with an endpoint, the right type."""
     key = "config_file" if tunnel.config_file is not None else None
@@ -647,6 +654,27 @@ def _check_usable(
         )
     if problem is not None:
         raise _error_at(doc, (*here, problem[0]), problem[1], file)
+    if conf.is_amneziawg:
+        _check_amneziawg(tunnel, conf, doc, here, file, base_dir)
+
+
+def _check_amneziawg(
+    tunnel: PacketTunnel, conf: WgConf, doc: CommentedMap, here: KeyPath, file: str, base_dir: Path
+) -> None:
+    """The rules amneziawg-go enforces (and the crashes it does not guard against), at load time."""
+    try:
+        AmneziaParams.from_mapping(awg_params(conf)).check()
+    except ConfigError as exc:
+        if tunnel.config_file is not None:
+            conf_file = str(base_dir / tunnel.config_file)
+            raise ConfigError(
+                f"{exc.reason} (tunnel '{tunnel.id}')", file=conf_file, key=_conf_key(exc.key)
+            ) from None
+        raise _error_at(doc, (*here, exc.key or ""), exc.reason, file) from None
+
+
+def _conf_key(key: str | None) -> str | None:
+    return CONF_NAMES.get(key, key) if key is not None else None
 
 
 def _validate_document(doc: CommentedMap, file: str, base_dir: Path) -> Config:

@@ -23,6 +23,7 @@ import os
 import queue
 import select
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -765,16 +766,18 @@ class RouterLoop:
             self.error = exc
             log.exception("[Router] packet loop failed")
 
-    def _poller(self) -> select.poll:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        if self._control is not None:
-            poller.register(self._control.fileno(), select.POLLIN)
+    def _poller(self) -> Any:
+        """A poll object over every handle, or None where there is none (Windows: no poll(), and WinDivert
+        handles are not descriptors) — the loop then blocks briefly in the NETWORK handle's receive."""
+        if sys.platform == "win32":
+            return None
         handles: list[EventPort | NetworkPort] = [self.network, *self.events]
-        for handle in handles:
-            fd = handle.fileno()
-            if fd is not None:
-                poller.register(fd, select.POLLIN)
+        fds = [handle.fileno() for handle in handles]
+        if None in fds:
+            return None
+        poller = select.poll()
+        for fd in (self._wake_r, *fds, *([self._control.fileno()] if self._control is not None else [])):
+            poller.register(fd, select.POLLIN)
         return poller
 
     def _loop(self) -> None:
@@ -793,15 +796,20 @@ class RouterLoop:
             deadline = router.next_deadline()
             now = self._clock()
             timeout = 200 if deadline is None else max(0, min(200, int((deadline - now) * 1000) + 1))
-            poller.poll(timeout)
+            if poller is not None:
+                poller.poll(timeout)
+                wait_ms = 0
+            else:
+                wait_ms = min(timeout, 2)
             now = self._clock()
             if self._control is not None:
                 self._drain_control()
             self._drain_events(now)
             for _ in range(BATCH):
-                n = net.recv_into(buf, c_buf, addr, 0)
+                n = net.recv_into(buf, c_buf, addr, wait_ms)
                 if not n:
                     break
+                wait_ms = 0
                 verdict = route(buf, n, now, copy_meta)
                 if verdict is Verdict.REINJECT:
                     send(c_buf, n, addr)

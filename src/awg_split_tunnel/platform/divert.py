@@ -374,4 +374,6 @@ def router_handles() -> tuple[NetworkHandle, list[SocketEventHandle], Callable[[
     from awg_split_tunnel.process.lookup import NamespaceFilter
 
     events = [SocketEventHandle(), SocketEventHandle.flows()]
+    if sys.platform == "win32":  # pragma: no cover - no network namespaces; pid 4 is the System process
+        return NetworkHandle(ROUTER_FILTER), events, lambda pid: pid > 4
     return NetworkHandle(ROUTER_FILTER), events, NamespaceFilter().same_namespace

@@ -781,3 +781,35 @@ def test_comments_of_a_file_without_keys_survive_the_first_change(tmp_path: Path
     text = path.read_text()
     assert text.startswith("# my settings\n# (none yet)\n")
     assert load_config(path).tunnel_ids == ("s",)
+
+
+# -- AmneziaWG parameters are checked as amneziawg-go would (and where it would crash) ------------------
+
+
+def test_inline_amneziawg_parameters_are_checked_at_load(tmp_path: Path) -> None:
+    error = config_error(
+        tmp_path,
+        f"""\
+        tunnels:
+          - id: nl
+            type: amneziawg
+            private_key: {PRIV}
+            address: 198.19.0.2/32
+            jc: 3
+            jmin: 60
+            jmax: 50
+            peer:
+              public_key: {PUB}
+              endpoint: 198.18.0.40:51820
+        """,
+    )
+    assert error.line == 8 and error.key == "tunnels[0].jmax"
+    assert "Jmin" in error.reason
+
+
+def test_amneziawg_conf_with_overlapping_headers_names_the_conf_file(tmp_path: Path) -> None:
+    conf = AWG_EXPORT.replace("H2 = 2045118820-2045118900", "H2 = 1811432399-1811432500")
+    (tmp_path / "nl.conf").write_text(conf)
+    error = config_error(tmp_path, "tunnels:\n  - id: nl\n    type: amneziawg\n    config_file: nl.conf\n")
+    assert error.file == str(tmp_path / "nl.conf")
+    assert "overlap" in error.reason and "nl" in error.reason
