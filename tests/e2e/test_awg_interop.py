@@ -233,18 +233,23 @@ AWG_SET_NAMES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("generation", ["2.0", "3.x"])
-def test_ours_and_the_reference_amneziawg_go_interoperate(web_lab: Lab, generation: str) -> None:
-    params = PARAMETER_SETS[generation]
+def reference_params(lab: Lab, params: dict[str, str]) -> dict[str, str | int]:
+    """A .conf parameter set as `awg set` arguments (the protection key goes through a file)."""
     awg_params: dict[str, str | int] = {AWG_SET_NAMES[k]: v for k, v in params.items() if k in AWG_SET_NAMES}
     if "HeaderProtectionKey" in params:
-        key_file = web_lab.tmpdir / "hp.key"
+        key_file = lab.tmpdir / "hp.key"
         key_file.write_text(params["HeaderProtectionKey"] + "\n")
         awg_params["header-protection-key"] = str(key_file)
+    return awg_params
+
+
+@pytest.mark.parametrize("generation", ["2.0", "3.x"])
+def test_our_initiator_and_the_reference_responder_interoperate(web_lab: Lab, generation: str) -> None:
+    params = PARAMETER_SETS[generation]
     client_private, client_public = generate_keypair()
     server = start_amneziawg_go(
-        web_lab, peers=[WireGuardPeer(client_public, [f"{TUNNEL_CLIENT_IP}/32"])], awg_params=awg_params,
-        listen_port=SERVER_PORT,
+        web_lab, peers=[WireGuardPeer(client_public, [f"{TUNNEL_CLIENT_IP}/32"])],
+        awg_params=reference_params(web_lab, params), listen_port=SERVER_PORT,
     )  # fmt: skip
     conf = web_lab.tmpdir / f"vs-ref-{generation}.conf"
     conf.write_text(conf_text(client_private, server.public_key, params, server=False))
@@ -258,3 +263,33 @@ def test_ours_and_the_reference_amneziawg_go_interoperate(web_lab: Lab, generati
         assert "latest handshake" in server.show()
     finally:
         client.stop()
+
+
+@pytest.mark.parametrize("generation", ["2.0", "3.x"])
+def test_the_reference_initiator_and_our_responder_interoperate(web_lab: Lab, generation: str) -> None:
+    params = PARAMETER_SETS[generation]
+    server_private, server_public = generate_keypair()
+    client_private, client_public = generate_keypair()
+    server_conf = web_lab.tmpdir / f"ours-resp-{generation}.conf"
+    server_conf.write_text(conf_text(server_private, client_public, params, server=True))
+    ours = OurClient(
+        web_lab, web_lab.new_ifname("s"), server_conf, web_lab.tmpdir / f"ours-resp-{generation}.log", WG
+    )
+    ours.start()
+    try:
+        # amneziawg-go as the client in ns client, routing the web server through the tunnel.
+        start_amneziawg_go(
+            web_lab,
+            host=CLIENT,
+            private_key=client_private,
+            listen_port=None,
+            peers=[WireGuardPeer(server_public, [f"{WEB_IP}/32"], endpoint=f"{WG_IP}:{SERVER_PORT}")],
+            address=f"{TUNNEL_CLIENT_IP}/24",
+            routes=[f"{WEB_IP}/32"],
+            awg_params=reference_params(web_lab, params),
+        )
+        answers = udp_echo(web_lab, count=5, timeout=1.5)
+        assert len(answers) >= 4 and set(answers) == {TUNNEL_CLIENT_IP}, ours.output()
+        assert "handshake completed" in ours.output()
+    finally:
+        ours.stop()

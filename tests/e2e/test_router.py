@@ -56,15 +56,22 @@ def serve(config: dict[str, object]) -> None:
     rules = (
         Rule("app-socks", "socks"),
         Rule("app-udpsocks", "socksudp"),
+        Rule("app-udpsocks6", "socksudp6"),
         Rule("app-drop", "socks", FallbackPolicy.DROP),
         Rule("app-down", "downtunnel", FallbackPolicy.BLOCK),
         Rule("app-block", "socks", FallbackPolicy.BLOCK),
     )
-    states = {"socks": TunnelState.UP, "socksudp": TunnelState.UP, "downtunnel": TunnelState.DOWN}
+    states = {
+        "socks": TunnelState.UP,
+        "socksudp": TunnelState.UP,
+        "socksudp6": TunnelState.UP,
+        "downtunnel": TunnelState.DOWN,
+    }
     tunnels = {
         "socks": TunnelRoute(PROXY_PORT, None),
         "socksudp": TunnelRoute(PROXY_PORT + 1, PROXY_PORT + 1),
         "downtunnel": TunnelRoute(PROXY_PORT + 2, None),
+        "socksudp6": TunnelRoute(PROXY_PORT + 3, PROXY_PORT + 3),
     }
 
     async def main() -> None:
@@ -85,6 +92,9 @@ def serve(config: dict[str, object]) -> None:
             proxy("socks", PROXY_PORT, "0.0.0.0", config["socks_port"], False),
             proxy("socks", PROXY_PORT, "::", config["socks_port"], False),
             proxy("socksudp", PROXY_PORT + 1, "0.0.0.0", config["dante_port"], True),
+            # TunnelProxy's UDP socket on [::] is dual-stack and would take the IPv4 port too, so IPv6 UDP
+            # gets a tunnel (and port) of its own here.
+            proxy("socksudp6", PROXY_PORT + 3, "::", config["dante_port"], True),
         ]
         for p in proxies:
             await p.start()
@@ -129,7 +139,15 @@ def lab() -> Iterator[object]:
         start_web(lab)
         start_microsocks(lab)
         start_dante(lab, port=DANTE_PORT)
-        for name in ("app-socks", "app-udpsocks", "app-direct", "app-drop", "app-down", "app-block"):
+        for name in (
+            "app-socks",
+            "app-udpsocks",
+            "app-direct",
+            "app-drop",
+            "app-down",
+            "app-block",
+            "app-udpsocks6",
+        ):
             make_app(lab, name)
         yield lab
 
@@ -212,6 +230,15 @@ def test_udp_direct_and_through_socks5(lab: object, daemon: object) -> None:
     tunnelled = lab.app("app-udpsocks", udp=True)  # type: ignore[attr-defined]
     assert tunnelled.ok, tunnelled.stderr
     assert tunnelled.seen_ip == "198.18.0.20"
+
+
+def test_udp_over_ipv6_direct_and_through_socks5(lab: object, daemon: object) -> None:
+    direct = lab.app("app-direct", udp=True, v6=True)  # type: ignore[attr-defined]
+    assert direct.ok, direct.stderr
+    assert direct.seen_ip == "2001:2::1"
+    tunnelled = lab.app("app-udpsocks6", udp=True, v6=True)  # type: ignore[attr-defined]
+    assert tunnelled.ok, tunnelled.stderr
+    assert tunnelled.seen_ip == "2001:2::20"
 
 
 def test_tunnelled_app_sends_nothing_to_the_web_server_directly(lab: object, daemon: object) -> None:
@@ -325,6 +352,31 @@ def test_bulk_download_through_the_tunnel_arrives_intact(lab: object, daemon: ob
         assert (int(length), digest) == (size, pattern_sha256(size))
         speeds[name] = int(mbit)
     print(f"32 MiB download, Mbit/s: {speeds}")
+
+
+def test_interfaces_added_while_running_are_diverted_too(lab: object, daemon: object) -> None:
+    import subprocess as sp
+
+    from awg_split_tunnel.lab import CLIENT, WEB
+
+    client, web = lab.ns_name(CLIENT), lab.ns_name(WEB)  # type: ignore[attr-defined]
+    index = len(
+        sp.run(["ip", "-n", client, "-o", "link"], capture_output=True, text=True).stdout.splitlines()
+    )
+    subnet = f"198.18.{100 + index}"
+    ours, theirs = f"late{index}a", f"late{index}b"
+    sp.run(
+        ["ip", "-n", client, "link", "add", ours, "type", "veth", "peer", "name", theirs, "netns", web],
+        check=True,
+    )
+    sp.run(["ip", "-n", client, "addr", "add", f"{subnet}.1/24", "dev", ours], check=True)
+    sp.run(["ip", "-n", web, "addr", "add", f"{subnet}.10/24", "dev", theirs], check=True)
+    sp.run(["ip", "-n", client, "link", "set", ours, "up"], check=True)
+    sp.run(["ip", "-n", web, "link", "set", theirs, "up"], check=True)
+    assert lab.app("app-direct", host=f"{subnet}.10").seen_ip == f"{subnet}.1"  # type: ignore[attr-defined]
+    time.sleep(2.5)  # the loop looks for new interfaces every 2 s
+    # Without the reopened handle the SYN would leave undiverted and the drop app would connect.
+    assert not lab.app("app-drop", host=f"{subnet}.10", timeout=2.0).ok  # type: ignore[attr-defined]
 
 
 def test_many_apps_at_once_each_get_their_own_route(lab: object, daemon: object) -> None:

@@ -847,9 +847,10 @@ class RouterLoop:
                     break
                 kind = event.kind
                 if kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and self._accept_pid(event.pid):
-                    local_port = event.local_port if kind == EVENT_ESTABLISHED else 0
+                    # Linux CONNECT events carry local port 0 (matched by remote); Windows ones and FLOW
+                    # ESTABLISHED events carry the real port (matched exactly).
                     router.connect_event(
-                        event.proto, event.remote_addr, event.remote_port, event.pid, now, local_port
+                        event.proto, event.remote_addr, event.remote_port, event.pid, now, event.local_port
                     )
 
     def _send_outgoing(self) -> None:
@@ -870,6 +871,7 @@ class RouterSettings:
     default_fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
     own_pids: frozenset[int] = frozenset()
     hold_timeout: float = HOLD_TIMEOUT
+    log_level: int = logging.INFO
 
 
 HandleFactory = Callable[[], tuple[NetworkPort, list[EventPort], Callable[[int], bool]]]
@@ -898,6 +900,14 @@ class RouterProcess:
         self._nat: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
         self._snapshot: tuple[dict[str, Any], list[tuple[Any, ...]]] | None = None
         self._snapshot_ready = threading.Event()
+        self._stopping = False
+        self.on_exit: Callable[[], None] | None = None
+        """Called (on the reader thread) if the router process ends without being stopped: traffic then
+        flows undiverted, so the daemon should restart it or fail closed."""
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and bool(self._process.is_alive())
 
     @property
     def pid(self) -> int | None:
@@ -918,6 +928,7 @@ class RouterProcess:
             self.settings.default_fallback,
             frozenset({*self.settings.own_pids, os.getpid()}),
             self.settings.hold_timeout,
+            self.settings.log_level,
         )
         self._process = context.Process(
             target=_router_process_main,
@@ -940,6 +951,7 @@ class RouterProcess:
     def stop(self, timeout: float = 5.0) -> None:
         if self._process is None:
             return
+        self._stopping = True
         with contextlib.suppress(OSError):
             self._conn.send(("stop",))
         self._process.join(timeout)
@@ -997,9 +1009,13 @@ class RouterProcess:
             try:
                 conn.poll(None)
             except (EOFError, OSError):
-                return
+                break
             if not self._drain():
-                return
+                break
+        if not self._stopping:
+            log.error("[Router] the packet router process ended unexpectedly: traffic is not diverted")
+            if self.on_exit is not None:
+                self.on_exit()
 
     def _drain(self) -> bool:
         """Apply every message waiting in the pipe; False once it is closed."""
@@ -1046,6 +1062,7 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
 
     # Ctrl-C reaches the whole process group; the control plane decides when the router stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
     states = dict(settings.states)
 
     def tunnelled(entry: NatEntry) -> None:

@@ -9,14 +9,16 @@ Backend misbehaviour is handled here, each workaround in one named place with th
 ``scripts/repro/`` that shows it:
 
 - ``_explain_socket_layer_failure``  — ``ip netns exec`` hides cgroup v2 (``socket_layer_netns_exec.py``)
-- ``NetworkHandle.send`` EMSGSIZE     — oversize packets on loopback (``oversize_send.py``)
+- ``NetworkHandle.send`` EMSGSIZE     — oversize (GRO) packets on loopback (``oversize_send.py``)
 - ``NetworkHandle.refresh``          — interfaces created after open are not covered (``new_interface.py``)
-- ``PRIORITY_*``                      — two handles with one priority misbehave: every handle gets its own
+- ``SocketEventHandle.flows``        — UDP ``sendto()`` has no SOCKET CONNECT (``udp_sendto_no_connect.py``)
+- ``PRIORITY_*``                      — two handles with one priority misbehave (pydivert-notes): each its own
 - injection uses the capture handle  — a SEND_ONLY handle was reported to drop INBOUND injections
   (``send_only_inbound.py``; not reproduced on kernel 6.18, kept because it costs nothing)
 
-SOCKET-layer quirks (local port 0 in CONNECT, host-wide events) are handled where the events are matched,
-in ``process/lookup.py``.
+Elsewhere: CONNECT events carry local port 0 and are host-wide (``process/lookup.py``: ``ConnectEvents``,
+``NamespaceFilter``); later IP fragments escape ``udp`` filters (``core/packet_router.py``:
+``ROUTER_FILTER``; ``fragments_escape.py``).
 """
 
 from __future__ import annotations
@@ -178,9 +180,10 @@ class NetworkHandle:
     def send(self, c_buf: Any, length: int, addr: Any) -> bool:
         """Inject ``length`` bytes from ``c_buf`` as ``addr`` says; False (counted) when the backend refuses.
 
-        Workaround: on loopback (MTU 65536, GRO) a coalesced packet larger than the device MTU came back
-        from the capture side and failed to send with EMSGSIZE (``scripts/repro/oversize_send.py``); the
-        packet is lost and the sender retransmits, so it is counted, never raised into the loop.
+        Workaround: on loopback (MTU 65536, GRO) reinjecting a coalesced 7,292-byte packet failed with
+        EMSGSIZE (pydivert-notes; ``scripts/repro/oversize_send.py`` shows what loopback does here: most
+        super-packets pass undiverted as ``too_big``). The router never diverts loopback; should a send
+        still fail, the packet is lost and the sender retransmits, so it is counted, never raised.
         """
         if self._handle is not None:
             ret = _lib.ebpfdivert_send(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import time
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from awg_split_tunnel.core.packet_router import (
     PacketRouter,
+    RouterLoop,
     RouterProcess,
     RouterSettings,
     TunnelRoute,
@@ -398,3 +401,106 @@ def test_router_process_that_cannot_open_its_handles_fails_to_start_with_the_rea
     process = RouterProcess(_settings(), tuple)
     with pytest.raises(RuntimeError, match="packet router process failed: ValueError"):
         process.start(timeout=30)
+
+
+class FakeAddress:
+    def __init__(self, outbound: bool = True) -> None:
+        self.outbound = outbound
+
+
+class FakeNetwork:
+    """A NETWORK handle without a kernel: packets queued by the test, sends recorded."""
+
+    def __init__(self, packets: list[bytearray]) -> None:
+        self.incoming = list(packets)
+        self.sent: list[tuple[bytes, bool]] = []
+        self.opened = self.closed = False
+
+    def open(self) -> None:
+        self.opened = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def fileno(self) -> int | None:
+        return None  # no descriptor: the loop waits in recv_into, as on Windows
+
+    def recv_into(self, buf: bytearray, c_buf: object, addr: FakeAddress, timeout_ms: int = 0) -> int:
+        if not self.incoming:
+            time.sleep(timeout_ms / 1000)
+            return 0
+        packet = self.incoming.pop(0)
+        buf[: len(packet)] = packet
+        addr.outbound = True
+        return len(packet)
+
+    def send(self, c_buf: bytearray, length: int, addr: FakeAddress) -> bool:
+        self.sent.append((bytes(c_buf[:length]), addr.outbound))
+        return True
+
+    def refresh(self) -> bool:
+        return False
+
+    def new_buffer(self) -> tuple[bytearray, bytearray, FakeAddress]:
+        buf = bytearray(65575)
+        return buf, buf, FakeAddress()
+
+    def copy_address(self, addr: FakeAddress) -> FakeAddress:
+        return FakeAddress(addr.outbound)
+
+    def set_inbound(self, addr: FakeAddress, inbound: bool = True) -> None:
+        addr.outbound = not inbound
+
+    def c_buffer(self, data: bytearray) -> bytearray:
+        return data
+
+
+class FakeEvents:
+    def __init__(self, events: list[SimpleNamespace]) -> None:
+        self.events = events
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def fileno(self) -> int | None:
+        return None
+
+    def recv(self, timeout_ms: int = 0) -> SimpleNamespace | None:
+        return self.events.pop(0) if self.events else None
+
+
+def _connect_event(pid: int, remote_port: int = 80) -> SimpleNamespace:
+    return SimpleNamespace(
+        kind=4, pid=pid, proto=IPPROTO_TCP, local_port=0, remote_addr=WEB, remote_port=remote_port
+    )
+
+
+def _run_loop(network: FakeNetwork, events: FakeEvents, accept: set[int]) -> None:
+    env = Env()
+    loop = RouterLoop(env.router, network, [events], accept_pid=accept.__contains__)
+    loop.start()
+    deadline = time.monotonic() + 2
+    while network.incoming and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    loop.stop()
+    assert loop.error is None and network.closed
+
+
+def test_loop_reinjects_direct_flows_and_hairpins_tunnelled_ones_inbound() -> None:
+    direct, tunnelled = syn(sport=40001), syn(sport=40002)
+    network = FakeNetwork([direct, tunnelled])
+    _run_loop(network, FakeEvents([_connect_event(200), _connect_event(100)]), {100, 200})
+    (sent_direct, outbound_direct), (sent_tunnelled, outbound_tunnelled) = network.sent
+    assert sent_direct == bytes(direct) and outbound_direct
+    assert view(bytearray(sent_tunnelled)).dst_port == PROXY_TCP and not outbound_tunnelled
+
+
+def test_loop_ignores_events_from_other_namespaces() -> None:
+    network = FakeNetwork([syn()])
+    # pid 100 (a tunnelled app) is not in our namespace: its event is ignored; the OS lookup finds no
+    # owner, so the flow gets the default route (direct) after the hold timeout.
+    _run_loop(network, FakeEvents([_connect_event(100)]), set())
+    ((packet, outbound),) = network.sent
+    assert view(bytearray(packet)).dst_port == 80 and outbound

@@ -1,10 +1,12 @@
 """Linux TUN interfaces: open, read and write IP packets, configure addresses, MTU and routes.
 
-With ``vnet_hdr=True`` the interface is opened with ``IFF_VNET_HDR`` and TCP segmentation/checksum
-offloads (``TUNSETOFFLOAD``), as wireguard-go does: the kernel then hands over TCP super-packets of up to
-64 KB with one read, and `Tun.read_packets` cuts them into MTU-size segments with their checksums
-completed. Each read or write is one syscall, so fewer, larger reads are what makes a TUN fast in Python.
-Addresses, MTU and routes are set with the `ip` command (iproute2), which every Linux host has.
+With ``vnet_hdr=True`` every read and write carries a virtio-net header, as in wireguard-go. Writing,
+`write_packets` merges consecutive segments of one TCP flow into a GSO super-packet (GRO done in
+userspace): one syscall and one pass through the kernel's stack per run instead of per packet. Reading,
+``read_offload=True`` also lets the kernel hand over TSO super-packets that `offload_segments` cuts into
+MTU-size segments with their checksums; measured bridging two TUNs, that Python segmentation (~6 µs per
+segment) costs more than the per-packet reads it saves (1.1 vs 2.6 Gbit/s), so the `tun` command keeps
+reads MTU-size. Addresses, MTU and routes are set with the `ip` command (iproute2).
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ class TunClient:
             loop.add_reader(tun.fd, self._on_tun_readable)
             self._undo.append(("stop reading the TUN", functools.partial(_remove_reader, loop, tun.fd)))
             log.info(
-                "[WG] %s up: %s, listening on UDP %d, public key %s",
+                "%s %s up: %s, listening on UDP %d, public key %s",
+                device.log_tag,
                 tun.name,
                 ", ".join(str(a) for a in self.conf.interface.addresses) or "no address",
                 device.port,

@@ -134,6 +134,8 @@ def test_packet_crosses_after_handshake_and_state_goes_up() -> None:
             assert peer.last_handshake is not None
             assert peer.endpoint == ("127.0.0.1", pair.server.port)
             assert peer.tx_packets >= 1 and peer.rx_packets == 1
+            totals = client.statistics()
+            assert totals.rx_bytes == peer.rx_bytes > 0 and totals.tx_bytes == peer.tx_bytes > 0
         finally:
             await pair.stop()
         assert client.state is TunnelState.DOWN
