@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
+import socket
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -40,6 +43,8 @@ CLOSE_TIMEOUT = 10.0
 UDP_IDLE_TIMEOUT = 60.0
 UDP_RETRY_AFTER = 1.0
 """After a failed open, an app address's datagrams are dropped this long before the tunnel is tried again."""
+PORT_ATTEMPTS = 5
+"""Tries to find one port number free on every listen host."""
 UDP_PENDING_LIMIT = 64
 """Datagrams held per association while it is being opened through the tunnel."""
 
@@ -56,7 +61,20 @@ class NatEntry:
     exe: str | None = None
 
 
-NatLookup = Callable[[Protocol, str, int], NatEntry | None]
+class NatTarget(typing.Protocol):
+    """What the proxy needs of a router's NAT entry (the router's own entry type carries more)."""
+
+    @property
+    def orig_dst_ip(self) -> str: ...
+    @property
+    def orig_dst_port(self) -> int: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def exe(self) -> str | None: ...
+
+
+NatLookup = Callable[[Protocol, str, int], NatTarget | None]
 """``nat_lookup(proto, peer_ip, peer_port)``: the entry for the peer the proxy sees, or None."""
 
 FlowFailed = Callable[[BaseException], None]
@@ -155,23 +173,51 @@ class TunnelProxy:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind the TCP listener (and the UDP socket when UDP is on)."""
-        self._server = await asyncio.start_server(
-            self._serve_tcp, self._listen_hosts, self._tcp_port, limit=STREAM_LIMIT, backlog=1024
-        )
+        """Bind the TCP listener (and the UDP socket when UDP is on). With several listen hosts every
+        host gets the same port (the router redirects both families to one port number)."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                await self._bind()
+                break
+            except OSError as exc:
+                await self._unbind()
+                if exc.errno != errno.EADDRINUSE or attempt == PORT_ATTEMPTS - 1:
+                    raise
         if self._udp_enabled:
-            loop = asyncio.get_running_loop()
-            for host in self._listen_hosts:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: _UdpRelayProtocol(self), local_addr=(host, self._udp_port)
-                )
-                self._udp_transports.append(transport)
-            self._sweeper = loop.create_task(self._sweep_idle())
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
         log.info(
             "[Proxy] %s listening on %s",
             self.tunnel_id,
             ", ".join(format_address(*a) for a in self.tcp_addresses),
         )
+
+    async def _bind(self) -> None:
+        hosts = self._listen_hosts
+        tcp_port = self._tcp_port
+        if tcp_port == 0 and len(hosts) > 1:
+            tcp_port = _free_port(hosts[0], socket.SOCK_STREAM)
+        self._server = await asyncio.start_server(
+            self._serve_tcp, hosts, tcp_port, limit=STREAM_LIMIT, backlog=1024
+        )
+        if not self._udp_enabled:
+            return
+        loop = asyncio.get_running_loop()
+        udp_port = self._udp_port
+        for host in hosts:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpRelayProtocol(self), sock=_udp_socket(host, udp_port)
+            )
+            self._udp_transports.append(transport)
+            udp_port = transport.get_extra_info("sockname")[1]
+
+    async def _unbind(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for transport in self._udp_transports:
+            transport.close()
+        self._udp_transports = []
 
     async def stop(self) -> None:
         """Stop listening and reset every flow."""
@@ -470,7 +516,7 @@ class TunnelProxy:
 
     # --- shared ------------------------------------------------------------------------------------
 
-    def _lookup(self, proto: Protocol, peer: Address) -> NatEntry | None:
+    def _lookup(self, proto: Protocol, peer: Address) -> NatTarget | None:
         try:
             entry = self._nat_lookup(proto, peer[0], peer[1])
         except Exception:
@@ -512,3 +558,29 @@ class _UdpRelayProtocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("[Proxy] %s: UDP socket: %s", self._proxy.tunnel_id, exc)
+
+
+def _free_port(host: str, kind: socket.SocketKind) -> int:
+    """A port number free on `host` right now (the caller retries if it is taken meanwhile)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _udp_socket(host: str, port: int) -> socket.socket:
+    """A bound UDP socket; an IPv6 one is IPv6-only, so a v4 and a v6 relay can share a port number
+    (a dual-stack socket on `::` would take the v4 port too, and the router hairpins each family to its
+    own socket)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

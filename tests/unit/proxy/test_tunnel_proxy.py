@@ -448,3 +448,20 @@ async def test_listens_on_ipv4_and_ipv6_for_apps_of_either_family() -> None:
     finally:
         srv.close()
         await p.stop()
+
+
+@in_loop
+async def test_v4_and_v6_listeners_share_one_port_per_protocol() -> None:
+    # The router redirects both address families of a tunnel to one TCP and one UDP port number.
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    p = TunnelProxy("office", DirectProvider(), FakeNat(), ["127.0.0.1", "::1"])
+    try:
+        await p.start()
+    except OSError as exc:
+        pytest.skip(f"cannot bind ::1 here: {exc}")
+    try:
+        assert len({port for _, port in p.tcp_addresses}) == 1
+        assert len(p.udp_addresses) == 2 and len({port for _, port in p.udp_addresses}) == 1
+    finally:
+        await p.stop()
