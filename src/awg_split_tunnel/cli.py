@@ -291,7 +291,7 @@ def pubkey() -> None:
 @app.command()
 def tun(
     file: Annotated[Path, typer.Argument(help="A WireGuard/AmneziaWG .conf file.")],
-    ifname: Annotated[str, typer.Option("--ifname", help="Interface name to create.")] = "awgst0",
+    ifname: Annotated[str, typer.Option("--ifname", help="Interface name to create.")] = "awg0",
 ) -> None:
     """Linux, root: run the tunnel of FILE.conf as a standalone userspace client on a TUN interface
     (addresses, MTU and routes for AllowedIPs set up, all removed on Ctrl-C / SIGTERM)."""

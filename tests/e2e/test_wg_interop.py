@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,10 @@ from awg_split_tunnel.lab.topology import (
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(
+        shutil.which("wireguard-go") is None or shutil.which("wg") is None,
+        reason="needs wireguard-go and wg (Debian packages wireguard-go, wireguard-tools)",
+    ),
 ]
 
 CLIENT_PORT = 51900

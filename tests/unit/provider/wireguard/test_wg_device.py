@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from awg_split_tunnel.core.events import EventBus, TunnelStateChanged
 from awg_split_tunnel.core.policy import TunnelState
+from awg_split_tunnel.errors import ConfigError
 from awg_split_tunnel.platform.linux import tun
 from awg_split_tunnel.provider.amneziawg.params import AmneziaParams
 from awg_split_tunnel.provider.wireguard import crypto
@@ -494,3 +495,35 @@ def test_gro_keeps_other_packets_in_place_and_separate_flows_apart() -> None:
     merged = tun.coalesce_tcp([a[0], a[1], other, a[2], *b])
     assert [len(tun.offload_segments(memoryview(h + p))) for h, p in merged] == [2, 1, 1, 2]
     assert merged[1] == (bytes(tun.VNET_HDR_SIZE), other)
+
+
+def test_a_conf_file_builds_the_device_it_describes() -> None:
+    key = base64.b64encode(crypto.generate_private_key()).decode()
+    peer = base64.b64encode(crypto.public_key(crypto.generate_private_key())).decode()
+    plain = parse_conf(
+        f"[Interface]\nPrivateKey = {key}\nListenPort = 51999\nMTU = 1380\n"
+        f"[Peer]\nPublicKey = {peer}\nEndpoint = localhost:51820\nAllowedIPs = 198.19.0.0/24\n"
+        "PersistentKeepalive = 0\n"
+    )
+    device = WireGuardDevice.from_conf(plain)
+    (settings,) = device.settings.peers
+    assert settings.endpoint in {("127.0.0.1", 51820), ("::1", 51820)}  # resolved once, as wg does
+    assert settings.persistent_keepalive is None  # 0 = off
+    assert device.settings.listen_port == 51999 and device.core.mtu == 1380
+    assert device.log_tag == "[WG]"
+    assert device.allowed_ips.lookup("198.19.0.77") == settings.public_key
+    amnezia = parse_conf(
+        f"[Interface]\nPrivateKey = {key}\nJc = 3\nJmin = 50\nJmax = 60\nS1 = 37\nS2 = 61\nH1 = 100-199\n"
+        f"[Peer]\nPublicKey = {peer}\nAllowedIPs = ::/0\n"
+    )
+    assert WireGuardDevice.from_conf(amnezia).log_tag == "[AWG]"
+
+
+def test_a_conf_with_an_unworkable_amneziawg_set_is_refused() -> None:
+    key = base64.b64encode(crypto.generate_private_key()).decode()
+    peer = base64.b64encode(crypto.public_key(crypto.generate_private_key())).decode()
+    broken = parse_conf(
+        f"[Interface]\nPrivateKey = {key}\nH1 = 5\nH2 = 5\n[Peer]\nPublicKey = {peer}\nAllowedIPs = ::/0\n"
+    )
+    with pytest.raises(ConfigError):
+        WireGuardDevice.from_conf(broken)
