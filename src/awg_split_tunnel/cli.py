@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 rule_app = typer.Typer(help="Edit the rules (saved to the YAML, comments kept).", no_args_is_help=True)
 app.add_typer(rule_app, name="rule")
+tunnel_app = typer.Typer(help="Manual control of the running daemon's tunnels.", no_args_is_help=True)
+app.add_typer(tunnel_app, name="tunnel")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -298,6 +300,106 @@ def tun(
     from awg_split_tunnel.provider.wireguard.tun_client import run_tun_client
 
     raise typer.Exit(run_tun_client(file, ifname))
+
+
+# -- the running daemon ----------------------------------------------------------------------------------
+
+
+def _human_bytes(n: object) -> str:
+    value = float(n) if isinstance(n, int | float) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _age(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "never"
+    s = int(seconds)
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """Ask the running daemon: tunnels, state, rx/tx, handshake age, flows per tunnel."""
+    from awg_split_tunnel.api.control import request
+
+    with _user_errors():
+        result = request("status")
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title="Tunnels", title_justify="left")
+    for column in ("id", "type", "state", "since", "handshake", "rx", "tx", "flows", "reason"):
+        table.add_column(column)
+    colours = {"up": "green", "connecting": "yellow", "down": "red", "error": "red"}
+    for t in result.get("tunnels", []):
+        state = str(t.get("state", "?"))
+        table.add_row(
+            str(t.get("id")),
+            str(t.get("type")),
+            f"[{colours.get(state, 'white')}]{state}[/]",
+            _age(t.get("state_age")),
+            _age(t.get("handshake_age")) if t.get("type") in ("amneziawg", "wireguard") else "-",
+            _human_bytes(t.get("rx_bytes", 0)),
+            _human_bytes(t.get("tx_bytes", 0)),
+            str(t.get("flows", 0)),
+            str(t.get("reason") or ""),
+        )
+    out.print(table)
+    router = result.get("router") or {}
+    if router:
+        out.print("router: " + ", ".join(f"{k} {v}" for k, v in sorted(router.items())))
+
+
+@app.command()
+def connections(as_json: JsonOption = False) -> None:
+    """Live flows of the running daemon: pid, exe, 5-tuple, route, tunnel, traffic."""
+    from awg_split_tunnel.api.control import request
+
+    with _user_errors():
+        flows = request("connections").get("flows", [])
+    if as_json:
+        typer.echo(json.dumps({"flows": flows}))
+        return
+    table = Table()
+    for column in ("proto", "pid", "exe", "from", "to", "route", "tunnel", "out", "in"):
+        table.add_column(column)
+    for f in flows:
+        table.add_row(
+            str(f.get("proto")),
+            str(f.get("pid") or "?"),
+            str(f.get("exe") or "?"),
+            str(f.get("src")),
+            str(f.get("dst")),
+            str(f.get("route")),
+            str(f.get("tunnel") or "-"),
+            str(f.get("out", "")),
+            str(f.get("in", "")),
+        )
+    out.print(table)
+
+
+@tunnel_app.command("up")
+def tunnel_up(tunnel_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Bring a tunnel up again (after `tunnel down`)."""
+    from awg_split_tunnel.api.control import request
+
+    with _user_errors():
+        result = request("tunnel", action="up", id=tunnel_id)
+    out.print(f"{tunnel_id}: {result.get('state', 'up')}")
+
+
+@tunnel_app.command("down")
+def tunnel_down(tunnel_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Take a tunnel down by hand: its rules' fallback policies apply until `tunnel up`."""
+    from awg_split_tunnel.api.control import request
+
+    with _user_errors():
+        result = request("tunnel", action="down", id=tunnel_id)
+    out.print(f"{tunnel_id}: {result.get('state', 'down')}")
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
 """The WireGuard device as a sans-I/O state machine: peers, index table, handshakes, keypairs, timers.
 
-Datagrams go in through `receive_datagram`, IP packets through `send_packet`; datagrams to send come out
-of `datagrams_to_send`, events out of the calls. Time is passed in (`now`, monotonic seconds); the
+Datagrams go in through `receive_datagrams` (or `receive_datagram`), IP packets through `send_packets` (or
+`send_packet`); datagrams to send come out of `datagrams_to_send`, events out of the calls. The batch entry
+points do per-packet only what must be per packet (AEAD, counters, replay window, envelope calls) and the
+timer and rekey bookkeeping once per run of packets of one peer, as wireguard-go does per batch. Time is passed in (`now`, monotonic seconds); the
 wall clock used only for TAI64N timestamps and the random sources are injectable. Every message is built
 and classified through an `Envelope`, so AmneziaWG reuses all of this. Nothing raises out of
-`receive_datagram`: bad input is counted in `dropped` and discarded.
+`receive_datagrams`: bad input is counted in `dropped` and discarded.
 
 AllowedIPs: the device owns the routing table. Pass `allowed_source(peer_public_key, ip_packet)`; a
 decrypted packet whose source it rejects is dropped and counted as `bad_source`. The default accepts all.
@@ -18,14 +20,19 @@ import random
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
 
 from awg_split_tunnel.errors import ProtocolError
 from awg_split_tunnel.provider.wireguard import crypto, noise
 from awg_split_tunnel.provider.wireguard.cookie import CookieChecker, CookieGenerator, source_bytes
 from awg_split_tunnel.provider.wireguard.envelope import (
     DEFAULT_UDP_WINDOW,
+    MIN_TRANSPORT_SIZE,
+    PADDING_MULTIPLE,
+    TRANSPORT_HEADER_SIZE,
     Envelope,
     MessageType,
     PlainEnvelope,
@@ -37,7 +44,13 @@ from awg_split_tunnel.provider.wireguard.noise import (
     HandshakeRejected,
     StaticIdentity,
 )
-from awg_split_tunnel.provider.wireguard.session import REJECT_AFTER_MESSAGES, Keypair, Keypairs
+from awg_split_tunnel.provider.wireguard.session import (
+    COUNTER,
+    REJECT_AFTER_MESSAGES,
+    TRANSPORT_HEADER,
+    Keypair,
+    Keypairs,
+)
 from awg_split_tunnel.provider.wireguard.session import REKEY_AFTER_MESSAGES as _REKEY_AFTER_MESSAGES
 from awg_split_tunnel.provider.wireguard.tai64n import tai64n
 from awg_split_tunnel.provider.wireguard.timers import UNDER_LOAD_AFTER_TIME, PeerTimers, Rng, TimerSettings
@@ -52,6 +65,11 @@ RATE_LIMIT_BURST = 5.0
 
 # Module-level so tests can lower it to force a rekey by message count.
 REKEY_AFTER_MESSAGES = _REKEY_AFTER_MESSAGES
+
+_PLAIN_TRANSPORT_TYPE = int(MessageType.TRANSPORT)
+_PAD_MASK = PADDING_MULTIPLE - 1
+_ZERO_PADDING = bytes(PADDING_MULTIPLE)
+_MALFORMED_ERRORS = (ProtocolError, ValueError, IndexError, struct.error)
 
 
 class DropReason(enum.StrEnum):
@@ -95,6 +113,15 @@ class WireGuardEvent:
 class PacketReceived(WireGuardEvent):
     peer: bytes
     ip_packet: bytes
+
+
+@dataclass(slots=True)
+class PacketsReceived(WireGuardEvent):
+    """IP packets from one peer, in arrival order: what `receive_datagrams` reports for consecutive data
+    packets of one peer (no other event between them)."""
+
+    peer: bytes
+    ip_packets: list[bytes]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,150 @@
+"""The daemon's local control API: `status`, `connections`, `tunnel up|down`.
+
+One JSON object per line each way over a local stream socket: a Unix socket only root can open on
+POSIX, loopback TCP on Windows (its port written to a file only Administrators can read). Requests are
+``{"cmd": NAME, ...args}``; answers are ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TEXT}``.
+A malformed request gets an error answer; it never reaches a handler or breaks the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
+
+log = logging.getLogger("awg_split_tunnel.api")
+
+MAX_REQUEST = 64 * 1024
+"""A request line longer than this is refused (the API carries small commands only)."""
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+def default_control_path() -> Path:
+    """Where the daemon listens: env `AWG_SPLIT_TUNNEL_CONTROL`, else the platform's run directory."""
+    override = os.environ.get("AWG_SPLIT_TUNNEL_CONTROL")
+    if override:
+        return Path(override)
+    if sys.platform == "win32":
+        base = Path(os.environ.get("PROGRAMDATA", r"C:\ProgramData"))
+        return base / "awg-split-tunnel" / "control.port"
+    return Path("/run/awg-split-tunnel/control.sock")
+
+
+class ControlServer:
+    """Serves the handlers on the control socket; one task per client, errors answered, never raised."""
+
+    def __init__(self, handlers: Mapping[str, Handler], path: Path | None = None) -> None:
+        self.handlers = dict(handlers)
+        self.path = path or default_control_path()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if sys.platform == "win32":
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_REQUEST)
+            port = self._server.sockets[0].getsockname()[1]
+            self.path.write_text(str(port))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            old_umask = os.umask(0o077)
+            try:
+                self._server = await asyncio.start_unix_server(self._serve, str(self.path), limit=MAX_REQUEST)
+            finally:
+                os.umask(old_umask)
+        log.debug("[API] listening on %s", self.path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await _send(writer, {"ok": False, "error": "request too long"})
+                    return
+                if not line:
+                    return
+                await _send(writer, await self.answer(line))
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+    async def answer(self, line: bytes) -> dict[str, Any]:
+        """The answer to one request line (public for tests)."""
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return {"ok": False, "error": "request is not JSON"}
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return {"ok": False, "error": 'request must be an object with a "cmd" string'}
+        handler = self.handlers.get(request["cmd"])
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            return {"ok": False, "error": f"unknown command {request['cmd']!r} (known: {known})"}
+        try:
+            return {"ok": True, "result": await handler(request)}
+        except AwgSplitTunnelError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("[API] %s failed", request["cmd"])
+            return {"ok": False, "error": f"{request['cmd']} failed: {exc}"}
+
+
+async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, Any]) -> None:
+    writer.write(json.dumps(answer, default=str).encode() + b"\n")
+    await writer.drain()
+
+
+def request(cmd: str, *, path: Path | None = None, timeout: float = 5.0, **args: Any) -> Any:
+    """Send one command to the running daemon and return its result; TunnelError with a clear
+    message when no daemon answers or the daemon refuses."""
+    path = path or default_control_path()
+    try:
+        if sys.platform == "win32":
+            port = int(path.read_text().strip())
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+    except FileNotFoundError:
+        raise TunnelError(f"the daemon is not running (no control socket at {path})") from None
+    except PermissionError:
+        raise TunnelError(f"permission denied on {path}: run as root/Administrator") from None
+    except (OSError, ValueError) as exc:
+        raise TunnelError(f"cannot reach the daemon at {path}: {exc}") from None
+    with sock, sock.makefile("rwb") as stream:
+        try:
+            stream.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            stream.flush()
+            line = stream.readline(16 * 1024 * 1024)
+        except OSError as exc:
+            raise TunnelError(f"the daemon did not answer: {exc}") from None
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        raise TunnelError("the daemon sent an unreadable answer") from None
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else None
+        raise TunnelError(str(error or "the daemon refused the request"))
+    return answer.get("result")

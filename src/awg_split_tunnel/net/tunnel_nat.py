@@ -1,0 +1,226 @@
+"""Source NAT of apps' packets to a packet tunnel's address, and back for the replies.
+
+A WireGuard peer accepts from a client only packets sourced from the client's tunnel address, so the
+router rewrites an app's packet (app A:a → remote R:r) to (T:t → R:r), T being the tunnel address and t
+the app's port when no other flow holds (t, R:r) already, else a fresh one. Replies (R:r → T:t) find the
+flow by (protocol, t, R, r) and are rewritten back to (R:r → A:a). Checksums are patched incrementally
+(``PacketView``), and an IPv4 UDP checksum of 0 (none) stays 0.
+
+One ``TunnelNat`` per tunnel, owned by the router's loop; time is passed in.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from awg_split_tunnel.net.packet import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    PacketView,
+)
+
+TCP_IDLE_TIMEOUT = 7440.0
+"""RFC 5382 REQ-5: an established TCP mapping lives at least 2 h 4 min without packets."""
+TCP_CLOSED_LINGER = 10.0
+"""After an RST or FINs both ways: room for the last ACKs and retransmitted FINs."""
+UDP_IDLE_TIMEOUT = 120.0
+"""RFC 4787 REQ-5: at least 2 min."""
+
+EPHEMERAL_PORTS = range(49152, 65536)
+"""Where a new tunnel-side port is taken from when the app's own port is held (RFC 6335)."""
+
+_PORT_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
+_FIN_OUT = 1
+_FIN_IN = 2
+
+
+class NatResult(enum.Enum):
+    """What ``TunnelNat.outbound`` / ``inbound`` did with a packet."""
+
+    REWRITTEN = "rewritten"
+    NO_MAPPING = "reply to no known flow"
+    NO_ADDRESS = "the tunnel has no address of this IP version"
+    NO_PORT = "no free tunnel-side port towards this remote"
+    UNSUPPORTED = "not TCP/UDP, or a fragment without ports"
+
+
+@dataclass(slots=True, eq=False)
+class TunnelMapping:
+    """One flow through the tunnel: the app's address and port, and the port it has on the tunnel."""
+
+    proto: int
+    app_addr: bytes
+    app_port: int
+    remote_addr: bytes
+    remote_port: int
+    tunnel_port: int
+    last_seen: float
+    out_key: bytes
+    in_key: bytes
+    fin: int = 0
+    closed_at: float | None = None
+
+    def deadline(self) -> float:
+        if self.closed_at is not None:
+            return self.closed_at + TCP_CLOSED_LINGER
+        return self.last_seen + (TCP_IDLE_TIMEOUT if self.proto == IPPROTO_TCP else UDP_IDLE_TIMEOUT)
+
+
+def _outbound_key(view: PacketView) -> bytes:
+    """App side: source address, destination address, source port, destination port."""
+    buf, a, n, l4 = view.buf, view.src_off, view.addr_len, view.l4
+    return bytes(buf[a : a + 2 * n]) + bytes(buf[l4 : l4 + 4])
+
+
+def _inbound_key(remote_addr: bytes, remote_port: int, tunnel_port: int) -> bytes:
+    """Tunnel side: remote address, remote port, tunnel-side port (as a reply carries them)."""
+    return remote_addr + remote_port.to_bytes(2, "big") + tunnel_port.to_bytes(2, "big")
+
+
+class TunnelNat:
+    """The SNAT of one packet tunnel: rewrites packets in place and keeps the flow mappings."""
+
+    __slots__ = ("_app_addrs", "_inbound", "_next_port", "_outbound", "address_v4", "address_v6", "exhausted")
+
+    def __init__(self, address_v4: bytes | None, address_v6: bytes | None) -> None:
+        if address_v4 is not None and len(address_v4) != 4:
+            raise ValueError("the tunnel's IPv4 address must be 4 bytes")
+        if address_v6 is not None and len(address_v6) != 16:
+            raise ValueError("the tunnel's IPv6 address must be 16 bytes")
+        self.address_v4 = address_v4
+        self.address_v6 = address_v6
+        # Per protocol (index 0 TCP, 1 UDP): app-side key → mapping, tunnel-side key → mapping.
+        self._outbound: tuple[dict[bytes, TunnelMapping], dict[bytes, TunnelMapping]] = ({}, {})
+        self._inbound: tuple[dict[bytes, TunnelMapping], dict[bytes, TunnelMapping]] = ({}, {})
+        self._next_port = EPHEMERAL_PORTS.start
+        # Per IP version: app address → number of its mappings (for reassembling-free fragment replies).
+        self._app_addrs: tuple[dict[bytes, int], dict[bytes, int]] = ({}, {})
+        self.exhausted = 0
+        """Packets dropped because no tunnel-side port was free (counted for the status page)."""
+
+    def __len__(self) -> int:
+        return len(self._outbound[0]) + len(self._outbound[1])
+
+    def mappings(self) -> list[TunnelMapping]:
+        return [*self._outbound[0].values(), *self._outbound[1].values()]
+
+    def outbound(self, view: PacketView, now: float) -> NatResult:
+        """Rewrite the app's packet in ``view`` (parsed) to come from the tunnel address, creating the
+        flow's mapping on its first packet."""
+        proto = view.proto
+        tunnel_addr = self.address_v4 if view.version == 4 else self.address_v6
+        if tunnel_addr is None:
+            return NatResult.NO_ADDRESS
+        if not view.has_ports:
+            if view.l4 < 0 and proto in _PORT_PROTOS:
+                # A later fragment carries no ports (the first one did, and got the port rewrite):
+                # only the address changes, and only the IPv4 header checksum covers it.
+                view.set_src_addr(tunnel_addr)
+                return NatResult.REWRITTEN
+            return NatResult.UNSUPPORTED
+        i = 0 if proto == IPPROTO_TCP else 1
+        key = _outbound_key(view)
+        mapping = self._outbound[i].get(key)
+        if mapping is None:
+            new = self._create(i, proto, view, key, now)
+            if new is None:
+                self.exhausted += 1
+                return NatResult.NO_PORT
+            mapping = new
+        mapping.last_seen = now
+        if proto == IPPROTO_TCP:
+            self._track_close(mapping, view.tcp_flags, _FIN_OUT, now)
+        view.set_src_addr(tunnel_addr)
+        if mapping.tunnel_port != mapping.app_port:
+            view.set_src_port(mapping.tunnel_port)
+        return NatResult.REWRITTEN
+
+    def inbound(self, view: PacketView, now: float) -> NatResult:
+        """Rewrite a reply from the tunnel in ``view`` (parsed) back to the app's address and port."""
+        proto = view.proto
+        buf, off, n, l4 = view.buf, view.src_off, view.addr_len, view.l4
+        tunnel_addr = self.address_v4 if n == 4 else self.address_v6
+        if tunnel_addr is None or bytes(buf[off + n : off + 2 * n]) != tunnel_addr:
+            return NatResult.NO_MAPPING
+        if not view.has_ports:
+            app_addrs = self._app_addrs[0 if n == 4 else 1]
+            if l4 < 0 and proto in _PORT_PROTOS and len(app_addrs) == 1:
+                # A later fragment has no ports to find its flow by; with one app address behind the
+                # tunnel (the usual single-homed host) it can only be for that address.
+                view.set_dst_addr(next(iter(app_addrs)))
+                return NatResult.REWRITTEN
+            return NatResult.UNSUPPORTED
+        i = 0 if proto == IPPROTO_TCP else 1
+        key = bytes(buf[off : off + n]) + bytes(buf[l4 : l4 + 4])
+        mapping = self._inbound[i].get(key)
+        if mapping is None:
+            return NatResult.NO_MAPPING
+        mapping.last_seen = now
+        if proto == IPPROTO_TCP:
+            self._track_close(mapping, view.tcp_flags, _FIN_IN, now)
+        view.set_dst_addr(mapping.app_addr)
+        if mapping.tunnel_port != mapping.app_port:
+            view.set_dst_port(mapping.app_port)
+        return NatResult.REWRITTEN
+
+    def expire(self, now: float) -> list[TunnelMapping]:
+        """Remove and return the mappings whose time is up."""
+        gone = [m for m in self.mappings() if m.deadline() <= now]
+        for mapping in gone:
+            i = 0 if mapping.proto == IPPROTO_TCP else 1
+            del self._outbound[i][mapping.out_key]
+            del self._inbound[i][mapping.in_key]
+            addrs = self._app_addrs[0 if len(mapping.app_addr) == 4 else 1]
+            addrs[mapping.app_addr] -= 1
+            if not addrs[mapping.app_addr]:
+                del addrs[mapping.app_addr]
+        return gone
+
+    def _create(self, i: int, proto: int, view: PacketView, key: bytes, now: float) -> TunnelMapping | None:
+        app_port, remote_port = view.ports()
+        remote_addr = view.dst_addr
+        inbound = self._inbound[i]
+        port = app_port
+        in_key = _inbound_key(remote_addr, remote_port, port)
+        if in_key in inbound:
+            port = self._free_port(inbound, remote_addr, remote_port)
+            if port < 0:
+                return None
+            in_key = _inbound_key(remote_addr, remote_port, port)
+        mapping = TunnelMapping(
+            proto, view.src_addr, app_port, remote_addr, remote_port, port, now, key, in_key
+        )
+        self._outbound[i][key] = mapping
+        inbound[in_key] = mapping
+        addrs = self._app_addrs[0 if len(mapping.app_addr) == 4 else 1]
+        addrs[mapping.app_addr] = addrs.get(mapping.app_addr, 0) + 1
+        return mapping
+
+    def _free_port(self, inbound: dict[bytes, TunnelMapping], remote_addr: bytes, remote_port: int) -> int:
+        # A rotating cursor: consecutive collisions get different ports without rescanning from the start.
+        start, size = EPHEMERAL_PORTS.start, len(EPHEMERAL_PORTS)
+        prefix = remote_addr + remote_port.to_bytes(2, "big")
+        for _ in range(size):
+            port = self._next_port
+            self._next_port = start + (port - start + 1) % size
+            if prefix + port.to_bytes(2, "big") not in inbound:
+                return port
+        return -1
+
+    @staticmethod
+    def _track_close(mapping: TunnelMapping, flags: int, side: int, now: float) -> None:
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            # A new connection on a lingering 4-tuple (TIME_WAIT reuse) revives the mapping.
+            mapping.fin = 0
+            mapping.closed_at = None
+        elif flags & TCP_RST:
+            mapping.closed_at = now
+        elif flags & TCP_FIN:
+            mapping.fin |= side
+            if mapping.fin == _FIN_OUT | _FIN_IN:
+                mapping.closed_at = now
