@@ -20,8 +20,6 @@ from awg_split_tunnel.net.packet import (
     TCP_PSH,
     TCP_SYN,
     PacketView,
-    checksum_adjust_bytes,
-    ones_complement_sum,
 )
 
 TCP_CWR = 0x80
@@ -33,8 +31,6 @@ TCPOLEN_MSS = 4
 
 IPV4_MIN_MTU = 68
 """RFC 791: every IPv4 host and link handles datagrams of 68 bytes."""
-IPV6_MIN_MTU = 1280
-"""RFC 8200 §5."""
 
 _H = struct.Struct("!H")
 _I = struct.Struct("!I")
@@ -47,6 +43,7 @@ class Rejected(enum.Enum):
     NOT_TCP = "not a TCP packet"
     FRAGMENT = "an IP fragment"
     NO_ROOM = "the headers alone fill the MTU"
+    SYN = "a SYN carrying more data than fits the MTU"
 
 
 class ClampResult(enum.Enum):
@@ -55,6 +52,19 @@ class ClampResult(enum.Enum):
     CLAMPED = "MSS lowered"
     UNCHANGED = "not a SYN, no MSS option, or the MSS already fits"
     MALFORMED = "truncated headers or a TCP option overflowing the header"
+
+
+def _sum16(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """One's complement sum of ``data`` (zero-padded to even length) plus ``initial``, modulo 0xFFFF.
+
+    2**16 ≡ 1 (mod 0xFFFF), so the big-endian integer of the buffer is congruent to the sum of its 16-bit
+    words: one ``int.from_bytes`` and one modulo, linear in the length, instead of a loop over the words.
+    A multiple of 0xFFFF is the folded sum 0xFFFF (exact for any input that is not all zeros).
+    """
+    total = int.from_bytes(data, "big")
+    if len(data) & 1:
+        total <<= 8
+    return (total + initial) % 0xFFFF or 0xFFFF
 
 
 def mss_for_mtu(mtu: int, version: int) -> int:
@@ -80,8 +90,9 @@ def segment_tcp(
     Each segment carries the original IP header (options and IPv6 extension headers included) and TCP
     header with its own IP length, IPv4 id (incremented per segment), sequence number and checksums;
     FIN and PSH stay only on the last segment, CWR only on the first. The incoming TCP checksum is not
-    read (offloaded packets carry only a partial one). A packet that already fits comes back as one copy,
-    unchanged. ``view`` may be passed to reuse one parser across calls.
+    read (offloaded packets carry only a partial one); the urgent pointer is copied as it is (stacks do
+    not offload urgent data). A packet that already fits comes back as one copy, unchanged. ``view`` may
+    be passed to reuse one parser across calls.
     """
     if mtu < IPV4_MIN_MTU:
         raise ValueError(f"MTU {mtu} is below the IPv4 minimum of {IPV4_MIN_MTU}")
@@ -101,6 +112,9 @@ def segment_tcp(
     if mss <= 0:
         return Rejected.NO_ROOM
     v4 = view.version == 4
+    flags = buf[l4 + 13]
+    if flags & TCP_SYN:
+        return Rejected.SYN  # stacks never offload SYNs; its data (TCP Fast Open) is the sender's to fit
 
     template = bytearray(buf[:headers])
     _H.pack_into(template, l4 + 16, 0)
@@ -109,10 +123,9 @@ def segment_tcp(
         # The IPv4 header sum without length, id and checksum; each segment adds its own two words.
         template[2:6] = b"\0\0\0\0"
         template[10:12] = b"\0\0"
-        ip_base = ones_complement_sum(memoryview(template)[:l4])
+        ip_base = _sum16(memoryview(template)[:l4])
     seq = _I.unpack_from(template, l4 + 4)[0]
-    flags = template[l4 + 13]
-    pseudo_base = ones_complement_sum(memoryview(template)[view.src_off : view.src_off + 2 * view.addr_len])
+    pseudo_base = _sum16(memoryview(template)[view.src_off : view.src_off + 2 * view.addr_len])
     pseudo_base += IPPROTO_TCP
 
     payload = memoryview(buf)[headers:total]
@@ -128,10 +141,7 @@ def segment_tcp(
             _H.pack_into(seg, 2, seg_len)
             seg_id = (ip_id + index) & 0xFFFF
             _H.pack_into(seg, 4, seg_id)
-            s = ip_base + seg_len + seg_id
-            s = (s & 0xFFFF) + (s >> 16)
-            s = (s & 0xFFFF) + (s >> 16)
-            _H.pack_into(seg, 10, ~s & 0xFFFF)
+            _H.pack_into(seg, 10, ~((ip_base + seg_len + seg_id) % 0xFFFF or 0xFFFF) & 0xFFFF)
         else:
             _H.pack_into(seg, 4, seg_len - 40)
         _I.pack_into(seg, l4 + 4, (seq + offset) & 0xFFFFFFFF)
@@ -142,8 +152,7 @@ def segment_tcp(
             seg_flags &= ~TCP_CWR
         seg[l4 + 13] = seg_flags
         tcp_len = seg_len - l4
-        csum = ones_complement_sum(memoryview(seg)[l4:], pseudo_base + tcp_len)
-        _H.pack_into(seg, l4 + 16, ~csum & 0xFFFF)
+        _H.pack_into(seg, l4 + 16, ~_sum16(memoryview(seg)[l4:], pseudo_base + tcp_len) & 0xFFFF)
         segments.append(seg)
         offset = end
         index += 1
@@ -201,7 +210,9 @@ def _patch_tcp(buf: bytearray | memoryview, l4: int, off: int, new: bytes) -> No
     start = off - ((off - l4) & 1)
     stop = off + len(new)
     stop += (stop - l4) & 1
-    old_words = bytes(buf[start:stop])
+    old_words = int.from_bytes(buf[start:stop], "big")
     buf[off : off + len(new)] = new
-    cks = _H.unpack_from(buf, l4 + 16)[0]
-    _H.pack_into(buf, l4 + 16, checksum_adjust_bytes(cks, old_words, bytes(buf[start:stop])))
+    # RFC 1624 eqn. 3, HC' = ~(~HC + m' - m), in arithmetic mod 0xFFFF (see ``_sum16``).
+    delta = int.from_bytes(buf[start:stop], "big") - old_words
+    total = (0xFFFF - _H.unpack_from(buf, l4 + 16)[0] + delta) % 0xFFFF or 0xFFFF
+    _H.pack_into(buf, l4 + 16, 0xFFFF - total)

@@ -4,7 +4,7 @@ A WireGuard peer accepts from a client only packets sourced from the client's tu
 router rewrites an app's packet (app A:a → remote R:r) to (T:t → R:r), T being the tunnel address and t
 the app's port when no other flow holds (t, R:r) already, else a fresh one. Replies (R:r → T:t) find the
 flow by (protocol, t, R, r) and are rewritten back to (R:r → A:a). Checksums are patched incrementally
-(``PacketView``), and an IPv4 UDP checksum of 0 (none) stays 0.
+(RFC 1624), and an IPv4 UDP checksum of 0 (none) stays 0.
 
 One ``TunnelNat`` per tunnel, owned by the router's loop; time is passed in.
 """
@@ -12,6 +12,7 @@ One ``TunnelNat`` per tunnel, owned by the router's loop; time is passed in.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 from awg_split_tunnel.net.packet import (
@@ -37,13 +38,14 @@ EPHEMERAL_PORTS = range(49152, 65536)
 _PORT_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
 _FIN_OUT = 1
 _FIN_IN = 2
+_H = struct.Struct("!H")
 
 
 class NatResult(enum.Enum):
     """What ``TunnelNat.outbound`` / ``inbound`` did with a packet."""
 
     REWRITTEN = "rewritten"
-    NO_MAPPING = "reply to no known flow"
+    NO_MAPPING = "not addressed to the tunnel, or a reply to no known flow"
     NO_ADDRESS = "the tunnel has no address of this IP version"
     NO_PORT = "no free tunnel-side port towards this remote"
     UNSUPPORTED = "not TCP/UDP, or a fragment without ports"
@@ -120,7 +122,7 @@ class TunnelNat:
             if view.l4 < 0 and proto in _PORT_PROTOS:
                 # A later fragment carries no ports (the first one did, and got the port rewrite):
                 # only the address changes, and only the IPv4 header checksum covers it.
-                view.set_src_addr(tunnel_addr)
+                _rewrite(view, view.src_off, tunnel_addr, -1, 0)
                 return NatResult.REWRITTEN
             return NatResult.UNSUPPORTED
         i = 0 if proto == IPPROTO_TCP else 1
@@ -135,9 +137,7 @@ class TunnelNat:
         mapping.last_seen = now
         if proto == IPPROTO_TCP:
             self._track_close(mapping, view.tcp_flags, _FIN_OUT, now)
-        view.set_src_addr(tunnel_addr)
-        if mapping.tunnel_port != mapping.app_port:
-            view.set_src_port(mapping.tunnel_port)
+        _rewrite(view, view.src_off, tunnel_addr, view.l4, mapping.tunnel_port)
         return NatResult.REWRITTEN
 
     def inbound(self, view: PacketView, now: float) -> NatResult:
@@ -152,7 +152,7 @@ class TunnelNat:
             if l4 < 0 and proto in _PORT_PROTOS and len(app_addrs) == 1:
                 # A later fragment has no ports to find its flow by; with one app address behind the
                 # tunnel (the usual single-homed host) it can only be for that address.
-                view.set_dst_addr(next(iter(app_addrs)))
+                _rewrite(view, off + n, next(iter(app_addrs)), -1, 0)
                 return NatResult.REWRITTEN
             return NatResult.UNSUPPORTED
         i = 0 if proto == IPPROTO_TCP else 1
@@ -163,9 +163,7 @@ class TunnelNat:
         mapping.last_seen = now
         if proto == IPPROTO_TCP:
             self._track_close(mapping, view.tcp_flags, _FIN_IN, now)
-        view.set_dst_addr(mapping.app_addr)
-        if mapping.tunnel_port != mapping.app_port:
-            view.set_dst_port(mapping.app_port)
+        _rewrite(view, off + n, mapping.app_addr, l4 + 2, mapping.app_port)
         return NatResult.REWRITTEN
 
     def expire(self, now: float) -> list[TunnelMapping]:
@@ -224,3 +222,36 @@ class TunnelNat:
             mapping.fin |= side
             if mapping.fin == _FIN_OUT | _FIN_IN:
                 mapping.closed_at = now
+
+
+def _rewrite(view: PacketView, addr_off: int, addr: bytes, port_off: int, port: int) -> None:
+    """Write ``addr`` at ``addr_off`` (and ``port`` at ``port_off`` unless it is -1), patching the IPv4
+    header and TCP/UDP checksums with one combined delta (RFC 1624 eqn. 3 in arithmetic mod 0xFFFF, where
+    2**16 ≡ 1 makes an address's integer value congruent to the sum of its 16-bit words)."""
+    buf = view.buf
+    n = len(addr)
+    delta = int.from_bytes(addr, "big") - int.from_bytes(buf[addr_off : addr_off + n], "big")
+    buf[addr_off : addr_off + n] = addr
+    if view.version == 4:
+        _H.pack_into(buf, 10, _adjusted(_H.unpack_from(buf, 10)[0], delta))
+    if view.l4 < 0:
+        return  # a later fragment: no transport header, the first fragment's checksum covers the datagram
+    if port_off >= 0:
+        delta += port - _H.unpack_from(buf, port_off)[0]
+        _H.pack_into(buf, port_off, port)
+    if view.proto == IPPROTO_TCP:
+        csum_off = view.l4 + 16
+        _H.pack_into(buf, csum_off, _adjusted(_H.unpack_from(buf, csum_off)[0], delta))
+        return
+    csum_off = view.l4 + 6
+    csum = _H.unpack_from(buf, csum_off)[0]
+    if csum == 0 and view.version == 4:
+        return  # IPv4 UDP without a checksum stays without one
+    # A computed UDP checksum of 0 is sent as 0xFFFF: 0 means "none" (RFC 768).
+    _H.pack_into(buf, csum_off, _adjusted(csum, delta) or 0xFFFF)
+
+
+def _adjusted(checksum: int, delta: int) -> int:
+    """``checksum`` after the summed data changed by ``delta``: HC' = ~(~HC + m' - m)."""
+    total = (0xFFFF - checksum + delta) % 0xFFFF
+    return 0xFFFF - (total or 0xFFFF)

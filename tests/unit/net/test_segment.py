@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
+import os
+import select
+import socket
 import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from awg_split_tunnel.lab.netns import call_in_netns
 from awg_split_tunnel.net.packet import IPPROTO_TCP, IPPROTO_UDP, PacketView
 from awg_split_tunnel.net.segment import (
     ClampResult,
@@ -55,6 +64,8 @@ def tcp_packet(
     payload: bytes = b"",
     *,
     seq: int = 1000,
+    ack: int = 77,
+    ports: tuple[int, int] = (40000, 443),
     flags: int = ACK,
     options: bytes = b"",
     ip_options: bytes = b"",
@@ -64,7 +75,7 @@ def tcp_packet(
     """An IPv4/IPv6 TCP packet with every checksum computed here, independently of the code under test."""
     assert len(options) % 4 == 0 and len(ip_options) % 4 == 0
     doff = (20 + len(options)) // 4
-    tcp = bytearray(struct.pack("!HHIIBBHHH", 40000, 443, seq, 77, doff << 4, flags, 65535, 0, 0) + options)
+    tcp = bytearray(struct.pack("!HHIIBBHHH", *ports, seq, ack, doff << 4, flags, 65535, 0, 0) + options)
     tcp += payload
     csum = naive_checksum(bytes(tcp), pseudo(src, dst, IPPROTO_TCP, len(tcp)))
     struct.pack_into("!H", tcp, 16, csum if tcp_checksum is None else tcp_checksum)
@@ -100,6 +111,22 @@ def assert_valid(packet: bytes | bytearray) -> None:
         assert struct.unpack_from("!H", data, 4)[0] == len(data) - 40
         src, dst = data[8:24], data[24:40]
     assert naive_checksum(data[l4:], pseudo(src, dst, IPPROTO_TCP, len(data) - l4)) == 0, "TCP checksum"
+
+
+def canonical(packet: bytes | bytearray) -> bytearray:
+    """``packet`` with its IPv4 header and TCP checksums recomputed word by word from zeroed fields."""
+    out = bytearray(packet)
+    l4, _ = headers_of(out)
+    if out[0] >> 4 == 4:
+        struct.pack_into("!H", out, 10, 0)
+        struct.pack_into("!H", out, 10, naive_checksum(bytes(out[:l4])))
+        src, dst = bytes(out[12:16]), bytes(out[16:20])
+    else:
+        src, dst = bytes(out[8:24]), bytes(out[24:40])
+    struct.pack_into("!H", out, l4 + 16, 0)
+    csum = naive_checksum(bytes(out[l4:]), pseudo(src, dst, IPPROTO_TCP, len(out) - l4))
+    struct.pack_into("!H", out, l4 + 16, csum)
+    return out
 
 
 def field(packet: bytes | bytearray, fmt: str, off: int) -> int:
@@ -155,6 +182,19 @@ def test_64k_packet_with_a_partial_checksum_segments_with_fresh_checksums() -> N
     assert len(segments) == -(-len(payload) // 1380)
     for seg in segments:
         assert_valid(seg)
+
+
+def test_a_segment_whose_checksum_is_zero_gets_zero_not_all_ones() -> None:
+    # Choose the first segment's last payload word so that its TCP sum is 0xFFFF: the checksum is 0.
+    head = bytes(range(98)) + b"\0\0"
+    probe = tcp_packet(A4, B4, head, seq=1000, flags=ACK)
+    probe[36:38] = b"\0\0"
+    partial = ~naive_checksum(bytes(probe[20:]), pseudo(A4, B4, IPPROTO_TCP, 120)) & 0xFFFF
+    head = head[:98] + struct.pack("!H", 0xFFFF - partial)
+    segments = segment_tcp(tcp_packet(A4, B4, head + bytes(range(100)), seq=1000, flags=ACK | PSH), 140)
+    assert isinstance(segments, list) and len(segments) == 2
+    assert segments[0][36:38] == b"\0\0"
+    assert segments[0] == canonical(segments[0])
 
 
 def test_ip_options_are_copied_to_every_segment() -> None:
@@ -217,6 +257,32 @@ def test_non_tcp_fragments_and_headers_filling_the_mtu_are_rejected() -> None:
     assert segment_tcp(fat, 120) is Rejected.NO_ROOM
 
 
+def test_oversize_syn_is_rejected() -> None:
+    # SYN data (TCP Fast Open) must fit as it is: a SYN on every segment would open the connection anew.
+    assert segment_tcp(tcp_packet(A4, B4, bytes(3000), flags=SYN), 1500) is Rejected.SYN
+
+
+def test_ipv6_extension_headers_are_kept_and_fragments_rejected() -> None:
+    plain = tcp_packet(A6, B6, bytes(range(250)) * 12, flags=ACK | PSH)
+    # Insert a hop-by-hop options header (8 bytes of PadN) between the IPv6 and TCP headers.
+    hop_by_hop = bytes([IPPROTO_TCP, 0, 1, 4, 0, 0, 0, 0])
+    packet = bytearray(plain[:40] + hop_by_hop + plain[40:])
+    packet[6] = 0
+    struct.pack_into("!H", packet, 4, len(packet) - 40)
+    segments = segment_tcp(packet, 1280)
+    assert isinstance(segments, list) and len(segments) == 3
+    for seg in segments:
+        assert len(seg) <= 1280 and seg[40:48] == hop_by_hop
+        assert field(seg, "!H", 4) == len(seg) - 40
+        tcp = bytes(seg[48:])
+        assert naive_checksum(tcp, pseudo(A6, B6, IPPROTO_TCP, len(tcp))) == 0
+    assert b"".join(bytes(s[68:]) for s in segments) == bytes(range(250)) * 12
+    fragment = bytearray(plain[:40] + bytes([IPPROTO_TCP, 0, 0, 1, 0, 0, 0, 9]) + plain[40:])
+    fragment[6] = 44
+    struct.pack_into("!H", fragment, 4, len(fragment) - 40)
+    assert segment_tcp(fragment, 1280) is Rejected.FRAGMENT
+
+
 def test_an_mtu_below_the_ipv4_minimum_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="minimum"):
         segment_tcp(tcp_packet(A4, B4), 40)
@@ -245,6 +311,7 @@ def test_segmenting_then_concatenating_gives_back_the_payload(
         assert len(seg) <= mtu
         assert_valid(seg)
         l4, _ = headers_of(seg)
+        assert seg == canonical(seg), "checksums equal a full RFC 1071 recomputation"
         assert field(seg, "!I", l4 + 4) == expected_seq, "sequence numbers are continuous"
         expected_seq = (expected_seq + len(seg) - data) & 0xFFFFFFFF
         last = i == len(segments) - 1
@@ -380,3 +447,90 @@ def test_clamp_never_raises_the_mss_and_keeps_the_checksum_valid(
     assert mss_of(packet) == min(value, clamp)
     assert result is (ClampResult.CLAMPED if value > clamp else ClampResult.UNCHANGED)
     assert_valid(packet)
+    assert packet == canonical(packet), "the incremental update equals a full recomputation"
+
+
+# -- the Linux stack takes our segments and honours the clamped MSS -------------------------------------
+
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+STACK = ipaddress.IPv4Address("198.18.0.1").packed
+PEER = ipaddress.IPv4Address("198.18.0.2").packed
+
+
+@contextlib.contextmanager
+def tun_in_netns(tag: str) -> Iterator[tuple[str, int]]:
+    """A fresh namespace with a TUN device (198.18.0.1/24, MTU 1500) whose fd we hold."""
+    name = f"awgst-{tag}-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    fd = -1
+    try:
+
+        def open_tun() -> int:
+            tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+            fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", b"tun-test", IFF_TUN | IFF_NO_PI))
+            return tun
+
+        fd = call_in_netns(name, open_tun)
+        subprocess.run(["ip", "-n", name, "link", "set", "tun-test", "mtu", "1500", "up"], check=True)
+        subprocess.run(["ip", "-n", name, "addr", "add", "198.18.0.1/24", "dev", "tun-test"], check=True)
+        yield name, fd
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def read_packet(fd: int, wanted: Callable[[bytes], bool], timeout: float = 3.0) -> bytes:
+    """The first packet the stack sends into the TUN that ``wanted`` accepts."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0]:
+            data = os.read(fd, 65535)
+            if wanted(data):
+                return data
+    raise AssertionError("the stack sent no such packet")
+
+
+def from_stack(flags: int) -> Callable[[bytes], bool]:
+    return lambda p: p[0] == 0x45 and p[9] == IPPROTO_TCP and p[12:16] == STACK and p[33] & flags == flags
+
+
+@NEEDS_ROOT
+def test_linux_accepts_our_segments_and_sends_within_the_clamped_mss() -> None:
+    with tun_in_netns("seg") as (name, fd):
+        listener = call_in_netns(name, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        with listener:
+            listener.bind(("198.18.0.1", 8080))
+            listener.listen(1)
+            listener.settimeout(3.0)
+            ports = (40000, 8080)
+            syn = tcp_packet(PEER, STACK, seq=1000, ack=0, ports=ports, flags=SYN, options=mss_option(1460))
+            assert clamp_mss_packet(syn, 536) is ClampResult.CLAMPED
+            os.write(fd, syn)
+            syn_ack = read_packet(fd, from_stack(SYN | ACK))
+            stack_seq, window = field(syn_ack, "!I", 24) + 1, field(syn_ack, "!H", 34)
+            os.write(fd, tcp_packet(PEER, STACK, seq=1001, ack=stack_seq, ports=ports, flags=ACK))
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(3.0)
+                # One super-packet as large as the stack's window allows, cut to 1500-byte segments.
+                payload = bytes((i * 31) & 0xFF for i in range(min(window, 40000)))
+                big = tcp_packet(PEER, STACK, payload, seq=1001, ack=stack_seq, ports=ports, flags=ACK | PSH)
+                segments = segment_tcp(big, 1500)
+                assert isinstance(segments, list) and len(segments) > 1
+                for seg in segments:
+                    os.write(fd, seg)
+                received = b""
+                while len(received) < len(payload):
+                    chunk = conn.recv(65536)
+                    assert chunk, "connection closed early"
+                    received += chunk
+                assert received == payload
+                # The stack's own data comes in segments that fit the MSS our clamped SYN announced.
+                conn.sendall(bytes(3000))
+                sizes: list[int] = []
+                while sum(sizes) < 3000:
+                    packet = read_packet(fd, from_stack(ACK))
+                    sizes.append(len(packet) - headers_of(packet)[1])
+                assert max(sizes) <= 536 and sum(sizes) == 3000

@@ -38,6 +38,7 @@ from awg_split_tunnel.provider.wireguard.protocol import (
     EndpointChanged,
     HandshakeCompleted,
     PacketReceived,
+    PacketsReceived,
     PeerConfig,
     PeerUnreachable,
     WireGuardEvent,
@@ -408,15 +409,27 @@ class WireGuardDevice:
     def send_packets(self, packets: Sequence[bytes]) -> None:
         """Encrypt and send IP packets, each to the peer whose AllowedIPs hold its destination.
         Packets with no such peer are dropped and counted."""
-        now = self.clock()
         lookup = self.allowed_ips.lookup_destination
-        core_send = self.core.send_packet
+        # One batch per peer for the core (its timers and rekey check run once per batch); each peer's
+        # packets keep their order.
+        by_peer: dict[bytes, list[bytes]] = {}
+        no_route = 0
         for packet in packets:
             peer = lookup(packet)
             if peer is None:
-                self.stats.dropped_no_route += 1
+                no_route += 1
                 continue
-            core_send(peer, packet, now)
+            batch = by_peer.get(peer)
+            if batch is None:
+                by_peer[peer] = [packet]
+            else:
+                batch.append(packet)
+        self.stats.dropped_no_route += no_route
+        if by_peer:
+            now = self.clock()
+            core_send = self.core.send_packets
+            for peer, batch in by_peer.items():
+                core_send(peer, batch, now)
         self._flush()
         self._rearm_timer()
 
@@ -431,24 +444,18 @@ class WireGuardDevice:
         if not batch:
             return
         self.stats.datagrams_in += len(batch)
-        now = self.clock()
-        receive = self.core.receive_datagram
         lookup_source = self.allowed_ips.lookup_source
         delivered: list[bytes] = []
-        for data, source in batch:
-            events = receive(data, source, now)
-            if not events:
-                continue
-            for event in events:
-                if type(event) is PacketReceived:
-                    packet = event.ip_packet
-                    # Cryptokey routing: a peer may only send from addresses in its own AllowedIPs.
-                    if lookup_source(packet) == event.peer:
-                        delivered.append(packet)
-                    else:
-                        self.stats.dropped_source += 1
-                else:
-                    self._on_event(event)
+        for event in self.core.receive_datagrams(batch, self.clock()):
+            if type(event) is PacketsReceived:
+                # Cryptokey routing: a peer may only send from addresses in its own AllowedIPs.
+                peer = event.peer
+                received = event.ip_packets
+                before = len(delivered)
+                delivered.extend(packet for packet in received if lookup_source(packet) == peer)
+                self.stats.dropped_source += len(received) - (len(delivered) - before)
+            else:
+                self._on_event(event)
         if delivered:
             self.on_packets(delivered)
         self._flush()
@@ -469,7 +476,7 @@ class WireGuardDevice:
             entry = self.stats.peers.get(event.peer)
             if entry is not None:
                 entry.endpoint = event.endpoint
-        elif isinstance(event, PacketReceived):
+        elif isinstance(event, (PacketReceived, PacketsReceived)):
             self.stats.dropped_invalid += 1  # only the receive path may yield packets
 
     # -- I/O glue ------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Datagrams go in through `receive_datagrams` (or `receive_datagram`), IP packets through `send_packets` (or
 `send_packet`); datagrams to send come out of `datagrams_to_send`, events out of the calls. The batch entry
 points do per-packet only what must be per packet (AEAD, counters, replay window, envelope calls) and the
-timer and rekey bookkeeping once per run of packets of one peer, as wireguard-go does per batch. Time is passed in (`now`, monotonic seconds); the
-wall clock used only for TAI64N timestamps and the random sources are injectable. Every message is built
+timer and rekey bookkeeping once per run of packets of one peer, as wireguard-go does per batch. Time is
+passed in (`now`, monotonic seconds); the wall clock used only for TAI64N timestamps and the random sources
+are injectable. Every message is built
 and classified through an `Envelope`, so AmneziaWG reuses all of this. Nothing raises out of
 `receive_datagrams`: bad input is counted in `dropped` and discarded.
 
@@ -67,8 +68,10 @@ RATE_LIMIT_BURST = 5.0
 REKEY_AFTER_MESSAGES = _REKEY_AFTER_MESSAGES
 
 _PLAIN_TRANSPORT_TYPE = int(MessageType.TRANSPORT)
+_PLAIN_TRANSPORT_PREFIX = _PLAIN_TRANSPORT_TYPE.to_bytes(4, "little")
 _PAD_MASK = PADDING_MULTIPLE - 1
 _ZERO_PADDING = bytes(PADDING_MULTIPLE)
+_NO_MTU = 1 << 62  # MTU 0 means "no cap on the padding"
 _MALFORMED_ERRORS = (ProtocolError, ValueError, IndexError, struct.error)
 
 
@@ -283,9 +286,16 @@ class WireGuardProtocol:
 
     def send_packet(self, peer_key: bytes, ip_packet: bytes, now: float) -> None:
         """Encrypt `ip_packet` to the peer, or queue it and start a handshake if no keypair is usable."""
+        self.send_packets(peer_key, (ip_packet,), now)
+
+    def send_packets(self, peer_key: bytes, ip_packets: Sequence[bytes], now: float) -> None:
+        """Encrypt `ip_packets` to the peer, in order, with the timers and rekey check run once for the
+        batch; or queue them and start a handshake if no keypair is usable."""
         peer = self.peers.get(peer_key)
         if peer is None:
-            self.dropped[DropReason.UNKNOWN_PEER] += 1
+            self.dropped[DropReason.UNKNOWN_PEER] += len(ip_packets)
+            return
+        if not ip_packets:
             return
         keypair = peer.keypairs.current
         if (
@@ -295,12 +305,16 @@ class WireGuardProtocol:
             and now - keypair.created < self._reject_after
             and peer.endpoint is not None
         ):
-            self._send_transport(peer, keypair, ip_packet, now)
+            sealed = self._send_transport(peer, keypair, ip_packets)
             self._after_transport_sent(peer, keypair, True, now)
-            return
-        if len(peer.staged) == QUEUE_STAGED_SIZE:
-            self.dropped[DropReason.QUEUE_FULL] += 1  # deque drops the oldest
-        peer.staged.append(ip_packet)
+            if sealed == len(ip_packets):
+                return
+            ip_packets = ip_packets[sealed:]  # the keypair's counter ran out: the rest wait for a new one
+        staged = peer.staged
+        for packet in ip_packets:
+            if len(staged) == QUEUE_STAGED_SIZE:
+                self.dropped[DropReason.QUEUE_FULL] += 1  # deque drops the oldest
+            staged.append(packet)
         self._send_staged(peer, now)
 
     def initiate_handshake(self, peer_key: bytes, now: float) -> None:
@@ -325,33 +339,70 @@ class WireGuardProtocol:
             return
         if peer.endpoint is None:
             return
-        data_sent = False
-        while peer.staged:
-            packet = peer.staged.popleft()
-            if not self._send_transport(peer, keypair, packet, now):
-                break
-            data_sent = data_sent or bool(packet)
+        staged = peer.staged
+        packets = list(staged)
+        staged.clear()
+        sealed = self._send_transport(peer, keypair, packets)
+        if sealed < len(packets):
+            staged.extendleft(reversed(packets[sealed:]))  # counter spent: they wait for the next keypair
+        data_sent = any(packets[:sealed])
         self._after_transport_sent(peer, keypair, data_sent, now)
 
-    def _send_transport(self, peer: Peer, keypair: Keypair, packet: bytes, now: float) -> bool:
+    def _send_transport(self, peer: Peer, keypair: Keypair, packets: Sequence[bytes]) -> int:
+        """Pad, seal and frame `packets` under `keypair` into `_outgoing`; returns how many were sealed
+        (fewer than all only when the keypair's counter runs out). Per packet only what must be: the
+        envelope's padding, type value and wrapping, and the AEAD."""
         endpoint = peer.endpoint
         if endpoint is None:
             self.dropped[DropReason.NO_ENDPOINT] += 1
-            return False
+            return 0
+        counter = keypair.send_counter
+        room = REJECT_AFTER_MESSAGES - counter
+        if room < len(packets):
+            packets = packets[: max(room, 0)]
         envelope = self.envelope
-        n = len(packet)
-        padded = envelope.transport_plaintext_length(n, self.mtu, peer.window)
-        plaintext = packet + bytes(padded - n) if padded > n else packet
-        message = keypair.seal(envelope.type_value(MessageType.TRANSPORT), plaintext)
-        if message is None:
-            return False
-        datagram = envelope.wrap_transport(message, peer.window)
-        self._outgoing.append((datagram, endpoint))
+        plain = type(envelope) is PlainEnvelope
+        window = peer.window
+        mtu = self.mtu
+        cap = mtu if mtu else _NO_MTU
+        remote = keypair.remote_index
+        encrypt = keypair.send_aead.encrypt
+        nonce = keypair.seal_nonce
+        pack_nonce = COUNTER.pack_into
+        pack_header = TRANSPORT_HEADER.pack
+        append = self._outgoing.append
+        tx_bytes = tx_packets = 0
+        for packet in packets:
+            n = len(packet)
+            if plain:
+                # PlainEnvelope.transport_plaintext_length inlined: pad the last MTU-sized piece to 16,
+                # never past the MTU (wireguard-go send.go).
+                last = n if n <= cap else n % cap
+                pad = -last & _PAD_MASK
+                if last + pad > cap:
+                    pad = cap - last
+                if pad:
+                    packet = packet + _ZERO_PADDING[:pad]
+                pack_nonce(nonce, 4, counter)
+                datagram = pack_header(_PLAIN_TRANSPORT_TYPE, remote, counter) + encrypt(nonce, packet, None)
+            else:
+                padded = envelope.transport_plaintext_length(n, mtu, window)
+                if padded > n:
+                    packet = packet + bytes(padded - n)
+                type_value = envelope.type_value(MessageType.TRANSPORT)
+                pack_nonce(nonce, 4, counter)
+                message = pack_header(type_value, remote, counter) + encrypt(nonce, packet, None)
+                datagram = envelope.wrap_transport(message, window)
+            counter += 1
+            append((datagram, endpoint))
+            tx_bytes += len(datagram)
+            if n:
+                tx_packets += 1
+        keypair.send_counter = counter
         stats = peer.stats
-        stats.tx_bytes += len(datagram)
-        if n:
-            stats.tx_packets += 1
-        return True
+        stats.tx_bytes += tx_bytes
+        stats.tx_packets += tx_packets
+        return len(packets)
 
     def _after_transport_sent(self, peer: Peer, keypair: Keypair, data_sent: bool, now: float) -> None:
         timers = peer.timers
@@ -411,85 +462,201 @@ class WireGuardProtocol:
     # -- receiving -----------------------------------------------------------------------------
 
     def receive_datagram(self, data: bytes, source: Endpoint, now: float) -> list[WireGuardEvent]:
-        """Process one received UDP payload; never raises on bad input (it is counted and dropped)."""
-        try:
-            classified = self.envelope.unwrap(data)
-        except Exception:  # a hostile datagram must never escape into the event loop
-            classified = None
-        if classified is None:
-            self.dropped[DropReason.MALFORMED] += 1
-            return []
-        kind, message = classified
-        try:
-            if kind == MessageType.TRANSPORT:
-                return self._receive_transport(message, source, now, len(data))
-            if kind == MessageType.INITIATION or kind == MessageType.RESPONSE:
-                return self._receive_handshake(kind, message, source, now, len(data))
-            if kind == MessageType.COOKIE_REPLY:
-                self._receive_cookie_reply(message, now)
-                return []
-        except (ProtocolError, ValueError, IndexError, struct.error):
-            self.dropped[DropReason.MALFORMED] += 1
-            return []
-        self.dropped[DropReason.MALFORMED] += 1
-        return []
+        """Process one received UDP payload; never raises on bad input (it is counted and dropped).
+        A data packet comes out as `PacketReceived`."""
+        events = self.receive_datagrams(((data, source),), now)
+        for i, event in enumerate(events):
+            if type(event) is PacketsReceived:
+                events[i] = PacketReceived(event.peer, event.ip_packets[0])  # one datagram, one packet
+        return events
 
-    def _receive_transport(
-        self, message: bytes, source: Endpoint, now: float, size: int
+    def receive_datagrams(
+        self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float
     ) -> list[WireGuardEvent]:
-        if len(message) < 32:
-            self.dropped[DropReason.MALFORMED] += 1
-            return []
-        entry = self._indices.get(int.from_bytes(message[4:8], "little"))
-        keypair = entry[1] if entry is not None else None
-        if entry is None or keypair is None:
-            self.dropped[DropReason.UNKNOWN_INDEX] += 1
-            return []
-        peer = entry[0]
-        if now - keypair.created >= self._reject_after:
-            self.dropped[DropReason.EXPIRED_KEYPAIR] += 1
-            return []
-        plaintext = keypair.open(message)
-        if plaintext is None:
-            self.dropped[DropReason.DECRYPT_FAILED] += 1
-            return []
-        if not keypair.accept_counter(message):
-            self.dropped[DropReason.REPLAY] += 1
-            return []
+        """Process received UDP payloads in order; never raises on bad input (it is counted and dropped).
+
+        Data packets come out as `PacketsReceived`, one per run of consecutive packets of one peer. The
+        per-packet work is the envelope's, the AEAD, the replay window and the endpoint; the receive-side
+        timers and the rekey check run once per run of transport messages of one peer, as wireguard-go
+        runs them once per batch."""
         events: list[WireGuardEvent] = []
-        self._update_endpoint(peer, source, events)
         envelope = self.envelope
-        envelope.note_received(peer.window, len(plaintext))
-        dropped = peer.keypairs.received_with(keypair)
-        if dropped is not None:
-            for old in dropped:
-                self._free_index(old.local_index, old)
-            self._handshake_complete(peer, now, events)
-            self._send_staged_if_any(peer, now)
+        plain = type(envelope) is PlainEnvelope
+        unwrap = envelope.unwrap
+        note_received = envelope.note_received
+        is_keepalive = envelope.is_keepalive
+        dropped = self.dropped
+        indices = self._indices
+        allowed_source = self.allowed_source
+        reject_after = self._reject_after
+        unpack_header = TRANSPORT_HEADER.unpack_from
+        pack_nonce = COUNTER.pack_into
+        # The keypair of the last transport message, so a run under one keypair looks it up once.
+        # Bound below before first use: no index equals -1.
+        cached_index = -1
+        peer: Peer
+        keypair: Keypair
+        decrypt: Callable[[bytearray, memoryview, None], bytes]
+        validate: Callable[[int, int], bool]
+        nonce: bytearray
+        window: UdpWindow
+        # The run being accumulated: its peer's timers and counters are brought up to date at its end.
+        run_peer: Peer | None = None
+        run_bytes = run_packets = 0
+        run_data = False
+        delivered: list[bytes] | None = None  # the ip_packets of the last event, while it is a run's
+        delivered_at = -1
+        for data, source in datagrams:
+            try:
+                if plain and len(data) >= MIN_TRANSPORT_SIZE and data[:4] == _PLAIN_TRANSPORT_PREFIX:
+                    kind, message = MessageType.TRANSPORT, data  # PlainEnvelope.unwrap's common case
+                else:
+                    try:
+                        classified = unwrap(data)
+                    except Exception:  # a hostile datagram must never escape into the event loop
+                        classified = None
+                    if classified is None:
+                        dropped[DropReason.MALFORMED] += 1
+                        continue
+                    kind, message = classified
+                if kind != MessageType.TRANSPORT:
+                    if run_peer is not None:
+                        self._transport_run_received(run_peer, run_bytes, run_packets, run_data, now)
+                        run_peer = None
+                    cached_index = -1  # a handshake may replace keypairs and free their indices
+                    self._receive_control(kind, message, source, now, len(data), events)
+                    continue
+                if len(message) < MIN_TRANSPORT_SIZE:
+                    dropped[DropReason.MALFORMED] += 1
+                    continue
+                _, index, counter = unpack_header(message)
+                if index != cached_index:
+                    entry = indices.get(index)
+                    if entry is None or (found := entry[1]) is None:
+                        dropped[DropReason.UNKNOWN_INDEX] += 1
+                        continue
+                    peer, keypair = entry[0], found
+                    if now - keypair.created >= reject_after:
+                        dropped[DropReason.EXPIRED_KEYPAIR] += 1
+                        continue
+                    cached_index = index
+                    decrypt = keypair.receive_aead.decrypt
+                    validate = keypair.replay.validate
+                    nonce = keypair.open_nonce
+                    window = peer.window
+                pack_nonce(nonce, 4, counter)
+                try:
+                    plaintext = decrypt(nonce, memoryview(message)[TRANSPORT_HEADER_SIZE:], None)
+                except InvalidTag:
+                    dropped[DropReason.DECRYPT_FAILED] += 1
+                    continue
+                if not validate(counter, REJECT_AFTER_MESSAGES):
+                    dropped[DropReason.REPLAY] += 1
+                    continue
+                # Authentic and fresh.
+                if peer is not run_peer:
+                    if run_peer is not None:
+                        self._transport_run_received(run_peer, run_bytes, run_packets, run_data, now)
+                    run_peer, run_bytes, run_packets, run_data = peer, 0, 0, False
+                # The endpoint and the envelope's window follow every authenticated datagram (see
+                # `_update_endpoint`).
+                window.value = DEFAULT_UDP_WINDOW
+                if peer.endpoint != source:
+                    peer.endpoint = source
+                    peer.stats.endpoint = source
+                    events.append(EndpointChanged(peer.public_key, source))
+                if not plain:
+                    note_received(window, len(plaintext))
+                if keypair is peer.keypairs.next:
+                    # First message under the responder's new keypair: the packets before it keep their
+                    # order with the handshake's completion.
+                    self._transport_run_received(peer, run_bytes, run_packets, run_data, now)
+                    run_bytes, run_packets, run_data = 0, 0, False
+                    for old in peer.keypairs.received_with(keypair) or ():
+                        self._free_index(old.local_index, old)
+                    self._handshake_complete(peer, now, events)
+                    self._send_staged_if_any(peer, now)
+                run_bytes += len(data)
+                if not plaintext if plain else is_keepalive(plaintext):
+                    continue
+                run_data = True
+                # The IP packet inside, padding removed; anything that is not IPv4/IPv6 is dropped.
+                n = len(plaintext)
+                version = plaintext[0] >> 4
+                if version == 4:
+                    length = (plaintext[2] << 8) | plaintext[3]
+                    if n < 20 or length < 20 or length > n:
+                        dropped[DropReason.INVALID_PACKET] += 1
+                        continue
+                elif version == 6:
+                    length = ((plaintext[4] << 8) | plaintext[5]) + 40 if n >= 40 else 0
+                    if length == 0 or length > n:
+                        dropped[DropReason.INVALID_PACKET] += 1
+                        continue
+                else:
+                    dropped[DropReason.INVALID_PACKET] += 1
+                    continue
+                if length != n:
+                    plaintext = plaintext[:length]
+                if allowed_source is not None and not allowed_source(peer.public_key, plaintext):
+                    dropped[DropReason.BAD_SOURCE] += 1
+                    continue
+                run_packets += 1
+                if (
+                    delivered is not None
+                    and delivered_at == len(events) - 1
+                    and events[-1].peer == peer.public_key
+                ):
+                    delivered.append(plaintext)
+                else:
+                    delivered = [plaintext]
+                    events.append(PacketsReceived(peer.public_key, delivered))
+                    delivered_at = len(events) - 1
+            except _MALFORMED_ERRORS:
+                dropped[DropReason.MALFORMED] += 1
+        if run_peer is not None:
+            self._transport_run_received(run_peer, run_bytes, run_packets, run_data, now)
+        return events
+
+    def _transport_run_received(
+        self, peer: Peer, rx_bytes: int, rx_packets: int, data_received: bool, now: float
+    ) -> None:
+        """The timers and counters for a run of authentic transport messages from `peer`."""
         timers = peer.timers
         if not timers.sent_last_minute_handshake:
             self._keep_key_fresh_receiving(peer, now)
         if peer.persistent_keepalive is not None:
             self._authenticated_packet_traversal(peer, now)
         timers.new_handshake = None  # any authenticated packet received
+        if data_received:
+            if timers.send_keepalive is None:
+                timers.send_keepalive = now + self.settings.keepalive_timeout.pick(self.rng)
+            else:
+                timers.need_another_keepalive = True
         stats = peer.stats
-        stats.rx_bytes += size
-        if envelope.is_keepalive(plaintext):
-            return events
-        if timers.send_keepalive is None:
-            timers.send_keepalive = now + self.settings.keepalive_timeout.pick(self.rng)
-        else:
-            timers.need_another_keepalive = True
-        packet = _trim_ip_packet(plaintext)
-        if packet is None:
-            self.dropped[DropReason.INVALID_PACKET] += 1
-            return events
-        if self.allowed_source is not None and not self.allowed_source(peer.public_key, packet):
-            self.dropped[DropReason.BAD_SOURCE] += 1
-            return events
-        stats.rx_packets += 1
-        events.append(PacketReceived(peer.public_key, packet))
-        return events
+        stats.rx_bytes += rx_bytes
+        stats.rx_packets += rx_packets
+
+    def _receive_control(
+        self,
+        kind: MessageType,
+        message: bytes,
+        source: Endpoint,
+        now: float,
+        size: int,
+        events: list[WireGuardEvent],
+    ) -> None:
+        """A handshake message or cookie reply."""
+        try:
+            if kind == MessageType.INITIATION or kind == MessageType.RESPONSE:
+                events.extend(self._receive_handshake(kind, message, source, now, size))
+                return
+            if kind == MessageType.COOKIE_REPLY:
+                self._receive_cookie_reply(message, now)
+                return
+        except _MALFORMED_ERRORS:
+            pass
+        self.dropped[DropReason.MALFORMED] += 1
 
     def _send_staged_if_any(self, peer: Peer, now: float) -> None:
         if peer.staged:
@@ -728,24 +895,3 @@ class WireGuardProtocol:
             return
         timers.handshake_attempts += 1
         self._send_initiation(peer, now, is_retry=True)
-
-
-def _trim_ip_packet(plaintext: bytes) -> bytes | None:
-    """The IP packet inside a decrypted plaintext, padding removed; None if it is not IPv4/IPv6."""
-    n = len(plaintext)
-    version = plaintext[0] >> 4
-    if version == 4:
-        if n < 20:
-            return None
-        length = int.from_bytes(plaintext[2:4], "big")
-        if length < 20 or length > n:
-            return None
-    elif version == 6:
-        if n < 40:
-            return None
-        length = int.from_bytes(plaintext[4:6], "big") + 40
-        if length > n:
-            return None
-    else:
-        return None
-    return plaintext if length == n else plaintext[:length]

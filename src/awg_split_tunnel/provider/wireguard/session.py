@@ -15,24 +15,24 @@ from awg_split_tunnel.provider.wireguard.replay import ReplayWindow
 REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 
-_HEADER = struct.Struct("<IIQ")
-_COUNTER = struct.Struct("<Q")
+TRANSPORT_HEADER = struct.Struct("<IIQ")  # type, receiver index, counter
+COUNTER = struct.Struct("<Q")
 
 
 class Keypair:
     """One direction pair of transport keys with its counters. AEAD objects and nonce buffers are
-    created once here, so sealing and opening a packet allocates only the message itself."""
+    created once here, so sealing and opening a packet allocates only the message itself. The batch paths
+    of `WireGuardProtocol` use `send_aead`/`seal_nonce` and `receive_aead`/`open_nonce` directly."""
 
     __slots__ = (
-        "_open_nonce",
-        "_receiver",
-        "_seal_nonce",
         "created",
         "is_initiator",
         "local_index",
+        "open_nonce",
         "receive_aead",
         "remote_index",
         "replay",
+        "seal_nonce",
         "send_aead",
         "send_counter",
     )
@@ -54,8 +54,8 @@ class Keypair:
         self.created = now
         self.send_counter = 0
         self.replay = ReplayWindow()
-        self._seal_nonce = bytearray(12)
-        self._open_nonce = bytearray(12)
+        self.seal_nonce = bytearray(12)
+        self.open_nonce = bytearray(12)
 
     def age(self, now: float) -> float:
         return now - self.created
@@ -66,9 +66,9 @@ class Keypair:
         if counter >= REJECT_AFTER_MESSAGES:
             return None
         self.send_counter = counter + 1
-        nonce = self._seal_nonce
-        _COUNTER.pack_into(nonce, 4, counter)
-        return _HEADER.pack(type_value, self.remote_index, counter) + self.send_aead.encrypt(
+        nonce = self.seal_nonce
+        COUNTER.pack_into(nonce, 4, counter)
+        return TRANSPORT_HEADER.pack(type_value, self.remote_index, counter) + self.send_aead.encrypt(
             nonce, plaintext, None
         )
 
@@ -77,7 +77,7 @@ class Keypair:
         The caller then checks the counter with `accept_counter` (authentic messages only)."""
         if len(message) < MIN_TRANSPORT_SIZE:
             return None
-        nonce = self._open_nonce
+        nonce = self.open_nonce
         nonce[4:12] = message[8:16]
         try:
             return self.receive_aead.decrypt(nonce, memoryview(message)[TRANSPORT_HEADER_SIZE:], None)
@@ -86,7 +86,7 @@ class Keypair:
 
     def accept_counter(self, message: bytes) -> bool:
         """Record the counter of an authentic message; False if replayed or too old."""
-        counter: int = _COUNTER.unpack_from(message, 8)[0]
+        counter: int = COUNTER.unpack_from(message, 8)[0]
         return self.replay.validate(counter, REJECT_AFTER_MESSAGES)
 
 
