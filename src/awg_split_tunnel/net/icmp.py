@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from awg_split_tunnel.net.packet import PacketView, pseudo_header_sum
+from awg_split_tunnel.net.packet import PacketView, internet_checksum, pseudo_header_sum
 
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
@@ -97,8 +97,8 @@ def fragmentation_needed(view: PacketView, mtu: int, source: bytes | None = None
         mtu,
     )
     reply[28:] = buf[:quote]
-    _H.pack_into(reply, 10, _checksum(memoryview(reply)[:20]))
-    _H.pack_into(reply, 22, _checksum(memoryview(reply)[20:]))
+    _H.pack_into(reply, 10, internet_checksum(memoryview(reply)[:20]))
+    _H.pack_into(reply, 22, internet_checksum(memoryview(reply)[20:]))
     return reply
 
 
@@ -139,14 +139,8 @@ def packet_too_big(view: PacketView, mtu: int, source: bytes | None = None) -> b
     )
     reply[48:] = buf[:quote]
     initial = pseudo_header_sum(reply_src, src, IPPROTO_ICMPV6, 8 + quote)
-    _H.pack_into(reply, 42, _checksum(memoryview(reply)[40:], initial))
+    _H.pack_into(reply, 42, internet_checksum(memoryview(reply)[40:], initial))
     return reply
-
-
-def _checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
-    """RFC 1071 checksum via one big-integer modulo (2**16 ≡ 1 mod 0xFFFF): linear, unlike a word loop."""
-    total = int.from_bytes(data, "big") << (8 * (len(data) & 1))
-    return ~((total + initial) % 0xFFFF or 0xFFFF) & 0xFFFF
 
 
 def _unicast_v4(addr: bytes) -> bool:

@@ -20,6 +20,7 @@ from awg_split_tunnel.net.packet import (
     TCP_PSH,
     TCP_SYN,
     PacketView,
+    ones_complement_sum,
 )
 
 TCP_CWR = 0x80
@@ -52,19 +53,6 @@ class ClampResult(enum.Enum):
     CLAMPED = "MSS lowered"
     UNCHANGED = "not a SYN, no MSS option, or the MSS already fits"
     MALFORMED = "truncated headers or a TCP option overflowing the header"
-
-
-def _sum16(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
-    """One's complement sum of ``data`` (zero-padded to even length) plus ``initial``, modulo 0xFFFF.
-
-    2**16 ≡ 1 (mod 0xFFFF), so the big-endian integer of the buffer is congruent to the sum of its 16-bit
-    words: one ``int.from_bytes`` and one modulo, linear in the length, instead of a loop over the words.
-    A multiple of 0xFFFF is the folded sum 0xFFFF (exact for any input that is not all zeros).
-    """
-    total = int.from_bytes(data, "big")
-    if len(data) & 1:
-        total <<= 8
-    return (total + initial) % 0xFFFF or 0xFFFF
 
 
 def mss_for_mtu(mtu: int, version: int) -> int:
@@ -123,9 +111,9 @@ def segment_tcp(
         # The IPv4 header sum without length, id and checksum; each segment adds its own two words.
         template[2:6] = b"\0\0\0\0"
         template[10:12] = b"\0\0"
-        ip_base = _sum16(memoryview(template)[:l4])
+        ip_base = ones_complement_sum(memoryview(template)[:l4])
     seq = _I.unpack_from(template, l4 + 4)[0]
-    pseudo_base = _sum16(memoryview(template)[view.src_off : view.src_off + 2 * view.addr_len])
+    pseudo_base = ones_complement_sum(memoryview(template)[view.src_off : view.src_off + 2 * view.addr_len])
     pseudo_base += IPPROTO_TCP
 
     payload = memoryview(buf)[headers:total]
@@ -152,7 +140,7 @@ def segment_tcp(
             seg_flags &= ~TCP_CWR
         seg[l4 + 13] = seg_flags
         tcp_len = seg_len - l4
-        _H.pack_into(seg, l4 + 16, ~_sum16(memoryview(seg)[l4:], pseudo_base + tcp_len) & 0xFFFF)
+        _H.pack_into(seg, l4 + 16, ~ones_complement_sum(memoryview(seg)[l4:], pseudo_base + tcp_len) & 0xFFFF)
         segments.append(seg)
         offset = end
         index += 1
@@ -212,7 +200,7 @@ def _patch_tcp(buf: bytearray | memoryview, l4: int, off: int, new: bytes) -> No
     stop += (stop - l4) & 1
     old_words = int.from_bytes(buf[start:stop], "big")
     buf[off : off + len(new)] = new
-    # RFC 1624 eqn. 3, HC' = ~(~HC + m' - m), in arithmetic mod 0xFFFF (see ``_sum16``).
+    # RFC 1624 eqn. 3, HC' = ~(~HC + m' - m), in arithmetic mod 0xFFFF (see ``ones_complement_sum``).
     delta = int.from_bytes(buf[start:stop], "big") - old_words
     total = (0xFFFF - _H.unpack_from(buf, l4 + 16)[0] + delta) % 0xFFFF or 0xFFFF
     _H.pack_into(buf, l4 + 16, 0xFFFF - total)
