@@ -45,6 +45,7 @@ from awg_split_tunnel.errors import ConfigError
 from awg_split_tunnel.process.matcher import compile_pattern
 from awg_split_tunnel.provider.amneziawg.params import CONF_NAMES, AmneziaParams
 from awg_split_tunnel.provider.wireguard.conf import (
+    AWG_PARAMETERS,
     Endpoint,
     WgConf,
     awg_params,
@@ -204,38 +205,7 @@ class InlinePeer(_Model):
         return {k: v for k, v in values.items() if v is not None}
 
 
-_INTERFACE_FIELDS = (
-    "private_key",
-    "address",
-    "dns",
-    "mtu",
-    "listen_port",
-    "jc",
-    "jmin",
-    "jmax",
-    "s1",
-    "s2",
-    "s3",
-    "s4",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "i1",
-    "i2",
-    "i3",
-    "i4",
-    "i5",
-    "header_protection_key",
-    "content_padding_addition",
-    "rekey_after_time",
-    "rekey_timeout",
-    "reject_after_time",
-    "keepalive_timeout",
-    "max_handshake_attempts",
-    "random_trailers",
-    "disable_cookies",
-)
+_INTERFACE_FIELDS = ("private_key", "address", "dns", "mtu", "listen_port", *AWG_PARAMETERS)
 _INLINE_SECRETS = ("private_key", "header_protection_key")
 
 

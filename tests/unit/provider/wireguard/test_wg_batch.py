@@ -379,3 +379,46 @@ def test_a_roaming_peer_is_followed_inside_a_batch() -> None:
     events = b.receive_datagrams([(d1, EP_A), (d2, moved)], T0)
     assert [type(e).__name__ for e in events] == ["PacketsReceived", "EndpointChanged", "PacketsReceived"]
     assert b.peers[PK_A].endpoint == moved
+
+
+def test_byte_counters_count_every_datagram_on_the_wire() -> None:
+    a, b = established()
+    tx_before, rx_before = a.peers[PK_B].stats.tx_bytes, b.peers[PK_A].stats.rx_bytes
+    a.send_packets(PK_B, [ipv4(b"x" * n) for n in (0, 1, 100, 1400)] + [b""], T0)
+    sent = wire(a)
+    assert a.peers[PK_B].stats.tx_bytes - tx_before == sum(map(len, sent))
+    assert a.peers[PK_B].stats.tx_packets == 4  # the keepalive is no packet
+    b.receive_datagrams([(d, EP_A) for d in sent] + [(sent[0], EP_A)], T0)  # the replay counts nowhere
+    assert b.peers[PK_A].stats.rx_bytes - rx_before == sum(map(len, sent))
+    assert b.peers[PK_A].stats.rx_packets == 4
+
+
+@pytest.mark.parametrize("envelope", ENVELOPES)
+def test_every_authenticated_datagram_resets_the_peers_udp_window(envelope: str) -> None:
+    a, b = established(envelope)
+    a.send_packets(PK_B, [ipv4(b"small")] * 3, T0)
+    sent = wire(a)
+    window = b.peers[PK_A].window
+    window.value = 5000
+    b.receive_datagrams([(d, EP_A) for d in sent], T0)
+    # back at the default, grown only by what the last datagram carried (amneziawg-go's endpoint reset)
+    assert window.value <= 1500
+
+
+def test_a_keypair_dropped_by_a_handshake_inside_the_batch_opens_nothing_after_it() -> None:
+    a, b = established()
+    a.send_packets(PK_B, [ipv4(b"old-1"), ipv4(b"old-2")], T0)
+    old_1, old_2 = wire(a)
+    # A full rekey: B keeps the first keypair as `previous`.
+    a.initiate_handshake(PK_B, T0 + 6)
+    deliver(b, EP_A, wire(a))
+    deliver(a, EP_B, wire(b))
+    deliver(b, EP_A, wire(a))
+    old_keypair = b.peers[PK_A].keypairs.previous
+    assert old_keypair is not None
+    # Another initiation: B, as responder, installs a `next` keypair and lets `previous` go.
+    a.initiate_handshake(PK_B, T0 + 12)
+    (initiation,) = wire(a)
+    events = b.receive_datagrams([(old_1, EP_A), (initiation, EP_A), (old_2, EP_A)], T0 + 12)
+    assert received(events) == [ipv4(b"old-1")]
+    assert b.dropped[DropReason.UNKNOWN_INDEX] == 1
