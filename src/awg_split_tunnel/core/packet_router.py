@@ -30,6 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute
 from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
 from awg_split_tunnel.core.rule_engine import Decision, Rule, RuleEngine, resolve
 from awg_split_tunnel.net.nat import (
@@ -72,6 +73,16 @@ fragment — those carry no transport header, so ``udp`` alone lets them escape 
 no CIDR masks, and interface filters were slow."""
 
 
+def router_filter(exclude_udp_ports: Iterable[int] = ()) -> str:
+    """``ROUTER_FILTER``, leaving out UDP from ``exclude_udp_ports`` (packet tunnels' own sockets): their
+    datagrams to the endpoint must never be diverted, and need not even be captured."""
+    ports = sorted(set(exclude_udp_ports))
+    if not ports:
+        return ROUTER_FILTER
+    udp = " and ".join(["udp", *(f"udp.SrcPort != {port}" for port in ports)])
+    return f"outbound and !loopback and (tcp or ({udp}) or ip.FragOff > 0 or ipv6.NextHdr == 44)"
+
+
 class Verdict(enum.IntEnum):
     """What the I/O side does with the packet just routed."""
 
@@ -82,6 +93,9 @@ class Verdict(enum.IntEnum):
     """Rewritten in place (hairpin): send it back as an INBOUND packet on the same interface."""
     HOLD = 3
     """The router kept a copy; it comes out of ``take_outgoing`` once decided."""
+    TO_TUNNEL = 4
+    """Taken out of the stack: rewritten for a packet tunnel and queued for its device
+    (``take_tunnel_packets``); not reinjected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +105,10 @@ class TunnelRoute:
     tcp_port: int | None
     udp_port: int | None = None
     lan_bypass: bool = True
+
+
+AnyTunnelRoute = TunnelRoute | PacketTunnelRoute
+"""A stream tunnel's proxy ports, or a packet tunnel's addresses and MTU."""
 
 
 @dataclass(slots=True)
@@ -117,6 +135,8 @@ class RouterStats:
     nat_collisions: int = 0
     unroutable: int = 0
     resets_sent: int = 0
+    tunnel_orphans: int = 0
+    """Decrypted packets from a packet tunnel that belong to no flow (or no tunnel we know): dropped."""
     flows_by_action: dict[str, int] = field(default_factory=dict)
 
 
@@ -174,7 +194,7 @@ class PacketRouter:
         self,
         rules: RuleMatcher,
         tunnel_state: Callable[[str], TunnelState | None],
-        tunnels: Mapping[str, TunnelRoute],
+        tunnels: Mapping[str, AnyTunnelRoute],
         *,
         own_pids: Collection[int] = (),
         exe_of: Callable[[int], str | None] | None = None,
@@ -190,9 +210,14 @@ class PacketRouter:
         self._on_tunnelled = on_tunnelled
         self._on_forgotten = on_forgotten
         self._tunnel_state = tunnel_state
-        self._tunnels: dict[str, TunnelRoute] = {}
+        self._tunnels: dict[str, AnyTunnelRoute] = {}
         self._tcp_proxy_ports: frozenset[int] = frozenset()
         self._udp_proxy_ports: frozenset[int] = frozenset()
+        self._paths: dict[str, PacketTunnelPath] = {}
+        self._device_ports: frozenset[int] = frozenset()
+        # First fragments sent into a packet tunnel: (src, dst, id) -> (tunnel id, when), so that the
+        # later fragments (no ports) follow them.
+        self._tunnel_fragments: dict[bytes, tuple[str, float]] = {}
         self._apply_tunnels(tunnels)
         self.own_pids = set(own_pids) or {os.getpid()}
         self._exe_of = exe_of or ExeResolver().exe
@@ -216,8 +241,9 @@ class PacketRouter:
 
     # -- control (any thread) ----------------------------------------------------------------------------
 
-    def set_tunnels(self, tunnels: Mapping[str, TunnelRoute]) -> None:
-        """Replace the stream tunnels' proxy ports (tunnels added or removed)."""
+    def set_tunnels(self, tunnels: Mapping[str, AnyTunnelRoute]) -> None:
+        """Replace the tunnels' routes (tunnels added or removed); an unchanged packet tunnel keeps its
+        NAT mappings."""
         snapshot = dict(tunnels)
         self._commands.put(lambda: self._apply_tunnels(snapshot))
 
@@ -297,6 +323,8 @@ class PacketRouter:
         else:
             if sport in self._udp_proxy_ports:
                 return self._proxy_reply(v, self._udp_peers, now)
+            if sport in self._device_ports:
+                return Verdict.REINJECT  # a packet tunnel's own datagrams to its endpoint
             entry = self._udp_flows.get(app_key(v))
         if entry is None:
             return self._new_flow(v, now, copy_meta)
@@ -308,7 +336,7 @@ class PacketRouter:
                 self._tcp_closing(entry, buf[l4 + 13], FIN_FROM_APP, now)
             return Verdict.REINJECT
         if verdict is FlowVerdict.TUNNEL:
-            if v.fragment:
+            if v.fragment and entry.proxy_port:
                 return self._first_fragment(v)
             if proto == IPPROTO_TCP:
                 flags = buf[l4 + 13]
@@ -316,6 +344,8 @@ class PacketRouter:
                     entry.app_ack = _U32.unpack_from(buf, l4 + 8)[0]
                 if flags & (TCP_FIN | TCP_RST):
                     self._tcp_closing(entry, flags, FIN_FROM_APP, now)
+            if not entry.proxy_port:
+                return self._to_packet_tunnel(v, entry, now, copy_meta)
             v.swap_addresses()
             v.set_dst_port(entry.proxy_port)
             return Verdict.INJECT_INBOUND
@@ -364,6 +394,14 @@ class PacketRouter:
         return Verdict.DROP
 
     def _later_fragment(self, v: PacketView) -> Verdict:
+        if self._tunnel_fragments:
+            tunnelled = self._tunnel_fragments.get(self._fragment_id(v))
+            if tunnelled is not None:
+                path = self._paths.get(tunnelled[0])
+                if path is None or path.send(v, self._now) is not None:
+                    self.stats.fragments_dropped += 1
+                    return Verdict.DROP
+                return Verdict.TO_TUNNEL
         if self._fragment_ids and self._fragment_id(v) in self._fragment_ids:
             self.stats.fragments_dropped += 1
             return Verdict.DROP
@@ -420,6 +458,8 @@ class PacketRouter:
         if entry.verdict is FlowVerdict.PASS:
             return Verdict.REINJECT
         if entry.verdict is FlowVerdict.TUNNEL:
+            if not entry.proxy_port:
+                return self._to_packet_tunnel(v, entry, self._now, copy_meta)
             if v.fragment:
                 return self._first_fragment(v)
             v.swap_addresses()
@@ -430,6 +470,7 @@ class PacketRouter:
         return Verdict.DROP
 
     def _decide_held(self, held: _HeldFlow, pid: int | None, now: float) -> None:
+        self._now = now
         self._held.pop(held.key, None)
         entry = self._decide(held, pid, now)
         for data, meta in held.packets:
@@ -474,10 +515,17 @@ class PacketRouter:
         if decision is not None:
             entry.tunnel_id = decision.tunnel if decision.tunnel not in (DIRECT, DROP) else None
             entry.fail_closed = decision.fallback is not FallbackPolicy.ALLOW_DIRECT
-        if action is Action.TUNNEL:
+        if action is Action.TUNNEL and entry.tunnel_id in self._paths:
+            if self._paths[entry.tunnel_id].has_address(4 if len(held.dst_addr) == 4 else 6):
+                entry.verdict = FlowVerdict.TUNNEL  # proxy_port 0: a packet tunnel's flow
+            else:
+                # No tunnel address of this IP version: the peer would drop it; fail closed.
+                self.stats.unroutable += 1
+                action = Action.DROP
+        elif action is Action.TUNNEL:
             route = self._tunnels.get(entry.tunnel_id or "")
             port = None
-            if route is not None:
+            if isinstance(route, TunnelRoute):
                 port = route.tcp_port if held.proto == IPPROTO_TCP else route.udp_port
             if port is None:
                 # A packet tunnel, or UDP through a tunnel that cannot carry it (HTTP): fail closed.
@@ -522,6 +570,89 @@ class PacketRouter:
         self.stats.resets_sent += 1
         self._outgoing.append(Outgoing(tcp_reset_for(v), meta, inbound=True))
 
+    # -- packet tunnels ----------------------------------------------------------------------------------
+
+    def _to_packet_tunnel(
+        self, v: PacketView, entry: NatEntry, now: float, copy_meta: Callable[[], object]
+    ) -> Verdict:
+        path = self._paths.get(entry.tunnel_id or "")
+        if path is None:
+            self.stats.unroutable += 1
+            return Verdict.DROP
+        if path.last_meta is None:
+            path.last_meta = entry.meta
+        if v.fragment:
+            self._tunnel_fragments[self._fragment_id(v)] = (path.tunnel_id, now)
+        error = path.send(v, now)
+        if error is not None:
+            self._outgoing.append(Outgoing(error, copy_meta(), inbound=True))
+            if v.fragment:
+                # The first fragment did not fit: the later ones must not go anywhere either.
+                del self._tunnel_fragments[self._fragment_id(v)]
+                self._fragment_ids[self._fragment_id(v)] = now
+            return Verdict.DROP
+        return Verdict.TO_TUNNEL
+
+    def take_tunnel_packets(self) -> list[tuple[str, list[bytes]]]:
+        """(tunnel id, packets) for every packet tunnel with packets queued for its device, in order."""
+        out: list[tuple[str, list[bytes]]] = []
+        for tunnel_id, path in self._paths.items():
+            if path.pending:
+                out.append((tunnel_id, path.take_pending()))
+        return out
+
+    def from_tunnel(self, tunnel_id: str, packets: Iterable[bytes], now: float) -> None:
+        """Decrypted packets from a packet tunnel's device: DNATed back to their app and queued (in
+        ``take_outgoing``) for injection inbound on the interface the flow left by. Call on the router's
+        thread. Packets for no known flow are counted and dropped."""
+        path = self._paths.get(tunnel_id)
+        if path is None:
+            self.stats.tunnel_orphans += sum(1 for _ in packets)
+            return
+        view = self._view
+        for packet in packets:
+            data = path.receive(packet, now)
+            if data is None:
+                self.stats.tunnel_orphans += 1
+                continue
+            if not view.parse(data, len(data)):
+                continue
+            entry: NatEntry | None = None
+            if view.has_ports:
+                buf, a, n, l4 = data, view.src_off, view.addr_len, view.l4
+                # The app's key of this reply's flow: (app, remote, app port, remote port).
+                key = bytes(buf[a + n : a + 2 * n]) + bytes(buf[a : a + n]) + bytes(buf[l4 + 2 : l4 + 4])
+                key += bytes(buf[l4 : l4 + 2])
+                flows = self._tcp_flows if view.proto == IPPROTO_TCP else self._udp_flows
+                entry = flows.get(key)
+                if entry is None or entry.verdict is not FlowVerdict.TUNNEL:
+                    # The NAT still knew it, the router no longer does (reset, expired): never deliver.
+                    self.stats.tunnel_orphans += 1
+                    continue
+                entry.last_seen = now
+                entry.replied = True
+                entry.packets_in += 1
+                if view.proto == IPPROTO_TCP:
+                    flags = data[l4 + 13]
+                    if flags & (TCP_FIN | TCP_RST):
+                        self._tcp_closing(entry, flags, FIN_FROM_PEER, now)
+            meta = entry.meta if entry is not None else path.last_meta
+            if meta is None:
+                self.stats.tunnel_orphans += 1
+                continue
+            if entry is not None:
+                path.last_meta = meta
+            self._outgoing.append(Outgoing(data, meta, inbound=True))
+
+    def packet_tunnel_stats(self) -> dict[str, Any]:
+        """Per packet tunnel: its counters and live NAT mappings."""
+        import dataclasses
+
+        return {
+            tunnel_id: {**dataclasses.asdict(path.stats), "mappings": len(path.nat)}
+            for tunnel_id, path in self._paths.items()
+        }
+
     # -- timers ------------------------------------------------------------------------------------------
 
     def take_outgoing(self) -> list[Outgoing]:
@@ -554,6 +685,11 @@ class PacketRouter:
             for entry in self.table.expire(now):
                 if self._on_forgotten is not None and entry.proxy_port:
                     self._on_forgotten(entry)
+            for path in self._paths.values():
+                path.expire(now)
+            if self._tunnel_fragments:
+                limit = now - 30.0
+                self._tunnel_fragments = {k: v for k, v in self._tunnel_fragments.items() if v[1] > limit}
             self.events.expire(now)
             if self._fragment_ids:
                 limit = now - 30.0
@@ -561,33 +697,59 @@ class PacketRouter:
 
     # -- control, applied on the router's thread ---------------------------------------------------------
 
-    def _apply_tunnels(self, tunnels: Mapping[str, TunnelRoute]) -> None:
+    def _apply_tunnels(self, tunnels: Mapping[str, AnyTunnelRoute]) -> None:
         self._tunnels = dict(tunnels)
-        self._tcp_proxy_ports = frozenset(r.tcp_port for r in tunnels.values() if r.tcp_port)
-        self._udp_proxy_ports = frozenset(r.udp_port for r in tunnels.values() if r.udp_port)
+        streams = [r for r in tunnels.values() if isinstance(r, TunnelRoute)]
+        self._tcp_proxy_ports = frozenset(r.tcp_port for r in streams if r.tcp_port)
+        self._udp_proxy_ports = frozenset(r.udp_port for r in streams if r.udp_port)
+        paths: dict[str, PacketTunnelPath] = {}
+        for tunnel_id, route in tunnels.items():
+            if isinstance(route, PacketTunnelRoute):
+                old = self._paths.get(tunnel_id)
+                paths[tunnel_id] = (
+                    old if old is not None and old.route == route else PacketTunnelPath(tunnel_id, route)
+                )
+        self._paths = paths
+        self._device_ports = frozenset(
+            r.listen_port for r in tunnels.values() if isinstance(r, PacketTunnelRoute) and r.listen_port
+        )
 
     def _apply_state(self, tunnel_id: str, state: TunnelState) -> None:
+        packet_tunnel = tunnel_id in self._paths
         for entry in self.table.for_tunnel(tunnel_id):
             if state is TunnelState.UP:
                 if entry.verdict is FlowVerdict.DROP:
                     self._forget(entry)  # decided while down: the next packet decides afresh
+            elif packet_tunnel and entry.verdict is FlowVerdict.TUNNEL and not entry.fail_closed:
+                # allow_direct through a packet tunnel: the SNATed connection cannot continue directly
+                # (another source address), so TCP is reset now and reconnects direct; a UDP flow's next
+                # datagram is decided afresh (direct).
+                if entry.proto == IPPROTO_UDP:
+                    self._forget(entry)
+                else:
+                    entry.fail_closed = True
+                    self._apply_state_down(entry)
             elif entry.verdict is FlowVerdict.TUNNEL and entry.fail_closed:
-                entry.verdict = FlowVerdict.RESET
-                if entry.proto == IPPROTO_TCP and entry.app_ack >= 0 and entry.meta is not None:
-                    # Reset the app now, not at its next packet: an app waiting for data may never send.
-                    # If data was in flight the app answers with a challenge ACK, which meets RESET.
-                    rst = build_packet(
-                        entry.orig_dst_addr,
-                        entry.app_addr,
-                        IPPROTO_TCP,
-                        entry.orig_dst_port,
-                        entry.app_port,
-                        tcp_flags=TCP_RST,
-                        seq=entry.app_ack,
-                        window=0,
-                    )
-                    self.stats.resets_sent += 1
-                    self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
+                self._apply_state_down(entry)
+
+    def _apply_state_down(self, entry: NatEntry) -> None:
+        """A fail-closed flow's tunnel went down: RESET, and an RST to the app at once (TCP)."""
+        entry.verdict = FlowVerdict.RESET
+        if entry.proto == IPPROTO_TCP and entry.app_ack >= 0 and entry.meta is not None:
+            # Reset the app now, not at its next packet: an app waiting for data may never send.
+            # If data was in flight the app answers with a challenge ACK, which meets RESET.
+            rst = build_packet(
+                entry.orig_dst_addr,
+                entry.app_addr,
+                IPPROTO_TCP,
+                entry.orig_dst_port,
+                entry.app_port,
+                tcp_flags=TCP_RST,
+                seq=entry.app_ack,
+                window=0,
+            )
+            self.stats.resets_sent += 1
+            self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
 
 
 def flow_row(e: NatEntry) -> tuple[Any, ...]:

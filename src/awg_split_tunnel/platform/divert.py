@@ -29,7 +29,7 @@ import errno
 import logging
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,17 +366,22 @@ def _interface_names() -> frozenset[str]:
     return frozenset(name for _, name in socket.if_nameindex())
 
 
-def router_handles() -> tuple[NetworkHandle, list[SocketEventHandle], Callable[[int], bool]]:
-    """The router's unopened handles and its namespace filter: a ``core.packet_router.HandleFactory``.
+def router_handles(
+    exclude_udp_ports: Iterable[int] = (),
+) -> tuple[NetworkHandle, list[SocketEventHandle], Callable[[int], bool]]:
+    """The router's unopened handles and its namespace filter: a ``core.packet_router.HandleFactory``
+    (bind ``exclude_udp_ports`` with ``functools.partial``, which pickles).
 
-    NETWORK handle with ``ROUTER_FILTER``; SOCKET CONNECT events (TCP, connected UDP) and FLOW ESTABLISHED
+    NETWORK handle with ``ROUTER_FILTER`` (less UDP from ``exclude_udp_ports``: packet tunnels' own
+    sockets); SOCKET CONNECT events (TCP, connected UDP) and FLOW ESTABLISHED
     events (UDP ``sendto()``, which raises no CONNECT on Linux: ``scripts/repro/udp_sendto_no_connect.py``);
     events from other network namespaces are filtered out (``scripts/repro/socket_events_host_wide.py``).
     """
-    from awg_split_tunnel.core.packet_router import ROUTER_FILTER
+    from awg_split_tunnel.core.packet_router import router_filter
     from awg_split_tunnel.process.lookup import NamespaceFilter
 
     events = [SocketEventHandle(), SocketEventHandle.flows()]
+    network = NetworkHandle(router_filter(exclude_udp_ports))
     if sys.platform == "win32":  # pragma: no cover - no network namespaces; pid 4 is the System process
-        return NetworkHandle(ROUTER_FILTER), events, lambda pid: pid > 4
-    return NetworkHandle(ROUTER_FILTER), events, NamespaceFilter().same_namespace
+        return network, events, lambda pid: pid > 4
+    return network, events, NamespaceFilter().same_namespace

@@ -207,7 +207,7 @@ class DatagramSocket:
             if ancdata:
                 segment = _gro_segment_size(ancdata)
                 if segment and len(data) > segment:
-                    out.extend((data[i : i + segment], endpoint) for i in range(0, len(data), segment))
+                    out += [(data[i : i + segment], endpoint) for i in range(0, len(data), segment)]
                     continue
             out.append((data, endpoint))
         return out
@@ -230,16 +230,20 @@ class DatagramSocket:
             j = i + 1
             if self.gso:
                 total = size
-                while (
-                    j < n
-                    and j - i < UDP_MAX_SEGMENTS
-                    and datagrams[j][1] == endpoint
-                    and len(datagrams[j][0]) <= size
-                    and len(datagrams[j - 1][0]) == size
-                    and total + len(datagrams[j][0]) <= GSO_MAX_BYTES
-                ):
-                    total += len(datagrams[j][0])
+                end = min(n, i + UDP_MAX_SEGMENTS)
+                while j < end:
+                    following, to = datagrams[j]
+                    length = len(following)
+                    if (
+                        (to is not endpoint and to != endpoint)
+                        or length > size
+                        or total + length > GSO_MAX_BYTES
+                    ):
+                        break
+                    total += length
                     j += 1
+                    if length < size:
+                        break  # only the last segment may be shorter
             address = self._address(endpoint)
             try:
                 if j - i > 1:
@@ -451,9 +455,10 @@ class WireGuardDevice:
                 # Cryptokey routing: a peer may only send from addresses in its own AllowedIPs.
                 peer = event.peer
                 received = event.ip_packets
-                before = len(delivered)
-                delivered.extend(packet for packet in received if lookup_source(packet) == peer)
-                self.stats.dropped_source += len(received) - (len(delivered) - before)
+                kept = [packet for packet in received if lookup_source(packet) == peer]
+                if len(kept) != len(received):
+                    self.stats.dropped_source += len(received) - len(kept)
+                delivered += kept
             else:
                 self._on_event(event)
         if delivered:

@@ -5,9 +5,8 @@ Datagrams go in through `receive_datagrams` (or `receive_datagram`), IP packets 
 points do per-packet only what must be per packet (AEAD, counters, replay window, envelope calls) and the
 timer and rekey bookkeeping once per run of packets of one peer, as wireguard-go does per batch. Time is
 passed in (`now`, monotonic seconds); the wall clock used only for TAI64N timestamps and the random sources
-are injectable. Every message is built
-and classified through an `Envelope`, so AmneziaWG reuses all of this. Nothing raises out of
-`receive_datagrams`: bad input is counted in `dropped` and discarded.
+are injectable. Every message is built and classified through an `Envelope`, so AmneziaWG reuses all of
+this. Nothing raises out of `receive_datagrams`: bad input is counted in `dropped` and discarded.
 
 AllowedIPs: the device owns the routing table. Pass `allowed_source(peer_public_key, ip_packet)`; a
 decrypted packet whose source it rejects is dropped and counted as `bad_source`. The default accepts all.
@@ -491,6 +490,9 @@ class WireGuardProtocol:
         reject_after = self._reject_after
         unpack_header = TRANSPORT_HEADER.unpack_from
         pack_nonce = COUNTER.pack_into
+        transport = MessageType.TRANSPORT
+        limit = REJECT_AFTER_MESSAGES
+        default_window = DEFAULT_UDP_WINDOW
         # The keypair of the last transport message, so a run under one keypair looks it up once.
         # Bound below before first use: no index equals -1.
         cached_index = -1
@@ -500,16 +502,19 @@ class WireGuardProtocol:
         validate: Callable[[int, int], bool]
         nonce: bytearray
         window: UdpWindow
+        pending_next = False  # whether that keypair is the peer's `next`, waiting for its first message
         # The run being accumulated: its peer's timers and counters are brought up to date at its end.
         run_peer: Peer | None = None
         run_bytes = run_packets = 0
         run_data = False
-        delivered: list[bytes] | None = None  # the ip_packets of the last event, while it is a run's
-        delivered_at = -1
+        # The last event while it is a PacketsReceived: the next packet of its peer joins it.
+        delivered: PacketsReceived | None = None
+        delivered_peer: Peer | None = None
         for data, source in datagrams:
             try:
-                if plain and len(data) >= MIN_TRANSPORT_SIZE and data[:4] == _PLAIN_TRANSPORT_PREFIX:
-                    kind, message = MessageType.TRANSPORT, data  # PlainEnvelope.unwrap's common case
+                size = len(data)
+                if plain and size >= MIN_TRANSPORT_SIZE and data[:4] == _PLAIN_TRANSPORT_PREFIX:
+                    message = data  # PlainEnvelope.unwrap's common case
                 else:
                     try:
                         classified = unwrap(data)
@@ -519,16 +524,17 @@ class WireGuardProtocol:
                         dropped[DropReason.MALFORMED] += 1
                         continue
                     kind, message = classified
-                if kind != MessageType.TRANSPORT:
-                    if run_peer is not None:
-                        self._transport_run_received(run_peer, run_bytes, run_packets, run_data, now)
-                        run_peer = None
-                    cached_index = -1  # a handshake may replace keypairs and free their indices
-                    self._receive_control(kind, message, source, now, len(data), events)
-                    continue
-                if len(message) < MIN_TRANSPORT_SIZE:
-                    dropped[DropReason.MALFORMED] += 1
-                    continue
+                    if kind != transport:
+                        if run_peer is not None:
+                            self._transport_run_received(run_peer, run_bytes, run_packets, run_data, now)
+                            run_peer = None
+                        cached_index = -1  # a handshake may replace keypairs and free their indices
+                        delivered = None
+                        self._receive_control(kind, message, source, now, size, events)
+                        continue
+                    if len(message) < MIN_TRANSPORT_SIZE:
+                        dropped[DropReason.MALFORMED] += 1
+                        continue
                 _, index, counter = unpack_header(message)
                 if index != cached_index:
                     entry = indices.get(index)
@@ -544,13 +550,14 @@ class WireGuardProtocol:
                     validate = keypair.replay.validate
                     nonce = keypair.open_nonce
                     window = peer.window
+                    pending_next = keypair is peer.keypairs.next
                 pack_nonce(nonce, 4, counter)
                 try:
                     plaintext = decrypt(nonce, memoryview(message)[TRANSPORT_HEADER_SIZE:], None)
                 except InvalidTag:
                     dropped[DropReason.DECRYPT_FAILED] += 1
                     continue
-                if not validate(counter, REJECT_AFTER_MESSAGES):
+                if not validate(counter, limit):
                     dropped[DropReason.REPLAY] += 1
                     continue
                 # Authentic and fresh.
@@ -560,37 +567,39 @@ class WireGuardProtocol:
                     run_peer, run_bytes, run_packets, run_data = peer, 0, 0, False
                 # The endpoint and the envelope's window follow every authenticated datagram (see
                 # `_update_endpoint`).
-                window.value = DEFAULT_UDP_WINDOW
-                if peer.endpoint != source:
+                window.value = default_window
+                endpoint = peer.endpoint
+                if endpoint is not source and endpoint != source:
                     peer.endpoint = source
                     peer.stats.endpoint = source
                     events.append(EndpointChanged(peer.public_key, source))
                 if not plain:
                     note_received(window, len(plaintext))
-                if keypair is peer.keypairs.next:
+                if pending_next:
                     # First message under the responder's new keypair: the packets before it keep their
                     # order with the handshake's completion.
+                    pending_next = False
                     self._transport_run_received(peer, run_bytes, run_packets, run_data, now)
                     run_bytes, run_packets, run_data = 0, 0, False
                     for old in peer.keypairs.received_with(keypair) or ():
                         self._free_index(old.local_index, old)
                     self._handshake_complete(peer, now, events)
                     self._send_staged_if_any(peer, now)
-                run_bytes += len(data)
+                run_bytes += size
                 if not plaintext if plain else is_keepalive(plaintext):
                     continue
                 run_data = True
                 # The IP packet inside, padding removed; anything that is not IPv4/IPv6 is dropped.
                 n = len(plaintext)
                 version = plaintext[0] >> 4
-                if version == 4:
+                if version == 4 and n >= 20:
                     length = (plaintext[2] << 8) | plaintext[3]
-                    if n < 20 or length < 20 or length > n:
+                    if length < 20 or length > n:
                         dropped[DropReason.INVALID_PACKET] += 1
                         continue
-                elif version == 6:
-                    length = ((plaintext[4] << 8) | plaintext[5]) + 40 if n >= 40 else 0
-                    if length == 0 or length > n:
+                elif version == 6 and n >= 40:
+                    length = ((plaintext[4] << 8) | plaintext[5]) + 40
+                    if length > n:
                         dropped[DropReason.INVALID_PACKET] += 1
                         continue
                 else:
@@ -602,20 +611,19 @@ class WireGuardProtocol:
                     dropped[DropReason.BAD_SOURCE] += 1
                     continue
                 run_packets += 1
-                if (
-                    delivered is not None
-                    and delivered_at == len(events) - 1
-                    and events[-1].peer == peer.public_key
-                ):
-                    delivered.append(plaintext)
+                if delivered_peer is peer and delivered is not None and events[-1] is delivered:
+                    delivered.ip_packets.append(plaintext)
                 else:
-                    delivered = [plaintext]
-                    events.append(PacketsReceived(peer.public_key, delivered))
-                    delivered_at = len(events) - 1
+                    delivered = PacketsReceived(peer.public_key, [plaintext])
+                    delivered_peer = peer
+                    events.append(delivered)
             except _MALFORMED_ERRORS:
                 dropped[DropReason.MALFORMED] += 1
         if run_peer is not None:
-            self._transport_run_received(run_peer, run_bytes, run_packets, run_data, now)
+            try:
+                self._transport_run_received(run_peer, run_bytes, run_packets, run_data, now)
+            except _MALFORMED_ERRORS:  # as inside the loop: nothing escapes into the event loop
+                dropped[DropReason.MALFORMED] += 1
         return events
 
     def _transport_run_received(

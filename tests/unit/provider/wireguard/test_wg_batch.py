@@ -411,9 +411,8 @@ def test_a_keypair_dropped_by_a_handshake_inside_the_batch_opens_nothing_after_i
     old_1, old_2 = wire(a)
     # A full rekey: B keeps the first keypair as `previous`.
     a.initiate_handshake(PK_B, T0 + 6)
-    deliver(b, EP_A, wire(a))
-    deliver(a, EP_B, wire(b))
-    deliver(b, EP_A, wire(a))
+    for to, source in ((b, EP_A), (a, EP_B), (b, EP_A)):
+        to.receive_datagrams([(d, source) for d in wire(b if to is a else a)], T0 + 6)
     old_keypair = b.peers[PK_A].keypairs.previous
     assert old_keypair is not None
     # Another initiation: B, as responder, installs a `next` keypair and lets `previous` go.
@@ -422,3 +421,15 @@ def test_a_keypair_dropped_by_a_handshake_inside_the_batch_opens_nothing_after_i
     events = b.receive_datagrams([(old_1, EP_A), (initiation, EP_A), (old_2, EP_A)], T0 + 12)
     assert received(events) == [ipv4(b"old-1")]
     assert b.dropped[DropReason.UNKNOWN_INDEX] == 1
+
+
+def test_a_sealed_plaintext_too_short_for_an_ip_header_is_an_invalid_packet() -> None:
+    a, b = established()
+    keypair = a.peers[PK_B].keypairs.current
+    assert keypair is not None
+    # Another implementation need not pad: these decrypt, then fail as IP packets.
+    hostile = [keypair.seal(4, plaintext) for plaintext in (b"\x45", b"\x45\x00\x00", b"\x60" + bytes(30))]
+    events = b.receive_datagrams([(d, EP_A) for d in hostile if d is not None], T0)
+    assert events == []
+    assert b.dropped == {DropReason.INVALID_PACKET: 3}
+    assert b.peers[PK_A].timers.send_keepalive is not None  # still data from the peer: a keepalive is owed

@@ -1,0 +1,585 @@
+"""The daemon behind ``awg-split-tunnel run``: the wiring of every level for stream tunnels.
+
+ConfigManager → TunnelRegistry → providers (SOCKS5, HTTP proxy) → one TunnelProxy and one HealthMonitor
+per stream tunnel → the packet router in its own process (``RouterProcess``, DESIGN §3). State changes
+reach the router through the EventBus; config edits (the file changed on disk, polled every second) are
+applied without a restart: new rules apply to the next flow, tunnels are added and removed.
+
+Packet tunnels (WireGuard, AmneziaWG) are registered but kept DOWN in ``run`` for now, so their rules'
+fallback policies apply (``block`` apps are dropped, never leaked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from awg_split_tunnel.core.config import AnyTunnel, Config, ConfigManager, HttpTunnel, Socks5Tunnel
+from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
+from awg_split_tunnel.core.policy import TunnelState
+from awg_split_tunnel.core.routing import default_fallback, engine_rules
+from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
+from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
+from awg_split_tunnel.provider.direct import DirectProvider
+from awg_split_tunnel.provider.health import HealthMonitor
+from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
+from awg_split_tunnel.provider.interface import StreamProvider
+from awg_split_tunnel.provider.socks5.provider import Socks5Provider
+from awg_split_tunnel.proxy.tunnel_proxy import NatTarget, TunnelProxy
+
+log = logging.getLogger("awg_split_tunnel.core")
+rule_log = logging.getLogger("awg_split_tunnel.rule")
+
+WATCH_INTERVAL = 1.0
+"""Seconds between looks at the config file's modification time."""
+FIRST_PROBE_WAIT = 2.0
+"""How long ``start`` waits for the stream tunnels' first health probes before printing the status line."""
+PROXY_HOSTS = ("0.0.0.0", "::")
+"""The tunnel proxies listen on every address of both families: the router's hairpin delivers an app's
+flow to the app's own source address, whichever interface that is on."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class DaemonError(AwgSplitTunnelError):
+    """The daemon cannot start or keep running; the message says what the user can do."""
+
+
+@dataclass(slots=True)
+class StreamTunnel:
+    """One running stream tunnel: its settings, provider, local proxies and health monitor."""
+
+    settings: Socks5Tunnel | HttpTunnel
+    provider: StreamProvider
+    proxy: TunnelProxy
+    monitor: HealthMonitor
+    udp_proxy: TunnelProxy | None = None
+    """For an HTTP tunnel with ``udp: direct``: a direct relay for its apps' UDP."""
+    manual_down: bool = False
+
+    def route_ports(self) -> tuple[int, int | None]:
+        tcp_port = self.proxy.tcp_address[1]
+        udp_source = self.udp_proxy or self.proxy
+        udp_address = udp_source.udp_address
+        return tcp_port, None if udp_address is None else udp_address[1]
+
+
+@dataclass(slots=True)
+class _RouterLink:
+    """What the daemon needs of the router: ``RouterProcess`` (or a stand-in in tests)."""
+
+    process: Any = None
+    routes: dict[str, Any] = field(default_factory=dict)
+
+
+def require_privileges() -> None:
+    """Raise DaemonError unless running as root (POSIX) or Administrator (Windows)."""
+    if sys.platform == "win32":
+        import ctypes
+
+        windll = getattr(ctypes, "windll", None)
+        is_admin = bool(windll.shell32.IsUserAnAdmin()) if windll is not None else False
+        if not is_admin:
+            raise DaemonError("`run` needs Administrator rights: start it from an elevated prompt")
+        return
+    if os.geteuid() != 0:
+        raise DaemonError("`run` needs root to divert packets: run it with sudo")
+
+
+def load_divert() -> Callable[[], Any]:
+    """The router's handle factory; DaemonError naming the cause when pydivert cannot load."""
+    try:
+        from awg_split_tunnel.platform.divert import router_handles
+    except (ImportError, OSError) as exc:
+        raise DaemonError(
+            f"pydivert cannot load ({type(exc).__name__}: {exc}); install it with `pip install pydivert` "
+            "(it bundles WinDivert / eBPFDivert) and check that the kernel allows eBPF"
+        ) from exc
+    return router_handles
+
+
+def make_provider(tunnel: Socks5Tunnel | HttpTunnel) -> StreamProvider:
+    """The provider for one stream tunnel's settings."""
+    endpoint = tunnel.endpoint
+    host = str(endpoint.host).strip("[]")
+    if isinstance(tunnel, Socks5Tunnel):
+        return Socks5Provider(
+            host, endpoint.port, username=tunnel.username, password=tunnel.password, udp=tunnel.udp
+        )
+    return HttpProxyProvider(host, endpoint.port, username=tunnel.username, password=tunnel.password)
+
+
+def configure_logging(level: str) -> None:
+    """Component-prefixed log lines on stderr at the config's ``log_level``."""
+    root = logging.getLogger("awg_split_tunnel")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(LOG_LEVELS.get(level, logging.INFO))
+
+
+class Daemon:
+    """The running client: ``await start()``, then ``await run_forever()`` until SIGINT/SIGTERM or
+    ``request_stop()``; ``await stop()`` closes every handle and restores the network.
+
+    ``handles`` is the router's handle factory (``platform.divert.router_handles`` by default; loading it
+    proves pydivert works). ``control_path`` is where the control API listens (None: the platform default;
+    ``serve_api=False`` turns it off).
+    """
+
+    def __init__(
+        self,
+        config_path: Path | str,
+        *,
+        control_path: Path | None = None,
+        serve_api: bool = True,
+        watch_interval: float = WATCH_INTERVAL,
+        check_privileges: bool = True,
+        handles: Callable[[], Any] | None = None,
+        status_out: Any = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.bus = EventBus()
+        self.manager = ConfigManager(self.config_path, self.bus)
+        self.registry = TunnelRegistry(self.bus)
+        self.tunnels: dict[str, StreamTunnel] = {}
+        self.exit_code = EXIT_OK
+        self._control_path = control_path
+        self._serve_api = serve_api
+        self._watch_interval = watch_interval
+        self._check_privileges = check_privileges
+        self._handles = handles
+        self._status_out = status_out
+        self._router = _RouterLink()
+        self._control: Any = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stop_requested = asyncio.Event()
+        self._file_stamp: tuple[int, int] | None = None
+        self._config: Config | None = None
+        self._started = False
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the config, start proxies, the router process and health probes. Raises DaemonError or
+        ConfigError (then everything already started is stopped again)."""
+        if self._check_privileges:
+            require_privileges()
+        handles = self._handles or load_divert()
+        config = self.manager.load()
+        self._config = config
+        self._file_stamp = self._stamp()
+        configure_logging(config.log_level)
+        log.info("[Core] starting with %s", self.config_path)
+        self._started = True
+        try:
+            await self._start(config, handles)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, config: Config, handles: Callable[[], Any]) -> None:
+        from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings
+
+        for tunnel in config.tunnels:
+            self.registry.register(tunnel.id, tunnel.tunnel_type)
+            if isinstance(tunnel, Socks5Tunnel | HttpTunnel):
+                self.tunnels[tunnel.id] = await self._open_stream_tunnel(tunnel)
+            else:
+                log.warning(
+                    "[Core] %s (%s): per-app routing into packet tunnels is not available in `run` yet; "
+                    "it stays DOWN and its rules' fallback policies apply (block: dropped)",
+                    tunnel.id,
+                    tunnel.type,
+                )
+        self._router.routes = self._routes(config)
+        settings = RouterSettings(
+            tuple(engine_rules(config)),
+            config.default,
+            dict(self._router.routes),
+            {tunnel_id: TunnelState.DOWN for tunnel_id in self.registry.ids()},
+            default_fallback(config),
+            frozenset({os.getpid()}),
+            log_level=LOG_LEVELS.get(config.log_level, logging.INFO),
+        )
+        router = RouterProcess(settings, handles)
+        router.on_exit = self._router_died
+        try:
+            await asyncio.to_thread(router.start)
+        except RuntimeError as exc:
+            raise DaemonError(f"cannot divert packets: {exc}") from None
+        self._router.process = router
+        self.bus.subscribe(TunnelStateChanged, self._on_tunnel_state)
+        self.bus.subscribe(ConfigChanged, self._on_config_changed)
+        await self.bus.start()
+        for stream in self.tunnels.values():
+            stream.monitor.start()
+        if self._serve_api:
+            await self._start_control()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="config-watch")
+        await self._wait_first_probes()
+        self._print_status(config)
+
+    async def stop(self) -> None:
+        """Stop diverting first (the network is restored at once), then proxies, probes and the API."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        router = self._router.process
+        if router is not None:
+            await asyncio.to_thread(router.stop)
+            self._router.process = None
+        for tunnel in list(self.tunnels.values()):
+            await self._close_stream_tunnel(tunnel)
+        self.tunnels.clear()
+        if self._control is not None:
+            await self._control.stop()
+            self._control = None
+        await self.bus.stop()
+        log.info("[Core] stopped: divert handles closed, network restored")
+
+    def request_stop(self, code: int | None = None) -> None:
+        """Ask ``run_forever`` to return (from a signal handler or a failure callback)."""
+        if code is not None:
+            self.exit_code = code
+        self._stop_requested.set()
+
+    async def run_forever(self) -> int:
+        """Serve until SIGINT/SIGTERM or ``request_stop``; stop; return the exit code."""
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                installed.append(signum)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+            await self.stop()
+        return self.exit_code
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        log.info("[Core] %s: stopping", signum.name)
+        self.request_stop()
+
+    def _router_died(self) -> None:
+        # Called on the router pipe's reader thread: traffic now flows undiverted, so the daemon ends with an
+        # error rather than pretend to route (the OS firewall is what holds a kill switch across this).
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.request_stop, EXIT_FAILURE)
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        return self.bus._loop
+
+    # -- stream tunnels ----------------------------------------------------------------------------------
+
+    async def _open_stream_tunnel(self, settings: Socks5Tunnel | HttpTunnel) -> StreamTunnel:
+        provider = make_provider(settings)
+        monitor = HealthMonitor(settings.id, provider, self._on_health)
+        carries_udp = isinstance(settings, Socks5Tunnel) and settings.udp
+        proxy = TunnelProxy(
+            settings.id,
+            provider,
+            self._nat_lookup,
+            PROXY_HOSTS,
+            udp=carries_udp,
+            on_flow_failed=monitor.flow_failed,
+        )
+        await proxy.start()
+        udp_proxy = None
+        if isinstance(settings, HttpTunnel) and settings.udp == "direct":
+            # An HTTP proxy cannot carry UDP; with `udp: direct` the apps' datagrams are relayed directly.
+            udp_proxy = TunnelProxy(settings.id, DirectProvider(), self._nat_lookup, PROXY_HOSTS, udp=True)
+            await udp_proxy.start()
+        return StreamTunnel(settings, provider, proxy, monitor, udp_proxy)
+
+    async def _close_stream_tunnel(self, tunnel: StreamTunnel) -> None:
+        await tunnel.monitor.stop()
+        await tunnel.proxy.stop()
+        if tunnel.udp_proxy is not None:
+            await tunnel.udp_proxy.stop()
+        tunnel.provider.close()
+
+    def _routes(self, config: Config) -> dict[str, Any]:
+        from awg_split_tunnel.core.packet_router import TunnelRoute
+
+        routes: dict[str, Any] = {}
+        for tunnel_id, tunnel in self.tunnels.items():
+            tcp_port, udp_port = tunnel.route_ports()
+            routes[tunnel_id] = TunnelRoute(tcp_port, udp_port, tunnel.settings.lan_bypass)
+        return routes
+
+    def _nat_lookup(self, proto: str, peer_ip: str, peer_port: int) -> NatTarget | None:
+        router = self._router.process
+        if router is None:
+            return None
+        entry: NatTarget | None = router.nat_lookup(proto, peer_ip, peer_port)
+        return entry
+
+    def _on_health(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None or tunnel.manual_down or tunnel_id not in self.registry:
+            return
+        self.registry.set_state(tunnel_id, state, reason)
+
+    def _on_tunnel_state(self, event: TunnelStateChanged) -> None:
+        router = self._router.process
+        if router is not None:
+            router.tunnel_state_changed(event.tunnel_id, event.new)
+
+    # -- config changes ----------------------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.config_path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    async def _watch_config(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            stamp = self._stamp()
+            if stamp is None or stamp == self._file_stamp:
+                continue
+            self._file_stamp = stamp
+            try:
+                changed = self.manager.reload()
+            except ConfigError as exc:
+                log.error("[Core] config change ignored, the running config stays: %s", exc)
+                continue
+            if not changed:
+                log.debug("[Core] %s touched, config unchanged", self.config_path)
+
+    async def _on_config_changed(self, event: ConfigChanged) -> None:
+        new = self.manager.config
+        old = self._config
+        if old is None or new == old:
+            return
+        self._config = new
+        try:
+            await self._apply_config(old, new)
+        except (AwgSplitTunnelError, OSError) as exc:
+            log.error("[Core] applying the config change (%s) failed: %s", event.what, exc)
+
+    async def _apply_config(self, old: Config, new: Config) -> None:
+        router = self._router.process
+        if new.log_level != old.log_level:
+            configure_logging(new.log_level)
+            log.info("[Core] log level %s", new.log_level)
+        old_tunnels = {t.id: t for t in old.tunnels}
+        new_tunnels = {t.id: t for t in new.tunnels}
+        gone = [i for i in old_tunnels if i not in new_tunnels or new_tunnels[i] != old_tunnels[i]]
+        added = [i for i in new_tunnels if i not in old_tunnels or new_tunnels[i] != old_tunnels[i]]
+        for tunnel_id in gone:
+            tunnel = self.tunnels.pop(tunnel_id, None)
+            if tunnel is not None:
+                await self._close_stream_tunnel(tunnel)
+            self.registry.unregister(tunnel_id)
+            log.info("[Core] tunnel %s removed", tunnel_id)
+        started: list[StreamTunnel] = []
+        for tunnel_id in added:
+            settings: AnyTunnel = new_tunnels[tunnel_id]
+            self.registry.register(tunnel_id, settings.tunnel_type)
+            if isinstance(settings, Socks5Tunnel | HttpTunnel):
+                tunnel = await self._open_stream_tunnel(settings)
+                self.tunnels[tunnel_id] = tunnel
+                started.append(tunnel)
+                log.info("[Core] tunnel %s added (%s %s)", tunnel_id, settings.type, settings.server)
+            else:
+                log.warning(
+                    "[Core] %s (%s) added but packet tunnels are not routed in `run` yet: it stays DOWN",
+                    tunnel_id,
+                    settings.type,
+                )
+        if router is not None:
+            for tunnel_id in added:
+                router.tunnel_state_changed(tunnel_id, TunnelState.DOWN)
+            self._router.routes = self._routes(new)
+            router.set_tunnels(self._router.routes)
+            router.set_rules(engine_rules(new), new.default, default_fallback(new))
+        for tunnel in started:
+            tunnel.monitor.start()
+        if new.rules != old.rules or new.default != old.default:
+            rule_log.info(
+                "[Rule] %d rules, default %s: applied to new connections", len(new.rules), new.default
+            )
+
+    # -- control API -------------------------------------------------------------------------------------
+
+    async def _start_control(self) -> None:
+        from awg_split_tunnel.api.control import ControlServer
+
+        self._control = ControlServer(
+            {"status": self._api_status, "connections": self._api_connections, "tunnel": self._api_tunnel},
+            self._control_path,
+        )
+        try:
+            await self._control.start()
+        except OSError as exc:
+            log.warning("[API] control socket unavailable (%s): status/connections will not answer", exc)
+            self._control = None
+
+    async def _api_status(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        tunnels = self.registry.snapshot()
+        for row in tunnels:
+            tunnel = self.tunnels.get(row["id"])
+            if tunnel is not None:
+                counters = tunnel.proxy.counters
+                row["rx_bytes"], row["tx_bytes"] = counters.bytes_down, counters.bytes_up
+                row["flows"] = len(tunnel.proxy.tcp_flows) + len(tunnel.proxy.udp_associations)
+        router_stats: dict[str, Any] = {}
+        router = self._router.process
+        if router is not None:
+            snapshot = await asyncio.to_thread(router.snapshot)
+            if snapshot is not None:
+                stats = snapshot[0]
+                router_stats = {k: v for k, v in stats.items() if isinstance(v, int) and v}
+                router_stats["flows"] = len(snapshot[1])
+        return {"tunnels": tunnels, "router": router_stats}
+
+    async def _api_connections(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        router = self._router.process
+        snapshot = None if router is None else await asyncio.to_thread(router.snapshot)
+        flows = []
+        for row in snapshot[1] if snapshot else []:
+            proto, app_ip, app_port, dst_ip, dst_port, verdict, tunnel, pid, exe, out, inn = row
+            flows.append(
+                {
+                    "proto": "tcp" if proto == 6 else "udp" if proto == 17 else str(proto),
+                    "pid": pid,
+                    "exe": exe,
+                    "src": _address(app_ip, app_port),
+                    "dst": _address(dst_ip, dst_port),
+                    "route": str(verdict).lower(),
+                    "tunnel": tunnel,
+                    "out": out,
+                    "in": inn,
+                }
+            )
+        return {"flows": flows}
+
+    async def _api_tunnel(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        tunnel_id, action = str(request.get("id", "")), request.get("action")
+        if tunnel_id not in self.registry:
+            raise TunnelError(
+                f"no tunnel {tunnel_id!r} (tunnels: {', '.join(self.registry.ids()) or 'none'})"
+            )
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None:
+            raise TunnelError(f"{tunnel_id} is a packet tunnel; they are not routed in `run` yet")
+        if action == "down":
+            tunnel.manual_down = True
+            await tunnel.monitor.stop()
+            tunnel.monitor.state = None
+            self.registry.set_state(tunnel_id, TunnelState.DOWN, "taken down by hand")
+        elif action == "up":
+            tunnel.manual_down = False
+            tunnel.monitor.start()
+        else:
+            raise TunnelError(f"unknown tunnel action {action!r} (up, down)")
+        state = self.registry.state(tunnel_id)
+        return {"id": tunnel_id, "state": None if state is None else state.value}
+
+    # -- the status line ---------------------------------------------------------------------------------
+
+    async def _wait_first_probes(self) -> None:
+        deadline = time.monotonic() + FIRST_PROBE_WAIT
+        while time.monotonic() < deadline:
+            if all(t.monitor.state is not None for t in self.tunnels.values()):
+                return
+            await asyncio.sleep(0.05)
+
+    def _print_status(self, config: Config) -> None:
+        from rich.console import Console
+        from rich.text import Text
+
+        console = Console(file=self._status_out or sys.stdout, highlight=False, soft_wrap=True)
+        line = Text()
+        line.append("awg-split-tunnel ", style="bold")
+        line.append("running", style="bold green")
+        line.append(f" · {len(config.rules)} rules · default {config.default} · ")
+        colours = {TunnelState.UP: "green", TunnelState.CONNECTING: "yellow"}
+        for index, tunnel_id in enumerate(self.registry.ids()):
+            state = self.registry.state(tunnel_id) or TunnelState.DOWN
+            if index:
+                line.append(", ")
+            line.append(f"{tunnel_id} ")
+            line.append(state.value.upper(), style=colours.get(state, "red"))
+        if not self.registry.ids():
+            line.append("no tunnels")
+        line.append(" · Ctrl-C stops and restores the network")
+        console.print(line)
+        if self._status_out is None:
+            sys.stdout.flush()
+
+
+def _address(ip: object, port: object) -> str:
+    text = str(ip)
+    with contextlib.suppress(ValueError):
+        if isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address):
+            return f"[{text}]:{port}"
+    return f"{text}:{port}"
+
+
+async def _run(config_path: Path, control_path: Path | None) -> int:
+    daemon = Daemon(config_path, control_path=control_path)
+    try:
+        await daemon.start()
+    except (DaemonError, AwgSplitTunnelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return await daemon.run_forever()
+
+
+def run_daemon(config_path: Path | str, control_path: Path | None = None) -> int:
+    """``awg-split-tunnel run``: the daemon in the foreground until Ctrl-C/SIGTERM; the exit code."""
+    try:
+        return asyncio.run(_run(Path(config_path), control_path))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m awg_split_tunnel.daemon -c CONFIG``."""
+    from awg_split_tunnel.core.config import default_config_path
+
+    parser = argparse.ArgumentParser(prog="awg-split-tunnel run", description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", type=Path, default=None, help="config file (YAML)")
+    parser.add_argument("--control", type=Path, default=None, help="control socket path")
+    args = parser.parse_args(argv)
+    return run_daemon(args.config or default_config_path(), args.control)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``awg-split-tunnel demo``: the main job end to end, in a lab of network namespaces (Linux, root).
+
+Builds the lab (lab.md), starts a web server that tells each client its address, a SOCKS5 server
+(dante) and an HTTP proxy (tinyproxy), writes a config routing four test apps — copies of one program
+under different names — to SOCKS5, the HTTP proxy, direct and drop, starts the real daemon in the client
+namespace, runs the apps and shows which address the web server saw for each. Everything is removed at
+the end. Exit 0 only when every app went the predicted way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+DAEMON_START_TIMEOUT = 40.0
+TUNNELS_UP_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class DemoApp:
+    """A test app, the route its rule gives it and the address the web server should then see."""
+
+    name: str
+    route: str
+    expected: str
+    """The IP the web server should report; empty: the connection must fail."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    app: DemoApp
+    seen: str
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.seen == self.app.expected
+
+
+def demo_apps() -> list[DemoApp]:
+    from awg_split_tunnel.lab import CLIENT_IP, HTTP_IP, SOCKS_IP
+
+    return [
+        DemoApp("app-socks", "socks: SOCKS5 (dante)", SOCKS_IP),
+        DemoApp("app-http", "corp: HTTP proxy (tinyproxy)", HTTP_IP),
+        DemoApp("app-direct", "direct (no rule)", CLIENT_IP),
+        DemoApp("app-drop", "drop", ""),
+    ]
+
+
+def demo_config() -> str:
+    from awg_split_tunnel.lab import HTTP_IP, HTTP_PROXY_PORT, SOCKS_IP, SOCKS_PORT
+
+    return f"""\
+# awg-split-tunnel demo: four apps, four routes
+log_level: info
+default: direct
+tunnels:
+  - id: socks
+    type: socks5
+    server: {SOCKS_IP}:{SOCKS_PORT}
+  - id: corp
+    type: http
+    server: {HTTP_IP}:{HTTP_PROXY_PORT}
+rules:
+  - process: app-socks
+    tunnel: socks
+  - process: app-http
+    tunnel: corp
+  - process: app-drop
+    tunnel: socks
+    fallback: drop
+"""
+
+
+def run_demo(console: Console | None = None) -> int:
+    """Run the demo; 0 when every app went the predicted way, 1 otherwise or when the lab cannot run."""
+    console = console or Console()
+    if not sys.platform.startswith("linux"):
+        console.print("[red]demo needs Linux (network namespaces)[/]")
+        return 1
+    if os.geteuid() != 0:
+        console.print("[red]demo needs root to build network namespaces: run it with sudo[/]")
+        return 1
+    from awg_split_tunnel.lab import Lab, LabError, LabUnavailable
+
+    try:
+        with Lab() as lab:
+            return _run_in_lab(lab, console)
+    except (LabError, LabUnavailable) as exc:
+        console.print(f"[red]the lab could not be built: {exc}[/]")
+        return 1
+
+
+def _run_in_lab(lab: Any, console: Console) -> int:
+    from awg_split_tunnel.lab import CLIENT, make_app, start_dante, start_tinyproxy, start_web
+    from awg_split_tunnel.lab.topology import python_path
+
+    apps = demo_apps()
+    with console.status("building the lab: web server, SOCKS5 server, HTTP proxy"):
+        start_web(lab)
+        start_dante(lab)
+        start_tinyproxy(lab)
+        for app in apps:
+            make_app(lab, app.name)
+    config = lab.tmpdir / "config.yaml"
+    config.write_text(demo_config())
+    control = lab.tmpdir / "control.sock"
+    log_path = lab.tmpdir / "daemon.log"
+    console.print(f"[bold]config[/] ({config}):")
+    console.print(demo_config(), markup=False, highlight=False)
+    with open(log_path, "wb") as log_file:
+        daemon: subprocess.Popen[bytes] = lab.spawn(
+            CLIENT,
+            [sys.executable, "-m", "awg_split_tunnel.daemon", "-c", config, "--control", control],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": python_path()},
+        )
+    try:
+        with console.status("starting the daemon in the client namespace"):
+            problem = _wait_daemon(daemon, control, log_path)
+        if problem:
+            console.print(f"[red]{problem}[/]")
+            console.print(log_path.read_text(errors="replace")[-4000:], markup=False)
+            return 1
+        with console.status("running the apps"):
+            results = [_run_app(lab, app) for app in apps]
+    finally:
+        exit_code = _stop_daemon(daemon)
+    console.print(_table(results))
+    if exit_code != 0:
+        console.print(f"[red]the daemon exited with {exit_code}[/]")
+    passed = all(r.ok for r in results) and exit_code == 0
+    verdict = "[green]every app went the predicted way[/]" if passed else "[red]some app did not[/]"
+    console.print(verdict)
+    return 0 if passed else 1
+
+
+def _wait_daemon(daemon: subprocess.Popen[bytes], control: Path, log_path: Path) -> str:
+    """Empty once the daemon runs with both stream tunnels UP; else what went wrong."""
+    from awg_split_tunnel.api.control import request
+
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while "running" not in log_path.read_text(errors="replace"):
+        if daemon.poll() is not None:
+            return f"the daemon exited ({daemon.returncode}) while starting"
+        if time.monotonic() > deadline:
+            return "the daemon did not start in time"
+        time.sleep(0.1)
+    deadline = time.monotonic() + TUNNELS_UP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            status = request("status", path=control, timeout=2.0)
+        except Exception:  # the API answers a moment after the status line
+            status = {}
+        states = {t.get("id"): t.get("state") for t in status.get("tunnels", [])}
+        if states and all(state == "up" for state in states.values()):
+            return ""
+        time.sleep(0.2)
+    return "the tunnels did not come UP in time"
+
+
+def _run_app(lab: Any, app: DemoApp) -> DemoResult:
+    result = lab.app(app.name, timeout=3.0)
+    # The app client's last stderr line ends with the OS's reason ("... Connection refused").
+    detail = result.seen_addr if result.ok else (result.stderr.strip().splitlines() or ["failed"])[-1]
+    detail = detail.rsplit("] ", 1)[-1] if not result.ok else detail
+    return DemoResult(app, result.seen_ip, detail)
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes]) -> int:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(15)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    return daemon.returncode
+
+
+def _table(results: list[DemoResult]) -> Table:
+    table = Table(title="awg-split-tunnel demo: what the web server saw", title_justify="left")
+    table.add_column("app")
+    table.add_column("expected route")
+    table.add_column("address the web server saw")
+    table.add_column("")
+    for r in results:
+        seen = r.seen or f"[dim]none: {r.detail}[/]"
+        expected = r.app.expected or "no connection"
+        mark = "[green]✓[/]" if r.ok else f"[red]✗ expected {expected}[/]"
+        table.add_row(r.app.name, r.app.route, seen, mark)
+    return table
+
+
+def main() -> int:
+    return run_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

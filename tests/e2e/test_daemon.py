@@ -1,0 +1,293 @@
+"""End to end: the real daemon (``python -m awg_split_tunnel.daemon -c CONFIG``) in the lab's client.
+
+One daemon for the module, started from a YAML config with a SOCKS5 tunnel (dante, 198.18.0.20), an HTTP
+tunnel (tinyproxy, 198.18.0.30) and a WireGuard tunnel that ``run`` keeps DOWN. Test apps are copies of
+one interpreter under different names; the web server tells each which address it saw (lab.md):
+.20 via SOCKS5, .30 via the HTTP proxy, .1 direct, nothing when dropped. The tests that stop the SOCKS
+server and the daemon itself come last, in file order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from awg_split_tunnel.lab import (
+    CLIENT,
+    CLIENT_IP,
+    CLIENT_IP6,
+    HTTP_IP,
+    HTTP_IP6,
+    SOCKS_IP,
+    SOCKS_IP6,
+    Lab,
+    LabServer,
+    generate_keypair,
+    make_app,
+    start_dante,
+    start_tinyproxy,
+    start_web,
+)
+from awg_split_tunnel.lab.topology import python_path
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+APPS = (
+    "app-socks",
+    "app-http",
+    "app-direct",
+    "app-drop",
+    "app-block",
+    "app-fallback",
+    "app-vpn",
+    "app-late",
+)
+START_TIMEOUT = 40.0
+
+
+def daemon_config() -> str:
+    _, peer_public = generate_keypair()
+    private, _ = generate_keypair()
+    return f"""\
+# the daemon's end-to-end test config
+log_level: debug
+default: direct
+tunnels:
+  - id: socks
+    type: socks5
+    server: {SOCKS_IP}:1080
+  - id: corp
+    type: http
+    server: {HTTP_IP}:3128
+  - id: vpn
+    type: wireguard
+    private_key: {private}
+    address: 198.19.0.2/32
+    peer:
+      public_key: {peer_public}
+      endpoint: 198.18.0.40:51820
+rules:
+  - process: app-socks
+    tunnel: socks
+  - process: app-http
+    tunnel: corp
+  - process: app-drop
+    tunnel: socks
+    fallback: drop
+  - process: app-block
+    tunnel: socks
+    fallback: block
+  - process: app-fallback
+    tunnel: socks
+    fallback: allow_direct
+  - process: app-vpn
+    tunnel: vpn
+    fallback: block
+"""
+
+
+class RunningDaemon:
+    """The daemon process and where its output goes."""
+
+    def __init__(self, lab: Lab, config: Path) -> None:
+        self.lab = lab
+        self.config = config
+        self.control = lab.tmpdir / "control.sock"
+        self.stdout = lab.tmpdir / "daemon.out"
+        self.stderr = lab.tmpdir / "daemon.err"
+        env = {**os.environ, "PYTHONPATH": python_path()}
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.process: subprocess.Popen[bytes] = lab.spawn(
+                CLIENT,
+                [sys.executable, "-m", "awg_split_tunnel.daemon", "-c", config, "--control", self.control],
+                stdout=out,
+                stderr=err,
+                env=env,
+            )
+
+    def output(self) -> str:
+        return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
+
+    def wait_running(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "running" in self.stdout.read_text(errors="replace"):
+                return
+            if self.process.poll() is not None:
+                pytest.fail(f"daemon exited ({self.process.returncode}) at start:\n{self.output()}")
+            time.sleep(0.1)
+        pytest.fail(f"daemon printed no status line within {timeout:.0f}s:\n{self.output()}")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        start_web(lab)
+        for name in APPS:
+            make_app(lab, name)
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def dante(lab: Lab) -> LabServer:
+    return start_dante(lab)
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: Lab, dante: LabServer) -> Iterator[RunningDaemon]:
+    start_tinyproxy(lab)
+    config = lab.tmpdir / "config.yaml"
+    config.write_text(daemon_config())
+    running = RunningDaemon(lab, config)
+    running.wait_running()
+    wait_for(lambda: lab.app("app-socks", timeout=2.0).seen_ip == SOCKS_IP, 10.0, "socks tunnel UP")
+    yield running
+    if running.process.poll() is None:
+        running.process.send_signal(signal.SIGTERM)
+        running.process.wait(10)
+    print(running.output()[-5000:])
+
+
+def wait_for(condition: object, timeout: float, what: str) -> float:
+    """Poll ``condition()`` until true; the seconds it took. Fails the test after ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():  # type: ignore[operator]
+            return time.monotonic() - started
+        time.sleep(0.1)
+    pytest.fail(f"not within {timeout:.0f}s: {what}")
+
+
+# -- routing by exe name ---------------------------------------------------------------------------------
+
+
+def test_status_line_names_every_tunnel_and_says_packet_tunnels_are_not_routed_yet(
+    daemon: RunningDaemon,
+) -> None:
+    out = daemon.output()
+    assert "socks" in out and "corp" in out and "vpn" in out
+    assert "packet tunnels is not available in `run` yet" in out
+    for prefix in ("[Core]", "[Router]", "[Proxy]"):
+        assert prefix in out, prefix
+
+
+@pytest.mark.parametrize(
+    ("app", "expected"),
+    [("app-socks", SOCKS_IP), ("app-http", HTTP_IP), ("app-direct", CLIENT_IP), ("app-fallback", SOCKS_IP)],
+)
+def test_each_app_reaches_the_web_server_the_way_its_rule_says(
+    lab: Lab, daemon: RunningDaemon, app: str, expected: str
+) -> None:
+    result = lab.app(app)
+    assert result.ok, result.stderr
+    assert result.seen_ip == expected
+
+
+@pytest.mark.parametrize(
+    ("app", "expected"), [("app-socks", SOCKS_IP6), ("app-http", HTTP_IP6), ("app-direct", CLIENT_IP6)]
+)
+def test_ipv6_apps_are_routed_the_same_way(lab: Lab, daemon: RunningDaemon, app: str, expected: str) -> None:
+    result = lab.app(app, v6=True)
+    assert result.ok, result.stderr
+    assert result.seen_ip == expected
+
+
+@pytest.mark.parametrize("app", ["app-drop", "app-vpn"])
+def test_dropped_apps_and_apps_of_a_down_packet_tunnel_cannot_connect(
+    lab: Lab, daemon: RunningDaemon, app: str
+) -> None:
+    result = lab.app(app, timeout=3.0)
+    assert not result.ok and result.seen_ip == ""
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_through_socks5_arrives_from_the_socks_server(lab: Lab, daemon: RunningDaemon, v6: bool) -> None:
+    result = lab.app("app-socks", udp=True, v6=v6)
+    assert result.ok, result.stderr
+    assert result.seen_ip == (SOCKS_IP6 if v6 else SOCKS_IP)
+    direct = lab.app("app-direct", udp=True, v6=v6)
+    assert direct.seen_ip == (CLIENT_IP6 if v6 else CLIENT_IP)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_of_an_http_tunnel_app_is_blocked(lab: Lab, daemon: RunningDaemon, v6: bool) -> None:
+    result = lab.app("app-http", udp=True, v6=v6, timeout=2.0)
+    assert not result.ok and result.seen_ip == ""
+
+
+def test_status_api_reports_the_tunnels(daemon: RunningDaemon) -> None:
+    from awg_split_tunnel.api.control import request
+
+    status = request("status", path=daemon.control)
+    states = {t["id"]: t["state"] for t in status["tunnels"]}
+    assert states == {"socks": "up", "corp": "up", "vpn": "down"}
+
+
+# -- changes while running -------------------------------------------------------------------------------
+
+
+def test_rule_added_through_config_manager_applies_to_the_next_connection(
+    lab: Lab, daemon: RunningDaemon
+) -> None:
+    from awg_split_tunnel.core.config import ConfigManager
+
+    assert lab.app("app-late").seen_ip == CLIENT_IP
+    manager = ConfigManager(daemon.config)
+    manager.add_rule({"process": "app-late", "tunnel": "corp"}, index=0)
+    took = wait_for(lambda: lab.app("app-late", timeout=2.0).seen_ip == HTTP_IP, 5.0, "new rule applied")
+    print(f"rule applied after {took:.1f}s")
+    assert "# the daemon's end-to-end test config" in daemon.config.read_text(), "comments kept"
+
+
+def test_socks_server_down_block_app_fails_allow_direct_app_goes_direct_then_tunnelled_again(
+    lab: Lab, daemon: RunningDaemon, dante: LabServer
+) -> None:
+    from awg_split_tunnel.lab import WEB_IP
+
+    assert lab.app("app-fallback").seen_ip == SOCKS_IP
+    dante.stop()
+    killed = time.monotonic()
+    try:
+        # A new flow gets the fallback within 2 s of the server dying: find the first attempt that did.
+        went_direct_at = None
+        while time.monotonic() - killed < 4.0:
+            attempt = time.monotonic()
+            if lab.app("app-fallback", timeout=1.0).seen_ip == CLIENT_IP:
+                went_direct_at = attempt - killed
+                break
+            time.sleep(0.05)
+        assert went_direct_at is not None and went_direct_at < 2.0, went_direct_at
+        # While down, the block app fails and nothing of it leaves for the web server.
+        web = f"tcp and dst host {WEB_IP} and src host {CLIENT_IP}"
+        with lab.capture(CLIENT, "eth0", web) as capture:
+            blocked = lab.app("app-block", timeout=2.0)
+            time.sleep(0.3)
+        assert not blocked.ok and blocked.seen_ip == ""
+        assert capture.count() == 0, "\n".join(capture.packets())
+    finally:
+        dante.start()
+    restarted = time.monotonic()
+    wait_for(lambda: lab.app("app-block", timeout=1.0).seen_ip == SOCKS_IP, 5.0, "tunnelled again")
+    print(f"tunnelled again {time.monotonic() - restarted:.1f}s after the restart")
+    assert lab.app("app-fallback").seen_ip == SOCKS_IP
+
+
+def test_sigterm_stops_the_daemon_cleanly_and_restores_the_network(lab: Lab, daemon: RunningDaemon) -> None:
+    assert lab.app("app-socks").seen_ip == SOCKS_IP
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(15) == 0, daemon.output()[-3000:]
+    assert "network restored" in daemon.output()
+    result = lab.app("app-socks")
+    assert result.ok, result.stderr
+    assert result.seen_ip == CLIENT_IP
+    assert lab.app("app-drop").seen_ip == CLIENT_IP
