@@ -302,6 +302,22 @@ def tun(
     raise typer.Exit(run_tun_client(file, ifname))
 
 
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """The daemon, in the foreground (root/Administrator). Ctrl-C or SIGTERM restores everything."""
+    from awg_split_tunnel.daemon import run_daemon
+
+    raise typer.Exit(run_daemon(_config_path(config)))
+
+
+@app.command()
+def demo() -> None:
+    """Linux, root: a self-contained lab in network namespaces showing the main job end to end."""
+    from awg_split_tunnel.demo import run_demo
+
+    raise typer.Exit(run_demo(out))
+
+
 # -- the running daemon ----------------------------------------------------------------------------------
 
 
