@@ -14,7 +14,8 @@ without the daemon and then with ``python -m awg_split_tunnel.daemon`` running i
   without the daemon, direct with it (the router holds each SYN until its process is known) and through
   the SOCKS5 tunnel.
 
-Figures are medians of ``--runs`` runs; the ratios at the end are what to compare across machines.
+Figures are medians of ``--runs`` runs (the baselines without the daemon are run before and after it,
+``--runs`` times each); the ratios at the end are what to compare across machines.
 The web server is Python, so curl's direct baseline is capped by it; iperf3 shows the kernel's rate.
 """
 
@@ -29,6 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from awg_split_tunnel.lab import (
@@ -45,6 +48,7 @@ from awg_split_tunnel.lab import (
 from awg_split_tunnel.lab.topology import python_path
 
 IPERF_PORT = 5201
+EXPLICIT = "curl --socks5 explicit, no daemon"
 
 LATENCY_CLIENT = """
 import socket, sys, time
@@ -95,10 +99,10 @@ def copy_tool(lab: Lab, tool: str, name: str) -> Path:
 
 
 def curl_mbit(lab: Lab, curl: Path, size: int, *extra: str) -> float:
+    url = f"http://{WEB_IP}/bytes/{size}"
     done = lab.run(
         CLIENT,
-        [curl, "-s", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", *extra]
-        + [f"http://{WEB_IP}/bytes/{size}"],
+        [curl, "-s", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", *extra, url],
         timeout=120,
     )
     speed, got = done.stdout.split()
@@ -138,7 +142,15 @@ def start_daemon(lab: Lab) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         daemon: subprocess.Popen[bytes] = lab.spawn(
             CLIENT,
-            [sys.executable, "-m", "awg_split_tunnel.daemon", "-c", config, "--control", lab.tmpdir / "c.sock"],
+            [
+                sys.executable,
+                "-m",
+                "awg_split_tunnel.daemon",
+                "-c",
+                config,
+                "--control",
+                lab.tmpdir / "c.sock",
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": python_path()},
@@ -160,12 +172,10 @@ def stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
         daemon.wait()
 
 
-def median_of(runs: int, measure: object) -> float:
-    return statistics.median(measure() for _ in range(runs))  # type: ignore[operator]
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=200, help="bytes per curl download, MB")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--connects", type=int, default=200, help="connects per latency figure")
@@ -186,47 +196,57 @@ def main() -> int:
         socks = ["--socks5", f"{SOCKS_IP}:{SOCKS_PORT}"]
         runs = args.runs
 
-        print(f"curl download of {args.size_mb} MB, median of {runs} runs; iperf3 {args.seconds:g} s", flush=True)
-        figures: dict[str, float] = {}
-        figures["curl direct, no daemon"] = median_of(runs, lambda: curl_mbit(lab, curl["curl-direct"], size))
-        figures["curl --socks5 explicit, no daemon"] = median_of(
-            runs, lambda: curl_mbit(lab, curl["curl-explicit"], size, *socks)
+        print(
+            f"curl download of {args.size_mb} MB, iperf3 {args.seconds:g} s; medians of {runs} runs "
+            "(baselines: before and after the daemon)",
+            flush=True,
         )
-        for reverse in (False, True):
-            way = "download" if reverse else "upload"
-            figures[f"iperf3 {way} direct, no daemon"] = median_of(
-                runs, lambda: iperf_mbit(lab, iperf["iperf3-direct"], args.seconds, reverse)
-            )
-        lat_none = latencies(lab, lat["lat-direct"], args.connects)
+        samples: dict[str, list[float]] = {}
 
+        def measure(name: str, one_run: Callable[[], float]) -> None:
+            samples.setdefault(name, []).extend(one_run() for _ in range(runs))
+
+        lat_none: tuple[list[float], list[float]] = ([], [])
+
+        def without_daemon() -> None:
+            # Run before and after the daemon, so slow drift of a shared machine hits both sides alike.
+            measure("curl direct, no daemon", partial(curl_mbit, lab, curl["curl-direct"], size))
+            measure(EXPLICIT, partial(curl_mbit, lab, curl["curl-explicit"], size, *socks))
+            for reverse in (False, True):
+                way = "download" if reverse else "upload"
+                one = partial(iperf_mbit, lab, iperf["iperf3-direct"], args.seconds, reverse)
+                measure(f"iperf3 {way} direct, no daemon", one)
+            connects, requests = latencies(lab, lat["lat-direct"], args.connects)
+            lat_none[0].extend(connects)
+            lat_none[1].extend(requests)
+
+        without_daemon()
         daemon = start_daemon(lab)
         try:
             # The tunnel is probed UP within a second of start; wait for it before measuring.
             deadline = time.monotonic() + 10
-            while curl_mbit(lab, curl["curl-socks"], 1000) and time.monotonic() < deadline:
-                done = lab.run(CLIENT, [curl["curl-socks"], "-s", f"http://{WEB_IP}/"])
+            while time.monotonic() < deadline:
+                done = lab.run(CLIENT, [curl["curl-socks"], "-s", "-m", "2", f"http://{WEB_IP}/"])
                 if done.stdout.startswith(SOCKS_IP):
                     break
                 time.sleep(0.2)
-            figures["curl direct, daemon running"] = median_of(
-                runs, lambda: curl_mbit(lab, curl["curl-direct"], size)
-            )
-            figures["curl transparent SOCKS5 (daemon)"] = median_of(
-                runs, lambda: curl_mbit(lab, curl["curl-socks"], size)
-            )
+            else:
+                raise RuntimeError("the SOCKS5 tunnel did not come UP")
+            measure("curl direct, daemon running", partial(curl_mbit, lab, curl["curl-direct"], size))
+            measure("curl transparent SOCKS5 (daemon)", partial(curl_mbit, lab, curl["curl-socks"], size))
             for reverse in (False, True):
                 way = "download" if reverse else "upload"
-                figures[f"iperf3 {way} direct, daemon running"] = median_of(
-                    runs, lambda: iperf_mbit(lab, iperf["iperf3-direct"], args.seconds, reverse)
-                )
-                figures[f"iperf3 {way} transparent SOCKS5"] = median_of(
-                    runs, lambda: iperf_mbit(lab, iperf["iperf3-socks"], args.seconds, reverse)
-                )
+                direct = partial(iperf_mbit, lab, iperf["iperf3-direct"], args.seconds, reverse)
+                measure(f"iperf3 {way} direct, daemon running", direct)
+                tunnelled = partial(iperf_mbit, lab, iperf["iperf3-socks"], args.seconds, reverse)
+                measure(f"iperf3 {way} transparent SOCKS5", tunnelled)
             lat_pass = latencies(lab, lat["lat-direct"], args.connects)
             lat_socks = latencies(lab, lat["lat-socks"], args.connects)
         finally:
             stop_daemon(daemon)
+        without_daemon()
 
+    figures = {name: statistics.median(values) for name, values in samples.items()}
     for name, value in figures.items():
         print(f"{name:40s} {value:9.0f} Mbit/s")
     print(f"\nlatency over {args.connects} connects (ms)      connect p50   p99    connect+GET p50   p99")
@@ -240,27 +260,30 @@ def main() -> int:
             f"        {percentile(requests, 0.5):7.3f} {percentile(requests, 0.99):7.3f}"
         )
 
-    def ratio(a: str, b: str) -> str:
-        return f"{figures[a] / figures[b]:.2f}"
+    def ratio(label: str, a: str, b: str) -> None:
+        print(f"{label:58s} {figures[a] / figures[b]:.2f}")
 
     print("\nratios (same run)")
-    print(f"transparent / explicit SOCKS5 (curl)           {ratio('curl transparent SOCKS5 (daemon)', 'curl --socks5 explicit, no daemon')}")
-    print(f"transparent SOCKS5 / direct (curl)             {ratio('curl transparent SOCKS5 (daemon)', 'curl direct, no daemon')}")
-    print(f"non-tunnelled app, daemon / no daemon (curl)   {ratio('curl direct, daemon running', 'curl direct, no daemon')}")
+    ratio("transparent / explicit SOCKS5 (curl)", "curl transparent SOCKS5 (daemon)", EXPLICIT)
+    ratio("transparent SOCKS5 / direct (curl)", "curl transparent SOCKS5 (daemon)", "curl direct, no daemon")
+    ratio(
+        "non-tunnelled app, daemon / no daemon (curl)",
+        "curl direct, daemon running",
+        "curl direct, no daemon",
+    )
     for way in ("upload", "download"):
-        print(
-            f"non-tunnelled app, daemon / no daemon (iperf3 {way:8s}) "
-            f"{ratio(f'iperf3 {way} direct, daemon running', f'iperf3 {way} direct, no daemon')}"
+        baseline = f"iperf3 {way} direct, no daemon"
+        ratio(
+            f"non-tunnelled app, daemon / no daemon (iperf3 {way})",
+            f"iperf3 {way} direct, daemon running",
+            baseline,
         )
-        print(
-            f"transparent SOCKS5 / direct (iperf3 {way:8s})        "
-            f"{ratio(f'iperf3 {way} transparent SOCKS5', f'iperf3 {way} direct, no daemon')}"
-        )
+        ratio(f"transparent SOCKS5 / direct (iperf3 {way})", f"iperf3 {way} transparent SOCKS5", baseline)
     p50 = percentile(lat_none[0], 0.5)
-    print(f"connect p50, daemon pass / no daemon           {percentile(lat_pass[0], 0.5) / p50:.2f}")
-    print(f"connect p50, SOCKS5 tunnel / no daemon         {percentile(lat_socks[0], 0.5) / p50:.2f}")
+    print(f"{'connect p50, daemon pass / no daemon':58s} {percentile(lat_pass[0], 0.5) / p50:.2f}")
+    print(f"{'connect p50, SOCKS5 tunnel / no daemon':58s} {percentile(lat_socks[0], 0.5) / p50:.2f}")
     req50 = percentile(lat_none[1], 0.5)
-    print(f"connect+GET p50, SOCKS5 tunnel / no daemon     {percentile(lat_socks[1], 0.5) / req50:.2f}")
+    print(f"{'connect+GET p50, SOCKS5 tunnel / no daemon':58s} {percentile(lat_socks[1], 0.5) / req50:.2f}")
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     return 0
 

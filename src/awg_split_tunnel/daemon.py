@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -21,12 +22,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from awg_split_tunnel.core.config import AnyTunnel, Config, ConfigManager, HttpTunnel, Socks5Tunnel
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
+from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings, TunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
@@ -45,7 +47,7 @@ WATCH_INTERVAL = 1.0
 """Seconds between looks at the config file's modification time."""
 FIRST_PROBE_WAIT = 2.0
 """How long ``start`` waits for the stream tunnels' first health probes before printing the status line."""
-PROXY_HOSTS = ("0.0.0.0", "::")
+PROXY_HOSTS: tuple[str, ...] = ("0.0.0.0", "::")
 """The tunnel proxies listen on every address of both families: the router's hairpin delivers an app's
 flow to the app's own source address, whichever interface that is on."""
 
@@ -83,14 +85,6 @@ class StreamTunnel:
         return tcp_port, None if udp_address is None else udp_address[1]
 
 
-@dataclass(slots=True)
-class _RouterLink:
-    """What the daemon needs of the router: ``RouterProcess`` (or a stand-in in tests)."""
-
-    process: Any = None
-    routes: dict[str, Any] = field(default_factory=dict)
-
-
 def require_privileges() -> None:
     """Raise DaemonError unless running as root (POSIX) or Administrator (Windows)."""
     if sys.platform == "win32":
@@ -105,7 +99,7 @@ def require_privileges() -> None:
         raise DaemonError("`run` needs root to divert packets: run it with sudo")
 
 
-def load_divert() -> Callable[[], Any]:
+def load_divert() -> Callable[..., Any]:
     """The router's handle factory; DaemonError naming the cause when pydivert cannot load."""
     try:
         from awg_split_tunnel.platform.divert import router_handles
@@ -156,8 +150,8 @@ class Daemon:
         serve_api: bool = True,
         watch_interval: float = WATCH_INTERVAL,
         check_privileges: bool = True,
-        handles: Callable[[], Any] | None = None,
-        status_out: Any = None,
+        handles: Callable[..., Any] | None = None,
+        status_out: TextIO | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.bus = EventBus()
@@ -171,7 +165,8 @@ class Daemon:
         self._check_privileges = check_privileges
         self._handles = handles
         self._status_out = status_out
-        self._router = _RouterLink()
+        self._router: RouterProcess | None = None
+        self._routes: dict[str, TunnelRoute] = {}
         self._control: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -179,6 +174,7 @@ class Daemon:
         self._config: Config | None = None
         self._started = False
         self._stopped = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -188,21 +184,22 @@ class Daemon:
         if self._check_privileges:
             require_privileges()
         handles = self._handles or load_divert()
+        if self._serve_api:
+            self._refuse_second_daemon()
         config = self.manager.load()
         self._config = config
         self._file_stamp = self._stamp()
         configure_logging(config.log_level)
         log.info("[Core] starting with %s", self.config_path)
         self._started = True
+        self._event_loop = asyncio.get_running_loop()
         try:
             await self._start(config, handles)
         except BaseException:
             await self.stop()
             raise
 
-    async def _start(self, config: Config, handles: Callable[[], Any]) -> None:
-        from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings
-
+    async def _start(self, config: Config, handles: Callable[..., Any]) -> None:
         for tunnel in config.tunnels:
             self.registry.register(tunnel.id, tunnel.tunnel_type)
             if isinstance(tunnel, Socks5Tunnel | HttpTunnel):
@@ -214,14 +211,14 @@ class Daemon:
                     tunnel.id,
                     tunnel.type,
                 )
-        self._router.routes = self._routes(config)
+        self._routes = self._tunnel_routes()
         settings = RouterSettings(
-            tuple(engine_rules(config)),
-            config.default,
-            dict(self._router.routes),
-            {tunnel_id: TunnelState.DOWN for tunnel_id in self.registry.ids()},
-            default_fallback(config),
-            frozenset({os.getpid()}),
+            rules=tuple(engine_rules(config)),
+            default=config.default,
+            tunnels=dict(self._routes),
+            states={tunnel_id: TunnelState.DOWN for tunnel_id in self.registry.ids()},
+            default_fallback=default_fallback(config),
+            own_pids=frozenset({os.getpid()}),
             log_level=LOG_LEVELS.get(config.log_level, logging.INFO),
         )
         router = RouterProcess(settings, handles)
@@ -230,7 +227,7 @@ class Daemon:
             await asyncio.to_thread(router.start)
         except RuntimeError as exc:
             raise DaemonError(f"cannot divert packets: {exc}") from None
-        self._router.process = router
+        self._router = router
         self.bus.subscribe(TunnelStateChanged, self._on_tunnel_state)
         self.bus.subscribe(ConfigChanged, self._on_config_changed)
         await self.bus.start()
@@ -251,10 +248,10 @@ class Daemon:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        router = self._router.process
+        router = self._router
         if router is not None:
             await asyncio.to_thread(router.stop)
-            self._router.process = None
+            self._router = None
         for tunnel in list(self.tunnels.values()):
             await self._close_stream_tunnel(tunnel)
         self.tunnels.clear()
@@ -262,7 +259,10 @@ class Daemon:
             await self._control.stop()
             self._control = None
         await self.bus.stop()
-        log.info("[Core] stopped: divert handles closed, network restored")
+        if self.exit_code == EXIT_OK:
+            log.info("[Core] stopped: divert handles closed, network restored")
+        else:
+            log.error("[Core] stopped after a failure (exit %d)", self.exit_code)
 
     def request_stop(self, code: int | None = None) -> None:
         """Ask ``run_forever`` to return (from a signal handler or a failure callback)."""
@@ -293,13 +293,9 @@ class Daemon:
     def _router_died(self) -> None:
         # Called on the router pipe's reader thread: traffic now flows undiverted, so the daemon ends with an
         # error rather than pretend to route (the OS firewall is what holds a kill switch across this).
-        loop = self._loop
-        if loop is not None:
+        loop = self._event_loop
+        if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.request_stop, EXIT_FAILURE)
-
-    @property
-    def _loop(self) -> asyncio.AbstractEventLoop | None:
-        return self.bus._loop
 
     # -- stream tunnels ----------------------------------------------------------------------------------
 
@@ -307,21 +303,37 @@ class Daemon:
         provider = make_provider(settings)
         monitor = HealthMonitor(settings.id, provider, self._on_health)
         carries_udp = isinstance(settings, Socks5Tunnel) and settings.udp
-        proxy = TunnelProxy(
-            settings.id,
-            provider,
-            self._nat_lookup,
-            PROXY_HOSTS,
-            udp=carries_udp,
-            on_flow_failed=monitor.flow_failed,
+        proxy = await self._start_proxy(
+            lambda hosts: TunnelProxy(
+                settings.id,
+                provider,
+                self._nat_lookup,
+                hosts,
+                udp=carries_udp,
+                on_flow_failed=monitor.flow_failed,
+            )
         )
-        await proxy.start()
         udp_proxy = None
         if isinstance(settings, HttpTunnel) and settings.udp == "direct":
             # An HTTP proxy cannot carry UDP; with `udp: direct` the apps' datagrams are relayed directly.
-            udp_proxy = TunnelProxy(settings.id, DirectProvider(), self._nat_lookup, PROXY_HOSTS, udp=True)
-            await udp_proxy.start()
+            udp_proxy = await self._start_proxy(
+                lambda hosts: TunnelProxy(settings.id, DirectProvider(), self._nat_lookup, hosts, udp=True)
+            )
         return StreamTunnel(settings, provider, proxy, monitor, udp_proxy)
+
+    @staticmethod
+    async def _start_proxy(make: Callable[[tuple[str, ...]], TunnelProxy]) -> TunnelProxy:
+        """A started proxy on both families, or on IPv4 alone where the host has no IPv6."""
+        proxy = make(PROXY_HOSTS)
+        try:
+            await proxy.start()
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise
+            log.warning("[Core] no IPv6 on this host (%s): tunnel proxies listen on IPv4 only", exc)
+            proxy = make(PROXY_HOSTS[:1])
+            await proxy.start()
+        return proxy
 
     async def _close_stream_tunnel(self, tunnel: StreamTunnel) -> None:
         await tunnel.monitor.stop()
@@ -330,17 +342,15 @@ class Daemon:
             await tunnel.udp_proxy.stop()
         tunnel.provider.close()
 
-    def _routes(self, config: Config) -> dict[str, Any]:
-        from awg_split_tunnel.core.packet_router import TunnelRoute
-
-        routes: dict[str, Any] = {}
+    def _tunnel_routes(self) -> dict[str, TunnelRoute]:
+        routes: dict[str, TunnelRoute] = {}
         for tunnel_id, tunnel in self.tunnels.items():
             tcp_port, udp_port = tunnel.route_ports()
             routes[tunnel_id] = TunnelRoute(tcp_port, udp_port, tunnel.settings.lan_bypass)
         return routes
 
     def _nat_lookup(self, proto: str, peer_ip: str, peer_port: int) -> NatTarget | None:
-        router = self._router.process
+        router = self._router
         if router is None:
             return None
         entry: NatTarget | None = router.nat_lookup(proto, peer_ip, peer_port)
@@ -353,7 +363,7 @@ class Daemon:
         self.registry.set_state(tunnel_id, state, reason)
 
     def _on_tunnel_state(self, event: TunnelStateChanged) -> None:
-        router = self._router.process
+        router = self._router
         if router is not None:
             router.tunnel_state_changed(event.tunnel_id, event.new)
 
@@ -393,7 +403,7 @@ class Daemon:
             log.error("[Core] applying the config change (%s) failed: %s", event.what, exc)
 
     async def _apply_config(self, old: Config, new: Config) -> None:
-        router = self._router.process
+        router = self._router
         if new.log_level != old.log_level:
             configure_logging(new.log_level)
             log.info("[Core] log level %s", new.log_level)
@@ -425,8 +435,8 @@ class Daemon:
         if router is not None:
             for tunnel_id in added:
                 router.tunnel_state_changed(tunnel_id, TunnelState.DOWN)
-            self._router.routes = self._routes(new)
-            router.set_tunnels(self._router.routes)
+            self._routes = self._tunnel_routes()
+            router.set_tunnels(self._routes)
             router.set_rules(engine_rules(new), new.default, default_fallback(new))
         for tunnel in started:
             tunnel.monitor.start()
@@ -436,6 +446,19 @@ class Daemon:
             )
 
     # -- control API -------------------------------------------------------------------------------------
+
+    def _refuse_second_daemon(self) -> None:
+        """Two daemons would divert each other's flows and fight over the control socket."""
+        from awg_split_tunnel.api.control import default_control_path, request
+
+        path = self._control_path or default_control_path()
+        if not path.exists():
+            return
+        try:
+            request("status", path=path, timeout=1.0)
+        except AwgSplitTunnelError:
+            return  # a socket left behind by a daemon that died: ours replaces it
+        raise DaemonError(f"another daemon is already running (it answers on {path}); stop it first")
 
     async def _start_control(self) -> None:
         from awg_split_tunnel.api.control import ControlServer
@@ -459,7 +482,7 @@ class Daemon:
                 row["rx_bytes"], row["tx_bytes"] = counters.bytes_down, counters.bytes_up
                 row["flows"] = len(tunnel.proxy.tcp_flows) + len(tunnel.proxy.udp_associations)
         router_stats: dict[str, Any] = {}
-        router = self._router.process
+        router = self._router
         if router is not None:
             snapshot = await asyncio.to_thread(router.snapshot)
             if snapshot is not None:
@@ -469,7 +492,7 @@ class Daemon:
         return {"tunnels": tunnels, "router": router_stats}
 
     async def _api_connections(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        router = self._router.process
+        router = self._router
         snapshot = None if router is None else await asyncio.to_thread(router.snapshot)
         flows = []
         for row in snapshot[1] if snapshot else []:
@@ -506,6 +529,10 @@ class Daemon:
         elif action == "up":
             tunnel.manual_down = False
             tunnel.monitor.start()
+            # Answer with the first probe's verdict rather than the DOWN it had a moment ago.
+            deadline = time.monotonic() + FIRST_PROBE_WAIT
+            while tunnel.monitor.state is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         else:
             raise TunnelError(f"unknown tunnel action {action!r} (up, down)")
         state = self.registry.state(tunnel_id)
@@ -556,8 +583,11 @@ async def _run(config_path: Path, control_path: Path | None) -> int:
     daemon = Daemon(config_path, control_path=control_path)
     try:
         await daemon.start()
-    except (DaemonError, AwgSplitTunnelError) as exc:
+    except AwgSplitTunnelError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # e.g. a proxy port or the control socket cannot be bound
+        print(f"error: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return await daemon.run_forever()
 

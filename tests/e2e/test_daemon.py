@@ -10,6 +10,7 @@ server and the daemon itself come last, in file order.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def daemon(lab: Lab, dante: LabServer) -> Iterator[RunningDaemon]:
     start_tinyproxy(lab)
     config = lab.tmpdir / "config.yaml"
     config.write_text(daemon_config())
+    config.chmod(0o600)  # it holds a private key
     running = RunningDaemon(lab, config)
     running.wait_running()
     wait_for(lambda: lab.app("app-socks", timeout=2.0).seen_ip == SOCKS_IP, 10.0, "socks tunnel UP")
@@ -233,6 +235,17 @@ def test_status_api_reports_the_tunnels(daemon: RunningDaemon) -> None:
     assert states == {"socks": "up", "corp": "up", "vpn": "down"}
 
 
+def test_a_second_daemon_refuses_to_start_and_the_first_keeps_routing(
+    lab: Lab, daemon: RunningDaemon
+) -> None:
+    argv: list[str | Path] = [sys.executable, "-m", "awg_split_tunnel.daemon", "-c", daemon.config]
+    argv += ["--control", daemon.control]
+    second = lab.run(CLIENT, argv, env={**os.environ, "PYTHONPATH": python_path()}, timeout=30)
+    assert second.returncode == 1
+    assert "already running" in second.stderr
+    assert lab.app("app-socks").seen_ip == SOCKS_IP
+
+
 # -- changes while running -------------------------------------------------------------------------------
 
 
@@ -247,6 +260,130 @@ def test_rule_added_through_config_manager_applies_to_the_next_connection(
     took = wait_for(lambda: lab.app("app-late", timeout=2.0).seen_ip == HTTP_IP, 5.0, "new rule applied")
     print(f"rule applied after {took:.1f}s")
     assert "# the daemon's end-to-end test config" in daemon.config.read_text(), "comments kept"
+
+
+def test_tunnel_added_while_running_carries_the_next_connection_and_removal_restores_direct(
+    lab: Lab, daemon: RunningDaemon
+) -> None:
+    from awg_split_tunnel.core.config import ConfigManager
+
+    manager = ConfigManager(daemon.config)
+    manager.add_tunnel({"id": "socks-late", "type": "socks5", "server": f"{SOCKS_IP}:1080", "udp": False})
+    manager.add_rule({"process": "app-direct", "tunnel": "socks-late"}, index=0)
+    wait_for(
+        lambda: lab.app("app-direct", timeout=2.0).seen_ip == SOCKS_IP, 6.0, "new tunnel carries the app"
+    )
+    assert lab.app("app-direct", udp=True).seen_ip == "", "the new tunnel has udp: false, so UDP is blocked"
+    manager.remove_rule(0)
+    manager.remove_tunnel("socks-late")
+    wait_for(lambda: lab.app("app-direct", timeout=2.0).seen_ip == CLIENT_IP, 6.0, "tunnel removed")
+    assert "tunnel socks-late removed" in daemon.output()
+
+
+def test_http_tunnel_with_udp_direct_sends_its_apps_udp_directly(lab: Lab, daemon: RunningDaemon) -> None:
+    from awg_split_tunnel.core.config import ConfigManager
+
+    manager = ConfigManager(daemon.config)
+    manager.add_tunnel({"id": "corp-udp", "type": "http", "server": f"{HTTP_IP}:3128", "udp": "direct"})
+    manager.add_rule({"process": "app-http", "tunnel": "corp-udp"}, index=0)
+    try:
+        wait_for(lambda: lab.app("app-http", udp=True, timeout=1.0).seen_ip == CLIENT_IP, 6.0, "UDP direct")
+        assert lab.app("app-http").seen_ip == HTTP_IP, "its TCP still goes through the HTTP proxy"
+    finally:
+        manager.remove_rule(0)
+        manager.remove_tunnel("corp-udp")
+    wait_for(lambda: lab.app("app-http", udp=True, timeout=1.0).seen_ip == "", 6.0, "UDP blocked again")
+
+
+def test_a_broken_config_edit_is_reported_and_the_running_config_stays(
+    lab: Lab, daemon: RunningDaemon
+) -> None:
+    good = daemon.config.read_text()
+    try:
+        daemon.config.write_text(good + "  - process: app-direct\n    tunnel: nowhere\n")
+        wait_for(lambda: "config change ignored" in daemon.output(), 5.0, "error logged")
+        assert "nowhere" in daemon.output()
+        assert daemon.process.poll() is None
+        assert lab.app("app-socks").seen_ip == SOCKS_IP
+    finally:
+        daemon.config.write_text(good)
+    time.sleep(1.5)  # the watcher reloads the good file again
+
+
+def test_tunnel_down_by_hand_applies_the_fallback_and_up_restores_it(lab: Lab, daemon: RunningDaemon) -> None:
+    from awg_split_tunnel.api.control import request
+
+    assert request("tunnel", path=daemon.control, action="down", id="corp")["state"] == "down"
+    try:
+        assert lab.app("app-http", timeout=2.0).seen_ip == CLIENT_IP, "allow_direct: direct while down"
+        states = {t["id"]: t["state"] for t in request("status", path=daemon.control)["tunnels"]}
+        assert states["corp"] == "down", "the health probes do not bring it back by themselves"
+    finally:
+        request("tunnel", path=daemon.control, action="up", id="corp")
+    wait_for(lambda: lab.app("app-http", timeout=2.0).seen_ip == HTTP_IP, 5.0, "corp UP again")
+
+
+OPEN_REQUEST = """
+import select, socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n")  # incomplete: the server waits
+print("connected", flush=True)
+ready, _, _ = select.select([s, sys.stdin], [], [], 10)
+try:
+    if s in ready:
+        print("data" if s.recv(100) else "closed", flush=True)
+    elif ready:
+        sys.stdin.readline()
+        s.sendall(b"\\r\\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        print("answered", data.partition(b"\\r\\n\\r\\n")[2].split()[0].decode(), flush=True)
+    else:
+        print("timeout", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+
+
+def _line(process: subprocess.Popen[str], timeout: float) -> str:
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    return process.stdout.readline().strip() if ready else "(nothing)"
+
+
+def test_tunnel_going_down_resets_open_block_flows_and_keeps_allow_direct_flows(
+    lab: Lab, daemon: RunningDaemon
+) -> None:
+    from awg_split_tunnel.api.control import request
+    from awg_split_tunnel.lab import WEB_IP
+
+    apps = {
+        name: lab.spawn(
+            CLIENT,
+            [lab.apps[name], "-c", OPEN_REQUEST, WEB_IP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("app-block", "app-fallback")
+    }
+    try:
+        assert [_line(p, 5.0) for p in apps.values()] == ["connected", "connected"]
+        request("tunnel", path=daemon.control, action="down", id="socks")
+        taken_down = time.monotonic()
+        assert _line(apps["app-block"], 3.0) == "reset"
+        assert time.monotonic() - taken_down < 2.0
+        fallback = apps["app-fallback"]
+        assert fallback.stdin is not None
+        fallback.stdin.write("go\n")
+        fallback.stdin.flush()
+        assert _line(fallback, 5.0) == f"answered {SOCKS_IP}", "an allow_direct flow keeps its tunnel"
+    finally:
+        for process in apps.values():
+            process.kill()
+        request("tunnel", path=daemon.control, action="up", id="socks")
+    wait_for(lambda: lab.app("app-block", timeout=2.0).seen_ip == SOCKS_IP, 5.0, "socks UP again")
 
 
 def test_socks_server_down_block_app_fails_allow_direct_app_goes_direct_then_tunnelled_again(
@@ -267,6 +404,7 @@ def test_socks_server_down_block_app_fails_allow_direct_app_goes_direct_then_tun
                 break
             time.sleep(0.05)
         assert went_direct_at is not None and went_direct_at < 2.0, went_direct_at
+        print(f"allow_direct app went direct {went_direct_at:.2f}s after the SOCKS server died")
         # While down, the block app fails and nothing of it leaves for the web server.
         web = f"tcp and dst host {WEB_IP} and src host {CLIENT_IP}"
         with lab.capture(CLIENT, "eth0", web) as capture:
@@ -274,11 +412,16 @@ def test_socks_server_down_block_app_fails_allow_direct_app_goes_direct_then_tun
             time.sleep(0.3)
         assert not blocked.ok and blocked.seen_ip == ""
         assert capture.count() == 0, "\n".join(capture.packets())
+        with lab.capture(CLIENT, "eth0", web) as direct:
+            assert lab.app("app-fallback").seen_ip == CLIENT_IP
+            time.sleep(0.3)
+        assert direct.count() > 0, "the capture sees direct traffic, so its silence above means something"
     finally:
+        restarted = time.monotonic()
         dante.start()
-    restarted = time.monotonic()
-    wait_for(lambda: lab.app("app-block", timeout=1.0).seen_ip == SOCKS_IP, 5.0, "tunnelled again")
-    print(f"tunnelled again {time.monotonic() - restarted:.1f}s after the restart")
+    remaining = 5.0 - (time.monotonic() - restarted)
+    wait_for(lambda: lab.app("app-block", timeout=1.0).seen_ip == SOCKS_IP, remaining, "tunnelled again")
+    print(f"tunnelled again {time.monotonic() - restarted:.1f}s after the restart began")
     assert lab.app("app-fallback").seen_ip == SOCKS_IP
 
 
@@ -291,3 +434,85 @@ def test_sigterm_stops_the_daemon_cleanly_and_restores_the_network(lab: Lab, dae
     assert result.ok, result.stderr
     assert result.seen_ip == CLIENT_IP
     assert lab.app("app-drop").seen_ip == CLIENT_IP
+
+
+# -- start-up errors and the demo ------------------------------------------------------------------------
+
+
+def test_run_without_root_says_so_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from awg_split_tunnel.daemon import run_daemon
+
+    config = tmp_path / "config.yaml"
+    config.write_text("default: direct\n")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert run_daemon(config) == 1
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_run_says_so_when_pydivert_cannot_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from awg_split_tunnel.daemon import run_daemon
+
+    config = tmp_path / "config.yaml"
+    config.write_text("default: direct\n")
+    monkeypatch.delitem(sys.modules, "awg_split_tunnel.platform.divert", raising=False)
+    monkeypatch.setitem(sys.modules, "pydivert", None)
+    assert run_daemon(config) == 1
+    assert "pydivert cannot load" in capsys.readouterr().err
+
+
+def test_run_with_a_broken_config_names_the_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from awg_split_tunnel.daemon import run_daemon
+
+    config = tmp_path / "config.yaml"
+    config.write_text("default: direct\nrules:\n  - process: x\n    tunnel: nowhere\n")
+    assert run_daemon(config) == 1
+    err = capsys.readouterr().err
+    assert f"{config}:4" in err and "nowhere" in err
+
+
+def test_ctrl_c_stops_the_daemon_with_0_and_restores_the_network() -> None:
+    with Lab() as lab:
+        start_web(lab)
+        make_app(lab, "app-drop")
+        config = lab.tmpdir / "config.yaml"
+        config.write_text("default: drop\n")
+        running = RunningDaemon(lab, config)
+        running.wait_running()
+        assert lab.app("app-drop", timeout=2.0).seen_ip == "", "default: drop"
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(15) == 0, running.output()[-3000:]
+        assert lab.app("app-drop").seen_ip == CLIENT_IP
+
+
+def test_daemon_exits_1_when_its_packet_router_process_dies() -> None:
+    with Lab() as lab:
+        config = lab.tmpdir / "config.yaml"
+        config.write_text("default: direct\n")
+        running = RunningDaemon(lab, config)
+        running.wait_running()
+        children = subprocess.run(["pgrep", "-P", str(running.process.pid)], capture_output=True, text=True)
+        routers = [
+            int(pid)
+            for pid in children.stdout.split()
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        ]
+        assert len(routers) == 1, children.stdout
+        os.kill(routers[0], signal.SIGKILL)
+        assert running.process.wait(10) == 1
+        assert "packet router process ended unexpectedly" in running.output()
+
+
+def test_demo_shows_every_app_going_the_predicted_way(capsys: pytest.CaptureFixture[str]) -> None:
+    from awg_split_tunnel.demo import run_demo
+
+    assert run_demo() == 0
+    out = capsys.readouterr().out
+    for app in ("app-socks", "app-http", "app-direct", "app-drop"):
+        assert app in out
+    assert "✗" not in out and out.count("✓") == 4

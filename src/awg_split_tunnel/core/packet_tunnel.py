@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.net.icmp import too_big_reply
 from awg_split_tunnel.net.packet import IPPROTO_TCP, TCP_SYN, PacketView
 from awg_split_tunnel.net.segment import Rejected, clamp_mss, mss_for_mtu, segment_tcp
@@ -279,6 +280,12 @@ class AsyncRouterLoop:
 
         device.on_packets = received
 
+    def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
+        """Tell the router (flows reset or re-decided) and let it act at once, not at the next tick."""
+        self.router.tunnel_state_changed(tunnel_id, state)
+        if self._loop is not None:
+            self._schedule(self._clock())
+
     def detach_device(self, tunnel_id: str) -> None:
         device = self._devices.pop(tunnel_id, None)
         if device is not None:
@@ -350,9 +357,11 @@ class AsyncRouterLoop:
         def copy_meta() -> object:
             return net.copy_address(addr)
 
+        full = True
         for _ in range(BATCH):
             n = net.recv_into(buf, c_buf, addr, 0)
             if not n:
+                full = False
                 break
             verdict = route(buf, n, now, copy_meta)
             if verdict is Verdict.REINJECT:
@@ -361,6 +370,10 @@ class AsyncRouterLoop:
                 net.set_inbound(addr, True)
                 send(c_buf, n, addr)
         self._flush()
+        if full and self._loop is not None:
+            # More may wait: come back after the other callbacks (the device's) had their turn, without
+            # relying on the handle's descriptor staying readable.
+            self._loop.call_soon(self._on_network)
 
     def _on_events(self) -> None:
         def drain() -> None:
@@ -424,3 +437,154 @@ class AsyncRouterLoop:
 
 def _discard(packets: list[bytes]) -> None:
     return None
+
+
+class ManagedDevice(PacketDevice, Protocol):
+    """A device the router process runs itself (``WireGuardDevice``): started, watched, retried."""
+
+    state: TunnelState
+    state_listeners: list[Callable[[TunnelState, str], None]]
+
+    @property
+    def port(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def connect(self) -> None: ...
+
+    def statistics(self) -> Any: ...
+
+
+RETRY_INTERVAL = 1.0
+"""Seconds between handshake attempts of a device that is DOWN (a peer that comes back is used again)."""
+
+
+def run_with_devices(
+    router: Any,
+    states: dict[str, TunnelState],
+    open_handles: Callable[..., Any],
+    factories: Mapping[str, Callable[[], Any]],
+    conn: Any,
+) -> None:
+    """The router process with packet tunnels: divert loop and devices on one asyncio loop until told to
+    stop over ``conn`` (the ``RouterProcess`` pipe protocol, plus ``("tunnel_state", id, state, reason)``
+    messages up when a device changes state)."""
+    asyncio.run(_run_with_devices(router, states, open_handles, factories, conn))
+
+
+async def _run_with_devices(
+    router: Any,
+    states: dict[str, TunnelState],
+    open_handles: Callable[..., Any],
+    factories: Mapping[str, Callable[[], Any]],
+    conn: Any,
+) -> None:
+    import contextlib
+    import dataclasses
+
+    from awg_split_tunnel.core.packet_router import flow_row
+    from awg_split_tunnel.core.rule_engine import RuleEngine
+
+    loop = asyncio.get_running_loop()
+    devices: dict[str, ManagedDevice] = {tid: factory() for tid, factory in factories.items()}
+    stopping = asyncio.Event()
+    io: AsyncRouterLoop | None = None
+    announce = False
+
+    def listener(tunnel_id: str) -> Callable[[TunnelState, str], None]:
+        def changed(state: TunnelState, reason: str) -> None:
+            states[tunnel_id] = state
+            if io is not None:
+                io.tunnel_state_changed(tunnel_id, state)
+            else:
+                router.tunnel_state_changed(tunnel_id, state)
+            if announce:
+                with contextlib.suppress(OSError, ValueError):
+                    conn.send(("tunnel_state", tunnel_id, state, reason))
+
+        return changed
+
+    def with_device_ports(routes: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(routes)
+        for tunnel_id, device in devices.items():
+            route = out.get(tunnel_id)
+            if isinstance(route, PacketTunnelRoute):
+                out[tunnel_id] = dataclasses.replace(route, listen_port=device.port)
+        return out
+
+    try:
+        for tunnel_id, device in devices.items():
+            device.state_listeners.append(listener(tunnel_id))
+            await device.start()
+        # Now that the devices have their ports: their datagrams are never diverted, nor even captured.
+        router.set_tunnels(with_device_ports(router.routes))
+        router.poll(time.monotonic())
+        network, events, accept_pid = open_handles([d.port for d in devices.values()])
+        io = AsyncRouterLoop(router, network, events, accept_pid=accept_pid)
+        for tunnel_id, device in devices.items():
+            io.attach_device(tunnel_id, device)
+        await io.start()
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        for device in devices.values():
+            await device.stop()
+        return
+    for device in devices.values():
+        device.connect()
+    conn.send(("ready",))
+    announce = True  # "ready" must be the first message; states are told from here on
+    for tunnel_id, device in devices.items():
+        conn.send(("tunnel_state", tunnel_id, device.state, "router process started"))
+
+    def handle(message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "stop":
+            stopping.set()
+        elif kind == "state":
+            if message[1] in devices:
+                return  # the device in this process is the authority on its own state
+            states[message[1]] = message[2]
+            router_io.tunnel_state_changed(message[1], message[2])
+        elif kind == "tunnels":
+            router.set_tunnels(with_device_ports(message[1]))
+        elif kind == "rules":
+            router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
+        elif kind == "snapshot":
+            stats = dataclasses.asdict(router.stats)
+            stats["packet_tunnels"] = router.packet_tunnel_stats()
+            for tunnel_id, device in devices.items():
+                counters = device.statistics()
+                stats["packet_tunnels"].setdefault(tunnel_id, {}).update(
+                    state=str(device.state), rx_bytes=counters.rx_bytes, tx_bytes=counters.tx_bytes
+                )
+            conn.send(("snapshot", stats, [flow_row(e) for e in router.connections()]))
+
+    router_io = io
+
+    def on_control() -> None:
+        try:
+            while conn.poll(0):
+                handle(conn.recv())
+        except (EOFError, OSError):
+            log.error("[Router] control connection lost: stopping")
+            stopping.set()
+
+    async def retry() -> None:
+        while True:
+            await asyncio.sleep(RETRY_INTERVAL)
+            for device in devices.values():
+                if device.state is TunnelState.DOWN:
+                    device.connect()
+
+    loop.add_reader(conn.fileno(), on_control)
+    retrier = loop.create_task(retry())
+    try:
+        await stopping.wait()
+    finally:
+        retrier.cancel()
+        loop.remove_reader(conn.fileno())
+        await io.stop()
+        for device in devices.values():
+            await device.stop()
