@@ -426,7 +426,7 @@ def test_socks_server_down_block_app_fails_allow_direct_app_goes_direct_then_tun
 
 
 def test_sigterm_stops_the_daemon_cleanly_and_restores_the_network(lab: Lab, daemon: RunningDaemon) -> None:
-    assert lab.app("app-socks").seen_ip == SOCKS_IP
+    wait_for(lambda: lab.app("app-socks", timeout=2.0).seen_ip == SOCKS_IP, 5.0, "socks tunnel UP")
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(15) == 0, daemon.output()[-3000:]
     assert "network restored" in daemon.output()

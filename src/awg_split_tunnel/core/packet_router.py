@@ -87,7 +87,9 @@ def router_filter(exclude_udp_ports: Iterable[int] = (), platform: str = sys.pla
     ``ip and !tcp and !udp``) eBPFDivert still diverted the device's own unfragmented datagrams (with DF
     or without), and its UDP GSO super-datagrams were lost on reinjection (``tests/e2e/test_split_wg.py``
     lost every batched packet). So while packet tunnels run, the IPv4 fragment clause is left out there:
-    later IPv4 fragments are not diverted (a known gap; IPv6 fragments still are).
+    later IPv4 fragments are not diverted (a known gap; IPv6 fragments still are). The clause itself
+    matches only real fragments, GSO datagrams and excluded ports included
+    (``scripts/repro/fragoff_matches_df.py``); the loss shows only with the router in its own process.
     """
     ports = sorted(set(exclude_udp_ports))
     if not ports:
