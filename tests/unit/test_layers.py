@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "awg_split_tunnel"
 ADAPTERS = (
     "awg_split_tunnel.cli",
     "awg_split_tunnel.daemon",
+    "awg_split_tunnel.packet_tunnels",
     "awg_split_tunnel.platform",
     "awg_split_tunnel.proxy",
     "awg_split_tunnel.lab",

@@ -1,0 +1,39 @@
+"""Wiring of the WireGuard/AmneziaWG tunnels of a config into the router (used by the daemon).
+
+Each packet tunnel becomes a `PacketTunnelRoute` (the addresses its peer knows us by, its MTU) and a
+factory for its `WireGuardDevice`; the router process builds the devices itself, next to its divert
+handles, so packets never cross a process boundary (core/packet_tunnel.py explains why).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from awg_split_tunnel.core.config import Config, PacketTunnel, tunnel_wg_conf
+from awg_split_tunnel.core.packet_router import DeviceFactory
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
+from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
+
+
+def packet_tunnel_wiring(
+    config: Config, base_dir: Path
+) -> tuple[dict[str, PacketTunnelRoute], dict[str, DeviceFactory]]:
+    """Routes and device factories for every amneziawg/wireguard tunnel of `config`. Endpoints are
+    resolved here, once; raises ConfigError when a tunnel's settings cannot make a working device."""
+    routes: dict[str, PacketTunnelRoute] = {}
+    devices: dict[str, DeviceFactory] = {}
+    for tunnel in config.tunnels:
+        if not isinstance(tunnel, PacketTunnel):
+            continue
+        conf = tunnel_wg_conf(tunnel)
+        source = str(base_dir / tunnel.config_file) if tunnel.config_file else None
+        settings = settings_from_conf(conf, file=source)
+        routes[tunnel.id] = PacketTunnelRoute.from_addresses(
+            [str(a) for a in conf.interface.addresses],
+            settings.mtu,
+            lan_bypass=tunnel.lan_bypass,
+            listen_port=settings.listen_port,
+        )
+        devices[tunnel.id] = functools.partial(WireGuardDevice, settings, tunnel_id=tunnel.id)
+    return routes, devices
