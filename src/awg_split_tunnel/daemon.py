@@ -1,12 +1,14 @@
-"""The daemon behind ``awg-split-tunnel run``: the wiring of every level for stream tunnels.
+"""The daemon behind ``awg-split-tunnel run``: the wiring of every level.
 
 ConfigManager → TunnelRegistry → providers (SOCKS5, HTTP proxy) → one TunnelProxy and one HealthMonitor
 per stream tunnel → the packet router in its own process (``RouterProcess``, DESIGN §3). State changes
 reach the router through the EventBus; config edits (the file changed on disk, polled every second) are
 applied without a restart: new rules apply to the next flow, tunnels are added and removed.
 
-Packet tunnels (WireGuard, AmneziaWG) are registered but kept DOWN in ``run`` for now, so their rules'
-fallback policies apply (``block`` apps are dropped, never leaked).
+Packet tunnels (WireGuard, AmneziaWG) run inside the router process, next to the divert handles
+(core/packet_tunnel.py): their devices connect at start, report UP after a handshake and DOWN when
+handshakes keep failing, and the router process retries them while DOWN. A packet tunnel added to the
+config while running is routed after a restart (its rules' fallback policies apply until then).
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from awg_split_tunnel.core.config import AnyTunnel, Config, ConfigManager, HttpTunnel, Socks5Tunnel
+from awg_split_tunnel.core.config import (
+    AnyTunnel,
+    Config,
+    ConfigManager,
+    HttpTunnel,
+    Socks5Tunnel,
+)
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
 from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings, TunnelRoute
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
+from awg_split_tunnel.packet_tunnels import packet_tunnel_wiring
 from awg_split_tunnel.provider.direct import DirectProvider
 from awg_split_tunnel.provider.health import HealthMonitor
 from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
@@ -166,7 +176,8 @@ class Daemon:
         self._handles = handles
         self._status_out = status_out
         self._router: RouterProcess | None = None
-        self._routes: dict[str, TunnelRoute] = {}
+        self._routes: dict[str, TunnelRoute | PacketTunnelRoute] = {}
+        self._packet_routes: dict[str, PacketTunnelRoute] = {}
         self._control: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -204,13 +215,9 @@ class Daemon:
             self.registry.register(tunnel.id, tunnel.tunnel_type)
             if isinstance(tunnel, Socks5Tunnel | HttpTunnel):
                 self.tunnels[tunnel.id] = await self._open_stream_tunnel(tunnel)
-            else:
-                log.warning(
-                    "[Core] %s (%s): per-app routing into packet tunnels is not available in `run` yet; "
-                    "it stays DOWN and its rules' fallback policies apply (block: dropped)",
-                    tunnel.id,
-                    tunnel.type,
-                )
+        self._packet_routes, devices = packet_tunnel_wiring(config, self.config_path.parent)
+        for tunnel_id in devices:
+            self.registry.set_state(tunnel_id, TunnelState.CONNECTING, "starting")
         self._routes = self._tunnel_routes()
         settings = RouterSettings(
             rules=tuple(engine_rules(config)),
@@ -220,9 +227,11 @@ class Daemon:
             default_fallback=default_fallback(config),
             own_pids=frozenset({os.getpid()}),
             log_level=LOG_LEVELS.get(config.log_level, logging.INFO),
+            devices=devices,
         )
         router = RouterProcess(settings, handles)
         router.on_exit = self._router_died
+        router.on_tunnel_state = self._packet_tunnel_state
         try:
             await asyncio.to_thread(router.start)
         except RuntimeError as exc:
@@ -342,8 +351,8 @@ class Daemon:
             await tunnel.udp_proxy.stop()
         tunnel.provider.close()
 
-    def _tunnel_routes(self) -> dict[str, TunnelRoute]:
-        routes: dict[str, TunnelRoute] = {}
+    def _tunnel_routes(self) -> dict[str, TunnelRoute | PacketTunnelRoute]:
+        routes: dict[str, TunnelRoute | PacketTunnelRoute] = dict(self._packet_routes)
         for tunnel_id, tunnel in self.tunnels.items():
             tcp_port, udp_port = tunnel.route_ports()
             routes[tunnel_id] = TunnelRoute(tcp_port, udp_port, tunnel.settings.lan_bypass)
@@ -361,6 +370,16 @@ class Daemon:
         if tunnel is None or tunnel.manual_down or tunnel_id not in self.registry:
             return
         self.registry.set_state(tunnel_id, state, reason)
+
+    def _packet_tunnel_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
+        # On the router pipe's reader thread: a device in the router process changed state.
+        loop = self._event_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set_packet_state, tunnel_id, state, reason)
+
+    def _set_packet_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
+        if tunnel_id in self.registry and tunnel_id in self._packet_routes:
+            self.registry.set_state(tunnel_id, state, reason)
 
     def _on_tunnel_state(self, event: TunnelStateChanged) -> None:
         router = self._router
@@ -412,6 +431,7 @@ class Daemon:
         gone = [i for i in old_tunnels if i not in new_tunnels or new_tunnels[i] != old_tunnels[i]]
         added = [i for i in new_tunnels if i not in old_tunnels or new_tunnels[i] != old_tunnels[i]]
         for tunnel_id in gone:
+            self._packet_routes.pop(tunnel_id, None)
             tunnel = self.tunnels.pop(tunnel_id, None)
             if tunnel is not None:
                 await self._close_stream_tunnel(tunnel)
@@ -428,7 +448,8 @@ class Daemon:
                 log.info("[Core] tunnel %s added (%s %s)", tunnel_id, settings.type, settings.server)
             else:
                 log.warning(
-                    "[Core] %s (%s) added but packet tunnels are not routed in `run` yet: it stays DOWN",
+                    "[Core] %s (%s) added: packet tunnels start with the daemon; restart it to route "
+                    "into this one (until then it stays DOWN and its rules' fallback policies apply)",
                     tunnel_id,
                     settings.type,
                 )
@@ -487,6 +508,7 @@ class Daemon:
             snapshot = await asyncio.to_thread(router.snapshot)
             if snapshot is not None:
                 stats = snapshot[0]
+                _merge_packet_tunnel_stats(tunnels, stats.get("packet_tunnels") or {}, snapshot[1])
                 router_stats = {k: v for k, v in stats.items() if isinstance(v, int) and v}
                 router_stats["flows"] = len(snapshot[1])
         return {"tunnels": tunnels, "router": router_stats}
@@ -520,7 +542,10 @@ class Daemon:
             )
         tunnel = self.tunnels.get(tunnel_id)
         if tunnel is None:
-            raise TunnelError(f"{tunnel_id} is a packet tunnel; they are not routed in `run` yet")
+            raise TunnelError(
+                f"{tunnel_id} is a packet tunnel: it reconnects by itself; manual up/down is for stream "
+                "tunnels (remove its rules, or the tunnel, to stop using it)"
+            )
         if action == "down":
             tunnel.manual_down = True
             await tunnel.monitor.stop()
@@ -569,6 +594,21 @@ class Daemon:
         console.print(line)
         if self._status_out is None:
             sys.stdout.flush()
+
+
+def _merge_packet_tunnel_stats(
+    rows: list[dict[str, Any]], packet_stats: Mapping[str, Any], flows: list[tuple[Any, ...]]
+) -> None:
+    """Fill the status rows of packet tunnels from the router process (their devices live there)."""
+    for row in rows:
+        stats = packet_stats.get(row["id"])
+        if not isinstance(stats, Mapping):
+            continue
+        row["rx_bytes"] = stats.get("rx_bytes", 0)
+        row["tx_bytes"] = stats.get("tx_bytes", 0)
+        row["flows"] = sum(1 for flow in flows if flow[6] == row["id"])
+        if stats.get("handshake_age") is not None:
+            row["handshake_age"] = stats["handshake_age"]
 
 
 def _address(ip: object, port: object) -> str:

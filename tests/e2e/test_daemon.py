@@ -173,12 +173,11 @@ def wait_for(condition: object, timeout: float, what: str) -> float:
 # -- routing by exe name ---------------------------------------------------------------------------------
 
 
-def test_status_line_names_every_tunnel_and_says_packet_tunnels_are_not_routed_yet(
-    daemon: RunningDaemon,
-) -> None:
+def test_status_line_names_every_tunnel_with_its_state(daemon: RunningDaemon) -> None:
     out = daemon.output()
-    assert "socks" in out and "corp" in out and "vpn" in out
-    assert "packet tunnels is not available in `run` yet" in out
+    assert "socks UP" in out and "corp UP" in out
+    # The WireGuard peer of `vpn` does not exist in this lab: its device keeps trying.
+    assert "vpn CONNECTING" in out or "vpn DOWN" in out
     for prefix in ("[Core]", "[Router]", "[Proxy]"):
         assert prefix in out, prefix
 
@@ -232,7 +231,9 @@ def test_status_api_reports_the_tunnels(daemon: RunningDaemon) -> None:
 
     status = request("status", path=daemon.control)
     states = {t["id"]: t["state"] for t in status["tunnels"]}
-    assert states == {"socks": "up", "corp": "up", "vpn": "down"}
+    # `vpn`'s WireGuard peer does not exist in this lab: its device is still trying (or has given up).
+    assert states.pop("vpn") in ("connecting", "down")
+    assert states == {"socks": "up", "corp": "up"}
 
 
 def test_a_second_daemon_refuses_to_start_and_the_first_keeps_routing(
