@@ -187,6 +187,14 @@ def test_we_initiate_and_the_web_server_sees_our_tunnel_addresses(setup: Setup) 
     assert latest_handshake(setup.server) > 0
 
 
+def test_ping_through_the_tunnel(setup: Setup) -> None:
+    # ICMP echo to the peer's tunnel address and, forwarded by it, to the web server (v4 and v6).
+    for target in (TUNNEL_SERVER_IP, WEB_IP, WEB_IP6):
+        done = setup.lab.run(CLIENT, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "3", target], timeout=20)
+        assert done.returncode == 0, (target, done.stdout, done.stderr, setup.client.output())
+        assert " 0% packet loss" in done.stdout
+
+
 def test_tcp_transfer_arrives_intact_both_ways(setup: Setup) -> None:
     size = 8 * 1024 * 1024
     download = setup.lab.run(
