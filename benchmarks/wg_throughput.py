@@ -85,7 +85,10 @@ def iperf(lab: Lab, seconds: float, reverse: bool) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"iperf3 failed: {done.stdout[-500:]} {done.stderr[-500:]}")
     report = json.loads(done.stdout)
-    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
+    total = report.get("end", {}).get("sum_received")
+    if "error" in report or total is None:
+        raise RuntimeError(f"iperf3 gave no result: {report.get('error', 'no sum_received in its report')}")
+    return float(total["bits_per_second"]) / 1e6
 
 
 def measure(lab: Lab, name: str, seconds: float) -> Result:
