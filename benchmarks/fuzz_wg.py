@@ -15,96 +15,20 @@ import random
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
-from awg_split_tunnel.provider.wireguard.cookie import CookieGenerator
 from awg_split_tunnel.provider.wireguard.envelope import HANDSHAKE_SIZES, MessageType
-from awg_split_tunnel.provider.wireguard.noise import StaticIdentity
-from awg_split_tunnel.provider.wireguard.protocol import PeerConfig, WireGuardProtocol
+from awg_split_tunnel.provider.wireguard.protocol import WireGuardProtocol
 
-SK_A, SK_B = bytes(range(1, 33)), bytes(range(101, 133))
-PK_A, PK_B = StaticIdentity.from_private(SK_A).public, StaticIdentity.from_private(SK_B).public
-EP_A, EP_B = ("198.18.0.1", 51820), ("198.18.0.2", 51821)
-
-
-def pair() -> tuple[WireGuardProtocol, WireGuardProtocol]:
-    rnd = random.Random(3)
-
-    def device(private: bytes, seed: int, ephemeral: bytes) -> WireGuardProtocol:
-        return WireGuardProtocol(
-            private,
-            rng=random.Random(seed),
-            random_bytes=rnd.randbytes,
-            new_ephemeral=lambda: ephemeral,
-            wall_clock=lambda: 1_700_000_000.0,
-            under_load_handshakes=10**9,  # a flood would otherwise only meet cookie replies
-        )
-
-    a, b = device(SK_A, 1, b"\x11" * 32), device(SK_B, 2, b"\x22" * 32)
-    a.add_peer(PeerConfig(PK_B, endpoint=EP_B), 0.0)
-    b.add_peer(PeerConfig(PK_A, endpoint=EP_A), 0.0)
-    return a, b
+# The corpus, the devices and the mutations are the unit fuzz tests' own (which CI runs with 100,000
+# hypothesis examples per type); this script adds per-type timing and drop reasons.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit" / "provider" / "wireguard"))
+from test_wg_fuzz import EP_A, _world, mutate, remac
 
 
 def world() -> tuple[dict[MessageType, bytes], dict[MessageType, WireGuardProtocol]]:
-    a_pending, b_fresh = pair()
-    a_pending.initiate_handshake(PK_B, 0.0)
-    a_pending.datagrams_to_send()
-    a, b = pair()
-    a.initiate_handshake(PK_B, 0.0)
-    ((initiation, _),) = a.datagrams_to_send()
-    b.receive_datagram(initiation, EP_A, 0.0)
-    ((response, _),) = b.datagrams_to_send()
-    a.receive_datagram(response, EP_B, 0.0)
-    ((keepalive, _),) = a.datagrams_to_send()
-    b.receive_datagram(keepalive, EP_A, 0.0)
-    b.set_under_load(0.0)
-    b.receive_datagram(initiation, EP_A, 0.0)
-    ((cookie_reply, _),) = b.datagrams_to_send()
-    b.set_under_load(0.0, duration=0.0)
-    a.send_packet(PK_B, bytes([0x45, 0, 0, 24]) + bytes(20), 0.0)
-    ((transport, _),) = a.datagrams_to_send()
-    samples = {
-        MessageType.INITIATION: initiation,
-        MessageType.RESPONSE: response,
-        MessageType.COOKIE_REPLY: cookie_reply,
-        MessageType.TRANSPORT: transport,
-    }
-    receivers = {
-        MessageType.INITIATION: b_fresh,
-        MessageType.RESPONSE: a_pending,
-        MessageType.COOKIE_REPLY: a_pending,
-        MessageType.TRANSPORT: b,
-    }
-    return samples, receivers
-
-
-def remac(data: bytes, kind: MessageType) -> bytes:
-    """Recompute mac1 as an attacker can (it needs only the receiver's public key), so that mutated
-    handshakes get past the mac1 check into the Noise code."""
-    if len(data) != HANDSHAKE_SIZES.get(kind):
-        return data
-    receiver = PK_B if kind is MessageType.INITIATION else PK_A
-    return CookieGenerator.for_public_key(receiver).add_macs(data, 0.0)
-
-
-def mutate(data: bytes, rnd: random.Random) -> bytes:
-    buf = bytearray(data)
-    choice = rnd.randrange(6)
-    if choice == 0 and buf:
-        for _ in range(rnd.randint(1, 4)):
-            buf[rnd.randrange(len(buf))] ^= 1 << rnd.randrange(8)
-    elif choice == 1 and buf:
-        i = rnd.randrange(len(buf))
-        buf[i : i + rnd.randint(1, 16)] = rnd.randbytes(rnd.randint(1, 16))
-    elif choice == 2:
-        del buf[rnd.randrange(len(buf) + 1) :]
-    elif choice == 3:
-        buf += rnd.randbytes(rnd.randint(1, 64))
-    elif choice == 4 and len(buf) >= 4:
-        buf[0:4] = rnd.choice([1, 2, 3, 4, 0, 5, 0xFFFFFFFF]).to_bytes(4, "little")
-    else:
-        buf = bytearray(rnd.randbytes(len(buf)))
-    return bytes(buf)
+    """Fresh devices each call (the tests' version is cached)."""
+    return _world.__wrapped__()  # type: ignore[no-any-return]
 
 
 def random_of_type(kind: MessageType, rnd: random.Random) -> bytes:
