@@ -124,7 +124,7 @@ else:
 
 def daemon_config(wg_type: str) -> str:
     return f"""\
-log_level: info
+log_level: debug
 default: direct
 tunnels:
   - id: awg

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import ipaddress
 import os
-import select
 import socket
 import struct
-import subprocess
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tun_stack import NEEDS_ROOT, read_packet, tun_in_netns
 
 from awg_split_tunnel.lab.netns import call_in_netns
 from awg_split_tunnel.net.icmp import fragmentation_needed, packet_too_big, too_big_reply
@@ -244,48 +240,8 @@ def test_corrupted_headers_never_raise(v6: bool, index: int, value: int) -> None
 
 # -- the Linux stack takes the errors: its path MTU drops ------------------------------------------------
 
-NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
 IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU = 23, 2, 24
-
-
-@contextlib.contextmanager
-def tun_in_netns(tag: str) -> Iterator[tuple[str, int]]:
-    """A fresh namespace with a TUN device (198.18.0.1/24, 2001:2::1/64, MTU 1500) whose fd we hold."""
-    name = f"awgst-{tag}-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    fd = -1
-    try:
-
-        def open_tun() -> int:
-            tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-            fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", b"tun-test", IFF_TUN | IFF_NO_PI))
-            return tun
-
-        fd = call_in_netns(name, open_tun)
-        for args in (
-            ["link", "set", "tun-test", "mtu", "1500", "up"],
-            ["addr", "add", "198.18.0.1/24", "dev", "tun-test"],
-            ["addr", "add", "2001:2::1/64", "dev", "tun-test", "nodad"],
-        ):
-            subprocess.run(["ip", "-n", name, *args], check=True)
-        yield name, fd
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def read_packet(fd: int, wanted: Callable[[bytes], bool], timeout: float = 3.0) -> bytes:
-    """The first packet the stack sends into the TUN that ``wanted`` accepts (skipping MLD/RS noise)."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if select.select([fd], [], [], left)[0]:
-            data = os.read(fd, 65535)
-            if wanted(data):
-                return data
-    raise AssertionError("the stack sent no such packet")
 
 
 def path_mtu_after_error(v6: bool, reported_mtu: int) -> tuple[int, int]:

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import ipaddress
 import os
-import select
 import socket
 import struct
-import subprocess
-import time
-from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tun_stack import NEEDS_ROOT, read_packet, tun_in_netns
 
 from awg_split_tunnel.lab.netns import call_in_netns
 from awg_split_tunnel.net import tunnel_nat
@@ -360,50 +355,10 @@ def test_a_tcp_checksum_that_comes_out_zero_stays_zero() -> None:
 
 # -- the Linux stack as the remote end: it accepts what we NAT and answers the tunnel address -----------
 
-NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
-TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 STACK4 = ipaddress.IPv4Address("198.18.0.1").packed
 PEER4 = ipaddress.IPv4Address("198.18.0.2").packed
 STACK6 = ipaddress.IPv6Address("2001:2::1").packed
 PEER6 = ipaddress.IPv6Address("2001:2::2").packed
-
-
-@contextlib.contextmanager
-def tun_in_netns(tag: str) -> Iterator[tuple[str, int]]:
-    """A fresh namespace with a TUN device (198.18.0.1/24, 2001:2::1/64) whose fd we hold."""
-    name = f"awgst-{tag}-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    fd = -1
-    try:
-
-        def open_tun() -> int:
-            tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-            fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", b"tun-test", IFF_TUN | IFF_NO_PI))
-            return tun
-
-        fd = call_in_netns(name, open_tun)
-        for args in (
-            ["link", "set", "tun-test", "up"],
-            ["addr", "add", "198.18.0.1/24", "dev", "tun-test"],
-            ["addr", "add", "2001:2::1/64", "dev", "tun-test", "nodad"],
-        ):
-            subprocess.run(["ip", "-n", name, *args], check=True)
-        yield name, fd
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def read_packet(fd: int, wanted: Callable[[bytes], bool], timeout: float = 3.0) -> bytearray:
-    """The first packet the stack sends into the TUN that ``wanted`` accepts (skipping MLD/RS noise)."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if select.select([fd], [], [], left)[0]:
-            data = os.read(fd, 65535)
-            if wanted(data):
-                return bytearray(data)
-    raise AssertionError("the stack sent no such packet")
 
 
 @NEEDS_ROOT
