@@ -1,18 +1,25 @@
-"""Per-app TCP throughput through our split tunnel (router + userspace WireGuard) vs wireguard-go.
+"""Per-app TCP throughput through our split tunnel (router + userspace WireGuard/AmneziaWG) vs the Go
+reference clients as full tunnels.
 
-Run as root: ``python3 benchmarks/split_wg.py [--seconds 5]``.
+Run as root: ``python3 benchmarks/split_wg.py [--seconds 5] [--skip-awg]``.
 
-One lab (network namespaces, 198.18.0.0/15 only), iperf3 -s in ns web, wireguard-go as the peer in ns
-wg. Measured one after the other in the same run (the machine is shared and noisy: only ratios within a
-run mean anything), single-stream TCP, upload and download (``iperf3 -R``):
+One lab (network namespaces, 198.18.0.0/15 only), iperf3 -s in ns web, wireguard-go (then the reference
+amneziawg-go) as the peer in ns wg. Measured one after the other in the same run (the machine is shared
+and noisy: only ratios within a run mean anything), single-stream TCP, upload and download
+(``iperf3 -R``):
 
 - ``split/wg``: our daemon's packet path as ``run`` uses it — ``RouterProcess`` with the WireGuard
   device inside it — and iperf3 copied to an exe name that a rule sends into the tunnel;
 - ``split/direct``: the same daemon, iperf3 under a name routed ``direct`` (divert + reinject only);
 - ``wireguard-go``: wireguard-go as a full-tunnel client in ns client (kernel TUN, no per-app routing),
-  the baseline.
+  the baseline;
+- ``split/awg``: the same daemon with our device speaking AmneziaWG 2.0 (junk packets, S1-S4 padding, H1-H4
+  header ranges, an I1 packet) to amneziawg-go, iperf3 under a name routed into that tunnel;
+- ``amneziawg-go``: amneziawg-go as a full-tunnel client in ns client with the same parameters, the
+  AmneziaWG baseline.
 
-Prints each figure and the ratios split/wg ÷ wireguard-go and split/direct ÷ plain (no daemon).
+Prints each figure and the ratios split/wg ÷ wireguard-go, split/awg ÷ amneziawg-go and split/direct ÷
+plain (no daemon). A failed iperf3 run prints why and leaves its ratios out.
 """
 
 from __future__ import annotations
@@ -30,20 +37,40 @@ from pathlib import Path
 from typing import Any, cast
 
 from awg_split_tunnel.lab import Lab
+from awg_split_tunnel.lab.netns import LabUnavailable
 from awg_split_tunnel.lab.servers import (
     WireGuardPeer,
     WireGuardServer,
     generate_keypair,
+    start_amneziawg_go,
     start_iperf3,
     start_wireguard_go,
 )
-from awg_split_tunnel.lab.topology import CLIENT, CLIENT_IP, TUNNEL_CLIENT_IP, WEB_IP
+from awg_split_tunnel.lab.topology import (
+    AWG_PORT,
+    AWG_TUNNEL_CLIENT_IP,
+    AWG_TUNNEL_SERVER_IP,
+    CLIENT,
+    CLIENT_IP,
+    TUNNEL_CLIENT_IP,
+    WEB_IP,
+)
 
 CLIENT_PORT = 51930
+# AmneziaWG 2.0: the set tests/e2e/test_awg_interop.py checks on the wire (PARAMETER_SETS["2.0"]), as our
+# conf names them; ``awg set`` takes the same keys in lower case.
+AWG_PARAMS: dict[str, str] = {
+    "Jc": "3", "Jmin": "50", "Jmax": "60", "S1": "37", "S2": "61", "S3": "11", "S4": "7",
+    "H1": "100-199", "H2": "200-299", "H3": "300-399", "H4": "400-499",
+    "I1": "<b 0xc0ffee><r 5><t>",
+}  # fmt: skip
 
 
-def serve(conf_text: str) -> None:
-    """The daemon's packet path in ns client: RouterProcess with the device inside; stops at stdin EOF."""
+def serve(conf_text: str, tunnel: str) -> None:
+    """The daemon's packet path in ns client: RouterProcess with the device inside; stops at stdin EOF.
+
+    iperf3 copied as ``iperf-<tunnel>`` goes into the tunnel, as ``iperf-direct`` direct.
+    """
     import logging
 
     from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings
@@ -66,11 +93,12 @@ def serve(conf_text: str) -> None:
 
     process = RouterProcess(
         RouterSettings(
-            (Rule("iperf-wg", "wg"), Rule("iperf-direct", "direct")),
+            (Rule(f"iperf-{tunnel}", tunnel), Rule("iperf-direct", "direct")),
             "direct",
-            {"wg": route},
-            {"wg": TunnelState.CONNECTING},
-            devices={"wg": functools.partial(WireGuardDevice, settings, tunnel_id="wg")},
+            {tunnel: route},
+            {tunnel: TunnelState.CONNECTING},
+            log_level=logging.WARNING,
+            devices={tunnel: functools.partial(WireGuardDevice, settings, tunnel_id=tunnel)},
         ),
         cast(Any, router_handles),
     )
@@ -92,32 +120,52 @@ def iperf(lab: Lab, exe: str, seconds: float, reverse: bool) -> float:
     argv = [exe, "-c", WEB_IP, "-t", str(seconds), "-J", "-O", "1"]
     if reverse:
         argv.append("-R")
-    done = lab.run(CLIENT, argv, timeout=seconds + 30)
-    if done.returncode != 0:
-        raise RuntimeError(f"iperf3 failed: {done.stdout[-500:]} {done.stderr[-500:]}")
-    report = json.loads(done.stdout)
-    return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
+    try:
+        done = lab.run(CLIENT, argv, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"iperf3 did not finish within {seconds + 30:.0f}s") from None
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        report = {}
+    # With -J iperf3 reports its errors in the JSON ("error"), often with an empty stderr.
+    total = report.get("end", {}).get("sum_received") if isinstance(report, dict) else None
+    if done.returncode != 0 or total is None:
+        why = report.get("error") if isinstance(report, dict) else None
+        if not why and done.returncode == 0:
+            why = "no end.sum_received in its report"
+        why = why or f"{done.stderr.strip()[-300:]} {done.stdout.strip()[-300:]}".strip() or "no output"
+        raise RuntimeError(f"iperf3 {'-R ' if reverse else ''}failed (exit {done.returncode}): {why}")
+    return float(total["bits_per_second"]) / 1e6
 
 
-def measure(lab: Lab, name: str, exe: str, seconds: float) -> tuple[float, float]:
-    up = iperf(lab, exe, seconds, reverse=False)
-    down = iperf(lab, exe, seconds, reverse=True)
+def measure(lab: Lab, name: str, exe: str, seconds: float) -> tuple[float, float] | None:
+    """Upload and download Mbit/s, printed; None (with the reason printed) when an iperf3 run failed."""
+    try:
+        up = iperf(lab, exe, seconds, reverse=False)
+        down = iperf(lab, exe, seconds, reverse=True)
+    except RuntimeError as exc:
+        print(f"{name:14s} FAILED: {exc}", flush=True)
+        return None
     print(f"{name:14s} upload {up:8.0f} Mbit/s   download {down:8.0f} Mbit/s", flush=True)
     return up, down
 
 
-def conf_text(private: str, server: WireGuardServer) -> str:
+def conf_text(
+    private: str, server: WireGuardServer, address: str = TUNNEL_CLIENT_IP, awg: dict[str, str] | None = None
+) -> str:
+    extra = "".join(f"{key} = {value}\n" for key, value in (awg or {}).items())
     return (
-        f"[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL_CLIENT_IP}/24\nListenPort = {CLIENT_PORT}\n"
+        f"[Interface]\nPrivateKey = {private}\nAddress = {address}/24\nListenPort = {CLIENT_PORT}\n{extra}"
         f"\n[Peer]\nPublicKey = {server.public_key}\nEndpoint = {server.endpoint}\nAllowedIPs = 0.0.0.0/0\n"
     )
 
 
-def start_daemon(lab: Lab, conf: str) -> subprocess.Popen[str]:
+def start_daemon(lab: Lab, conf: str, tunnel: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     process = lab.spawn(
         CLIENT,
-        [sys.executable, __file__, "--serve", conf],
+        [sys.executable, __file__, "--serve", conf, tunnel],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -146,6 +194,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
+    parser.add_argument("--skip-awg", action="store_true", help="WireGuard only (no amneziawg-go half)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, eBPF)", file=sys.stderr)
@@ -154,12 +203,12 @@ def main() -> int:
     if iperf3 is None or shutil.which("wireguard-go") is None:
         print("needs iperf3 and wireguard-go (Debian packages)", file=sys.stderr)
         return 2
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, tuple[float, float] | None] = {}
     with Lab() as lab:
         start_iperf3(lab)
-        # Rules match exe names: the same iperf3 under two names.
+        # Rules match exe names: the same iperf3 under several names.
         apps = {}
-        for name in ("iperf-wg", "iperf-direct"):
+        for name in ("iperf-wg", "iperf-awg", "iperf-direct"):
             apps[name] = str(lab.tmpdir / name)
             shutil.copy2(iperf3, apps[name])
         private, public = generate_keypair()
@@ -169,7 +218,7 @@ def main() -> int:
             log_level="error",
         )
         results["plain"] = measure(lab, "plain", iperf3, args.seconds)
-        daemon = start_daemon(lab, conf_text(private, server))
+        daemon = start_daemon(lab, conf_text(private, server), "wg")
         try:
             results["split-wg"] = measure(lab, "split/wg", apps["iperf-wg"], args.seconds)
             results["split-direct"] = measure(lab, "split/direct", apps["iperf-direct"], args.seconds)
@@ -189,19 +238,84 @@ def main() -> int:
         results["wg-go"] = measure(lab, "wireguard-go", iperf3, args.seconds)
         go.stop()
         server.stop()
+        if not args.skip_awg:
+            measure_awg(lab, private, public, apps["iperf-awg"], iperf3, args.seconds, results)
 
     def ratio(a: str, b: str, label: str) -> None:
-        (au, ad), (bu, bd) = results[a], results[b]
+        ra, rb = results.get(a), results.get(b)
+        if a not in results or b not in results:
+            return
+        if ra is None or rb is None:
+            print(f"{label}: n/a (a run failed, see above)")
+            return
+        (au, ad), (bu, bd) = ra, rb
         print(f"{label}: upload {au / bu:.2f}, download {ad / bd:.2f}")
 
     print()
     ratio("split-wg", "wg-go", "split/wg / wireguard-go (full tunnel)")
+    ratio("split-awg", "awg-go", "split/awg / amneziawg-go (full tunnel, AmneziaWG 2.0)")
     ratio("split-direct", "plain", "split/direct / plain (no daemon)")
-    return 0
+    return 0 if all(result is not None for result in results.values()) else 1
+
+
+def measure_awg(
+    lab: Lab,
+    private: str,
+    public: str,
+    app: str,
+    iperf3: str,
+    seconds: float,
+    results: dict[str, tuple[float, float] | None],
+) -> None:
+    """split/awg and amneziawg-go against the reference amneziawg-go peer in ns wg, same parameters."""
+    awg_set = {key.lower(): value for key, value in AWG_PARAMS.items()}
+    try:
+        server = start_amneziawg_go(
+            lab,
+            peers=[
+                WireGuardPeer(public, [f"{AWG_TUNNEL_CLIENT_IP}/32"], endpoint=f"{CLIENT_IP}:{CLIENT_PORT}")
+            ],
+            listen_port=AWG_PORT,
+            address=f"{AWG_TUNNEL_SERVER_IP}/24",
+            awg_params=awg_set,
+            log_level="error",
+        )
+    except LabUnavailable as exc:
+        print(f"AmneziaWG skipped: {exc}", flush=True)
+        return
+    try:
+        try:
+            daemon = start_daemon(lab, conf_text(private, server, AWG_TUNNEL_CLIENT_IP, AWG_PARAMS), "awg")
+        except RuntimeError as exc:
+            print(f"{'split/awg':14s} FAILED: {exc}", flush=True)
+            results["split-awg"] = None
+        else:
+            try:
+                results["split-awg"] = measure(lab, "split/awg", app, seconds)
+            finally:
+                stats = stop_daemon(daemon)
+            print(f"router: {stats.strip()[:600]}")
+        go = start_amneziawg_go(
+            lab,
+            host=CLIENT,
+            private_key=private,
+            peers=[WireGuardPeer(server.public_key, [f"{WEB_IP}/32"], endpoint=server.endpoint)],
+            listen_port=None,
+            address=f"{AWG_TUNNEL_CLIENT_IP}/24",
+            routes=[f"{WEB_IP}/32"],
+            awg_params=awg_set,
+            log_level="error",
+        )
+        try:
+            results["awg-go"] = measure(lab, "amneziawg-go", iperf3, seconds)
+        finally:
+            go.stop()
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
-        serve(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], sys.argv[3])
         sys.exit(0)
     sys.exit(main())
