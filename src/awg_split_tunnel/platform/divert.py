@@ -167,6 +167,8 @@ class NetworkHandle:
                     return 0
                 raise OSError(-ret, "divert receive failed")
             return int(self._recv_len.value)
+        if self._divert is None:
+            return 0  # closed (a stop racing the packet loop): nothing more will arrive
         try:  # pragma: no cover - the generic (Windows) path
             packet = self._divert.recv(timeout=timeout_ms / 1000)
         except TimeoutError:
