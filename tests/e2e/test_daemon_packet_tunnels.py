@@ -394,12 +394,6 @@ def test_four_apps_four_routes_at_the_same_time(daemon: RunningDaemon) -> None:
     got = {key: outputs[key].split()[: len(want)] for key, want in wanted.items()}
     wrong = {key: outputs[key] for key, want in wanted.items() if got[key] != want}
     detail = f"{wrong}\nstatus: {daemon.status()}\n{daemon.output()[-3000:]}"
-    packet_tunnel_apps = {APP_AWG, APP_WG_BLOCK}
-    if wrong and {name for name, _ in wrong} <= packet_tunnel_apps and "timed out" in str(wrong.values()):
-        pytest.xfail(
-            "known router bug: under concurrent flows, a TCP flow of a packet tunnel now and then gets no "
-            f"packet back (SYN resent, 'in': 0) or stalls mid-transfer while the tunnel stays UP: {wrong}"
-        )
     assert not wrong, detail
 
 

@@ -315,11 +315,13 @@ class WireGuardDevice:
         on_packets: PacketSink | None = None,
         timers: TimerSettings | None = None,
         bind_host: str | None = None,
+        udp_gso: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.tunnel_id = tunnel_id
+        self.udp_gso = udp_gso
         self.bus = bus
         self.on_packets: PacketSink = on_packets if on_packets is not None else _discard
         self.bind_host = bind_host
@@ -382,6 +384,7 @@ class WireGuardDevice:
         self._socket = DatagramSocket.bind(
             self.settings.listen_port, self.bind_host, fwmark=self.settings.fwmark
         )
+        self._socket.gso = self._socket.gso and self.udp_gso
         self._loop.add_reader(self._socket.fileno(), self._on_readable)
         self._set_state(TunnelState.CONNECTING, "device started")
         self.core.start(self.clock())
