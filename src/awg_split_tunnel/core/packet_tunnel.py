@@ -458,7 +458,10 @@ class ManagedDevice(PacketDevice, Protocol):
 
 
 RETRY_INTERVAL = 1.0
-"""Seconds between handshake attempts of a device that is DOWN (a peer that comes back is used again)."""
+"""Seconds before the first new handshake attempt of a device that went DOWN; each further attempt
+waits twice as long, up to RETRY_INTERVAL_MAX (a peer that comes back is used again)."""
+RETRY_INTERVAL_MAX = 5.0
+"""REKEY_TIMEOUT: the core never sends initiations to a peer more often than this anyway."""
 
 
 def run_with_devices(
@@ -572,11 +575,20 @@ async def _run_with_devices(
             stopping.set()
 
     async def retry() -> None:
+        # Per device: when the next attempt is due and the current back-off, while it is DOWN.
+        due: dict[str, tuple[float, float]] = {}
         while True:
-            await asyncio.sleep(RETRY_INTERVAL)
-            for device in devices.values():
-                if device.state is TunnelState.DOWN:
+            await asyncio.sleep(RETRY_INTERVAL / 4)
+            now = loop.time()
+            for tunnel_id, device in devices.items():
+                if device.state is not TunnelState.DOWN:
+                    due.pop(tunnel_id, None)
+                    continue
+                at, interval = due.setdefault(tunnel_id, (now + RETRY_INTERVAL, RETRY_INTERVAL))
+                if now >= at:
                     device.connect()
+                    interval = min(interval * 2, RETRY_INTERVAL_MAX)
+                    due[tunnel_id] = (now + interval, interval)
 
     loop.add_reader(conn.fileno(), on_control)
     retrier = loop.create_task(retry())
