@@ -36,17 +36,17 @@ def count(filter: str) -> None:
             ("no-DF small", 100, IP_PMTUDISC_DONT),
             ("fragmented 4000", 4000, IP_PMTUDISC_DONT),
         ):
-            seen = []
+            seen: list[object] = []
 
-            def drain() -> None:
+            def drain(into: list[object]) -> None:
                 deadline = time.monotonic() + 0.6
                 while time.monotonic() < deadline:
                     try:
-                        seen.append(handle.recv(timeout=0.1))
+                        into.append(handle.recv(timeout=0.1))
                     except (TimeoutError, OSError):
                         continue
 
-            t = threading.Thread(target=drain)
+            t = threading.Thread(target=drain, args=(seen,))
             t.start()
             app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             app.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
