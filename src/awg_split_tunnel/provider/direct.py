@@ -6,7 +6,6 @@ Used for ``direct``-routed flows that still pass through a proxy, and as the ref
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from typing import Any
@@ -43,12 +42,7 @@ class DirectProvider(StreamProvider):
         return True
 
     async def open_tcp(self, host: str, port: int) -> StreamPair:
-        reader, writer = await connect_to_server(self.kind, host, port, self.connect_timeout)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
+        return await connect_to_server(self.kind, host, port, self.connect_timeout)
 
     async def open_udp(self) -> UdpChannel:
         channel = DirectUdpChannel()

@@ -153,6 +153,36 @@ class StreamProvider(abc.ABC):
         """Release whatever the provider holds (UDP associations). Open TCP flows belong to their owner."""
 
 
+class ProxyServerProvider(StreamProvider):
+    """A tunnel through one proxy server (SOCKS5, HTTP CONNECT) with optional credentials."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._username = username
+        self._password = password
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.label = format_address(host, port)
+
+    @property
+    def server(self) -> Address:
+        return (self._host, self._port)
+
+    async def _connect(self) -> StreamPair:
+        """A TCP connection to the proxy server itself."""
+        return await connect_to_server(self.kind, self._host, self._port, self.connect_timeout)
+
+
 def abort_stream(writer: asyncio.StreamWriter, *, reset: bool = False) -> None:
     """Close a stream now, without waiting for buffered data; ``reset`` sends a TCP RST to the peer."""
     if reset:
@@ -184,15 +214,21 @@ def normalize_ip(host: str) -> str:
 async def connect_to_server(
     kind: str, host: str, port: int, timeout: float, *, limit: int = STREAM_LIMIT
 ) -> StreamPair:
-    """A TCP connection to a tunnel's server (or a direct destination), as a TunnelError when it fails."""
+    """A TCP connection to a tunnel's server (or a direct destination), with Nagle off (relayed data is
+    already batched by the app), as a TunnelError when it fails."""
     where = format_address(host, port)
     try:
         async with asyncio.timeout(timeout):
-            return await asyncio.open_connection(host, port, limit=limit)
+            reader, writer = await asyncio.open_connection(host, port, limit=limit)
     except TimeoutError:
         raise TunnelError(f"{kind} {where} did not accept a connection within {timeout:g} s") from None
     except OSError as exc:
         raise TunnelError(f"{kind} {where} is unreachable: {describe_os_error(exc)}") from exc
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
 
 
 def describe_os_error(exc: OSError) -> str:

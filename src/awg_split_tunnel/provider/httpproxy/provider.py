@@ -7,8 +7,6 @@ tunnel is dropped by default, browsers then fall back from QUIC to TCP).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 
 from awg_split_tunnel.errors import ProtocolError, TunnelError
 from awg_split_tunnel.provider.httpproxy.protocol import HttpConnectClient, HttpProbe
@@ -16,17 +14,15 @@ from awg_split_tunnel.provider.interface import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     Address,
+    ProxyServerProvider,
     StreamPair,
-    StreamProvider,
     UdpChannel,
     abort_stream,
-    connect_to_server,
     describe_os_error,
-    format_address,
 )
 
 
-class HttpProxyProvider(StreamProvider):
+class HttpProxyProvider(ProxyServerProvider):
     """An HTTP proxy as a tunnel: one CONNECT per TCP flow, optional Basic auth.
 
     ``check_target`` (host, port), when given, is what the health probe CONNECTs to; without it the probe
@@ -46,18 +42,15 @@ class HttpProxyProvider(StreamProvider):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
-        self._host = host
-        self._port = port
-        self._username = username
-        self._password = password
+        super().__init__(
+            host,
+            port,
+            username=username,
+            password=password,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+        )
         self.check_target = check_target
-        self.connect_timeout = connect_timeout
-        self.handshake_timeout = handshake_timeout
-        self.label = format_address(host, port)
-
-    @property
-    def server(self) -> Address:
-        return (self._host, self._port)
 
     async def open_udp(self) -> UdpChannel:
         raise TunnelError(f"HTTP proxy {self.label} cannot carry UDP (CONNECT is TCP only)")
@@ -104,14 +97,6 @@ class HttpProxyProvider(StreamProvider):
             raise translated from exc
         finally:
             abort_stream(writer)
-
-    async def _connect(self) -> StreamPair:
-        reader, writer = await connect_to_server(self.kind, self._host, self._port, self.connect_timeout)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
 
     def _translate(self, exc: BaseException) -> BaseException:
         if isinstance(exc, TunnelError):

@@ -7,10 +7,8 @@ message names the server. UDP goes through UDP ASSOCIATE and lives as long as it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import socket
 from typing import Any
 
 from awg_split_tunnel.errors import ProtocolError, TunnelError
@@ -18,14 +16,12 @@ from awg_split_tunnel.provider.interface import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     Address,
+    ProxyServerProvider,
     QueuedUdpChannel,
     StreamPair,
-    StreamProvider,
     UdpChannel,
     abort_stream,
-    connect_to_server,
     describe_os_error,
-    format_address,
     normalize_ip,
 )
 from awg_split_tunnel.provider.socks5.protocol import (
@@ -40,7 +36,7 @@ from awg_split_tunnel.provider.socks5.protocol import (
 log = logging.getLogger("awg_split_tunnel.proxy")
 
 
-class Socks5Provider(StreamProvider):
+class Socks5Provider(ProxyServerProvider):
     """A SOCKS5 server as a tunnel: CONNECT for TCP, UDP ASSOCIATE for UDP (when ``udp`` is on)."""
 
     kind = "SOCKS5 server"
@@ -56,21 +52,18 @@ class Socks5Provider(StreamProvider):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
-        self._host = host
-        self._port = port
-        self._username = username
-        self._password = password
+        super().__init__(
+            host,
+            port,
+            username=username,
+            password=password,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+        )
         self._udp = udp
-        self.connect_timeout = connect_timeout
-        self.handshake_timeout = handshake_timeout
-        self.label = format_address(host, port)
         self._channels: set[Socks5UdpChannel] = set()
         # Validate the credentials now, so a bad config fails at start and not at the first flow.
         Socks5Client(self.label, username=username, password=password)
-
-    @property
-    def server(self) -> Address:
-        return (self._host, self._port)
 
     @property
     def supports_udp(self) -> bool:
@@ -133,11 +126,7 @@ class Socks5Provider(StreamProvider):
         self._channels.discard(channel)
 
     async def _greet(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Socks5Client]:
-        reader, writer = await connect_to_server(self.kind, self._host, self._port, self.connect_timeout)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader, writer = await self._connect()
         client = Socks5Client(self.label, username=self._username, password=self._password)
         try:
             async with asyncio.timeout(self.handshake_timeout):
