@@ -31,7 +31,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import pydivert
 from pydivert import Flag, Layer
@@ -113,7 +113,36 @@ def _explain_socket_layer_failure(exc: Exception) -> OSError:
     )
 
 
-class NetworkHandle:
+class _DivertHandle:
+    """What both handle kinds share: the pydivert object, its raw backend handle (Linux), closing, and
+    a pollable descriptor."""
+
+    _divert: Any = None
+    _handle: int | None = None
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        divert, self._divert, self._handle = self._divert, None, None
+        if divert is not None:
+            divert.close()
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int | None:
+        """A descriptor that polls readable while packets wait (Linux), or None."""
+        if self._handle is None or _lib is None:
+            return None
+        return int(_lib.ebpfdivert_get_event_fd(self._handle))
+
+
+class NetworkHandle(_DivertHandle):
     """A NETWORK-layer divert handle used through raw buffers: ``recv_into`` → rewrite → ``send``.
 
     Packets are sent back on the same handle they came from: a SEND_ONLY handle was reported to fail
@@ -137,24 +166,6 @@ class NetworkHandle:
         divert.open()
         self._divert = divert
         self._handle = getattr(divert._impl, "_handle", None) if _lib is not None else None
-
-    def close(self) -> None:
-        divert, self._divert, self._handle = self._divert, None, None
-        if divert is not None:
-            divert.close()
-
-    def __enter__(self) -> NetworkHandle:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def fileno(self) -> int | None:
-        """A descriptor that polls readable while packets wait (Linux), or None."""
-        if self._handle is None or _lib is None:
-            return None
-        return int(_lib.ebpfdivert_get_event_fd(self._handle))
 
     def recv_into(self, buf: bytearray, c_buf: Any, addr: Any, timeout_ms: int = 0) -> int:
         """Receive one packet into ``buf`` (``c_buf`` is its ctypes view) and ``addr``; 0 when none waits."""
@@ -251,7 +262,7 @@ class NetworkHandle:
         return counters
 
 
-class SocketEventHandle:
+class SocketEventHandle(_DivertHandle):
     """A SOCKET- (or FLOW-) layer handle that only observes (SNIFF | RECV_ONLY): who connects where.
 
     ``SocketEventHandle()`` gives CONNECT events of TCP and connected UDP; ``SocketEventHandle.flows()``
@@ -285,23 +296,6 @@ class SocketEventHandle:
     @classmethod
     def flows(cls) -> SocketEventHandle:
         return cls("udp", PRIORITY_FLOW, Layer.FLOW)
-
-    def close(self) -> None:
-        divert, self._divert, self._handle = self._divert, None, None
-        if divert is not None:
-            divert.close()
-
-    def __enter__(self) -> SocketEventHandle:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def fileno(self) -> int | None:
-        if self._handle is None or _lib is None:
-            return None
-        return int(_lib.ebpfdivert_get_event_fd(self._handle))
 
     def recv(self, timeout_ms: int = 0) -> SocketEvent | None:
         """The next event, or None if none arrives within ``timeout_ms``."""
