@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,11 +59,14 @@ from awg_split_tunnel.net.packet import (
     build_packet,
     tcp_reset_for,
 )
-from awg_split_tunnel.process.lookup import ConnectEvents, ExeResolver, os_lookup_pid
+from awg_split_tunnel.process.lookup import ConnectEvents, ExeResolver, os_lookup_pid, pid_owns_socket
 
 log = logging.getLogger("awg_split_tunnel.router")
 
 _U32 = struct.Struct("!I")
+
+ConnectEvent = tuple[int, bytes, int, int, int]
+"""(protocol, remote address, remote port, pid, local port — 0 when the event does not know it)."""
 
 HOLD_TIMEOUT = 0.05
 """Seconds a new flow's first packet waits for its connect event before the OS lookup (a few ms usual)."""
@@ -216,6 +219,7 @@ class PacketRouter:
         own_pids: Collection[int] = (),
         exe_of: Callable[[int], str | None] | None = None,
         os_lookup: Callable[[int, bytes, int, bytes, int], int | None] | None = os_lookup_pid,
+        owns: Callable[[int, int, int, bytes, int], bool | None] | None = pid_owns_socket,
         hold_timeout: float = HOLD_TIMEOUT,
         reject_tcp: bool = True,
         on_tunnelled: Callable[[NatEntry], None] | None = None,
@@ -239,6 +243,12 @@ class PacketRouter:
         self.own_pids = set(own_pids) or {os.getpid()}
         self._exe_of = exe_of or ExeResolver().exe
         self._os_lookup = os_lookup
+        self._owns = owns
+        self._pulled = False
+        self.event_source: Callable[[], Iterable[ConnectEvent]] | None = None
+        """Set by the I/O adapter: the connect events that arrived since it last looked (not yet given to
+        ``connect_event``). A new flow's first packet pulls them before claiming its owner, so an event
+        that came in while the packet batch was read is not missed (another app's event would be taken)."""
         self.hold_timeout = hold_timeout
         self.reject_tcp = reject_tcp
         self.table = FlowTable()
@@ -312,12 +322,41 @@ class PacketRouter:
             self.events.add_connect(proto, remote_addr, remote_port, pid, now)
         if not self._held:
             return
-        for held in list(self._held.values()):
-            if held.proto == proto and held.dst_port == remote_port and held.dst_addr == remote_addr:
-                owner = self.events.claim(proto, held.src_port, remote_addr, remote_port, now)
-                if owner is None:
-                    break
+        waiting = [
+            h
+            for h in self._held.values()
+            if h.proto == proto and h.dst_port == remote_port and h.dst_addr == remote_addr
+        ]
+        for held in waiting:
+            owner = self._claim(held, now, ambiguous=len(waiting) > 1)
+            if owner is not None:
                 self._decide_held(held, owner, now)
+
+    def _claim(self, held: _HeldFlow, now: float, ambiguous: bool = False) -> int | None:
+        """The owner of a new flow from the connect events, confirmed against the OS when more than one
+        process (or flow) could be its owner; None if no event is known to be its."""
+        confirm = None
+        if self._owns is not None:
+            owns = self._owns
+            proto, port, addr, remote_port = held.proto, held.src_port, held.dst_addr, held.dst_port
+
+            def confirm(pid: int) -> bool | None:
+                return owns(pid, proto, port, addr, remote_port)
+
+        return self.events.claim(
+            held.proto, held.src_port, held.dst_addr, held.dst_port, now, confirm=confirm, ambiguous=ambiguous
+        )
+
+    def _pull_events(self, now: float) -> None:
+        source = self.event_source
+        if source is None:
+            return
+        for proto, remote_addr, remote_port, pid, local_port in source():
+            self._pulled = True  # flows held earlier may be among their owners: ``poll`` looks
+            if local_port:
+                self.events.add_flow(proto, local_port, remote_addr, remote_port, pid, now)
+            else:
+                self.events.add_connect(proto, remote_addr, remote_port, pid, now)
 
     # -- the packet path -----------------------------------------------------------------------------------
 
@@ -466,7 +505,8 @@ class PacketRouter:
             key, proto, v.src_addr, src_port, dst_addr, dst_port, now + self.hold_timeout, [], meta
         )
         self.stats.new_flows += 1
-        pid = self.events.claim(proto, src_port, dst_addr, dst_port, now)
+        self._pull_events(now)
+        pid = self._claim(held, now, ambiguous=self._others_waiting(held))
         if pid is not None:
             # The event came first: decide now, and let the caller send this very buffer.
             entry = self._decide(held, pid, now)
@@ -475,6 +515,16 @@ class PacketRouter:
         self._held[key] = held
         self.stats.held += 1
         return Verdict.HOLD
+
+    def _others_waiting(self, held: _HeldFlow) -> bool:
+        """Whether another held flow waits for an event of the same remote (an event could be either's)."""
+        return any(
+            h is not held
+            and h.dst_port == held.dst_port
+            and h.dst_addr == held.dst_addr
+            and h.proto == held.proto
+            for h in self._held.values()
+        )
 
     def _apply_first(self, v: PacketView, entry: NatEntry, copy_meta: Callable[[], object]) -> Verdict:
         if entry.verdict is FlowVerdict.PASS:
@@ -696,8 +746,17 @@ class PacketRouter:
             except queue.Empty:
                 break
             command()
+        if self._pulled:
+            self._pulled = False
+            for held in list(self._held.values()):
+                if held.key in self._held and self.events.waiting(
+                    held.proto, held.src_port, held.dst_addr, held.dst_port
+                ):
+                    owner = self._claim(held, now, ambiguous=self._others_waiting(held))
+                    if owner is not None:
+                        self._decide_held(held, owner, now)
         for held in [h for h in self._held.values() if h.deadline <= now]:
-            pid = self.events.claim(held.proto, held.src_port, held.dst_addr, held.dst_port, now)
+            pid = self._claim(held, now, ambiguous=self._others_waiting(held))
             if pid is None and self._os_lookup is not None:
                 self.stats.os_lookups += 1
                 pid = self._os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
@@ -882,6 +941,7 @@ class RouterLoop:
         self._wake_r, self._wake_w = -1, -1
         self._opened = False
         self.error: BaseException | None = None
+        router.event_source = self._pending_events
 
     def open(self) -> None:
         """Open the handles: event handles first, so no SYN can arrive before its CONNECT could."""
@@ -1027,19 +1087,21 @@ class RouterLoop:
             self._stop.set()
 
     def _drain_events(self, now: float) -> None:
-        router = self.router
+        connect_event = self.router.connect_event
+        for proto, remote_addr, remote_port, pid, local_port in self._pending_events():
+            connect_event(proto, remote_addr, remote_port, pid, now, local_port)
+
+    def _pending_events(self) -> Iterator[ConnectEvent]:
+        """The connect events waiting on the handles, of processes in this network namespace."""
         for handle in self.events:
             for _ in range(BATCH):
                 event = handle.recv(0)
                 if event is None:
                     break
-                kind = event.kind
-                if kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and self._accept_pid(event.pid):
+                if event.kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and self._accept_pid(event.pid):
                     # Linux CONNECT events carry local port 0 (matched by remote); Windows ones and FLOW
                     # ESTABLISHED events carry the real port (matched exactly).
-                    router.connect_event(
-                        event.proto, event.remote_addr, event.remote_port, event.pid, now, event.local_port
-                    )
+                    yield event.proto, event.remote_addr, event.remote_port, event.pid, event.local_port
 
     def _send_outgoing(self) -> None:
         net = self.network

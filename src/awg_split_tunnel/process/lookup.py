@@ -3,8 +3,10 @@
 - ``ConnectEvents`` (sans-I/O) keeps the connect events not yet claimed by a packet. On Linux a CONNECT
   event's local port is 0 (the hook runs before the implicit bind: ``scripts/repro/connect_local_port.py``),
   so an event is matched to its flow's first packet by (protocol, remote address, remote port), oldest
-  first. FLOW-layer ESTABLISHED events carry the full 5-tuple and match exactly (unconnected UDP
-  ``sendto()`` raises no CONNECT at all).
+  first — and when several processes' events wait for one remote, the owner is confirmed from its own
+  socket list (``pid_owns_socket``): their events and packets arrive in no fixed order. FLOW-layer
+  ESTABLISHED events carry the full 5-tuple and match exactly (unconnected UDP ``sendto()`` raises no
+  CONNECT at all).
 - ``NamespaceFilter``: SOCKET events are host-wide (``scripts/repro/socket_events_host_wide.py``), so
   events of processes in other network namespaces are dropped before they reach the table.
 - ``ExeResolver``: pid → exe path through psutil, cached by (pid, create time) so a reused pid never
@@ -75,24 +77,61 @@ class ConnectEvents:
         self._by_tuple[(proto, local_port, remote_addr, remote_port)] = _Pending(pid, now)
 
     def claim(
-        self, proto: int, local_port: int, remote_addr: bytes, remote_port: int, now: float
+        self,
+        proto: int,
+        local_port: int,
+        remote_addr: bytes,
+        remote_port: int,
+        now: float,
+        confirm: Callable[[int], bool | None] | None = None,
+        ambiguous: bool = False,
     ) -> int | None:
-        """The pid of the flow whose first packet this is, consuming the event; None if none is known."""
+        """The pid of the flow whose first packet this is, consuming the event; None if none is known.
+
+        Matched by remote only, the oldest event wins — unless events of more than one process wait for
+        this remote (or the caller says the match is ``ambiguous``: several flows wait for it): then
+        ``confirm(pid)`` (does ``pid`` own this flow's socket? None: cannot tell) picks the owner among
+        them, in arrival order. Two apps connecting to one server at once otherwise swap owners, since
+        their CONNECT events and first packets reach us in no fixed order. If every candidate is known
+        not to own it, nothing is claimed (the caller falls back to the OS lookup).
+        """
         exact = self._by_tuple.pop((proto, local_port, remote_addr, remote_port), None)
         if exact is not None and now - exact.at <= self.max_age:
             self._drop_one_connect(proto, remote_addr, remote_port, exact.pid)
             return exact.pid
-        queue = self._by_remote.get((proto, remote_addr, remote_port))
-        while queue:
-            pending = queue.popleft()
+        key = (proto, remote_addr, remote_port)
+        queue = self._by_remote.get(key)
+        if not queue:
+            return None
+        while queue and now - queue[0].at > self.max_age:
+            queue.popleft()
             self._count -= 1
-            if now - pending.at <= self.max_age:
-                if not queue:
-                    del self._by_remote[(proto, remote_addr, remote_port)]
-                return pending.pid
-        if queue is not None:
-            del self._by_remote[(proto, remote_addr, remote_port)]
-        return None
+        if not queue:
+            del self._by_remote[key]
+            return None
+        if confirm is not None:
+            candidates = list(dict.fromkeys(pending.pid for pending in queue))
+            if len(candidates) > 1 or ambiguous:
+                unknown = False
+                for pid in candidates:
+                    owns = confirm(pid)
+                    if owns:
+                        self._drop_one_connect(proto, remote_addr, remote_port, pid)
+                        return pid
+                    unknown = unknown or owns is None
+                if not unknown:
+                    return None
+        pending = queue.popleft()
+        self._count -= 1
+        if not queue:
+            del self._by_remote[key]
+        return pending.pid
+
+    def waiting(self, proto: int, local_port: int, remote_addr: bytes, remote_port: int) -> bool:
+        """Whether an event this flow could claim waits."""
+        return (proto, local_port, remote_addr, remote_port) in self._by_tuple or bool(
+            self._by_remote.get((proto, remote_addr, remote_port))
+        )
 
     def _drop_one_connect(self, proto: int, remote_addr: bytes, remote_port: int, pid: int) -> None:
         # The same connect may have been seen on both layers: consume its CONNECT too, or it would be
@@ -212,6 +251,28 @@ def os_lookup_pid(
         elif _same_ip(conn.laddr.ip, local_ip) or conn.laddr.ip in ("0.0.0.0", "::"):
             bound = conn.pid
     return bound
+
+
+def pid_owns_socket(
+    pid: int, proto: int, local_port: int, remote_addr: bytes, remote_port: int
+) -> bool | None:
+    """Whether process ``pid`` owns the socket with this local port talking to this remote (an unconnected
+    UDP socket on the port counts). One process's sockets only, so cheap (µs to a few ms); None if the
+    process cannot be inspected."""
+    kind = "tcp" if proto == IPPROTO_TCP else "udp"
+    remote_ip = str(ipaddress.ip_address(remote_addr))
+    try:
+        connections = psutil.Process(pid).net_connections(kind=kind)
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, OSError):
+        return None
+    for conn in connections:
+        if not conn.laddr or conn.laddr.port != local_port:
+            continue
+        if not conn.raddr or (conn.raddr.port == remote_port and _same_ip(conn.raddr.ip, remote_ip)):
+            return True
+    return False
 
 
 def _same_ip(a: str, b: str) -> bool:

@@ -58,6 +58,9 @@ class Env:
         self.states = {"socks": TunnelState.UP, "web": TunnelState.UP, "lan": TunnelState.UP}
         self.lookups: list[tuple[int, int]] = []
         self.os_owner: int | None = None
+        self.sockets: dict[int, set[int]] | None = None
+        """pid → the local ports of its sockets, for the owner check (None: the OS cannot tell)."""
+        self.owner_checks: list[tuple[int, int]] = []
         rules = [
             Rule("app-socks", "socks"),
             Rule("app-direct", "direct"),
@@ -77,8 +80,13 @@ class Env:
             own_pids={999},
             exe_of=PIDS.get,
             os_lookup=self._os_lookup,
+            owns=self._owns,
         )
         self.now = 1000.0
+
+    def _owns(self, pid: int, proto: int, sport: int, dst: bytes, dport: int) -> bool | None:
+        self.owner_checks.append((pid, sport))
+        return None if self.sockets is None else sport in self.sockets.get(pid, set())
 
     def _os_lookup(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> int | None:
         self.lookups.append((proto, sport))
@@ -149,6 +157,74 @@ def test_first_packet_waits_for_its_connect_event() -> None:
     assert len(out) == 2 and all(o.inbound and o.meta == "meta" for o in out)
     assert view(out[0].data).dst_port == PROXY_TCP
     assert env.lookups == []
+
+
+def test_two_apps_connecting_to_one_server_at_once_each_get_their_own_route() -> None:
+    # Their CONNECT events and SYNs arrive in opposite orders: the events say only "someone connects to
+    # WEB:80", so the owner is confirmed from each candidate's own sockets.
+    env = Env()
+    env.sockets = {100: {40001}, 200: {40002}}
+    env.connect(200)
+    env.connect(100)
+    socks_syn, direct_syn = syn(sport=40001), syn(sport=40002)
+    assert env.route(socks_syn) is Verdict.INJECT_INBOUND and view(socks_syn).dst_port == PROXY_TCP
+    assert env.route(direct_syn) is Verdict.REINJECT and view(direct_syn).dst_port == 80
+    assert {(e.app_port, e.pid) for e in env.router.connections()} == {(40001, 100), (40002, 200)}
+
+
+def test_one_app_connecting_twice_needs_no_owner_check() -> None:
+    env = Env()
+    env.sockets = {}
+    env.connect(100)
+    env.connect(100)
+    assert env.route(syn(sport=40001)) is Verdict.INJECT_INBOUND
+    assert env.route(syn(sport=40002)) is Verdict.INJECT_INBOUND
+    assert env.owner_checks == []
+
+
+def test_when_the_os_cannot_tell_the_oldest_event_wins() -> None:
+    env = Env()
+    env.connect(200)
+    env.connect(100)
+    assert env.route(syn(sport=40001)) is Verdict.REINJECT  # pid 200's event, the oldest
+    assert env.owner_checks == [(200, 40001), (100, 40001)]
+    assert env.route(syn(sport=40002)) is Verdict.INJECT_INBOUND
+
+
+def test_an_event_of_another_app_is_not_taken_when_neither_owns_the_socket() -> None:
+    env = Env()
+    env.sockets = {100: set(), 200: set()}
+    env.os_owner = 300
+    env.connect(200)
+    env.connect(100)
+    assert env.route(syn(sport=40003)) is Verdict.HOLD
+    env.router.poll(env.now + 1.0)
+    assert env.lookups == [(IPPROTO_TCP, 40003)]
+    assert [e.pid for e in env.router.connections()] == [300]
+
+
+def test_held_flows_of_two_apps_are_matched_to_their_own_events() -> None:
+    env = Env()
+    env.sockets = {100: {40001}, 200: {40002}}
+    assert env.route(syn(sport=40001)) is Verdict.HOLD
+    assert env.route(syn(sport=40002)) is Verdict.HOLD
+    env.connect(200)  # the second flow's owner speaks first
+    (out,) = env.router.take_outgoing()
+    assert view(out.data).src_port == 40002 and not out.inbound
+    env.connect(100)
+    (out,) = env.router.take_outgoing()
+    assert view(out.data).src_port == 40001 and out.inbound and view(out.data).dst_port == PROXY_TCP
+
+
+def test_events_that_came_while_a_batch_was_read_are_pulled_before_claiming() -> None:
+    env = Env()
+    env.sockets = {100: {40001}, 200: {40002}}
+    env.connect(200)  # already given to the router
+    late = [(IPPROTO_TCP, WEB, 80, 100, 0)]  # still on the handle when pid 100's SYN is read
+    env.router.event_source = lambda: [late.pop()] if late else []
+    packet = syn(sport=40001)
+    assert env.route(packet) is Verdict.INJECT_INBOUND, "pid 200's event must not be taken for it"
+    assert env.route(syn(sport=40002)) is Verdict.REINJECT
 
 
 def test_without_event_the_os_tables_are_asked_after_the_hold_timeout() -> None:
@@ -476,8 +552,8 @@ def _connect_event(pid: int, remote_port: int = 80) -> SimpleNamespace:
     )
 
 
-def _run_loop(network: FakeNetwork, events: FakeEvents, accept: set[int]) -> None:
-    env = Env()
+def _run_loop(network: FakeNetwork, events: FakeEvents, accept: set[int], env: Env | None = None) -> None:
+    env = env or Env()
     loop = RouterLoop(env.router, network, [events], accept_pid=accept.__contains__)
     loop.start()
     deadline = time.monotonic() + 2
@@ -491,7 +567,9 @@ def _run_loop(network: FakeNetwork, events: FakeEvents, accept: set[int]) -> Non
 def test_loop_reinjects_direct_flows_and_hairpins_tunnelled_ones_inbound() -> None:
     direct, tunnelled = syn(sport=40001), syn(sport=40002)
     network = FakeNetwork([direct, tunnelled])
-    _run_loop(network, FakeEvents([_connect_event(200), _connect_event(100)]), {100, 200})
+    env = Env()
+    env.sockets = {200: {40001}, 100: {40002}}
+    _run_loop(network, FakeEvents([_connect_event(200), _connect_event(100)]), {100, 200}, env)
     (sent_direct, outbound_direct), (sent_tunnelled, outbound_tunnelled) = network.sent
     assert sent_direct == bytes(direct) and outbound_direct
     assert view(bytearray(sent_tunnelled)).dst_port == PROXY_TCP and not outbound_tunnelled

@@ -15,6 +15,7 @@ from awg_split_tunnel.process.lookup import (
     NamespaceFilter,
     netns_inode,
     os_lookup_pid,
+    pid_owns_socket,
 )
 
 WEB = bytes([198, 18, 0, 10])
@@ -46,6 +47,29 @@ def test_exact_flow_events_win_and_consume_the_matching_connect() -> None:
     assert events.claim(IPPROTO_UDP, 5001, WEB, 53, now=0.0) == 22
     assert events.claim(IPPROTO_UDP, 5000, WEB, 53, now=0.0) == 11
     assert len(events) == 0
+
+
+def test_events_of_several_processes_for_one_remote_are_confirmed_by_their_owner() -> None:
+    events = ConnectEvents()
+    events.add_connect(IPPROTO_TCP, WEB, 80, 11, now=0.0)
+    events.add_connect(IPPROTO_TCP, WEB, 80, 22, now=0.0)
+    owners = {40000: 22, 40001: 11}
+    assert events.claim(IPPROTO_TCP, 40000, WEB, 80, 0.1, confirm=lambda pid: owners[40000] == pid) == 22
+    # Only pid 11's event is left: one candidate, no check needed unless the caller says ambiguous.
+    assert events.claim(IPPROTO_TCP, 40001, WEB, 80, 0.1, confirm=lambda pid: False) == 11
+
+
+def test_a_claim_nobody_confirms_takes_nothing_and_an_unknown_answer_keeps_arrival_order() -> None:
+    events = ConnectEvents()
+    events.add_connect(IPPROTO_TCP, WEB, 80, 11, now=0.0)
+    events.add_connect(IPPROTO_TCP, WEB, 80, 22, now=0.0)
+    assert events.claim(IPPROTO_TCP, 40000, WEB, 80, 0.1, confirm=lambda pid: False) is None
+    assert len(events) == 2
+    assert events.claim(IPPROTO_TCP, 40000, WEB, 80, 0.1, confirm=lambda pid: None) == 11
+    assert events.claim(IPPROTO_TCP, 40001, WEB, 80, 0.1, confirm=lambda pid: False, ambiguous=True) is None
+    assert events.waiting(IPPROTO_TCP, 40001, WEB, 80)
+    assert events.claim(IPPROTO_TCP, 40001, WEB, 80, 0.1) == 22
+    assert not events.waiting(IPPROTO_TCP, 40001, WEB, 80)
 
 
 def test_stale_events_are_not_claimed_and_expire() -> None:
@@ -112,6 +136,17 @@ def test_os_lookup_finds_connected_tcp_and_bound_udp_sockets() -> None:
         uport = udp.getsockname()[1]
         assert os_lookup_pid(IPPROTO_UDP, loop, uport, WEB, 53) == os.getpid()
         assert os_lookup_pid(IPPROTO_UDP, loop, 1, WEB, 53) is None
+        me = os.getpid()
+        assert pid_owns_socket(me, IPPROTO_TCP, lport, loop, rport) is True
+        assert pid_owns_socket(me, IPPROTO_TCP, lport, loop, rport + 1) is False, "another remote"
+        assert pid_owns_socket(me, IPPROTO_UDP, uport, WEB, 53) is True, "unconnected UDP: any remote"
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert pid_owns_socket(child.pid, IPPROTO_TCP, lport, loop, rport) is False
+        finally:
+            child.kill()
+            child.wait()
+        assert pid_owns_socket(child.pid, IPPROTO_TCP, lport, loop, rport) is False, "gone"
     finally:
         client.close()
         listener.close()
