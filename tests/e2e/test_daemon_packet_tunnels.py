@@ -124,6 +124,30 @@ else:
 """
 
 
+# A datagram bigger than the uplink's MTU, sent with path-MTU discovery off so that the app's own kernel
+# cuts it into IPv4 fragments (later fragments carry no ports). Resent until answered: the first may be
+# refused with "fragmentation needed" (the tunnel's MTU is smaller). Prints the echo's address, length.
+BIG_DATAGRAM = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = IP_PMTUDISC_DONT
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.settimeout(0.5)
+for attempt in range(int(sys.argv[3])):
+    try:
+        s.send(b"x" * 4000)
+        reply = s.recv(65535)
+    except (TimeoutError, OSError):
+        continue
+    print(reply.partition(b"\\n")[0].decode().rsplit(":", 1)[0], len(reply.partition(b"\\n")[2]))
+    break
+else:
+    sys.exit("no answer")
+"""
+FRAGMENTS = f"ip src {CLIENT_IP} and ip dst {WEB_IP} and (ip[6:2] & 0x3fff != 0)"
+"""IPv4 fragments of the client towards the web server, as they would leave on the uplink."""
+
+
 def daemon_config(wg_type: str) -> str:
     return f"""\
 log_level: info
@@ -425,6 +449,24 @@ def test_amneziawg_tunnel_traffic_is_not_plain_wireguard_on_the_wire(daemon: Run
 
 
 @pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
+def test_a_fragmented_datagram_of_a_tunnelled_app_goes_through_the_tunnel_not_the_uplink(
+    daemon: RunningDaemon,
+) -> None:
+    lab = daemon.lab
+    answers = {}
+    counts = {}
+    for name in (APP_WG_BLOCK, APP_DIRECT):
+        with lab.capture(CLIENT, bpf_filter=FRAGMENTS) as capture:
+            done = lab.run(CLIENT, [lab.apps[name], "-c", BIG_DATAGRAM, WEB_IP, str(UDP_ECHO_PORT), "10"])
+            time.sleep(0.3)
+        answers[name] = done.stdout.split() if done.returncode == 0 else done.stderr
+        counts[name] = capture.count()
+    assert answers == {APP_WG_BLOCK: [TUNNEL_CLIENT_IP, "4000"], APP_DIRECT: [CLIENT_IP, "4000"]}
+    assert counts[APP_WG_BLOCK] == 0, "a fragment of the tunnelled app left on the uplink"
+    assert counts[APP_DIRECT] >= 3, "the capture sees the direct app's fragments"
+
+
+@pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
 def test_wireguard_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_back(
     daemon: RunningDaemon,
 ) -> None:
@@ -447,9 +489,13 @@ def test_wireguard_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_b
         with lab.capture(CLIENT, bpf_filter=web) as capture:
             blocked = lab.app(APP_WG_BLOCK, timeout=2.0)
             blocked_udp = lab.app(APP_WG_BLOCK, udp=True, timeout=1.0)
+            big = lab.run(
+                CLIENT, [lab.apps[APP_WG_BLOCK], "-c", BIG_DATAGRAM, WEB_IP, str(UDP_ECHO_PORT), "2"]
+            )
             time.sleep(0.3)
         assert not blocked.ok and blocked.seen_ip == ""
         assert not blocked_udp.ok and blocked_udp.seen_ip == ""
+        assert big.returncode != 0, f"a fragmented datagram of the block app was answered: {big.stdout}"
         assert capture.count() == 0, "\n".join(capture.packets())
         # The other routes do not notice.
         assert lab.app(APP_AWG).seen_ip == AWG_TUNNEL_CLIENT_IP

@@ -82,24 +82,18 @@ fragment — those carry no transport header, so ``udp`` alone lets them escape 
 no CIDR masks, and interface filters were slow."""
 
 
-def router_filter(exclude_udp_ports: Iterable[int] = (), platform: str = sys.platform) -> str:
+def router_filter(exclude_udp_ports: Iterable[int] = ()) -> str:
     """``ROUTER_FILTER``, leaving out UDP from ``exclude_udp_ports`` (packet tunnels' own sockets): their
-    datagrams to the endpoint must never be diverted, and need not even be captured.
-
-    Linux: with any IPv4 fragment clause beside the port test (``ip.FragOff > 0``, ``ip.MF``,
-    ``ip and !tcp and !udp``) eBPFDivert still diverted the device's own unfragmented datagrams (with DF
-    or without), and its UDP GSO super-datagrams were lost on reinjection (``tests/e2e/test_split_wg.py``
-    lost every batched packet). So while packet tunnels run, the IPv4 fragment clause is left out there:
-    later IPv4 fragments are not diverted (a known gap; IPv6 fragments still are). The clause itself
-    matches only real fragments, GSO datagrams and excluded ports included
-    (``scripts/repro/fragoff_matches_df.py``); the loss shows only with the router in its own process.
+    datagrams to the endpoint must never be diverted, and need not even be captured. Later IP fragments
+    are diverted all the same, so a tunnelled app's big datagram never leaves half direct; the port test
+    and the fragment clause side by side exclude the port as they should
+    (``scripts/repro/fragment_clause_with_port.py``). (Devices sharing the router's namespace send no UDP
+    GSO batches: ``packet_tunnels.DIVERT_SAFE_UDP_GSO``.)
     """
     ports = sorted(set(exclude_udp_ports))
     if not ports:
         return ROUTER_FILTER
     udp = " and ".join(["udp", *(f"udp.SrcPort != {port}" for port in ports)])
-    if platform != "win32":
-        return f"outbound and !loopback and (tcp or ({udp}) or ipv6.NextHdr == 44)"
     return f"outbound and !loopback and (tcp or ({udp}) or ip.FragOff > 0 or ipv6.NextHdr == 44)"
 
 
