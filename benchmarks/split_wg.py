@@ -77,6 +77,7 @@ def serve(conf_text: str, tunnel: str) -> None:
     from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
     from awg_split_tunnel.core.policy import TunnelState
     from awg_split_tunnel.core.rule_engine import Rule
+    from awg_split_tunnel.packet_tunnels import DIVERT_SAFE_UDP_GSO
     from awg_split_tunnel.platform.divert import router_handles
     from awg_split_tunnel.provider.wireguard.conf import parse_conf
     from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
@@ -98,7 +99,12 @@ def serve(conf_text: str, tunnel: str) -> None:
             {tunnel: route},
             {tunnel: TunnelState.CONNECTING},
             log_level=logging.WARNING,
-            devices={tunnel: functools.partial(WireGuardDevice, settings, tunnel_id=tunnel)},
+            # As the daemon builds them: no UDP GSO next to the divert handles (packet_tunnels.py).
+            devices={
+                tunnel: functools.partial(
+                    WireGuardDevice, settings, tunnel_id=tunnel, udp_gso=DIVERT_SAFE_UDP_GSO
+                )
+            },
         ),
         cast(Any, router_handles),
     )

@@ -16,12 +16,15 @@ from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
 
 DIVERT_SAFE_UDP_GSO = False
-"""eBPFDivert workaround: with the divert handles open in the sending namespace, now and then every
-datagram of a UDP GSO send (several datagrams in one sendmsg) from the device's own socket was lost —
-never counted as dropped anywhere, although the capture filter excludes that port. The concurrent
-end-to-end test (tests/e2e/test_daemon_packet_tunnels.py) stalled TCP flows in 6 of 8 runs with GSO and
-passed every run without it; the same GSO sends on a veth without a divert handle all arrived. So devices
-that share a namespace with the router send one datagram per call (the `tun` command keeps GSO)."""
+"""eBPFDivert workaround: with the divert handles open in the sending namespace, UDP GSO sends (several
+datagrams in one sendmsg) from the device's own socket were lost — never counted as dropped anywhere,
+although the capture filter excludes that port. Always while the filter has the IPv4 fragment clause
+(``ip.FragOff > 0``): tests/e2e/test_split_wg.py's concurrent test failed 3 of 3 runs with GSO, passed
+3 of 3 without; and now and then without the clause (the concurrent daemon test stalled TCP flows in 6
+of 8 runs). A SNIFF handle never sees those batches and a plain veth delivers them, so the loss is inside
+the backend (``scripts/repro/fragment_clause_with_port.py`` shows the port exclusion itself holds). So
+devices that share a namespace with the router send one datagram per call (the `tun` command keeps
+GSO)."""
 
 
 def packet_tunnel_wiring(

@@ -62,6 +62,7 @@ def serve(config: dict[str, Any]) -> None:
     from awg_split_tunnel.core.packet_tunnel import AsyncRouterLoop, PacketTunnelRoute
     from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
     from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
+    from awg_split_tunnel.packet_tunnels import DIVERT_SAFE_UDP_GSO
     from awg_split_tunnel.platform.divert import router_handles
     from awg_split_tunnel.provider.wireguard.conf import parse_conf
     from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
@@ -84,7 +85,8 @@ def serve(config: dict[str, Any]) -> None:
         """The loop and the device on this process's event loop."""
         network, events, accept_pid = router_handles([settings.listen_port])
         loop = AsyncRouterLoop(router, network, events, accept_pid=accept_pid)
-        device = WireGuardDevice(settings, tunnel_id="wg")
+        # As the daemon builds its devices: no UDP GSO next to the divert handles (packet_tunnels.py).
+        device = WireGuardDevice(settings, tunnel_id="wg", udp_gso=DIVERT_SAFE_UDP_GSO)
         up = asyncio.Event()
 
         def on_state(state: TunnelState, reason: str) -> None:
@@ -136,7 +138,11 @@ def serve(config: dict[str, Any]) -> None:
                 "direct",
                 {"wg": route},
                 dict(states),
-                devices={"wg": functools.partial(WireGuardDevice, settings, tunnel_id="wg")},
+                devices={
+                    "wg": functools.partial(
+                        WireGuardDevice, settings, tunnel_id="wg", udp_gso=DIVERT_SAFE_UDP_GSO
+                    )
+                },
             ),
             cast(Any, router_handles),  # SocketEvent is frozen; the loop's protocol only reads it
         )
