@@ -254,6 +254,10 @@ class PacketRouter:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._next_expiry = 0.0
         self._fragment_ids: dict[bytes, float] = {}
+        """Fragmented datagrams whose later fragments are dropped: (src, dst, id) -> when."""
+        self._held_fragments: dict[bytes, tuple[bytes, float]] = {}
+        """First fragments waiting in a held flow: (src, dst, id) -> (held flow key, when). Their later
+        fragments wait with them and share their fate."""
         self._now = 0.0
         self._tcp_flows = self.table.flows(IPPROTO_TCP)
         self._udp_flows = self.table.flows(IPPROTO_UDP)
@@ -367,7 +371,7 @@ class PacketRouter:
         proto = v.proto
         if not v.has_ports:
             if v.fragment:
-                return self._later_fragment(v)
+                return self._later_fragment(v, copy_meta)
             return Verdict.REINJECT
         l4 = v.l4
         sport = (buf[l4] << 8) | buf[l4 + 1]
@@ -404,6 +408,8 @@ class PacketRouter:
             v.swap_addresses()
             v.set_dst_port(entry.proxy_port)
             return Verdict.INJECT_INBOUND
+        if v.fragment:
+            self._drop_later_fragments(v)
         if verdict is FlowVerdict.RESET:
             self._reset(v, copy_meta())
             self._forget(entry)
@@ -445,10 +451,25 @@ class PacketRouter:
         # port filters (pydivert-notes): fragments of tunnelled flows are dropped, which also blocks the
         # leak. The (src, dst, id) is remembered so the later fragments are recognised.
         self.stats.fragments_dropped += 1
-        self._fragment_ids[self._fragment_id(v)] = self._now
+        self._drop_later_fragments(v)
         return Verdict.DROP
 
-    def _later_fragment(self, v: PacketView) -> Verdict:
+    def _drop_later_fragments(self, v: PacketView) -> None:
+        """The first fragment ``v`` is dropped: so are the later ones (they carry no ports to route by)."""
+        self._fragment_ids[self._fragment_id(v)] = self._now
+
+    def _later_fragment(self, v: PacketView, copy_meta: Callable[[], object]) -> Verdict:
+        if self._held_fragments:
+            waiting = self._held_fragments.get(self._fragment_id(v))
+            held = self._held.get(waiting[0]) if waiting is not None else None
+            if held is not None:
+                # Its first fragment waits for the flow's owner: passed on now, it would leave directly
+                # whatever the flow's route turns out to be.
+                if len(held.packets) >= MAX_HELD_PACKETS:
+                    self.stats.hold_overflow += 1
+                    return Verdict.DROP
+                held.packets.append((bytearray(v.buf[: v.length]), copy_meta()))
+                return Verdict.HOLD
         if self._tunnel_fragments:
             tunnelled = self._tunnel_fragments.get(self._fragment_id(v))
             if tunnelled is not None:
@@ -507,6 +528,8 @@ class PacketRouter:
             return self._apply_first(v, entry, copy_meta)
         held.packets.append((bytearray(buf[: v.length]), meta))
         self._held[key] = held
+        if v.fragment:
+            self._held_fragments[self._fragment_id(v)] = (key, now)
         self.stats.held += 1
         return Verdict.HOLD
 
@@ -531,6 +554,10 @@ class PacketRouter:
             v.swap_addresses()
             v.set_dst_port(entry.proxy_port)
             return Verdict.INJECT_INBOUND
+        if v.fragment:
+            if v.has_ports:
+                self._drop_later_fragments(v)
+            return Verdict.DROP
         if v.proto == IPPROTO_TCP and self.reject_tcp and v.buf[v.l4 + 13] & TCP_SYN:
             self._reset(v, copy_meta())
         return Verdict.DROP
@@ -769,6 +796,8 @@ class PacketRouter:
             if self._fragment_ids:
                 limit = now - 30.0
                 self._fragment_ids = {k: t for k, t in self._fragment_ids.items() if t > limit}
+            if self._held_fragments:
+                self._held_fragments = {k: h for k, h in self._held_fragments.items() if h[0] in self._held}
 
     # -- control, applied on the router's thread ---------------------------------------------------------
 

@@ -404,6 +404,42 @@ def test_fragments_of_tunnelled_udp_are_dropped_all_of_them() -> None:
     assert env.route(unrelated) is Verdict.REINJECT
 
 
+def _fragments(sport: int = 5000, ident: bytes = b"\x12\x34") -> tuple[bytearray, bytearray]:
+    """A UDP datagram's first fragment (ports, MF set) and a later one (offset 4, no ports)."""
+    first = build_packet(APP, WEB, IPPROTO_UDP, sport, 7, b"x" * 32)
+    first[4:6], first[6:8] = ident, struct.pack("!H", 0x2000)
+    later = bytearray(first)
+    later[6:8] = struct.pack("!H", 4)
+    return first, later
+
+
+def test_later_fragments_of_a_dropped_flow_are_dropped_too() -> None:
+    env = Env()
+    env.states["socks"] = TunnelState.DOWN
+    env.connect(400, dport=7, proto=IPPROTO_UDP)  # app-block: fail closed while its tunnel is down
+    first, later = _fragments()
+    assert env.route(first) is Verdict.DROP
+    assert env.route(later) is Verdict.DROP, "a later fragment of a blocked app left directly"
+    again, again_later = _fragments(ident=b"\x12\x35")  # the next datagram of the same, known flow
+    assert env.route(again) is Verdict.DROP and env.route(again_later) is Verdict.DROP
+
+
+def test_later_fragments_wait_with_their_held_first_fragment_and_share_its_fate() -> None:
+    env = Env()
+    first, later = _fragments()
+    assert env.route(first) is Verdict.HOLD
+    assert env.route(later) is Verdict.HOLD, "passed on before the owner is known, it could leak"
+    env.router.connect_event(IPPROTO_UDP, WEB, 7, 300, env.now)  # app-drop
+    assert env.router.take_outgoing() == []
+    first, later = _fragments(sport=5001, ident=b"\x22\x22")
+    assert env.route(first) is Verdict.HOLD and env.route(later) is Verdict.HOLD
+    env.router.connect_event(IPPROTO_UDP, WEB, 7, 200, env.now)  # app-direct: both go, in order
+    assert [(bytes(o.data), o.inbound) for o in env.router.take_outgoing()] == [
+        (bytes(first), False),
+        (bytes(later), False),
+    ]
+
+
 def test_flows_expire() -> None:
     env = Env()
     env.router.connect_event(IPPROTO_UDP, WEB, 7, 100, env.now, local_port=5000)
