@@ -131,6 +131,8 @@ atexit.register(_close_open_labs)
 
 def require_root() -> None:
     """Raise :class:`LabUnavailable` unless this process can build network namespaces."""
+    if sys.platform == "win32":
+        raise LabUnavailable("the lab needs Linux network namespaces")
     if os.geteuid() != 0:
         raise LabUnavailable("needs root for network namespaces")
     missing = [tool for tool in ("ip", "nsenter") if shutil.which(tool) is None]

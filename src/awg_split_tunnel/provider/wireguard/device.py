@@ -63,7 +63,10 @@ UDP_GRO = 104
 UDP_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65535 - 40 - 8  # one GSO write is one IP datagram before segmentation (IPv6 worst case)
 _SEGMENT_SIZE = struct.Struct("=H")
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+if sys.platform != "win32":
+    _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+else:  # no UDP GRO/GSO, no sendmsg/recvmsg: one datagram per call
+    _GRO_CMSG_SPACE = 0
 
 
 def _gro_segment_size(ancdata: list[tuple[int, int, bytes]]) -> int:
@@ -127,16 +130,18 @@ class DatagramSocket:
         self.sock = sock
         self._dual = sock.family == socket.AF_INET6
         self.port: int = sock.getsockname()[1]
-        self.gso = True
+        self.gso = sys.platform == "linux"
         self.gso_sends = 0
         self.receive_errors = 0
-        try:
-            # UDP GRO: the kernel hands over runs of same-size datagrams (what a GSO sender like
-            # wireguard-go emits) as one read.
-            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            self.gro = True
-        except OSError:
-            self.gro = False
+        self.gro = False
+        if sys.platform == "linux":
+            try:
+                # UDP GRO: the kernel hands over runs of same-size datagrams (what a GSO sender like
+                # wireguard-go emits) as one read.
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                pass
         self._addr_cache: dict[tuple[Any, ...], Endpoint] = {}
 
     @classmethod
@@ -159,10 +164,12 @@ class DatagramSocket:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             for option, fallback in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
                 try:
+                    if sys.platform != "linux":  # the FORCE options' numbers mean other things elsewhere
+                        raise OSError
                     sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
                 except OSError:  # not root: the unprivileged option is capped by rmem_max/wmem_max
                     sock.setsockopt(socket.SOL_SOCKET, fallback, SOCKET_BUFFER)
-            if fwmark:
+            if fwmark and sys.platform == "linux":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
             bind_host = host if host is not None else ("::" if family == socket.AF_INET6 else "0.0.0.0")
             sock.bind((bind_host, port))
@@ -183,12 +190,13 @@ class DatagramSocket:
         super-datagram (same-size datagrams the kernel coalesced) is split back into its datagrams."""
         out: list[tuple[bytes, Endpoint]] = []
         cache = self._addr_cache
-        gro = self.gro
-        recvmsg = self.sock.recvmsg
+        recvmsg: Callable[[int, int], tuple[bytes, list[tuple[int, int, bytes]], int, Any]] | None = None
+        if sys.platform != "win32" and self.gro:
+            recvmsg = self.sock.recvmsg
         recvfrom = self.sock.recvfrom
         for _ in range(limit):
             try:
-                if gro:
+                if recvmsg is not None:
                     data, ancdata, _flags, address = recvmsg(MAX_DATAGRAM, _GRO_CMSG_SPACE)
                 else:
                     data, address = recvfrom(MAX_DATAGRAM)
@@ -246,7 +254,7 @@ class DatagramSocket:
                         break  # only the last segment may be shorter
             address = self._address(endpoint)
             try:
-                if j - i > 1:
+                if j - i > 1 and sys.platform != "win32":
                     try:
                         self.sock.sendmsg(
                             [d for d, _ in datagrams[i:j]],
