@@ -757,6 +757,8 @@ class PacketRouter:
         """When ``poll`` next has work (a held flow's timeout), or None."""
         if not self._held:
             return None
+        if self._pulled:
+            return self._now  # events pulled while routing may decide held flows: poll at once
         return min(h.deadline for h in self._held.values())
 
     def poll(self, now: float) -> None:
@@ -1263,6 +1265,18 @@ class RouterProcess:
     ) -> None:
         self._send(("rules", tuple(rules), default, default_fallback or self.settings.default_fallback))
 
+    def change_devices(
+        self,
+        tunnels: Mapping[str, AnyTunnelRoute],
+        started: Mapping[str, DeviceFactory],
+        stopped: Iterable[str] = (),
+    ) -> None:
+        """Packet tunnels added, changed or removed while running: stop the devices of ``stopped`` (their
+        flows are reset as for a tunnel going DOWN), start those of ``started`` (a running one of the same
+        id is replaced), then route by ``tunnels`` (every tunnel's route, as ``set_tunnels`` takes them).
+        The new devices' states come back through ``on_tunnel_state``."""
+        self._send(("devices", dict(tunnels), dict(started), tuple(stopped)))
+
     def nat_lookup(self, proto: int | str, peer_ip: str, peer_port: int) -> NatEntry | None:
         """Like ``PacketRouter.nat_lookup``, from the control plane's mirror of the router's NAT."""
         number = _proto_number(proto)
@@ -1369,7 +1383,10 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
             on_tunnelled=tunnelled,
             on_forgotten=forgotten,
         )
-        if settings.devices:
+        if settings.devices or sys.platform != "win32":
+            # The asyncio loop, whether packet tunnels run at start or not: one may be added at any time
+            # (its device needs the loop), and stream tunnels lose nothing to it
+            # (benchmarks/split_tcp.py, docs/). Windows handles are not pollable descriptors.
             from awg_split_tunnel.core.packet_tunnel import run_with_devices
 
             run_with_devices(router, states, open_handles, settings.devices, conn)
@@ -1393,6 +1410,12 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
         elif kind == "snapshot":
             flows = [flow_row(e) for e in router.connections()]
             conn.send(("snapshot", dataclasses.asdict(router.stats), flows))
+        elif kind == "devices":
+            router.set_tunnels(message[1])
+            for tunnel_id in message[2]:
+                reason = "packet tunnels need the asyncio router loop (pollable divert handles)"
+                log.error("[Router] packet tunnel %s not started: %s", tunnel_id, reason)
+                conn.send(("tunnel_state", tunnel_id, TunnelState.DOWN, reason))
 
     loop = RouterLoop(router, network, events, accept_pid=accept_pid, control=conn, on_control=on_control)
     try:

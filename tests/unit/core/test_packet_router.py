@@ -227,6 +227,20 @@ def test_events_that_came_while_a_batch_was_read_are_pulled_before_claiming() ->
     assert env.route(syn(sport=40002)) is Verdict.REINJECT
 
 
+def test_a_held_flow_whose_event_was_pulled_by_another_flow_is_decided_at_the_next_poll() -> None:
+    env = Env()
+    env.sockets = {100: {40001}, 200: {40002}}
+    assert env.route(syn(sport=40001)) is Verdict.HOLD  # pid 100's event is not in yet
+    late = [(IPPROTO_TCP, WEB, 80, 100, 0), (IPPROTO_TCP, WEB, 80, 200, 0)]
+    env.router.event_source = lambda: [late.pop(0) for _ in range(len(late))]
+    assert env.route(syn(sport=40002)) is Verdict.REINJECT  # pid 200: direct, decided at once
+    assert env.router.next_deadline() == env.now, "the held flow need not wait for its hold timeout"
+    env.router.poll(env.now)
+    (out,) = env.router.take_outgoing()
+    assert view(out.data).src_port == 40001 and view(out.data).dst_port == PROXY_TCP and out.inbound
+    assert env.lookups == []
+
+
 def test_without_event_the_os_tables_are_asked_after_the_hold_timeout() -> None:
     env = Env()
     env.os_owner = 200
