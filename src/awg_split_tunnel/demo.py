@@ -1,10 +1,12 @@
 """``awg-split-tunnel demo``: the main job end to end, in a lab of network namespaces (Linux, root).
 
-Builds the lab (lab.md), starts a web server that tells each client its address, a SOCKS5 server
-(dante) and an HTTP proxy (tinyproxy), writes a config routing four test apps — copies of one program
-under different names — to SOCKS5, the HTTP proxy, direct and drop, starts the real daemon in the client
-namespace, runs the apps and shows which address the web server saw for each. Everything is removed at
-the end. Exit 0 only when every app went the predicted way.
+Builds the lab (lab.md), starts a web server that tells each client its address, our own AmneziaWG 2.0
+peer (the ``tun`` command, no extra package) in ns wg, a SOCKS5 server (dante) and an HTTP proxy
+(tinyproxy), writes a config routing five test apps — copies of one program under different names — to
+AmneziaWG, SOCKS5, the HTTP proxy, direct and drop, starts the real daemon in the client namespace, waits
+until every tunnel is UP (the AmneziaWG one after its handshake), runs the apps and shows which address
+the web server saw for each. Everything is removed at the end. Exit 0 only when every app went the
+predicted way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from rich.console import Console
 from rich.table import Table
 
 DAEMON_START_TIMEOUT = 40.0
-TUNNELS_UP_TIMEOUT = 15.0
+TUNNELS_UP_TIMEOUT = 30.0
+"""Covers the AmneziaWG handshake, retried every few seconds if the first one is lost."""
+AWG_TUNNEL_ID = "nl-awg"
+AWG_CONF = "awg.conf"
+AWG_PARAMS: dict[str, str] = {
+    "Jc": "3", "Jmin": "50", "Jmax": "60", "S1": "37", "S2": "61", "S3": "11", "S4": "7",
+    "H1": "100-199", "H2": "200-299", "H3": "300-399", "H4": "400-499",
+    "I1": "<b 0xc0ffee><r 5><t>",
+}  # fmt: skip
+"""An AmneziaWG 2.0 parameter set: junk packets, padded messages of all four kinds, header ranges, I1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +58,10 @@ class DemoResult:
 
 
 def demo_apps() -> list[DemoApp]:
-    from awg_split_tunnel.lab import CLIENT_IP, HTTP_IP, SOCKS_IP
+    from awg_split_tunnel.lab import AWG_TUNNEL_CLIENT_IP, CLIENT_IP, HTTP_IP, SOCKS_IP
 
     return [
+        DemoApp("app-awg", f"{AWG_TUNNEL_ID}: AmneziaWG 2.0 (ns wg)", AWG_TUNNEL_CLIENT_IP),
         DemoApp("app-socks", "socks: SOCKS5 (dante)", SOCKS_IP),
         DemoApp("app-http", "corp: HTTP proxy (tinyproxy)", HTTP_IP),
         DemoApp("app-direct", "direct (no rule)", CLIENT_IP),
@@ -61,10 +73,13 @@ def demo_config() -> str:
     from awg_split_tunnel.lab import HTTP_IP, HTTP_PROXY_PORT, SOCKS_IP, SOCKS_PORT
 
     return f"""\
-# awg-split-tunnel demo: four apps, four routes
+# awg-split-tunnel demo: five apps, five routes
 log_level: info
 default: direct
 tunnels:
+  - id: {AWG_TUNNEL_ID}
+    type: amneziawg
+    config_file: {AWG_CONF}
   - id: socks
     type: socks5
     server: {SOCKS_IP}:{SOCKS_PORT}
@@ -72,6 +87,9 @@ tunnels:
     type: http
     server: {HTTP_IP}:{HTTP_PROXY_PORT}
 rules:
+  - process: app-awg
+    tunnel: {AWG_TUNNEL_ID}
+    fallback: block
   - process: app-socks
     tunnel: socks
   - process: app-http
@@ -102,22 +120,43 @@ def run_demo(console: Console | None = None) -> int:
 
 
 def _run_in_lab(lab: Any, console: Console) -> int:
-    from awg_split_tunnel.lab import CLIENT, make_app, start_dante, start_tinyproxy, start_web
+    from awg_split_tunnel.lab import (
+        CLIENT,
+        generate_keypair,
+        make_app,
+        our_amneziawg_client_conf,
+        start_dante,
+        start_our_amneziawg,
+        start_tinyproxy,
+        start_web,
+    )
     from awg_split_tunnel.lab.topology import python_path
 
     apps = demo_apps()
-    with console.status("building the lab: web server, SOCKS5 server, HTTP proxy"):
+    with console.status("building the lab: web server, AmneziaWG peer, SOCKS5 server, HTTP proxy"):
         start_web(lab)
+        client_private, client_public = generate_keypair()
+        peer = start_our_amneziawg(lab, client_public, AWG_PARAMS)
         start_dante(lab)
         start_tinyproxy(lab)
         for app in apps:
             make_app(lab, app.name)
     config = lab.tmpdir / "config.yaml"
     config.write_text(demo_config())
+    awg_conf = lab.tmpdir / AWG_CONF
+    awg_conf.touch(mode=0o600)  # it holds a private key: never readable by others, not even briefly
+    awg_conf.write_text(our_amneziawg_client_conf(peer, client_private))
     control = lab.tmpdir / "control.sock"
     log_path = lab.tmpdir / "daemon.log"
     console.print(f"[bold]config[/] ({config}):")
     console.print(demo_config(), markup=False, highlight=False)
+    console.print(
+        f"[bold]{AWG_CONF}[/] (0600): AmneziaWG 2.0, our own peer in ns wg at {peer.endpoint}",
+        highlight=False,
+    )
+    headers = " ".join(f"{key}={AWG_PARAMS[key]}" for key in ("H1", "H2", "H3", "H4"))
+    others = " ".join(f"{key}={value}" for key, value in AWG_PARAMS.items() if key[0] not in "HI")
+    console.print(f"  {others}\n  {headers}\n  I1={AWG_PARAMS['I1']}\n", markup=False, highlight=False)
     with open(log_path, "wb") as log_file:
         daemon: subprocess.Popen[bytes] = lab.spawn(
             CLIENT,
@@ -147,7 +186,7 @@ def _run_in_lab(lab: Any, console: Console) -> int:
 
 
 def _wait_daemon(daemon: subprocess.Popen[bytes], control: Path, log_path: Path) -> str:
-    """Empty once the daemon runs with both stream tunnels UP; else what went wrong."""
+    """Empty once the daemon runs with every tunnel UP (stream and packet tunnels); else what went wrong."""
     from awg_split_tunnel.api.control import request
 
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
@@ -158,6 +197,7 @@ def _wait_daemon(daemon: subprocess.Popen[bytes], control: Path, log_path: Path)
             return "the daemon did not start in time"
         time.sleep(0.1)
     deadline = time.monotonic() + TUNNELS_UP_TIMEOUT
+    states: dict[Any, Any] = {}
     while time.monotonic() < deadline:
         try:
             status = request("status", path=control, timeout=2.0)
@@ -166,8 +206,11 @@ def _wait_daemon(daemon: subprocess.Popen[bytes], control: Path, log_path: Path)
         states = {t.get("id"): t.get("state") for t in status.get("tunnels", [])}
         if states and all(state == "up" for state in states.values()):
             return ""
+        if daemon.poll() is not None:
+            return f"the daemon exited ({daemon.returncode}) while its tunnels came up"
         time.sleep(0.2)
-    return "the tunnels did not come UP in time"
+    waiting = ", ".join(f"{tid}: {state}" for tid, state in states.items() if state != "up")
+    return f"the tunnels did not come UP within {TUNNELS_UP_TIMEOUT:.0f}s ({waiting or 'no status'})"
 
 
 def _run_app(lab: Any, app: DemoApp) -> DemoResult:

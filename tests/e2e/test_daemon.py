@@ -511,9 +511,14 @@ def test_daemon_exits_1_when_its_packet_router_process_dies() -> None:
 
 def test_demo_shows_every_app_going_the_predicted_way(capsys: pytest.CaptureFixture[str]) -> None:
     from awg_split_tunnel.demo import run_demo
+    from awg_split_tunnel.lab import AWG_TUNNEL_CLIENT_IP
 
     assert run_demo() == 0
     out = capsys.readouterr().out
-    for app in ("app-socks", "app-http", "app-direct", "app-drop"):
+    for app in ("app-awg", "app-socks", "app-http", "app-direct", "app-drop"):
         assert app in out
-    assert "✗" not in out and out.count("✓") == 4
+    assert "✗" not in out and out.count("✓") == 5
+    # The AmneziaWG app's row: the web server saw its tunnel address, i.e. it went through our peer.
+    awg_row = next(line for line in out.splitlines() if line.startswith("│ app-awg "))
+    assert "AmneziaWG" in awg_row and AWG_TUNNEL_CLIENT_IP in awg_row and "✓" in awg_row, out
+    assert "type: amneziawg" in out and "config_file: awg.conf" in out

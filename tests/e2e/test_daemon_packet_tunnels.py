@@ -29,12 +29,10 @@ from typing import Any
 
 import pytest
 from test_awg_interop import PARAMETER_SETS
-from test_wg_interop import OurClient
 
 from awg_split_tunnel.lab import (
     AWG_PORT,
     AWG_TUNNEL_CLIENT_IP,
-    AWG_TUNNEL_SERVER_IP,
     CLIENT,
     CLIENT_IP,
     SOCKS_IP,
@@ -42,15 +40,15 @@ from awg_split_tunnel.lab import (
     TUNNEL_SERVER_IP,
     UDP_ECHO_PORT,
     WEB_IP,
-    WG,
-    WG_IP,
     WG_PORT,
     Lab,
     WireGuardPeer,
     WireGuardServer,
     generate_keypair,
     make_app,
+    our_amneziawg_client_conf,
     start_dante,
+    start_our_amneziawg,
     start_web,
     start_wireguard_go,
 )
@@ -195,22 +193,6 @@ def client_conf(
     )
 
 
-def awg_server_conf(private_key: str, client_public: str, params: dict[str, str]) -> str:
-    """Our own AmneziaWG peer as the server in ns wg: it routes the client's tunnel address back."""
-    lines = [
-        "[Interface]",
-        f"PrivateKey = {private_key}",
-        f"Address = {AWG_TUNNEL_SERVER_IP}/24",
-        f"ListenPort = {AWG_PORT}",
-        *(f"{key} = {value}" for key, value in params.items()),
-        "",
-        "[Peer]",
-        f"PublicKey = {client_public}",
-        f"AllowedIPs = {AWG_TUNNEL_CLIENT_IP}/32",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 @dataclass(slots=True)
 class Keys:
     private: str
@@ -301,22 +283,11 @@ def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[RunningDaem
     short_timers = generation == KILL_GENERATION
     # The kill test gets a daemon of its own (indirect parametrization): each instance has its folder.
     folder = Path(tempfile.mkdtemp(prefix=f"gen-{generation}-", dir=lab.tmpdir))
-    server_private, server_public = generate_keypair()
     awg_client = Keys(*generate_keypair())
-    server_conf = folder / "awg-server.conf"
-    server_conf.write_text(awg_server_conf(server_private, awg_client.public, params))
-    server = OurClient(lab, lab.new_ifname("s"), server_conf, folder / "awg-server.log", WG)
-    server.start(timeout=20.0)
-
+    server = start_our_amneziawg(lab, awg_client.public, params)
     (folder / "awg.conf").write_text(
-        client_conf(
-            awg_client.private,
-            AWG_TUNNEL_CLIENT_IP,
-            AWG_CLIENT_PORT,
-            server_public,
-            f"{WG_IP}:{AWG_PORT}",
-            params,
-            TEST_TIMERS,
+        our_amneziawg_client_conf(
+            server, awg_client.private, listen_port=AWG_CLIENT_PORT, extra_interface=TEST_TIMERS
         )
     )
     (folder / "wg.conf").write_text(

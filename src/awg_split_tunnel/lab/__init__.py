@@ -8,6 +8,8 @@ namespace, and it has no uplink. Typical use::
         start_dante(lab)                    # SOCKS5 198.18.0.20:1080 (CONNECT + UDP ASSOCIATE)
         start_tinyproxy(lab)                # HTTP CONNECT proxy 198.18.0.30:3128
         peer = start_wireguard_go(lab, peers=[WireGuardPeer(client_pub, ["198.19.0.2/32"])])
+        awg = start_our_amneziawg(lab, client_pub, {"Jc": 3, ...})    # our own peer, 198.19.1.1:51821
+        our_amneziawg_client_conf(awg, client_priv)                     # the client's .conf for it
         lab.app("app-direct").seen_ip       # "198.18.0.1": what the web server saw
         lab.spawn(CLIENT, ["awg-split-tunnel", "run", "-c", cfg])   # via nsenter, killed at close
         with lab.socket(CLIENT, AF_INET, SOCK_DGRAM) as sock: ...   # a socket born in ns client
@@ -22,15 +24,18 @@ from awg_split_tunnel.lab.netns import LabError, LabUnavailable, PacketCapture, 
 from awg_split_tunnel.lab.servers import (
     LabInternet,
     LabServer,
+    OurAmneziaWGServer,
     WireGuardPeer,
     WireGuardServer,
     generate_keypair,
+    our_amneziawg_client_conf,
     public_key,
     start_amneziawg_go,
     start_dante,
     start_internet,
     start_iperf3,
     start_microsocks,
+    start_our_amneziawg,
     start_tinyproxy,
     start_web,
     start_wireguard_go,
@@ -127,6 +132,7 @@ __all__ = [
     "LabInternet",
     "LabServer",
     "LabUnavailable",
+    "OurAmneziaWGServer",
     "PacketCapture",
     "WireGuardPeer",
     "WireGuardServer",
@@ -134,6 +140,7 @@ __all__ = [
     "cleanup_stale",
     "generate_keypair",
     "make_app",
+    "our_amneziawg_client_conf",
     "public_key",
     "run_app",
     "spawn_app",
@@ -142,6 +149,7 @@ __all__ = [
     "start_internet",
     "start_iperf3",
     "start_microsocks",
+    "start_our_amneziawg",
     "start_tinyproxy",
     "start_web",
     "start_wireguard_go",

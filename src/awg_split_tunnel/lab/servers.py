@@ -1,5 +1,5 @@
 """Real servers in the lab: the echo web server, SOCKS5 (microsocks, dante), HTTP CONNECT (tinyproxy),
-and WireGuard/AmneziaWG peers (wireguard-go, the reference amneziawg-go).
+and WireGuard/AmneziaWG peers (wireguard-go, the reference amneziawg-go, and our own `tun` command).
 
 Every ``start_*`` returns a :class:`LabServer` that is already answering (bounded wait; on failure a
 :class:`LabError` carrying the server's stderr) and that can be stopped and started again mid-test.
@@ -30,6 +30,7 @@ from awg_split_tunnel.lab.netns import (
 )
 from awg_split_tunnel.lab.topology import (
     AWG_PORT,
+    AWG_TUNNEL_CLIENT_IP,
     AWG_TUNNEL_SERVER_IP,
     AWG_TUNNEL_SERVER_IP6,
     CLIENT,
@@ -53,6 +54,8 @@ from awg_split_tunnel.lab.topology import (
 )
 
 READY_TIMEOUT = 10.0
+OUR_PEER_READY_TIMEOUT = 20.0
+"""Our ``tun`` command imports the whole package first: slower to answer than a C server on a busy box."""
 
 
 @dataclass(slots=True)
@@ -538,6 +541,134 @@ def start_amneziawg_go(
         mtu=mtu,
         log_level=log_level,
     )
+
+
+@dataclass(slots=True)
+class OurAmneziaWGServer:
+    """Our own userspace WireGuard/AmneziaWG device (the ``tun`` command) serving one client in the lab."""
+
+    server: LabServer
+    conf: Path
+    ifname: str
+    private_key: str
+    public_key: str
+    endpoint: str
+    awg_params: Mapping[str, str]
+
+    def stop(self) -> None:
+        """Stop the ``tun`` command (SIGTERM: it removes its interface)."""
+        self.server.stop()
+
+    def start(self, timeout: float = OUR_PEER_READY_TIMEOUT) -> OurAmneziaWGServer:
+        """Start it again with the same keys and parameters."""
+        self.server.start(timeout)
+        return self
+
+    def restart(self, timeout: float = OUR_PEER_READY_TIMEOUT) -> OurAmneziaWGServer:
+        """Stop and start again."""
+        self.server.restart(timeout)
+        return self
+
+    @property
+    def running(self) -> bool:
+        """True while the ``tun`` command runs."""
+        return self.server.running
+
+    def output(self) -> str:
+        """The log of its latest start: the "up" line, and rx/tx per peer after a stop."""
+        return self.server.stderr_text()
+
+
+def our_amneziawg_server_conf(
+    private_key: str,
+    client_public_key: str,
+    awg_params: Mapping[str, str | int],
+    *,
+    address: str = f"{AWG_TUNNEL_SERVER_IP}/24",
+    listen_port: int = AWG_PORT,
+    client_address: str = AWG_TUNNEL_CLIENT_IP,
+) -> str:
+    """The server side's .conf: it listens on ``listen_port`` and routes the client's address back."""
+    lines = [
+        "[Interface]",
+        f"PrivateKey = {private_key}",
+        f"Address = {address}",
+        f"ListenPort = {listen_port}",
+        *(f"{key} = {value}" for key, value in awg_params.items()),
+        "",
+        "[Peer]",
+        f"PublicKey = {client_public_key}",
+        f"AllowedIPs = {client_address}/32",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def start_our_amneziawg(
+    lab: Lab,
+    client_public_key: str,
+    awg_params: Mapping[str, str | int] | None = None,
+    *,
+    host: str = WG,
+    private_key: str | None = None,
+    ifname: str | None = None,
+    listen_port: int = AWG_PORT,
+    address: str = f"{AWG_TUNNEL_SERVER_IP}/24",
+    client_address: str = AWG_TUNNEL_CLIENT_IP,
+    timeout: float = OUR_PEER_READY_TIMEOUT,
+) -> OurAmneziaWGServer:
+    """Our own AmneziaWG peer (``python -m awg_split_tunnel.provider.wireguard.tun_client``) as a server.
+
+    It runs in ``host`` (ns wg by default, which forwards tunnel traffic to the web server without NAT,
+    so the web server sees ``client_address``), with AmneziaWG parameters ``awg_params`` in .conf
+    spelling (``{"Jc": "3", "H1": "100-199", ...}``; none: plain WireGuard). It needs no package beyond
+    this one. Ready when its log says the interface is up. See :func:`our_amneziawg_client_conf`.
+    """
+    params = {key: str(value) for key, value in (awg_params or {}).items()}
+    ifname = ifname or lab.new_ifname("s")
+    private_key = private_key or generate_keypair()[0]
+    conf = lab.tmpdir / f"our-awg-{ifname}.conf"
+    conf.write_text(
+        our_amneziawg_server_conf(
+            private_key,
+            client_public_key,
+            params,
+            address=address,
+            listen_port=listen_port,
+            client_address=client_address,
+        )
+    )
+    conf.chmod(0o600)
+    argv = [sys.executable, "-m", "awg_split_tunnel.provider.wireguard.tun_client", str(conf)]
+    argv += ["--ifname", ifname]
+    server = LabServer(lab, f"our-awg-{ifname}", host, argv, lambda: False, env={"PYTHONPATH": python_path()})
+    server.ready = lambda: " up: " in server.stderr_text()
+    server.start(timeout)
+    endpoint = f"{lab.addr(host)}:{listen_port}"
+    return OurAmneziaWGServer(server, conf, ifname, private_key, public_key(private_key), endpoint, params)
+
+
+def our_amneziawg_client_conf(
+    server: OurAmneziaWGServer,
+    client_private_key: str,
+    *,
+    address: str = f"{AWG_TUNNEL_CLIENT_IP}/24",
+    mtu: int = 1420,
+    listen_port: int | None = None,
+    extra_interface: str = "",
+) -> str:
+    """The client's .conf for ``server``: same parameters, its endpoint, AllowedIPs 0.0.0.0/0.
+
+    ``extra_interface`` is appended to [Interface] as it is (e.g. timer settings for a test).
+    """
+    lines = ["[Interface]", f"PrivateKey = {client_private_key}", f"Address = {address}", f"MTU = {mtu}"]
+    if listen_port is not None:
+        lines.append(f"ListenPort = {listen_port}")
+    lines += [f"{key} = {value}" for key, value in server.awg_params.items()]
+    if extra_interface:
+        lines.append(extra_interface.rstrip("\n"))
+    lines += ["", "[Peer]", f"PublicKey = {server.public_key}", f"Endpoint = {server.endpoint}"]
+    lines.append("AllowedIPs = 0.0.0.0/0")
+    return "\n".join(lines) + "\n"
 
 
 def start_iperf3(lab: Lab, host: str = WEB, port: int = 5201) -> LabServer:
