@@ -7,8 +7,12 @@ applied without a restart: new rules apply to the next flow, tunnels are added a
 
 Packet tunnels (WireGuard, AmneziaWG) run inside the router process, next to the divert handles
 (core/packet_tunnel.py): their devices connect at start, report UP after a handshake and DOWN when
-handshakes keep failing, and the router process retries them while DOWN. A packet tunnel added to the
-config while running is routed after a restart (its rules' fallback policies apply until then).
+handshakes keep failing, and the router process retries them while DOWN. Packet tunnels edited while
+running go the same way as stream tunnels: an added one's device is built (endpoints resolved first)
+and started in the router process, and its rules apply to the next connection once it is UP (their
+fallback policies until then); a removed one's device is stopped and its flows reset as for a tunnel
+going DOWN; a changed one (key, endpoint, parameters, MTU, address) is replaced. Settings that cannot
+make a working device are reported and the running config stays.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
-from awg_split_tunnel.packet_tunnels import packet_tunnel_wiring
+from awg_split_tunnel.packet_tunnels import packet_tunnel_devices, packet_tunnel_wiring
 from awg_split_tunnel.provider.direct import DirectProvider
 from awg_split_tunnel.provider.health import HealthMonitor
 from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
@@ -415,50 +419,68 @@ class Daemon:
         old = self._config
         if old is None or new == old:
             return
-        self._config = new
         try:
             await self._apply_config(old, new)
+        except ConfigError as exc:
+            # Found before anything changed (a packet tunnel whose settings make no working device).
+            log.error("[Core] config change ignored, the running config stays: %s", exc)
         except (AwgSplitTunnelError, OSError) as exc:
             log.error("[Core] applying the config change (%s) failed: %s", event.what, exc)
 
     async def _apply_config(self, old: Config, new: Config) -> None:
-        router = self._router
-        if new.log_level != old.log_level:
-            configure_logging(new.log_level)
-            log.info("[Core] log level %s", new.log_level)
+        """Apply a config edit while running: log level, tunnels added/changed/removed (stream tunnels here,
+        packet tunnels' devices in the router process), rules. ConfigError, with nothing changed, when an
+        added or changed packet tunnel cannot make a working device (its endpoint does not resolve, bad
+        AmneziaWG parameters)."""
         old_tunnels = {t.id: t for t in old.tunnels}
         new_tunnels = {t.id: t for t in new.tunnels}
         gone = [i for i in old_tunnels if i not in new_tunnels or new_tunnels[i] != old_tunnels[i]]
         added = [i for i in new_tunnels if i not in old_tunnels or new_tunnels[i] != old_tunnels[i]]
+        # Endpoints resolve here (blocking) and settings are checked before anything is torn down.
+        packet_routes, devices = await asyncio.to_thread(
+            packet_tunnel_devices, [new_tunnels[i] for i in added], self.config_path.parent
+        )
+        self._config = new
+        router = self._router
+        if new.log_level != old.log_level:
+            configure_logging(new.log_level)
+            log.info("[Core] log level %s", new.log_level)
+        stopped = [i for i in gone if i in self._packet_routes]
         for tunnel_id in gone:
             self._packet_routes.pop(tunnel_id, None)
             tunnel = self.tunnels.pop(tunnel_id, None)
             if tunnel is not None:
                 await self._close_stream_tunnel(tunnel)
             self.registry.unregister(tunnel_id)
-            log.info("[Core] tunnel %s removed", tunnel_id)
+            if tunnel_id not in added:
+                log.info("[Core] tunnel %s removed", tunnel_id)
         started: list[StreamTunnel] = []
         for tunnel_id in added:
             settings: AnyTunnel = new_tunnels[tunnel_id]
             self.registry.register(tunnel_id, settings.tunnel_type)
+            verb = "changed" if tunnel_id in old_tunnels else "added"
             if isinstance(settings, Socks5Tunnel | HttpTunnel):
                 tunnel = await self._open_stream_tunnel(settings)
                 self.tunnels[tunnel_id] = tunnel
                 started.append(tunnel)
-                log.info("[Core] tunnel %s added (%s %s)", tunnel_id, settings.type, settings.server)
-            else:
-                log.warning(
-                    "[Core] %s (%s) added: packet tunnels start with the daemon; restart it to route "
-                    "into this one (until then it stays DOWN and its rules' fallback policies apply)",
-                    tunnel_id,
-                    settings.type,
-                )
+                log.info("[Core] tunnel %s %s (%s %s)", tunnel_id, verb, settings.type, settings.server)
+            elif tunnel_id in devices:
+                self._packet_routes[tunnel_id] = packet_routes[tunnel_id]
+                self.registry.set_state(tunnel_id, TunnelState.CONNECTING, f"{verb} while running")
+                log.info("[Core] tunnel %s %s (%s): starting its device", tunnel_id, verb, settings.type)
         if router is not None:
             for tunnel_id in added:
-                router.tunnel_state_changed(tunnel_id, TunnelState.DOWN)
-            self._routes = self._tunnel_routes()
-            router.set_tunnels(self._routes)
+                if tunnel_id not in devices:
+                    router.tunnel_state_changed(tunnel_id, TunnelState.DOWN)
+            # Rules first: the router process applies messages in order, and starting a device takes tens
+            # of milliseconds (a divert handle is reopened). A rule naming a tunnel that is not up yet gets
+            # its fallback policy meanwhile, so this order never lets a `block` app out directly.
             router.set_rules(engine_rules(new), new.default, default_fallback(new))
+            self._routes = self._tunnel_routes()
+            if devices or stopped:
+                router.change_devices(self._routes, devices, stopped)
+            else:
+                router.set_tunnels(self._routes)
         for tunnel in started:
             tunnel.monitor.start()
         if new.rules != old.rules or new.default != old.default:

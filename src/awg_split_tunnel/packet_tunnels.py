@@ -2,17 +2,20 @@
 
 Each packet tunnel becomes a `PacketTunnelRoute` (the addresses its peer knows us by, its MTU) and a
 factory for its `WireGuardDevice`; the router process builds the devices itself, next to its divert
-handles, so packets never cross a process boundary (core/packet_tunnel.py explains why).
+handles, so packets never cross a process boundary (core/packet_tunnel.py explains why). The daemon
+builds them at start and for every packet tunnel added or changed while it runs (``packet_tunnel_devices``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 
-from awg_split_tunnel.core.config import Config, PacketTunnel, tunnel_wg_conf
+from awg_split_tunnel.core.config import AnyTunnel, Config, PacketTunnel, tunnel_wg_conf
 from awg_split_tunnel.core.packet_router import DeviceFactory
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
+from awg_split_tunnel.errors import ConfigError
 from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
 
 DIVERT_SAFE_UDP_GSO = False
@@ -32,14 +35,29 @@ def packet_tunnel_wiring(
 ) -> tuple[dict[str, PacketTunnelRoute], dict[str, DeviceFactory]]:
     """Routes and device factories for every amneziawg/wireguard tunnel of `config`. Endpoints are
     resolved here, once; raises ConfigError when a tunnel's settings cannot make a working device."""
+    return packet_tunnel_devices(config.tunnels, base_dir)
+
+
+def packet_tunnel_devices(
+    tunnels: Iterable[AnyTunnel], base_dir: Path
+) -> tuple[dict[str, PacketTunnelRoute], dict[str, DeviceFactory]]:
+    """Routes and device factories for the amneziawg/wireguard tunnels among `tunnels` (the others are
+    skipped): at start, and for tunnels added or changed while running. Resolves endpoints (blocking);
+    ConfigError naming the tunnel's file and key when its settings cannot make a working device."""
     routes: dict[str, PacketTunnelRoute] = {}
     devices: dict[str, DeviceFactory] = {}
-    for tunnel in config.tunnels:
+    for tunnel in tunnels:
         if not isinstance(tunnel, PacketTunnel):
             continue
         conf = tunnel_wg_conf(tunnel)
         source = str(base_dir / tunnel.config_file) if tunnel.config_file else None
-        settings = settings_from_conf(conf, file=source)
+        try:
+            settings = settings_from_conf(conf, file=source)
+        except ConfigError as exc:
+            # Name the tunnel: an inline tunnel's error has no file to point at.
+            raise ConfigError(
+                f"tunnel '{tunnel.id}': {exc.reason}", file=exc.file or source, line=exc.line, key=exc.key
+            ) from None
         routes[tunnel.id] = PacketTunnelRoute.from_addresses(
             [str(a) for a in conf.interface.addresses],
             settings.mtu,

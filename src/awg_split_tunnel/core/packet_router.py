@@ -1384,9 +1384,10 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
             on_forgotten=forgotten,
         )
         if settings.devices or sys.platform != "win32":
-            # The asyncio loop, whether packet tunnels run at start or not: one may be added at any time
-            # (its device needs the loop), and stream tunnels lose nothing to it
-            # (benchmarks/split_tcp.py, docs/). Windows handles are not pollable descriptors.
+            # The asyncio loop whether packet tunnels run at start or not: one may be added at any time,
+            # and its device needs that loop. Stream tunnels lose nothing to it: benchmarks/split_tcp.py
+            # gave the same ratios and connect latencies with this loop and the synchronous one (two
+            # alternating runs each). Windows handles are not pollable descriptors: RouterLoop there.
             from awg_split_tunnel.core.packet_tunnel import run_with_devices
 
             run_with_devices(router, states, open_handles, settings.devices, conn)

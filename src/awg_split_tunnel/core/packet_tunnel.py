@@ -6,7 +6,8 @@ segments oversize (offloaded) packets, and injects decrypted replies inbound aft
 (parsed in a ``PacketView``) and queues what the device must encrypt; ``receive`` takes a decrypted
 packet and returns it rewritten for the app. ``PacketRouter`` owns one path per packet tunnel and does
 the flow bookkeeping; ``AsyncRouterLoop`` is the I/O adapter that runs the divert handles and the
-tunnels' devices on one asyncio loop.
+tunnels' devices on one asyncio loop; ``RouterService`` is the router process's body around it: it
+starts, replaces and stops devices as the control plane says (packet tunnels edited while running).
 
 Where the device runs: in the router's process, on the router's own thread and event loop. Packets then
 never cross a pipe (each hop costs a copy and a wake-up per batch), and nothing else competes for that
@@ -17,6 +18,7 @@ process's GIL — a second busy thread would stall the divert loop by the switch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -286,6 +288,18 @@ class AsyncRouterLoop:
         if self._loop is not None:
             self._schedule(self._clock())
 
+    def apply_now(self) -> None:
+        """Apply the router's queued control commands (rules, routes, states) and run its timers now, so
+        that a change from the control plane holds for the very next packet routed (the tick may be up to
+        TICK away). Call on the loop's thread, outside the router's own callbacks."""
+
+        def step() -> None:
+            self.router.poll(self._clock())
+            self._flush()
+
+        if self._loop is not None:
+            self._guard(step)
+
     def detach_device(self, tunnel_id: str) -> None:
         device = self._devices.pop(tunnel_id, None)
         if device is not None:
@@ -344,9 +358,43 @@ class AsyncRouterLoop:
             log.exception("[Router] packet loop step failed")
 
     def _on_network(self) -> None:
-        self._guard(self._network_batch)
+        full = False
 
-    def _network_batch(self) -> None:
+        def batch() -> None:
+            nonlocal full
+            full = self._network_batch()
+
+        self._guard(batch)
+        if full and self._loop is not None:
+            # More may wait: come back after the other callbacks (the device's) had their turn, without
+            # relying on the handle's descriptor staying readable.
+            self._loop.call_soon(self._on_network)
+
+    def replace_network(self, network: Any) -> None:
+        """Divert through ``network`` from now on (e.g. a filter that leaves out a new device's port).
+
+        The new handle opens before the old one closes, so no packet slips past undiverted (as
+        ``NetworkHandle.refresh`` does); what already waits in the old one is routed first.
+        """
+        network.open()
+        old = self.network
+        self._unwatch()
+        try:
+            if self._loop is not None:
+                for _ in range(64):  # bounded: the old handle keeps capturing until it is closed
+                    if not self._network_batch():
+                        break
+        finally:
+            self.network = self._io.network = network
+            if self._loop is not None:
+                self._watch()
+            try:
+                old.close()
+            except Exception:
+                log.exception("[Router] closing the replaced divert handle failed")
+
+    def _network_batch(self) -> bool:
+        """Route one batch from the NETWORK handle; True if the batch was full (more may wait)."""
         from awg_split_tunnel.core.packet_router import BATCH, Verdict
 
         router, net = self.router, self.network
@@ -370,10 +418,7 @@ class AsyncRouterLoop:
                 net.set_inbound(addr, True)
                 send(c_buf, n, addr)
         self._flush()
-        if full and self._loop is not None:
-            # More may wait: come back after the other callbacks (the device's) had their turn, without
-            # relying on the handle's descriptor staying readable.
-            self._loop.call_soon(self._on_network)
+        return full
 
     def _on_events(self) -> None:
         def drain() -> None:
@@ -464,123 +509,274 @@ RETRY_INTERVAL_MAX = 5.0
 """REKEY_TIMEOUT: the core never sends initiations to a peer more often than this anyway."""
 
 
-def run_with_devices(
-    router: Any,
-    states: dict[str, TunnelState],
-    open_handles: Callable[..., Any],
-    factories: Mapping[str, Callable[[], Any]],
-    conn: Any,
-) -> None:
-    """The router process with packet tunnels: divert loop and devices on one asyncio loop until told to
-    stop over ``conn`` (the ``RouterProcess`` pipe protocol, plus ``("tunnel_state", id, state, reason)``
-    messages up when a device changes state)."""
-    asyncio.run(_run_with_devices(router, states, open_handles, factories, conn))
+DeviceFactories = Mapping[str, Callable[[], Any]]
+"""Tunnel id → a picklable callable building its ``ManagedDevice`` (``packet_router.DeviceFactory``)."""
 
 
-async def _run_with_devices(
-    router: Any,
-    states: dict[str, TunnelState],
-    open_handles: Callable[..., Any],
-    factories: Mapping[str, Callable[[], Any]],
-    conn: Any,
-) -> None:
-    import contextlib
-    import dataclasses
+class RouterService:
+    """The router process on one asyncio loop: divert loop (``AsyncRouterLoop``), the packet tunnels'
+    devices, and the pipe to the control plane (``RouterProcess``'s messages).
 
-    from awg_split_tunnel.core.packet_router import flow_row
-    from awg_split_tunnel.core.rule_engine import RuleEngine
+    Devices come and go while it runs: ``("devices", routes, started, stopped)`` carries the tunnels'
+    routes, the factories of devices to start (a new tunnel, or a changed one replacing its old device)
+    and the ids of devices to stop. A stopped device is detached and its tunnel reported DOWN first, so
+    its flows are reset as for any tunnel going down (a ``block`` app's packets are dropped, never sent
+    direct); a started one is built, started, attached and connected. Whenever the devices' ports change,
+    the NETWORK handle is reopened with a filter that leaves them out (new handle first, then the old one
+    closed): diverting a device's own datagrams and passing them back costs about half of a tunnel's
+    upload rate. Device states go up the pipe as ``("tunnel_state", id, state, reason)``.
+    """
 
-    loop = asyncio.get_running_loop()
-    devices: dict[str, ManagedDevice] = {tid: factory() for tid, factory in factories.items()}
-    stopping = asyncio.Event()
-    io: AsyncRouterLoop | None = None
-    announce = False
+    def __init__(
+        self,
+        router: Any,
+        states: dict[str, TunnelState],
+        open_handles: Callable[..., Any],
+        conn: Any,
+    ) -> None:
+        self.router = router
+        self.states = states
+        self.conn = conn
+        self.devices: dict[str, ManagedDevice] = {}
+        self.io: AsyncRouterLoop | None = None
+        self.excluded_ports: frozenset[int] = frozenset()
+        """The UDP ports the current NETWORK handle's filter leaves out."""
+        self._open_handles = open_handles
+        self._routes: dict[str, Any] = dict(router.routes)
+        """The tunnels' routes as the control plane sent them (without the devices' ports)."""
+        self._listeners: dict[str, Callable[[TunnelState, str], None]] = {}
+        self._retry_due: dict[str, tuple[float, float]] = {}
+        self._announce = False
+        self._stopping = asyncio.Event()
+        self._messages: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
-    def listener(tunnel_id: str) -> Callable[[TunnelState, str], None]:
-        def changed(state: TunnelState, reason: str) -> None:
-            states[tunnel_id] = state
-            if io is not None:
-                io.tunnel_state_changed(tunnel_id, state)
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def open(self, factories: DeviceFactories) -> None:
+        """Start the devices of ``factories``, open the handles (leaving the devices' ports out) and start
+        reading them. Raises what fails; then nothing stays open."""
+        try:
+            for tunnel_id, factory in factories.items():
+                await self._start_device(tunnel_id, factory)
+            # Now that the devices have their ports: their datagrams are never diverted, nor even captured.
+            self.router.set_tunnels(self._with_device_ports(self._routes))
+            self.router.poll(time.monotonic())
+            ports = self._device_ports()
+            network, events, accept_pid = self._open_handles(sorted(ports))
+            self.io = AsyncRouterLoop(self.router, network, events, accept_pid=accept_pid)
+            for tunnel_id, device in self.devices.items():
+                self.io.attach_device(tunnel_id, device)
+            await self.io.start()
+            self.excluded_ports = ports
+        except BaseException:
+            await self.close()
+            raise
+        for device in self.devices.values():
+            device.connect()
+
+    async def close(self) -> None:
+        """Stop reading and close the handles, then stop every device."""
+        io, self.io = self.io, None
+        if io is not None:
+            await io.stop()
+        for tunnel_id in list(self.devices):
+            await self._stop_device(tunnel_id, "router process stopping")
+
+    async def serve(self) -> None:
+        """Report ready and the devices' states, then apply the control plane's messages until ``stop``
+        (or the pipe closes); close everything on the way out."""
+        loop = asyncio.get_running_loop()
+        self._send(("ready",))
+        self._announce = True  # "ready" must be the first message; states are told from here on
+        for tunnel_id, device in self.devices.items():
+            self._send(("tunnel_state", tunnel_id, device.state, "router process started"))
+        fd = self.conn.fileno()
+        loop.add_reader(fd, self._on_control)
+        tasks = [loop.create_task(self._apply_messages()), loop.create_task(self._retry())]
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            loop.remove_reader(fd)
+            await self.close()
+
+    def _on_control(self) -> None:
+        try:
+            while self.conn.poll(0):
+                self._messages.put_nowait(self.conn.recv())
+        except (EOFError, OSError):
+            log.error("[Router] control connection lost: stopping")
+            self._stopping.set()
+
+    async def _apply_messages(self) -> None:
+        # One at a time, in order: a device change completes before the next message is looked at.
+        while True:
+            message = await self._messages.get()
+            try:
+                await self.handle(message)
+            except Exception:
+                log.exception("[Router] control message %r failed", message[0])
+
+    # -- control messages --------------------------------------------------------------------------------
+
+    async def handle(self, message: tuple[Any, ...]) -> None:
+        """Apply one message of the control plane (``RouterProcess``)."""
+        from awg_split_tunnel.core.rule_engine import RuleEngine
+
+        kind = message[0]
+        if kind == "stop":
+            self._stopping.set()
+        elif kind == "state":
+            tunnel_id, state = message[1], message[2]
+            if tunnel_id in self.devices:
+                return  # the device in this process is the authority on its own state
+            self.states[tunnel_id] = state
+            self._tell_router(tunnel_id, state)
+        elif kind == "tunnels":
+            self._routes = dict(message[1])
+            self.router.set_tunnels(self._with_device_ports(self._routes))
+        elif kind == "devices":
+            await self.change_devices(message[1], message[2], message[3])
+        elif kind == "rules":
+            self.router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
+        elif kind == "snapshot":
+            self._send(("snapshot", *self.snapshot()))
+        if self.io is not None and kind in ("state", "tunnels", "rules"):
+            self.io.apply_now()
+
+    async def change_devices(
+        self, routes: Mapping[str, Any], started: DeviceFactories, stopped: Iterable[str]
+    ) -> None:
+        """Stop the devices of ``stopped`` (and those ``started`` replaces), start those of ``started``,
+        and route by ``routes`` from then on."""
+        for tunnel_id in [*stopped, *started]:
+            if tunnel_id in self.devices:
+                await self._stop_device(tunnel_id, "replaced" if tunnel_id in started else "removed")
+        fresh: list[str] = []
+        for tunnel_id, factory in started.items():
+            try:
+                await self._start_device(tunnel_id, factory)
+            except Exception as exc:
+                reason = f"cannot start: {type(exc).__name__}: {exc}"
+                log.error("[Router] packet tunnel %s %s", tunnel_id, reason)
+                self.states[tunnel_id] = TunnelState.DOWN
+                self._send(("tunnel_state", tunnel_id, TunnelState.DOWN, reason))
             else:
-                router.tunnel_state_changed(tunnel_id, state)
-            if announce:
-                with contextlib.suppress(OSError, ValueError):
-                    conn.send(("tunnel_state", tunnel_id, state, reason))
+                fresh.append(tunnel_id)
+        self._routes = dict(routes)
+        self.router.set_tunnels(self._with_device_ports(self._routes))
+        self._exclude_device_ports()
+        io = self.io
+        for tunnel_id in fresh:
+            device = self.devices[tunnel_id]
+            if io is not None:
+                io.attach_device(tunnel_id, device)
+            device.connect()
+        if io is not None:
+            io.apply_now()
+        running = ", ".join(f"{t} (port {d.port})" for t, d in self.devices.items())
+        log.info("[Router] packet tunnels now: %s", running or "none")
 
-        return changed
+    def snapshot(self) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+        """(router stats with per packet tunnel counters, flows as rows) for ``status``/``connections``."""
+        import dataclasses
 
-    def with_device_ports(routes: Mapping[str, Any]) -> dict[str, Any]:
+        from awg_split_tunnel.core.packet_router import flow_row
+
+        stats = dataclasses.asdict(self.router.stats)
+        stats["packet_tunnels"] = self.router.packet_tunnel_stats()
+        for tunnel_id, device in self.devices.items():
+            counters = device.statistics()
+            stats["packet_tunnels"].setdefault(tunnel_id, {}).update(
+                state=str(device.state), rx_bytes=counters.rx_bytes, tx_bytes=counters.tx_bytes
+            )
+        return stats, [flow_row(e) for e in self.router.connections()]
+
+    # -- devices -----------------------------------------------------------------------------------------
+
+    async def _start_device(self, tunnel_id: str, factory: Callable[[], Any]) -> None:
+        device: ManagedDevice = factory()
+
+        def changed(state: TunnelState, reason: str) -> None:
+            self.states[tunnel_id] = state
+            self._tell_router(tunnel_id, state)
+            if self._announce:
+                self._send(("tunnel_state", tunnel_id, state, reason))
+
+        device.state_listeners.append(changed)
+        self._listeners[tunnel_id] = changed
+        self.devices[tunnel_id] = device
+        try:
+            await device.start()
+        except BaseException:
+            self.devices.pop(tunnel_id, None)
+            device.state_listeners.remove(changed)
+            del self._listeners[tunnel_id]
+            raise
+
+    async def _stop_device(self, tunnel_id: str, reason: str) -> None:
+        """Detach and report DOWN first (its flows are reset, nothing of it goes direct), then stop."""
+        device = self.devices.pop(tunnel_id)
+        if self.io is not None:
+            self.io.detach_device(tunnel_id)
+        listener = self._listeners.pop(tunnel_id, None)
+        if listener is not None and listener in device.state_listeners:
+            device.state_listeners.remove(listener)
+        self._retry_due.pop(tunnel_id, None)
+        self.states[tunnel_id] = TunnelState.DOWN
+        self._tell_router(tunnel_id, TunnelState.DOWN)
+        if self.io is not None:
+            self.io.apply_now()  # its flows are reset before anything else is routed
+        if self._announce:
+            self._send(("tunnel_state", tunnel_id, TunnelState.DOWN, reason))
+        try:
+            await device.stop()
+        except Exception:
+            log.exception("[Router] stopping packet tunnel %s failed", tunnel_id)
+
+    def _device_ports(self) -> frozenset[int]:
+        return frozenset(device.port for device in self.devices.values() if device.port)
+
+    def _with_device_ports(self, routes: Mapping[str, Any]) -> dict[str, Any]:
+        import dataclasses
+
         out = dict(routes)
-        for tunnel_id, device in devices.items():
+        for tunnel_id, device in self.devices.items():
             route = out.get(tunnel_id)
             if isinstance(route, PacketTunnelRoute):
                 out[tunnel_id] = dataclasses.replace(route, listen_port=device.port)
         return out
 
-    try:
-        for tunnel_id, device in devices.items():
-            device.state_listeners.append(listener(tunnel_id))
-            await device.start()
-        # Now that the devices have their ports: their datagrams are never diverted, nor even captured.
-        router.set_tunnels(with_device_ports(router.routes))
-        router.poll(time.monotonic())
-        network, events, accept_pid = open_handles([d.port for d in devices.values()])
-        io = AsyncRouterLoop(router, network, events, accept_pid=accept_pid)
-        for tunnel_id, device in devices.items():
-            io.attach_device(tunnel_id, device)
-        await io.start()
-    except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        for device in devices.values():
-            await device.stop()
-        return
-    for device in devices.values():
-        device.connect()
-    conn.send(("ready",))
-    announce = True  # "ready" must be the first message; states are told from here on
-    for tunnel_id, device in devices.items():
-        conn.send(("tunnel_state", tunnel_id, device.state, "router process started"))
-
-    def handle(message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "stop":
-            stopping.set()
-        elif kind == "state":
-            if message[1] in devices:
-                return  # the device in this process is the authority on its own state
-            states[message[1]] = message[2]
-            router_io.tunnel_state_changed(message[1], message[2])
-        elif kind == "tunnels":
-            router.set_tunnels(with_device_ports(message[1]))
-        elif kind == "rules":
-            router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
-        elif kind == "snapshot":
-            stats = dataclasses.asdict(router.stats)
-            stats["packet_tunnels"] = router.packet_tunnel_stats()
-            for tunnel_id, device in devices.items():
-                counters = device.statistics()
-                stats["packet_tunnels"].setdefault(tunnel_id, {}).update(
-                    state=str(device.state), rx_bytes=counters.rx_bytes, tx_bytes=counters.tx_bytes
-                )
-            conn.send(("snapshot", stats, [flow_row(e) for e in router.connections()]))
-
-    router_io = io
-
-    def on_control() -> None:
+    def _exclude_device_ports(self) -> None:
+        """Reopen the NETWORK handle when the devices' ports changed: a new device's datagrams are not
+        diverted, and a stopped device's port (which an app may get next) is diverted again. Until then
+        (or if the reopen fails) the router passes a device's datagrams back unrouted (``_device_ports``)."""
+        io = self.io
+        ports = self._device_ports()
+        if io is None or ports == self.excluded_ports:
+            return
         try:
-            while conn.poll(0):
-                handle(conn.recv())
-        except (EOFError, OSError):
-            log.error("[Router] control connection lost: stopping")
-            stopping.set()
+            network = self._open_handles(sorted(ports))[0]
+            # Two NETWORK handles of one priority misbehave (pydivert-notes): the new one takes the other
+            # of the two, as NetworkHandle.refresh does.
+            old_priority = getattr(io.network, "priority", None)
+            if isinstance(old_priority, int) and getattr(network, "priority", None) == old_priority:
+                network.priority = old_priority + 1
+            io.replace_network(network)
+        except Exception:
+            log.exception("[Router] reopening the divert handle for the devices' ports failed")
+            return
+        self.excluded_ports = ports
 
-    async def retry() -> None:
-        # Per device: when the next attempt is due and the current back-off, while it is DOWN.
-        due: dict[str, tuple[float, float]] = {}
+    async def _retry(self) -> None:
+        """While a device is DOWN, handshake again: after RETRY_INTERVAL, doubling to RETRY_INTERVAL_MAX."""
+        loop = asyncio.get_running_loop()
+        due = self._retry_due
         while True:
             await asyncio.sleep(RETRY_INTERVAL / 4)
             now = loop.time()
-            for tunnel_id, device in devices.items():
+            for tunnel_id, device in list(self.devices.items()):
                 if device.state is not TunnelState.DOWN:
                     due.pop(tunnel_id, None)
                     continue
@@ -590,13 +786,43 @@ async def _run_with_devices(
                     interval = min(interval * 2, RETRY_INTERVAL_MAX)
                     due[tunnel_id] = (now + interval, interval)
 
-    loop.add_reader(conn.fileno(), on_control)
-    retrier = loop.create_task(retry())
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _tell_router(self, tunnel_id: str, state: TunnelState) -> None:
+        if self.io is not None:
+            self.io.tunnel_state_changed(tunnel_id, state)
+        else:
+            self.router.tunnel_state_changed(tunnel_id, state)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        # The control plane may be gone: the pipe's reader then notices and stops the service.
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(message)
+
+
+def run_with_devices(
+    router: Any,
+    states: dict[str, TunnelState],
+    open_handles: Callable[..., Any],
+    factories: DeviceFactories,
+    conn: Any,
+) -> None:
+    """The router process on asyncio (``RouterService``) until told to stop over ``conn``; an
+    ``("error", text)`` message instead of ``("ready",)`` when it cannot start."""
+    asyncio.run(_serve(router, states, open_handles, factories, conn))
+
+
+async def _serve(
+    router: Any,
+    states: dict[str, TunnelState],
+    open_handles: Callable[..., Any],
+    factories: DeviceFactories,
+    conn: Any,
+) -> None:
+    service = RouterService(router, states, open_handles, conn)
     try:
-        await stopping.wait()
-    finally:
-        retrier.cancel()
-        loop.remove_reader(conn.fileno())
-        await io.stop()
-        for device in devices.values():
-            await device.stop()
+        await service.open(factories)
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    await service.serve()

@@ -1,0 +1,135 @@
+"""Config edits while the daemon runs: packet tunnels added, changed and removed reach the router process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from awg_split_tunnel.core.config import Config, parse_config
+from awg_split_tunnel.core.events import ConfigChanged
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
+from awg_split_tunnel.core.policy import TunnelState
+from awg_split_tunnel.daemon import Daemon
+
+PRIVATE = "sBNwFJb6ivq6uSe9jD9UN3AvBGq1QiV/rEhSXPcTrGY="
+PEER = "LJUHPeQzoI/YHM5fQjNJhCoPbKQ4ISrYPzE8O+jgbUU="
+
+
+def config(tmp_path: Path, tunnels: str = "", rules: str = "") -> Config:
+    text = f"log_level: info\ndefault: direct\ntunnels:{tunnels or ' []'}\nrules:{rules or ' []'}\n"
+    return parse_config(text, file=str(tmp_path / "config.yaml"), base_dir=tmp_path)
+
+
+def wg_tunnel(address: str = "198.19.0.2/32", endpoint: str = "198.18.0.40:51820") -> str:
+    return f"""
+  - id: wg
+    type: wireguard
+    private_key: {PRIVATE}
+    address: {address}
+    peer:
+      public_key: {PEER}
+      endpoint: {endpoint}
+"""
+
+
+RULE = "\n  - process: app-wg\n    tunnel: wg\n    fallback: block\n"
+
+
+class FakeRouter:
+    """``RouterProcess`` as the daemon calls it; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def change_devices(self, tunnels: Any, started: Any, stopped: Any) -> None:
+        self.calls.append(("devices", dict(tunnels), dict(started), tuple(stopped)))
+
+    def set_tunnels(self, tunnels: Any) -> None:
+        self.calls.append(("tunnels", dict(tunnels)))
+
+    def set_rules(self, rules: Any, default: str, fallback: Any = None) -> None:
+        self.calls.append(("rules", tuple(r.process for r in rules)))
+
+    def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
+        self.calls.append(("state", tunnel_id, state))
+
+
+def daemon_with(tmp_path: Path, running: Config) -> tuple[Daemon, FakeRouter]:
+    daemon = Daemon(tmp_path / "config.yaml", serve_api=False, check_privileges=False, handles=tuple)
+    router = FakeRouter()
+    daemon._router = router  # type: ignore[assignment]
+    daemon._config = running
+    return daemon, router
+
+
+def test_packet_tunnel_added_while_running_starts_a_device_in_the_router_process(tmp_path: Path) -> None:
+    old, new = config(tmp_path), config(tmp_path, wg_tunnel(), RULE)
+    daemon, router = daemon_with(tmp_path, old)
+    asyncio.run(daemon._apply_config(old, new))
+    devices = [c for c in router.calls if c[0] == "devices"]
+    ((_, routes, started, stopped),) = devices
+    assert list(started) == ["wg"] and stopped == ()
+    assert routes["wg"] == PacketTunnelRoute(bytes([198, 19, 0, 2]), None, 1420)
+    assert started["wg"].keywords["tunnel_id"] == "wg" and started["wg"].args[0].peers[0].endpoint == (
+        "198.18.0.40",
+        51820,
+    )
+    # The rules go first: the device takes a while to start, and until it is UP the rule's fallback holds.
+    assert [c[0] for c in router.calls] == ["rules", "devices"] and router.calls[0][1] == ("app-wg",)
+    assert daemon.registry.state("wg") is TunnelState.CONNECTING
+    assert not [c for c in router.calls if c[0] == "tunnels"], "the devices message carries the routes"
+
+
+def test_packet_tunnel_changed_is_replaced_and_removed_is_stopped(tmp_path: Path) -> None:
+    first = config(tmp_path, wg_tunnel(), RULE)
+    changed = config(tmp_path, wg_tunnel(address="198.19.7.2/32"), RULE)
+    removed = config(tmp_path)
+    daemon, router = daemon_with(tmp_path, config(tmp_path))
+    asyncio.run(daemon._apply_config(daemon._config, first))  # type: ignore[arg-type]
+    router.calls.clear()
+    asyncio.run(daemon._apply_config(first, changed))
+    ((_, routes, started, stopped),) = [c for c in router.calls if c[0] == "devices"]
+    assert list(started) == ["wg"] and stopped == ("wg",)
+    assert routes["wg"].address_v4 == bytes([198, 19, 7, 2])
+    router.calls.clear()
+    asyncio.run(daemon._apply_config(changed, removed))
+    ((_, routes, started, stopped),) = [c for c in router.calls if c[0] == "devices"]
+    assert (routes, started, stopped) == ({}, {}, ("wg",))
+    assert "wg" not in daemon.registry and daemon._packet_routes == {}
+
+
+def test_unchanged_packet_tunnel_is_left_alone_by_a_rule_edit(tmp_path: Path) -> None:
+    before = config(tmp_path, wg_tunnel())
+    after = config(tmp_path, wg_tunnel(), RULE)
+    daemon, router = daemon_with(tmp_path, before)
+    asyncio.run(daemon._apply_config(before, after))
+    assert [c[0] for c in router.calls] == ["rules", "tunnels"]
+
+
+def test_packet_tunnel_whose_endpoint_does_not_resolve_is_reported_and_the_running_config_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unresolvable(*args: object, **kwargs: object) -> list[Any]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    old = config(tmp_path)
+    new = config(tmp_path, wg_tunnel(endpoint="vpn.example.net:51820"), RULE)
+    daemon, router = daemon_with(tmp_path, old)
+    daemon.manager = SimpleNamespace(config=new)  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR, logger="awg_split_tunnel.core"):
+        asyncio.run(daemon._on_config_changed(ConfigChanged("reload")))
+    assert "config change ignored, the running config stays" in caplog.text
+    assert (
+        "tunnel 'wg'" in caplog.text
+        and "vpn.example.net" in caplog.text
+        and "does not resolve" in caplog.text
+    )
+    assert router.calls == [] and "wg" not in daemon.registry
+    assert daemon._config is old, "the next edit is compared with what runs"
