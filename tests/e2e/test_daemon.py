@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from awg_split_tunnel.lab import (
     CLIENT,
@@ -158,16 +159,6 @@ def daemon(lab: Lab, dante: LabServer) -> Iterator[RunningDaemon]:
         running.process.send_signal(signal.SIGTERM)
         running.process.wait(10)
     print(running.output()[-5000:])
-
-
-def wait_for(condition: object, timeout: float, what: str) -> float:
-    """Poll ``condition()`` until true; the seconds it took. Fails the test after ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():  # type: ignore[operator]
-            return time.monotonic() - started
-        time.sleep(0.1)
-    pytest.fail(f"not within {timeout:.0f}s: {what}")
 
 
 # -- routing by exe name ---------------------------------------------------------------------------------

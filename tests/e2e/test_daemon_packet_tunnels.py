@@ -22,12 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_for
 from test_awg_interop import PARAMETER_SETS
 
 from awg_split_tunnel.lab import (
@@ -238,16 +239,6 @@ class RunningDaemon:
             return str(self.status()[tunnel_id]["state"])
         except (OSError, KeyError, ValueError):
             return "(no answer)"
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str, detail: Callable[[], str]) -> float:
-    """Poll ``condition()`` until true; the seconds it took. Fails the test after ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.2)
-    pytest.fail(f"not within {timeout:.0f}s: {what}\n{detail()[-4000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from polling import wait_for
 
 from awg_split_tunnel.lab import (
     CLIENT,
@@ -200,16 +201,6 @@ class RunningDaemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str, detail: Callable[[], str]) -> float:
-    """Poll ``condition()`` until true; the seconds it took. Fails the test after ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.1)
-    pytest.fail(f"not within {timeout:.0f}s: {what}\n{detail()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
