@@ -1363,7 +1363,10 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
 
     # Ctrl-C reaches the whole process group; the control plane decides when the router stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    # The same line format as the control plane's log (daemon.configure_logging): one log to read.
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"
+    )
     states = dict(settings.states)
 
     def tunnelled(entry: NatEntry) -> None:
