@@ -60,6 +60,8 @@ rule_log = logging.getLogger("awg_split_tunnel.rule")
 WATCH_INTERVAL = 1.0
 """Seconds between looks at the config file's modification time."""
 FIRST_PROBE_WAIT = 2.0
+PACKET_TUNNEL_UP_WAIT = 5.0
+"""Seconds `tunnel up` waits for a WireGuard/AmneziaWG handshake before answering with the state it has."""
 """How long ``start`` waits for the stream tunnels' first health probes before printing the status line."""
 PROXY_HOSTS: tuple[str, ...] = ("0.0.0.0", "::")
 """The tunnel proxies listen on every address of both families: the router's hairpin delivers an app's
@@ -182,6 +184,8 @@ class Daemon:
         self._router: RouterProcess | None = None
         self._routes: dict[str, TunnelRoute | PacketTunnelRoute] = {}
         self._packet_routes: dict[str, PacketTunnelRoute] = {}
+        self._packets_down_by_hand: set[str] = set()
+        """Packet tunnels taken down with `tunnel down`: their devices are stopped until `tunnel up`."""
         self._control: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -382,6 +386,8 @@ class Daemon:
             loop.call_soon_threadsafe(self._set_packet_state, tunnel_id, state, reason)
 
     def _set_packet_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
+        if tunnel_id in self._packets_down_by_hand:
+            return  # its stopped device's last word; it stays DOWN "taken down by hand"
         if tunnel_id in self.registry and tunnel_id in self._packet_routes:
             self.registry.set_state(tunnel_id, state, reason)
 
@@ -445,8 +451,9 @@ class Daemon:
         if new.log_level != old.log_level:
             configure_logging(new.log_level)
             log.info("[Core] log level %s", new.log_level)
-        stopped = [i for i in gone if i in self._packet_routes]
+        stopped = [i for i in gone if i in self._packet_routes and i not in self._packets_down_by_hand]
         for tunnel_id in gone:
+            self._packets_down_by_hand.discard(tunnel_id)
             self._packet_routes.pop(tunnel_id, None)
             tunnel = self.tunnels.pop(tunnel_id, None)
             if tunnel is not None:
@@ -564,10 +571,7 @@ class Daemon:
             )
         tunnel = self.tunnels.get(tunnel_id)
         if tunnel is None:
-            raise TunnelError(
-                f"{tunnel_id} is a packet tunnel: it reconnects by itself; manual up/down is for stream "
-                "tunnels (remove its rules, or the tunnel, to stop using it)"
-            )
+            return await self._packet_tunnel_by_hand(tunnel_id, action)
         if action == "down":
             tunnel.manual_down = True
             await tunnel.monitor.stop()
@@ -579,6 +583,38 @@ class Daemon:
             # Answer with the first probe's verdict rather than the DOWN it had a moment ago.
             deadline = time.monotonic() + FIRST_PROBE_WAIT
             while tunnel.monitor.state is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        else:
+            raise TunnelError(f"unknown tunnel action {action!r} (up, down)")
+        state = self.registry.state(tunnel_id)
+        return {"id": tunnel_id, "state": None if state is None else state.value}
+
+    async def _packet_tunnel_by_hand(self, tunnel_id: str, action: object) -> dict[str, Any]:
+        """`tunnel down` stops a WireGuard/AmneziaWG tunnel's device (its flows are reset, its rules'
+        fallback policies apply); `tunnel up` builds and connects it again and answers once it is UP, or
+        with its state after a few seconds."""
+        router, config = self._router, self._config
+        if router is None or config is None or tunnel_id not in self._packet_routes:
+            raise TunnelError(f"{tunnel_id} is not running in this daemon")
+        if action == "down":
+            if tunnel_id not in self._packets_down_by_hand:
+                self._packets_down_by_hand.add(tunnel_id)
+                router.change_devices(self._routes, {}, [tunnel_id])
+            self.registry.set_state(tunnel_id, TunnelState.DOWN, "taken down by hand")
+        elif action == "up":
+            if tunnel_id in self._packets_down_by_hand:
+                settings = next(t for t in config.tunnels if t.id == tunnel_id)
+                try:
+                    _, devices = await asyncio.to_thread(
+                        packet_tunnel_devices, [settings], self.config_path.parent
+                    )
+                except ConfigError as exc:
+                    raise TunnelError(f"{tunnel_id} cannot start: {exc}") from None
+                self._packets_down_by_hand.discard(tunnel_id)
+                self.registry.set_state(tunnel_id, TunnelState.CONNECTING, "brought up by hand")
+                router.change_devices(self._routes, devices, [])
+            deadline = time.monotonic() + PACKET_TUNNEL_UP_WAIT
+            while self.registry.state(tunnel_id) is not TunnelState.UP and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         else:
             raise TunnelError(f"unknown tunnel action {action!r} (up, down)")

@@ -479,3 +479,30 @@ def test_wireguard_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_b
     )
     print(f"tunnelled again {time.monotonic() - restarted:.1f}s after the peer restarted")
     assert lab.app(APP_WG_FALLBACK).seen_ip == TUNNEL_CLIENT_IP
+
+
+@pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
+def test_tunnel_down_by_hand_stops_a_wireguard_tunnel_and_up_brings_it_back(daemon: RunningDaemon) -> None:
+    from awg_split_tunnel.api.control import request
+
+    lab = daemon.lab
+    assert lab.app(APP_WG_BLOCK).seen_ip == TUNNEL_CLIENT_IP
+    answer = request("tunnel", path=daemon.control, action="down", id="wg")
+    assert answer["state"] == "down"
+    try:
+        web = f"dst host {WEB_IP} and src host {CLIENT_IP}"
+        with lab.capture(CLIENT, bpf_filter=web) as capture:
+            blocked = lab.app(APP_WG_BLOCK, timeout=2.0)
+            time.sleep(0.3)
+        assert not blocked.ok and blocked.seen_ip == "", "block: nothing while the tunnel is down"
+        assert capture.count() == 0, "\n".join(capture.packets())
+        assert lab.app(APP_WG_FALLBACK).seen_ip == CLIENT_IP, "allow_direct: direct while down"
+        time.sleep(1.5)  # the device's retries must not bring it back by themselves
+        row = daemon.status()["wg"]
+        assert row["state"] == "down", row
+        assert daemon.lab.app(APP_AWG).seen_ip == AWG_TUNNEL_CLIENT_IP, "the other tunnel does not notice"
+    finally:
+        answer = request("tunnel", path=daemon.control, action="up", id="wg", timeout=15.0)
+    assert answer["state"] == "up", answer
+    assert lab.app(APP_WG_BLOCK).seen_ip == TUNNEL_CLIENT_IP
+    assert lab.app(APP_WG_FALLBACK).seen_ip == TUNNEL_CLIENT_IP
