@@ -135,6 +135,7 @@ class RunningDaemon:
 def lab() -> Iterator[Lab]:
     with Lab() as lab:
         start_web(lab)
+        start_web(lab, port=SECOND_WEB_PORT, udp_port=SECOND_UDP_PORT)
         for name in APPS:
             make_app(lab, name)
         yield lab
@@ -313,6 +314,40 @@ def test_tunnel_down_by_hand_applies_the_fallback_and_up_restores_it(lab: Lab, d
     finally:
         request("tunnel", path=daemon.control, action="up", id="corp")
     wait_for(lambda: lab.app("app-http", timeout=2.0).seen_ip == HTTP_IP, 5.0, "corp UP again")
+
+
+SECOND_WEB_PORT, SECOND_UDP_PORT = 8080, 8007
+
+# Two connections from ONE local port to two ports of one host, both open at once (Linux hands out one
+# local port to connections to different destinations this way): each prints the address the server saw.
+SAME_LOCAL_PORT = """
+import socket, sys
+host, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
+socks = []
+for port in ports:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", socks[0].getsockname()[1] if socks else 0))
+    s.settimeout(10)
+    s.connect((host, port))
+    socks.append(s)
+for s in socks:
+    s.sendall(b"GET / HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n")
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    print(s.getsockname()[1], data.partition(b"\\r\\n\\r\\n")[2].split()[0].decode(), flush=True)
+"""
+
+
+def test_one_local_port_to_two_ports_of_one_server_both_tunnelled(lab: Lab, daemon: RunningDaemon) -> None:
+    from awg_split_tunnel.lab import WEB_IP, WEB_PORT
+
+    done = lab.run(CLIENT, [lab.apps["app-socks"], "-c", SAME_LOCAL_PORT, WEB_IP, str(WEB_PORT), "8080"])
+    assert done.returncode == 0, done.stderr
+    (port_a, seen_a), (port_b, seen_b) = (line.split() for line in done.stdout.splitlines())
+    assert port_a == port_b, "the test meant one local port"
+    assert (seen_a, seen_b) == (SOCKS_IP, SOCKS_IP)
 
 
 OPEN_REQUEST = """

@@ -407,6 +407,8 @@ class PacketRouter:
                 return self._to_packet_tunnel(v, entry, now, copy_meta)
             v.swap_addresses()
             v.set_dst_port(entry.proxy_port)
+            if entry.peer_port:
+                v.set_src_port(entry.peer_port)
             return Verdict.INJECT_INBOUND
         if v.fragment:
             self._drop_later_fragments(v)
@@ -434,6 +436,8 @@ class PacketRouter:
                 self._tcp_closing(entry, flags, FIN_FROM_PEER, now)
         v.swap_addresses()
         v.set_src_port(entry.orig_dst_port)
+        if entry.peer_port:
+            v.set_dst_port(entry.app_port)
         return Verdict.INJECT_INBOUND
 
     def _tcp_closing(self, entry: NatEntry, flags: int, side: int, now: float) -> None:
@@ -553,6 +557,8 @@ class PacketRouter:
                 return self._first_fragment(v)
             v.swap_addresses()
             v.set_dst_port(entry.proxy_port)
+            if entry.peer_port:
+                v.set_src_port(entry.peer_port)
             return Verdict.INJECT_INBOUND
         if v.fragment:
             if v.has_ports:

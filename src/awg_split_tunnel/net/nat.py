@@ -32,6 +32,11 @@ FIN_FROM_APP = 1
 FIN_FROM_PEER = 2
 
 
+PEER_PORTS = range(20000, 32768)
+"""Ports a tunnelled flow's peer is translated to when its own is taken: below Linux's ephemeral range,
+so they rarely meet a port the app side uses."""
+
+
 class FlowVerdict(enum.IntEnum):
     """What the router does with every packet of a flow."""
 
@@ -73,6 +78,9 @@ class NatEntry:
     meta: object = field(default=None, repr=False)
     """The I/O side's address record of the flow's first packet (interface), for crafted replies."""
     key: bytes = field(default=b"", repr=False)
+    peer_port: int = 0
+    """The port the proxy sees this flow come from when it is not ``app_port`` (0): another tunnelled flow
+    of the same app port to the same address (another destination port) holds that peer key."""
 
     @property
     def orig_dst_ip(self) -> str:
@@ -85,8 +93,9 @@ class NatEntry:
 
     @property
     def peer_key(self) -> bytes:
-        """How the proxy sees this flow's peer: (original destination, app's port)."""
-        return self.orig_dst_addr + self.app_port.to_bytes(2, "big")
+        """How the proxy sees this flow's peer: (original destination, app's port — or the port it was
+        translated to, ``peer_port``)."""
+        return self.orig_dst_addr + (self.peer_port or self.app_port).to_bytes(2, "big")
 
     def deadline(self) -> float:
         if self.closed_at is not None:
@@ -121,12 +130,16 @@ def _proto_index(proto: int) -> int:
 class FlowTable:
     """All known flows, by app-side key and (tunnelled flows) by peer key; plain dicts, one owner."""
 
-    __slots__ = ("_flows", "_peers", "collisions")
+    __slots__ = ("_flows", "_next_peer_port", "_peers", "collisions", "exhausted")
 
     def __init__(self) -> None:
         self._flows: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
         self._peers: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
+        self._next_peer_port = PEER_PORTS.start
         self.collisions = 0
+        """Tunnelled flows whose peer key was taken: given another peer port."""
+        self.exhausted = 0
+        """Tunnelled flows refused because no peer port was free."""
 
     def __len__(self) -> int:
         return len(self._flows[0]) + len(self._flows[1])
@@ -144,25 +157,40 @@ class FlowTable:
         return self._peers[_proto_index(proto)]
 
     def add(self, key: bytes, entry: NatEntry) -> bool:
-        """Insert a flow; False (counted) if a tunnelled flow's peer key is taken by another live flow.
+        """Insert a flow; False (counted) only if a tunnelled flow can get no peer key of its own.
 
-        Two flows from the same app port to the same address but different destination ports would look
-        identical to the proxy; the second cannot be tunnelled until the first expires.
+        Two flows from the same app port to the same address but different destination ports (Linux
+        gives one local port to connections to different destinations) would look identical to the
+        proxy: the second one's port is translated (``peer_port``) on the way to the proxy and back.
         """
         i = _proto_index(entry.proto)
         entry.key = key
         if entry.verdict is FlowVerdict.TUNNEL:
-            peer = entry.peer_key
-            other = self._peers[i].get(peer)
+            peers = self._peers[i]
+            other = peers.get(entry.peer_key)
             if other is not None and other is not self._flows[i].get(key):
                 self.collisions += 1
-                return False
-            self._peers[i][peer] = entry
+                port = self._free_peer_port(peers, entry.orig_dst_addr)
+                if port is None:
+                    self.exhausted += 1
+                    return False
+                entry.peer_port = port
+            peers[entry.peer_key] = entry
         old = self._flows[i].get(key)
         if old is not None and old is not entry:
             self._unlink_peer(old)
         self._flows[i][key] = entry
         return True
+
+    def _free_peer_port(self, peers: dict[bytes, NatEntry], address: bytes) -> int | None:
+        # A rotating cursor: consecutive collisions get different ports without rescanning from the start.
+        span = len(PEER_PORTS)
+        for step in range(span):
+            port = PEER_PORTS.start + (self._next_peer_port - PEER_PORTS.start + step) % span
+            if address + port.to_bytes(2, "big") not in peers:
+                self._next_peer_port = port + 1
+                return port
+        return None
 
     def remove(self, entry: NatEntry) -> None:
         i = _proto_index(entry.proto)

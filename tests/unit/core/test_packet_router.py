@@ -139,6 +139,31 @@ def test_proxy_reply_is_rewritten_to_come_from_the_original_destination() -> Non
     assert v.checksums_valid()
 
 
+def test_one_app_port_to_two_ports_of_one_host_both_reach_the_proxy_as_different_peers() -> None:
+    # Linux gives one local port to connections to different destinations: the proxy, which sees only
+    # (original address, port), must still tell them apart.
+    env = Env()
+    env.connect(100, dport=80)
+    env.connect(100, dport=443)
+    web, tls = syn(dport=80), syn(dport=443)
+    assert env.route(web) is Verdict.INJECT_INBOUND and env.route(tls) is Verdict.INJECT_INBOUND
+    assert view(web).src_port == 40000
+    peer_port = view(tls).src_port
+    assert peer_port != 40000 and view(tls).checksums_valid()
+    first = env.router.nat_lookup("tcp", "198.18.0.10", 40000)
+    second = env.router.nat_lookup("tcp", "198.18.0.10", peer_port)
+    assert first is not None and second is not None
+    assert (first.orig_dst_port, second.orig_dst_port) == (80, 443)
+    # The proxy answers the translated peer: the app gets it on its own port, from port 443.
+    reply = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, peer_port, tcp_flags=TCP_ACK | TCP_SYN)
+    assert env.route(reply) is Verdict.INJECT_INBOUND
+    v = view(reply)
+    assert (v.src_port, v.dst_port) == (443, 40000) and v.checksums_valid()
+    # And the app's next packet of that flow keeps going to the same translated peer.
+    ack = build_packet(APP, WEB, IPPROTO_TCP, 40000, 443, b"hello", tcp_flags=TCP_ACK)
+    assert env.route(ack) is Verdict.INJECT_INBOUND and view(ack).src_port == peer_port
+
+
 def test_reply_for_an_unknown_flow_is_dropped_not_leaked() -> None:
     env = Env()
     stray = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 41000, b"x")

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from awg_split_tunnel.net.nat import (
+    PEER_PORTS,
     TCP_CLOSED_LINGER,
     TCP_IDLE_TIMEOUT,
     TCP_SYN_TIMEOUT,
@@ -72,16 +73,18 @@ def test_proxy_finds_the_original_destination() -> None:
     assert table.lookup_peer(IPPROTO_UDP, WEB, 40000) is None
 
 
-def test_same_port_and_address_with_another_port_cannot_be_tunnelled_at_once() -> None:
+def test_same_port_and_address_with_another_port_gets_a_peer_port_of_its_own() -> None:
     table = FlowTable()
     first, second = entry(dport=80), entry(dport=443)
-    assert table.add(key_of(first), first)
-    assert not table.add(key_of(second), second)
-    assert table.collisions == 1
-    third = entry(dst=OTHER)
-    assert table.add(key_of(third), third)
-    table.remove(first)
+    assert table.add(key_of(first), first) and first.peer_port == 0
     assert table.add(key_of(second), second)
+    assert table.collisions == 1 and second.peer_port in PEER_PORTS
+    assert table.lookup_peer(IPPROTO_TCP, WEB, 40000) is first
+    assert table.lookup_peer(IPPROTO_TCP, WEB, second.peer_port) is second
+    third = entry(dst=OTHER)
+    assert table.add(key_of(third), third) and third.peer_port == 0, "another address: no collision"
+    table.remove(second)
+    assert table.lookup_peer(IPPROTO_TCP, WEB, second.peer_port) is None
 
 
 def test_passed_flows_have_no_peer_entry() -> None:
