@@ -350,6 +350,41 @@ def test_one_local_port_to_two_ports_of_one_server_both_tunnelled(lab: Lab, daem
     assert (seen_a, seen_b) == (SOCKS_IP, SOCKS_IP)
 
 
+# Ask the web server from a given local port (0: any); print the port and the address the server saw.
+FROM_PORT = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.settimeout(10)
+s.connect((sys.argv[1], 80))
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(s.getsockname()[1], data.partition(b"\\r\\n\\r\\n")[2].split()[0].decode(), flush=True)
+"""
+
+
+def test_an_app_reusing_another_apps_port_to_the_same_server_gets_its_own_route(
+    lab: Lab, daemon: RunningDaemon
+) -> None:
+    # The kernel hands a closed connection's local port out again, to any process: the first app's flow
+    # still lingers in the router when the second app's SYN comes on the same 4-tuple.
+    from awg_split_tunnel.lab import WEB_IP
+
+    first = lab.run(CLIENT, [lab.apps["app-direct"], "-c", FROM_PORT, WEB_IP, "0"])
+    assert first.returncode == 0, first.stderr
+    port, seen = first.stdout.split()
+    assert seen == CLIENT_IP
+    second = lab.run(CLIENT, [lab.apps["app-socks"], "-c", FROM_PORT, WEB_IP, port])
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == [port, SOCKS_IP]
+    third = lab.run(CLIENT, [lab.apps["app-direct"], "-c", FROM_PORT, WEB_IP, port])
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.split() == [port, CLIENT_IP]
+
+
 OPEN_REQUEST = """
 import select, socket, sys
 s = socket.create_connection((sys.argv[1], 80), timeout=10)

@@ -174,6 +174,7 @@ class _HeldFlow:
     deadline: float
     packets: list[tuple[bytearray, object]]
     meta: object = None
+    syn_seq: int = -1
 
 
 _LOOPBACK6 = bytes(15) + b"\x01"
@@ -379,6 +380,15 @@ class PacketRouter:
             if sport in self._tcp_proxy_ports:
                 return self._proxy_reply(v, self._tcp_peers, now)
             entry = self._tcp_flows.get(app_key(v))
+            if (
+                entry is not None
+                and buf[l4 + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN
+                and _U32.unpack_from(buf, l4 + 4)[0] != entry.syn_seq
+            ):
+                # Not a retransmit: a new connection from a port the kernel handed out again (a closed
+                # connection's entry lingers). It may belong to another process: decided afresh.
+                self._forget(entry)
+                entry = None
         else:
             if sport in self._udp_proxy_ports:
                 return self._proxy_reply(v, self._udp_peers, now)
@@ -523,6 +533,8 @@ class PacketRouter:
         held = _HeldFlow(
             key, proto, v.src_addr, src_port, dst_addr, dst_port, now + self.hold_timeout, [], meta
         )
+        if proto == IPPROTO_TCP:
+            held.syn_seq = _U32.unpack_from(buf, l4 + 4)[0]
         self.stats.new_flows += 1
         self._pull_events(now)
         pid = self._claim(held, now, ambiguous=self._others_waiting(held))
@@ -610,6 +622,7 @@ class PacketRouter:
             created=now,
             last_seen=now,
             meta=held.meta,
+            syn_seq=held.syn_seq,
         )
         if decision is not None:
             entry.tunnel_id = decision.tunnel if decision.tunnel not in (DIRECT, DROP) else None

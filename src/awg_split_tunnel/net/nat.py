@@ -78,6 +78,9 @@ class NatEntry:
     meta: object = field(default=None, repr=False)
     """The I/O side's address record of the flow's first packet (interface), for crafted replies."""
     key: bytes = field(default=b"", repr=False)
+    syn_seq: int = -1
+    """The sequence number of the app's SYN (TCP): a SYN with another one on this 4-tuple is a new
+    connection (the app's port reused), to be decided afresh — not a retransmit."""
     peer_port: int = 0
     """The port the proxy sees this flow come from when it is not ``app_port`` (0): another tunnelled flow
     of the same app port to the same address (another destination port) holds that peer key."""

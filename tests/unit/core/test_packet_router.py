@@ -164,6 +164,23 @@ def test_one_app_port_to_two_ports_of_one_host_both_reach_the_proxy_as_different
     assert env.route(ack) is Verdict.INJECT_INBOUND and view(ack).src_port == peer_port
 
 
+def test_a_new_connection_on_a_reused_port_is_decided_afresh_a_retransmit_is_not() -> None:
+    # app-direct's connection from port 40000 ends; the kernel hands the same port to app-socks for the
+    # same server while the old entry still lingers: app-socks must not inherit "direct".
+    env = Env()
+    env.connect(200)
+    assert env.route(syn()) is Verdict.REINJECT
+    assert env.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_FIN | TCP_ACK)) is (
+        Verdict.REINJECT
+    )
+    env.connect(100)
+    again = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN, seq=9000)
+    assert env.route(again) is Verdict.INJECT_INBOUND, "the new owner's route, not the old flow's"
+    assert [e.pid for e in env.router.connections()] == [100]
+    retransmit = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN, seq=9000)
+    assert env.route(retransmit) is Verdict.INJECT_INBOUND and env.router.stats.new_flows == 2
+
+
 def test_reply_for_an_unknown_flow_is_dropped_not_leaked() -> None:
     env = Env()
     stray = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 41000, b"x")
