@@ -385,6 +385,40 @@ def test_an_app_reusing_another_apps_port_to_the_same_server_gets_its_own_route(
     assert third.stdout.split() == [port, CLIENT_IP]
 
 
+# A UDP exchange with the echo from a given local port (0: any), resent until answered; prints the port
+# and the address the echo saw.
+UDP_FROM_PORT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.connect((sys.argv[1], 7))
+s.settimeout(0.5)
+for _ in range(10):
+    s.send(b"probe")
+    try:
+        reply = s.recv(4096)
+    except TimeoutError:
+        continue
+    print(s.getsockname()[1], reply.partition(b"\\n")[0].decode().rsplit(":", 1)[0], flush=True)
+    break
+else:
+    sys.exit("no answer")
+"""
+
+
+def test_an_app_reusing_a_closed_udp_sockets_port_gets_its_own_route(lab: Lab, daemon: RunningDaemon) -> None:
+    from awg_split_tunnel.lab import WEB_IP
+
+    first = lab.run(CLIENT, [lab.apps["app-direct"], "-c", UDP_FROM_PORT, WEB_IP, "0"])
+    assert first.returncode == 0, first.stderr
+    port, seen = first.stdout.split()
+    assert seen == CLIENT_IP
+    second = lab.run(CLIENT, [lab.apps["app-socks"], "-c", UDP_FROM_PORT, WEB_IP, port])
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == [port, SOCKS_IP], "the closed socket's route was inherited"
+
+
 OPEN_REQUEST = """
 import select, socket, sys
 s = socket.create_connection((sys.argv[1], 80), timeout=10)

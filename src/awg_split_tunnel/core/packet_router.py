@@ -331,6 +331,19 @@ class PacketRouter:
             if owner is not None:
                 self._decide_held(held, owner, now)
 
+    def flow_deleted(
+        self, proto: int, local_addr: bytes, local_port: int, remote_addr: bytes, remote_port: int
+    ) -> None:
+        """The app's socket of this flow closed (a FLOW DELETED event: UDP). Its entry goes now: the
+        kernel may give the port to another process talking to the same remote, whose datagrams must
+        not inherit this flow's route (UDP has no SYN that would tell a new flow from an old one)."""
+        if proto != IPPROTO_UDP or len(local_addr) != len(remote_addr):
+            return
+        key = local_addr + remote_addr + local_port.to_bytes(2, "big") + remote_port.to_bytes(2, "big")
+        entry = self._udp_flows.get(key)
+        if entry is not None:
+            self._forget(entry)
+
     def _claim(self, held: _HeldFlow, now: float, ambiguous: bool = False) -> int | None:
         """The owner of a new flow from the connect events, confirmed against the OS when more than one
         process (or flow) could be its owner; None if no event is known to be its."""
@@ -930,6 +943,7 @@ class ConnectEventLike(Protocol):
     kind: int
     pid: int
     proto: int
+    local_addr: bytes
     local_port: int
     remote_addr: bytes
     remote_port: int
@@ -946,6 +960,7 @@ class EventPort(Protocol):
 
 EVENT_CONNECT = 4
 EVENT_ESTABLISHED = 1
+EVENT_DELETED = 2
 BATCH = 64
 """Packets (and events) taken per wake-up before timers and the other handle get their turn."""
 REFRESH_INTERVAL = 2.0
@@ -1136,16 +1151,22 @@ class RouterLoop:
             connect_event(proto, remote_addr, remote_port, pid, now, local_port)
 
     def _pending_events(self) -> Iterator[ConnectEvent]:
-        """The connect events waiting on the handles, of processes in this network namespace."""
+        """The connect events waiting on the handles, of processes in this network namespace. FLOW
+        DELETED events (a UDP socket closed) end their flow on the way (``PacketRouter.flow_deleted``)."""
         for handle in self.events:
             for _ in range(BATCH):
                 event = handle.recv(0)
                 if event is None:
                     break
-                if event.kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and self._accept_pid(event.pid):
+                kind = event.kind
+                if kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and self._accept_pid(event.pid):
                     # Linux CONNECT events carry local port 0 (matched by remote); Windows ones and FLOW
                     # ESTABLISHED events carry the real port (matched exactly).
                     yield event.proto, event.remote_addr, event.remote_port, event.pid, event.local_port
+                elif kind == EVENT_DELETED and event.proto == IPPROTO_UDP and self._accept_pid(event.pid):
+                    self.router.flow_deleted(
+                        event.proto, event.local_addr, event.local_port, event.remote_addr, event.remote_port
+                    )
 
     def _send_outgoing(self) -> None:
         net = self.network

@@ -181,6 +181,36 @@ def test_a_new_connection_on_a_reused_port_is_decided_afresh_a_retransmit_is_not
     assert env.route(retransmit) is Verdict.INJECT_INBOUND and env.router.stats.new_flows == 2
 
 
+def test_a_closed_udp_sockets_flow_ends_so_the_next_owner_of_its_port_gets_its_own_route() -> None:
+    env = Env()
+    env.router.connect_event(IPPROTO_UDP, WEB, 53, 200, env.now, local_port=5000)  # app-direct
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q1")) is Verdict.REINJECT
+    env.router.flow_deleted(IPPROTO_UDP, APP, 5000, WEB, 53)  # its socket closed
+    assert env.router.connections() == []
+    env.router.connect_event(IPPROTO_UDP, WEB, 53, 100, env.now, local_port=5000)  # app-socks, same port
+    datagram = build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q2")
+    assert env.route(datagram) is Verdict.INJECT_INBOUND and view(datagram).dst_port == PROXY_UDP
+    env.router.flow_deleted(IPPROTO_UDP, APP, 5001, WEB, 53)  # another socket's: nothing of ours
+    assert [e.pid for e in env.router.connections()] == [100]
+
+
+def test_the_loop_ends_udp_flows_on_flow_deleted_events() -> None:
+    env = Env()
+    established = SimpleNamespace(
+        kind=1, pid=200, proto=IPPROTO_UDP, local_addr=APP, local_port=5000, remote_addr=WEB, remote_port=53
+    )
+    deleted = SimpleNamespace(**{**vars(established), "kind": 2})
+    network = FakeNetwork([build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q")])
+    events = FakeEvents([established])
+    loop = RouterLoop(env.router, network, [events], accept_pid={200}.__contains__)
+    loop._drain_events(env.now)
+    assert env.route(bytearray(network.incoming[0])) is Verdict.REINJECT
+    assert len(env.router.connections()) == 1
+    events.events.append(deleted)
+    loop._drain_events(env.now)
+    assert env.router.connections() == []
+
+
 def test_reply_for_an_unknown_flow_is_dropped_not_leaked() -> None:
     env = Env()
     stray = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 41000, b"x")
