@@ -34,9 +34,9 @@ def watch() -> None:
         time.sleep(0.5)
         for name, handle in zip(("SOCKET", "FLOW"), handles, strict=True):
             while (event := handle.recv(100)) is not None:
+                local = f"{event.local_addr.hex()}:{event.local_port}"
                 print(
-                    f"{name} {event.kind.name} pid={event.pid} local {event.local_addr.hex()}:{event.local_port}"
-                    f" remote port {event.remote_port}"
+                    f"{name} {event.kind.name} pid={event.pid} local {local} remote port {event.remote_port}"
                 )
     finally:
         for handle in handles:
