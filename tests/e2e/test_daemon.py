@@ -373,16 +373,18 @@ def test_an_app_reusing_another_apps_port_to_the_same_server_gets_its_own_route(
     # still lingers in the router when the second app's SYN comes on the same 4-tuple.
     from awg_split_tunnel.lab import WEB_IP
 
-    first = lab.run(CLIENT, [lab.apps["app-direct"], "-c", FROM_PORT, WEB_IP, "0"])
-    assert first.returncode == 0, first.stderr
-    port, seen = first.stdout.split()
+    port, seen = _from_port(lab, "app-direct", FROM_PORT, WEB_IP, "0")
     assert seen == CLIENT_IP
-    second = lab.run(CLIENT, [lab.apps["app-socks"], "-c", FROM_PORT, WEB_IP, port])
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.split() == [port, SOCKS_IP]
-    third = lab.run(CLIENT, [lab.apps["app-direct"], "-c", FROM_PORT, WEB_IP, port])
-    assert third.returncode == 0, third.stderr
-    assert third.stdout.split() == [port, CLIENT_IP]
+    assert _from_port(lab, "app-socks", FROM_PORT, WEB_IP, port) == (port, SOCKS_IP)
+    assert _from_port(lab, "app-direct", FROM_PORT, WEB_IP, port) == (port, CLIENT_IP)
+
+
+def _from_port(lab: Lab, app: str, script: str, *args: str) -> tuple[str, str]:
+    """Run ``script`` as ``app`` in ns client: (local port, address the server saw) it printed."""
+    done = lab.run(CLIENT, [lab.apps[app], "-c", script, *args])
+    assert done.returncode == 0, done.stderr
+    port, seen = done.stdout.split()
+    return port, seen
 
 
 # A UDP exchange with the echo from a given local port (0: any), resent until answered; prints the port
@@ -410,13 +412,10 @@ else:
 def test_an_app_reusing_a_closed_udp_sockets_port_gets_its_own_route(lab: Lab, daemon: RunningDaemon) -> None:
     from awg_split_tunnel.lab import WEB_IP
 
-    first = lab.run(CLIENT, [lab.apps["app-direct"], "-c", UDP_FROM_PORT, WEB_IP, "0"])
-    assert first.returncode == 0, first.stderr
-    port, seen = first.stdout.split()
+    port, seen = _from_port(lab, "app-direct", UDP_FROM_PORT, WEB_IP, "0")
     assert seen == CLIENT_IP
-    second = lab.run(CLIENT, [lab.apps["app-socks"], "-c", UDP_FROM_PORT, WEB_IP, port])
-    assert second.returncode == 0, second.stderr
-    assert second.stdout.split() == [port, SOCKS_IP], "the closed socket's route was inherited"
+    reused = _from_port(lab, "app-socks", UDP_FROM_PORT, WEB_IP, port)
+    assert reused == (port, SOCKS_IP), "the closed socket's route was inherited"
 
 
 OPEN_REQUEST = """
