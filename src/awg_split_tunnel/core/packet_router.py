@@ -256,8 +256,8 @@ class PacketRouter:
         self._next_expiry = 0.0
         self._fragment_ids: dict[bytes, float] = {}
         """Fragmented datagrams whose later fragments are dropped: (src, dst, id) -> when."""
-        self._held_fragments: dict[bytes, tuple[bytes, float]] = {}
-        """First fragments waiting in a held flow: (src, dst, id) -> (held flow key, when). Their later
+        self._held_fragments: dict[bytes, bytes] = {}
+        """First fragments waiting in a held flow: (src, dst, id) -> the held flow's key. Their later
         fragments wait with them and share their fate."""
         self._now = 0.0
         self._tcp_flows = self.table.flows(IPPROTO_TCP)
@@ -315,17 +315,10 @@ class PacketRouter:
         ``local_port`` is 0 for Linux SOCKET CONNECT events and the real port for FLOW ESTABLISHED.
         Waiting flows this event belongs to are decided at once.
         """
-        if local_port:
-            self.events.add_flow(proto, local_port, remote_addr, remote_port, pid, now)
-        else:
-            self.events.add_connect(proto, remote_addr, remote_port, pid, now)
+        self._record_event(proto, remote_addr, remote_port, pid, now, local_port)
         if not self._held:
             return
-        waiting = [
-            h
-            for h in self._held.values()
-            if h.proto == proto and h.dst_port == remote_port and h.dst_addr == remote_addr
-        ]
+        waiting = self._held_for(proto, remote_addr, remote_port)
         for held in waiting:
             owner = self._claim(held, now, ambiguous=len(waiting) > 1)
             if owner is not None:
@@ -365,10 +358,15 @@ class PacketRouter:
             return
         for proto, remote_addr, remote_port, pid, local_port in source():
             self._pulled = True  # flows held earlier may be among their owners: ``poll`` looks
-            if local_port:
-                self.events.add_flow(proto, local_port, remote_addr, remote_port, pid, now)
-            else:
-                self.events.add_connect(proto, remote_addr, remote_port, pid, now)
+            self._record_event(proto, remote_addr, remote_port, pid, now, local_port)
+
+    def _record_event(
+        self, proto: int, remote_addr: bytes, remote_port: int, pid: int, now: float, local_port: int
+    ) -> None:
+        if local_port:
+            self.events.add_flow(proto, local_port, remote_addr, remote_port, pid, now)
+        else:
+            self.events.add_connect(proto, remote_addr, remote_port, pid, now)
 
     # -- the packet path -----------------------------------------------------------------------------------
 
@@ -488,7 +486,7 @@ class PacketRouter:
     def _later_fragment(self, v: PacketView, copy_meta: Callable[[], object]) -> Verdict:
         if self._held_fragments:
             waiting = self._held_fragments.get(self._fragment_id(v))
-            held = self._held.get(waiting[0]) if waiting is not None else None
+            held = self._held.get(waiting) if waiting is not None else None
             if held is not None:
                 # Its first fragment waits for the flow's owner: passed on now, it would leave directly
                 # whatever the flow's route turns out to be.
@@ -558,19 +556,21 @@ class PacketRouter:
         held.packets.append((bytearray(buf[: v.length]), meta))
         self._held[key] = held
         if v.fragment:
-            self._held_fragments[self._fragment_id(v)] = (key, now)
+            self._held_fragments[self._fragment_id(v)] = key
         self.stats.held += 1
         return Verdict.HOLD
 
+    def _held_for(self, proto: int, remote_addr: bytes, remote_port: int) -> list[_HeldFlow]:
+        """The held flows waiting for an event of this remote."""
+        return [
+            h
+            for h in self._held.values()
+            if h.proto == proto and h.dst_port == remote_port and h.dst_addr == remote_addr
+        ]
+
     def _others_waiting(self, held: _HeldFlow) -> bool:
         """Whether another held flow waits for an event of the same remote (an event could be either's)."""
-        return any(
-            h is not held
-            and h.dst_port == held.dst_port
-            and h.dst_addr == held.dst_addr
-            and h.proto == held.proto
-            for h in self._held.values()
-        )
+        return any(h is not held for h in self._held_for(held.proto, held.dst_addr, held.dst_port))
 
     def _apply_first(self, v: PacketView, entry: NatEntry, copy_meta: Callable[[], object]) -> Verdict:
         if entry.verdict is FlowVerdict.PASS:
@@ -831,7 +831,7 @@ class PacketRouter:
                 limit = now - 30.0
                 self._fragment_ids = {k: t for k, t in self._fragment_ids.items() if t > limit}
             if self._held_fragments:
-                self._held_fragments = {k: h for k, h in self._held_fragments.items() if h[0] in self._held}
+                self._held_fragments = {k: h for k, h in self._held_fragments.items() if h in self._held}
 
     # -- control, applied on the router's thread ---------------------------------------------------------
 
