@@ -91,47 +91,25 @@ while time.monotonic() < end:
 print(answered, seen)
 """
 
-CONFIG_START = f"""\
-log_level: info
-default: direct
-tunnels:
-  - id: socks
-    type: socks5
-    server: {SOCKS_IP}:1080
-rules: []
-"""
+
+def daemon_config(wg_conf: str | None = None, app_tunnel: str | None = None) -> str:
+    """The config file as the test writes it: the SOCKS5 tunnel, a WireGuard tunnel reading ``wg_conf``
+    (if given), and a ``block`` rule sending the app to ``app_tunnel`` (if given)."""
+    text = "log_level: info\ndefault: direct\ntunnels:\n"
+    text += f"  - id: socks\n    type: socks5\n    server: {SOCKS_IP}:1080\n"
+    if wg_conf is not None:
+        text += f"  - id: wg\n    type: wireguard\n    config_file: {wg_conf}\n"
+    if app_tunnel is None:
+        return text + "rules: []\n"
+    return text + f"rules:\n  - process: {APP}\n    tunnel: {app_tunnel}\n    fallback: block\n"
+
+
+CONFIG_START = daemon_config()
+CONFIG_MOVED_TO_SOCKS = daemon_config(app_tunnel="socks")
 
 
 def config_with_wg(conf_file: str) -> str:
-    return f"""\
-log_level: info
-default: direct
-tunnels:
-  - id: socks
-    type: socks5
-    server: {SOCKS_IP}:1080
-  - id: wg
-    type: wireguard
-    config_file: {conf_file}
-rules:
-  - process: {APP}
-    tunnel: wg
-    fallback: block
-"""
-
-
-CONFIG_MOVED_TO_SOCKS = f"""\
-log_level: info
-default: direct
-tunnels:
-  - id: socks
-    type: socks5
-    server: {SOCKS_IP}:1080
-rules:
-  - process: {APP}
-    tunnel: socks
-    fallback: block
-"""
+    return daemon_config(wg_conf=conf_file, app_tunnel="wg")
 
 
 def client_conf(private_key: str, peer: WireGuardServer, port: int, mtu: int) -> str:
