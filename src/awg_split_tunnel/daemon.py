@@ -46,7 +46,7 @@ from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
-from awg_split_tunnel.packet_tunnels import packet_tunnel_devices, packet_tunnel_wiring
+from awg_split_tunnel.packet_tunnels import packet_tunnel_devices
 from awg_split_tunnel.provider.direct import DirectProvider
 from awg_split_tunnel.provider.health import HealthMonitor
 from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
@@ -60,9 +60,9 @@ rule_log = logging.getLogger("awg_split_tunnel.rule")
 WATCH_INTERVAL = 1.0
 """Seconds between looks at the config file's modification time."""
 FIRST_PROBE_WAIT = 2.0
+"""How long ``start`` waits for the stream tunnels' first health probes before printing the status line."""
 PACKET_TUNNEL_UP_WAIT = 5.0
 """Seconds `tunnel up` waits for a WireGuard/AmneziaWG handshake before answering with the state it has."""
-"""How long ``start`` waits for the stream tunnels' first health probes before printing the status line."""
 PROXY_HOSTS: tuple[str, ...] = ("0.0.0.0", "::")
 """The tunnel proxies listen on every address of both families: the router's hairpin delivers an app's
 flow to the app's own source address, whichever interface that is on."""
@@ -223,7 +223,7 @@ class Daemon:
             self.registry.register(tunnel.id, tunnel.tunnel_type)
             if isinstance(tunnel, Socks5Tunnel | HttpTunnel):
                 self.tunnels[tunnel.id] = await self._open_stream_tunnel(tunnel)
-        self._packet_routes, devices = packet_tunnel_wiring(config, self.config_path.parent)
+        self._packet_routes, devices = packet_tunnel_devices(config.tunnels, self.config_path.parent)
         for tunnel_id in devices:
             self.registry.set_state(tunnel_id, TunnelState.CONNECTING, "starting")
         self._routes = self._tunnel_routes()
