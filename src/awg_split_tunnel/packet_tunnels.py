@@ -12,7 +12,7 @@ import functools
 from collections.abc import Iterable
 from pathlib import Path
 
-from awg_split_tunnel.core.config import AnyTunnel, Config, PacketTunnel, tunnel_wg_conf
+from awg_split_tunnel.core.config import AnyTunnel, PacketTunnel, tunnel_wg_conf
 from awg_split_tunnel.core.packet_router import DeviceFactory
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.errors import ConfigError
@@ -28,14 +28,6 @@ of 8 runs). A SNIFF handle never sees those batches and a plain veth delivers th
 the backend (``scripts/repro/fragment_clause_with_port.py`` shows the port exclusion itself holds). So
 devices that share a namespace with the router send one datagram per call (the `tun` command keeps
 GSO)."""
-
-
-def packet_tunnel_wiring(
-    config: Config, base_dir: Path
-) -> tuple[dict[str, PacketTunnelRoute], dict[str, DeviceFactory]]:
-    """Routes and device factories for every amneziawg/wireguard tunnel of `config`. Endpoints are
-    resolved here, once; raises ConfigError when a tunnel's settings cannot make a working device."""
-    return packet_tunnel_devices(config.tunnels, base_dir)
 
 
 def packet_tunnel_devices(
