@@ -392,6 +392,7 @@ def test_status_shows_the_packet_tunnels_up_with_traffic(daemon: RunningDaemon) 
         row = rows[tunnel_id]
         assert row["state"] == "up", row
         assert row["rx_bytes"] > 0 and row["tx_bytes"] > 0, row
+        assert 0 <= row["handshake_age"] < 180, row  # a session's keys are replaced within 3 minutes
     assert rows["socks"]["state"] == "up", rows["socks"]
 
 

@@ -109,10 +109,17 @@ def serve(config: dict[str, Any]) -> None:
                     device.connect()
 
         def report() -> dict[str, Any]:
+            tunnels = router.packet_tunnel_stats()
+            counters = device.statistics()
+            tunnels["wg"].update(
+                datagrams_in=counters.datagrams_in,
+                datagrams_out=counters.datagrams_out,
+                dropped={str(reason): count for reason, count in device.dropped.items()},
+            )
             return {
                 "state": str(states["wg"]),
                 "router": dataclasses.asdict(router.stats),
-                "tunnels": router.packet_tunnel_stats(),
+                "tunnels": tunnels,
                 "error": repr(loop.error),
             }
 
@@ -378,8 +385,15 @@ def test_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_back(daemon
     assert capture.count() == 0, "\n".join(capture.packets())
     daemon.peer.start()
     deadline = time.monotonic() + 30
-    while daemon.stats()["state"] != "up":
-        assert time.monotonic() < deadline, "the tunnel did not come back up"
+    while (stats := daemon.stats())["state"] != "up":
+        if time.monotonic() > deadline:
+            peer = daemon.peer
+            pytest.fail(
+                "the tunnel did not come back up\n"
+                f"ours: {json.dumps(stats['tunnels'])}\n"
+                f"peer running: {peer.running}\n{peer.show() if peer.running else ''}\n"
+                f"peer log:\n{peer.server.stderr_text()[-3000:]}"
+            )
         time.sleep(0.3)
     assert lab.app("app-wg").seen_ip == daemon.tunnel_ip
     assert lab.app("app-wgblock").seen_ip == daemon.tunnel_ip

@@ -145,7 +145,14 @@ class FakeDevice:
         self._set(TunnelState.UP, "handshake completed")
 
     def statistics(self) -> SimpleNamespace:
-        return SimpleNamespace(rx_bytes=0, tx_bytes=sum(map(len, self.sent)))
+        sent = self.sent
+        return SimpleNamespace(
+            rx_bytes=0, tx_bytes=sum(map(len, sent)), datagrams_in=0, datagrams_out=len(sent), peers={}
+        )
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return {}
 
     def send_packets(self, packets: Sequence[bytes]) -> None:
         self.sent.extend(packets)
