@@ -507,3 +507,49 @@ def test_tunnel_down_by_hand_stops_a_wireguard_tunnel_and_up_brings_it_back(daem
     assert answer["state"] == "up", answer
     assert lab.app(APP_WG_BLOCK).seen_ip == TUNNEL_CLIENT_IP
     assert lab.app(APP_WG_FALLBACK).seen_ip == TUNNEL_CLIENT_IP
+
+
+@pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
+def test_tunnels_follow_the_client_when_its_uplink_address_changes(daemon: RunningDaemon) -> None:
+    """A laptop moving to another network: the uplink's address is replaced while the daemon runs.
+    Nothing is restarted; the peers learn the new endpoint from our next authenticated packet."""
+    lab = daemon.lab
+    moved = "198.18.0.5"
+
+    def set_uplink(add: str, remove: str) -> None:
+        # What a DHCP client does on a new network: the old address goes (and with it the routes of the
+        # interface), the new one comes, the default route is put back.
+        lab.run(CLIENT, ["ip", "addr", "del", f"{remove}/24", "dev", "eth0"], check=True)
+        lab.run(CLIENT, ["ip", "addr", "add", f"{add}/24", "dev", "eth0"], check=True)
+        lab.run(CLIENT, ["ip", "route", "replace", "default", "dev", "eth0"], check=True)
+
+    def all_routes_right(client_ip: str) -> bool:
+        expected = {
+            APP_WG_BLOCK: TUNNEL_CLIENT_IP,
+            APP_AWG: AWG_TUNNEL_CLIENT_IP,
+            APP_SOCKS: SOCKS_IP,
+            APP_DIRECT: client_ip,
+        }
+        seen.clear()
+        seen.update({name: lab.app(name, timeout=2.0).seen_ip for name in expected})
+        return seen == expected
+
+    seen: dict[str, str] = {}
+
+    def detail() -> str:
+        return f"apps saw: {seen}\n{daemon.output()}"
+
+    assert all_routes_right(CLIENT_IP), seen
+    set_uplink(moved, CLIENT_IP)
+    try:
+        took = wait_for(
+            lambda: all_routes_right(moved), 20.0, "every route again from the new address", detail
+        )
+        print(f"every route worked again {took:.1f}s after the uplink address changed")
+        assert f"endpoint: {moved}:{WG_CLIENT_PORT}" in daemon.world.wg_peer.show()
+        udp = lab.app(APP_WG_BLOCK, udp=True)
+        assert udp.ok and udp.seen_ip == TUNNEL_CLIENT_IP, udp.stderr
+        assert {daemon.state("wg"), daemon.state("awg")} == {"up"}
+    finally:
+        set_uplink(CLIENT_IP, moved)
+    wait_for(lambda: all_routes_right(CLIENT_IP), 20.0, "every route back on the old address", detail)
