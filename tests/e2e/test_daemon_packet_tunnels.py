@@ -143,6 +143,22 @@ for attempt in range(int(sys.argv[3])):
 else:
     sys.exit("no answer")
 """
+# One datagram to a port where nothing listens: the host answers ICMP port unreachable, which a connected
+# UDP socket reports as "connection refused". Prints how it ended.
+CLOSED_PORT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.settimeout(5.0)
+s.send(b"anyone there?")
+try:
+    s.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("no answer in 5 s")
+"""
 FRAGMENTS = f"ip src {CLIENT_IP} and ip dst {WEB_IP} and (ip[6:2] & 0x3fff != 0)"
 """IPv4 fragments of the client towards the web server, as they would leave on the uplink."""
 
@@ -409,6 +425,17 @@ def test_amneziawg_tunnel_traffic_is_not_plain_wireguard_on_the_wire(daemon: Run
     assert sent, "no datagram of the AmneziaWG tunnel captured"
     types = {int.from_bytes(d[offset : offset + 4], "little") for d in sent if len(d) >= offset + 32}
     assert types and 4 not in types, types
+
+
+def test_an_icmp_error_from_inside_the_tunnel_reaches_the_app(daemon: RunningDaemon) -> None:
+    """The web server's "port unreachable" travels back through each tunnel to the app that caused it,
+    which hears "connection refused" at once, as the direct app does, instead of waiting for a timeout."""
+    lab = daemon.lab
+    ended = {
+        name: lab.run(CLIENT, [lab.apps[name], "-c", CLOSED_PORT, WEB_IP, "9"], timeout=20).stdout.strip()
+        for name in (APP_WG_BLOCK, APP_AWG, APP_DIRECT)
+    }
+    assert ended == {APP_WG_BLOCK: "refused", APP_AWG: "refused", APP_DIRECT: "refused"}
 
 
 @pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")

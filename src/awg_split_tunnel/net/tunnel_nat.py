@@ -6,6 +6,12 @@ the app's port when no other flow holds (t, R:r) already, else a fresh one. Repl
 flow by (protocol, t, R, r) and are rewritten back to (R:r → A:a). Checksums are patched incrementally
 (RFC 1624), and an IPv4 UDP checksum of 0 (none) stays 0.
 
+ICMP errors from inside the tunnel (port unreachable, fragmentation needed / packet too big, time
+exceeded, parameter problem) quote the packet that caused them, i.e. one of ours as it left: (T:t → R:r).
+They are found by that quote and rewritten as the app would have received them directly: addressed to A,
+quoting (A:a → R:r). Without that a tunnelled app would wait for its timeout instead of seeing "connection
+refused", and path MTU discovery inside the tunnel would never reach it.
+
 One ``TunnelNat`` per tunnel, owned by the router's loop; time is passed in.
 """
 
@@ -16,13 +22,18 @@ import struct
 from dataclasses import dataclass
 
 from awg_split_tunnel.net.packet import (
+    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IPV4_HEADER_LEN,
+    IPV6_HEADER_LEN,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
     PacketView,
+    internet_checksum,
+    pseudo_header_sum,
 )
 
 TCP_IDLE_TIMEOUT = 7440.0
@@ -36,9 +47,16 @@ EPHEMERAL_PORTS = range(49152, 65536)
 """Where a new tunnel-side port is taken from when the app's own port is held (RFC 6335)."""
 
 _PORT_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
+IPPROTO_ICMP = 1
+ICMP_ERRORS_V4 = frozenset({3, 11, 12})
+"""Destination unreachable (incl. fragmentation needed), time exceeded, parameter problem."""
+ICMP_ERRORS_V6 = frozenset({1, 2, 3, 4})
+"""Destination unreachable, packet too big, time exceeded, parameter problem."""
+ICMP_HEADER_LEN = 8
 _FIN_OUT = 1
 _FIN_IN = 2
 _H = struct.Struct("!H")
+_HH = struct.Struct("!HH")
 
 
 class NatResult(enum.Enum):
@@ -147,6 +165,8 @@ class TunnelNat:
         tunnel_addr = self.address_v4 if n == 4 else self.address_v6
         if tunnel_addr is None or bytes(buf[off + n : off + 2 * n]) != tunnel_addr:
             return NatResult.NO_MAPPING
+        if proto == (IPPROTO_ICMP if n == 4 else IPPROTO_ICMPV6) and l4 >= 0:
+            return self._icmp_error(view, tunnel_addr)
         if not view.has_ports:
             app_addrs = self._app_addrs[0 if n == 4 else 1]
             if l4 < 0 and proto in _PORT_PROTOS and len(app_addrs) == 1:
@@ -164,6 +184,68 @@ class TunnelNat:
         if proto == IPPROTO_TCP:
             self._track_close(mapping, view.tcp_flags, _FIN_IN, now)
         _rewrite(view, off + n, mapping.app_addr, l4 + 2, mapping.app_port)
+        return NatResult.REWRITTEN
+
+    def _icmp_error(self, view: PacketView, tunnel_addr: bytes) -> NatResult:
+        """An ICMP error addressed to the tunnel (checked by the caller): rewrite it for the app whose
+        packet it quotes, or NO_MAPPING (informational messages, quotes of no flow of ours)."""
+        buf, n, end = view.buf, view.addr_len, view.length
+        icmp = view.l4
+        quote = icmp + ICMP_HEADER_LEN
+        if end - icmp < ICMP_HEADER_LEN or buf[icmp] not in (ICMP_ERRORS_V4 if n == 4 else ICMP_ERRORS_V6):
+            return NatResult.NO_MAPPING
+        # The quoted header: ours as it left, so it is the same IP version, from the tunnel address.
+        if n == 4:
+            if end - quote < IPV4_HEADER_LEN or buf[quote] >> 4 != 4:
+                return NatResult.NO_MAPPING
+            quoted_l4 = quote + (buf[quote] & 0x0F) * 4
+            quoted_proto = buf[quote + 9]
+            quoted_src = quote + 12
+            if quoted_l4 < quote + IPV4_HEADER_LEN or _H.unpack_from(buf, quote + 6)[0] & 0x1FFF:
+                return NatResult.NO_MAPPING  # bad header length, or a later fragment: no ports quoted
+        else:
+            if end - quote < IPV6_HEADER_LEN or buf[quote] >> 4 != 6:
+                return NatResult.NO_MAPPING
+            quoted_l4 = quote + IPV6_HEADER_LEN
+            quoted_proto = buf[quote + 6]  # extension headers before TCP/UDP are not looked through
+            quoted_src = quote + 8
+        if quoted_proto not in _PORT_PROTOS or end - quoted_l4 < 4:
+            return NatResult.NO_MAPPING
+        if bytes(buf[quoted_src : quoted_src + n]) != tunnel_addr:
+            return NatResult.NO_MAPPING
+        remote_addr = bytes(buf[quoted_src + n : quoted_src + 2 * n])
+        tunnel_port, remote_port = _HH.unpack_from(buf, quoted_l4)
+        i = 0 if quoted_proto == IPPROTO_TCP else 1
+        mapping = self._inbound[i].get(_inbound_key(remote_addr, remote_port, tunnel_port))
+        if mapping is None:
+            return NatResult.NO_MAPPING
+        app_addr, app_port = mapping.app_addr, mapping.app_port
+        # The quoted packet back as the app sent it: its source, and the checksums that cover it.
+        delta = int.from_bytes(app_addr, "big") - int.from_bytes(tunnel_addr, "big")
+        buf[quoted_src : quoted_src + n] = app_addr
+        if n == 4:
+            _H.pack_into(buf, quote + 10, _adjusted(_H.unpack_from(buf, quote + 10)[0], delta))
+        delta += app_port - tunnel_port
+        _H.pack_into(buf, quoted_l4, app_port)
+        csum_off = quoted_l4 + (16 if quoted_proto == IPPROTO_TCP else 6)
+        if csum_off + 2 <= end:  # a short quote may end before the checksum
+            csum = _H.unpack_from(buf, csum_off)[0]
+            if quoted_proto == IPPROTO_TCP:
+                _H.pack_into(buf, csum_off, _adjusted(csum, delta))
+            elif csum or n == 6:  # an IPv4 UDP checksum of 0 (none) stays 0; a computed 0 is sent as 0xFFFF
+                _H.pack_into(buf, csum_off, _adjusted(csum, delta) or 0xFFFF)
+        # The outer header now goes to the app; the ICMP checksum is computed afresh over the message.
+        dst = view.src_off + n
+        buf[dst : dst + n] = app_addr
+        buf[icmp + 2 : icmp + 4] = b"\0\0"
+        if n == 4:
+            buf[10:12] = b"\0\0"
+            _H.pack_into(buf, 10, internet_checksum(buf[:icmp]))
+            _H.pack_into(buf, icmp + 2, internet_checksum(buf[icmp:end]))
+        else:
+            src = view.src_off
+            initial = pseudo_header_sum(bytes(buf[src : src + n]), app_addr, IPPROTO_ICMPV6, end - icmp)
+            _H.pack_into(buf, icmp + 2, internet_checksum(buf[icmp:end], initial))
         return NatResult.REWRITTEN
 
     def expire(self, now: float) -> list[TunnelMapping]:

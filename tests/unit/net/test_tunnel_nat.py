@@ -406,3 +406,118 @@ def test_linux_answers_a_moved_port_and_the_answer_returns_to_the_app_port() -> 
                 assert nat.inbound(view_of(syn_ack), now=0.1) is NatResult.REWRITTEN
                 assert_valid(syn_ack)
                 assert addresses(syn_ack) == (STACK4, 8080, app, 40000)
+
+
+# -- ICMP errors from inside the tunnel: found by the packet they quote, rewritten for the app -----------
+
+
+def icmp_error(outer_src: bytes, quoted: bytes, *, icmp_type: int | None = None, code: int = 3) -> bytearray:
+    """An ICMP/ICMPv6 error to the tunnel address quoting ``quoted``, checksums computed here."""
+    v6 = quoted[0] >> 4 == 6
+    dst = quoted[8:24] if v6 else quoted[12:16]
+    kind = (1 if v6 else 3) if icmp_type is None else icmp_type
+    body = bytearray(struct.pack("!BBHI", kind, code if not v6 else 4, 0, 0)) + quoted
+    if v6:
+        struct.pack_into("!H", body, 2, naive_checksum(bytes(body), pseudo(outer_src, dst, 58, len(body))))
+        return bytearray(struct.pack("!IHBB16s16s", 6 << 28, len(body), 58, 64, outer_src, dst)) + body
+    struct.pack_into("!H", body, 2, naive_checksum(bytes(body)))
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 9, 0, 64, 1, 0, outer_src, dst))
+    struct.pack_into("!H", hdr, 10, naive_checksum(bytes(hdr)))
+    return hdr + body
+
+
+def assert_icmp_valid(data: bytearray) -> None:
+    raw = bytes(data)
+    if raw[0] >> 4 == 4:
+        assert naive_checksum(raw[:20]) == 0, "IPv4 header checksum"
+        assert naive_checksum(raw[20:]) == 0, "ICMP checksum"
+    else:
+        assert naive_checksum(raw[40:], pseudo(raw[8:24], raw[24:40], 58, len(raw) - 40)) == 0, "ICMPv6"
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_UDP, IPPROTO_TCP], ids=["udp", "tcp"])
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_an_icmp_error_quoting_our_packet_is_rewritten_as_the_app_would_have_received_it(
+    proto: int, v6: bool
+) -> None:
+    app, remote = (APP6, REMOTE6) if v6 else (APP4, REMOTE4)
+    nat = TunnelNat(TUN4, TUN6)
+    sent = packet(app, remote, proto, 40000, 53, b"query", flags=SYN)
+    out = bytearray(sent)
+    assert nat.outbound(view_of(out), now=0.0) is NatResult.REWRITTEN
+    router = ipaddress.ip_address("2001:2:0:1::fe" if v6 else "198.19.200.254").packed
+    error = icmp_error(router, bytes(out))
+    assert nat.inbound(view_of(error), now=0.1) is NatResult.REWRITTEN
+    assert_icmp_valid(error)
+    header = 40 if v6 else 20
+    assert bytes(error[header - (16 if v6 else 4) : header]) == app, "addressed to the app"
+    assert error[header + 8 :] == sent, "quoting the packet exactly as the app sent it, checksums included"
+
+
+def test_a_short_quote_of_eight_transport_bytes_is_enough() -> None:
+    """RFC 792 only promises the IP header and 8 bytes: the ports, not the TCP checksum."""
+    nat = TunnelNat(TUN4, None)
+    sent = packet(APP4, REMOTE4, IPPROTO_TCP, 40001, 443, b"", flags=SYN)
+    out = bytearray(sent)
+    assert nat.outbound(view_of(out), now=0.0) is NatResult.REWRITTEN
+    error = icmp_error(REMOTE4, bytes(out[:28]), code=4)  # fragmentation needed
+    assert nat.inbound(view_of(error), now=0.1) is NatResult.REWRITTEN
+    assert_icmp_valid(error)
+    assert error[28:] == sent[:28]
+
+
+def test_icmp_that_quotes_no_flow_of_ours_is_left_alone() -> None:
+    nat = TunnelNat(TUN4, TUN6)
+    ours = packet(APP4, REMOTE4, IPPROTO_UDP, 40002, 53, b"q")
+    assert nat.outbound(view_of(ours), now=0.0) is NatResult.REWRITTEN
+    cases = {
+        "unknown flow": icmp_error(REMOTE4, bytes(packet(TUN4, REMOTE4, IPPROTO_UDP, 40003, 53, b"q"))),
+        "echo reply": icmp_error(REMOTE4, bytes(ours), icmp_type=0),
+        "redirect": icmp_error(REMOTE4, bytes(ours), icmp_type=5),
+        "quote from elsewhere": icmp_error(REMOTE4, bytes(packet(REMOTE4, TUN4, IPPROTO_UDP, 53, 40002))),
+        "cut inside the quoted header": icmp_error(REMOTE4, bytes(ours[:19])),
+        "cut before the ports": icmp_error(REMOTE4, bytes(ours[:22])),
+    }
+    for name, error in cases.items():
+        before = bytes(error)
+        assert nat.inbound(view_of(error), now=0.1) is NatResult.NO_MAPPING, name
+        assert error == before, name
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=120), st.booleans())
+def test_random_icmp_bodies_never_raise(body: bytes, v6: bool) -> None:
+    nat = TunnelNat(TUN4, TUN6)
+    nat.outbound(
+        view_of(packet(APP6 if v6 else APP4, REMOTE6 if v6 else REMOTE4, IPPROTO_UDP, 40004, 53)), 0.0
+    )
+    if v6:
+        data = bytearray(struct.pack("!IHBB16s16s", 6 << 28, len(body), 58, 64, REMOTE6, TUN6)) + body
+    else:
+        data = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0, 64, 1, 0, REMOTE4, TUN4))
+        data += body
+    view = PacketView()
+    if view.parse(data, len(data)):
+        assert nat.inbound(view, now=0.1) in (NatResult.NO_MAPPING, NatResult.REWRITTEN)
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_linux_port_unreachable_for_our_nated_udp_comes_back_to_the_app(v6: bool) -> None:
+    stack, app = (STACK6, APP6) if v6 else (STACK4, APP4)
+    nat = TunnelNat(PEER4, PEER6)
+    with tun_in_netns("icmp6" if v6 else "icmp4") as (_name, fd):
+        sent = packet(app, stack, IPPROTO_UDP, 40005, 9999, b"anyone there?")  # nothing listens on 9999
+        out = bytearray(sent)
+        assert nat.outbound(view_of(out), now=0.0) is NatResult.REWRITTEN
+        os.write(fd, out)
+        error = read_packet(
+            fd, lambda p: p[:1] == (b"\x60" if v6 else b"\x45") and p[40 if v6 else 20] == (1 if v6 else 3)
+        )  # destination unreachable (the stack also sends router solicitations and MLD reports)
+        assert nat.inbound(view_of(error), now=0.1) is NatResult.REWRITTEN
+        assert_icmp_valid(error)
+        header = 40 if v6 else 20
+        assert bytes(error[header - (16 if v6 else 4) : header]) == app
+        assert error[header] == (1 if v6 else 3), "destination unreachable"
+        assert error[header + 1] == (4 if v6 else 3), "port unreachable"
+        assert error[header + 8 :] == sent
