@@ -367,6 +367,23 @@ def test_download_through_the_tunnel_arrives_intact(daemon: Daemon) -> None:
     assert stats["tunnels"]["wg"]["packets_in"] > 10_000 // 1.5
 
 
+def peer_report(daemon: Daemon) -> str:
+    """The peer's side, for a failure message: running or not, `wg show`, its log, the kernel's log."""
+    from awg_split_tunnel.lab import LabError
+    from awg_split_tunnel.lab.netns import kernel_log_tail, process_state
+
+    peer = daemon.peer
+    pid = peer.server.pid
+    try:
+        show = peer.show()
+    except LabError as exc:
+        show = f"show failed: {exc}"
+    return (
+        f"peer {'running, ' + process_state(pid) if pid else 'not running'}\n{show}\n"
+        f"peer log:\n{peer.server.stderr_text()[-3000:]}\n{kernel_log_tail()}"
+    )
+
+
 def test_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_back(daemon: Daemon) -> None:
     from awg_split_tunnel.lab import CLIENT
 
@@ -387,13 +404,8 @@ def test_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_back(daemon
     deadline = time.monotonic() + 30
     while (stats := daemon.stats())["state"] != "up":
         if time.monotonic() > deadline:
-            peer = daemon.peer
-            pytest.fail(
-                "the tunnel did not come back up\n"
-                f"ours: {json.dumps(stats['tunnels'])}\n"
-                f"peer running: {peer.running}\n{peer.show() if peer.running else ''}\n"
-                f"peer log:\n{peer.server.stderr_text()[-3000:]}"
-            )
+            ours = json.dumps(stats["tunnels"])
+            pytest.fail(f"the tunnel did not come back up\nours: {ours}\n{peer_report(daemon)}")
         time.sleep(0.3)
     assert lab.app("app-wg").seen_ip == daemon.tunnel_ip
     assert lab.app("app-wgblock").seen_ip == daemon.tunnel_ip

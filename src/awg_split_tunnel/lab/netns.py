@@ -213,15 +213,16 @@ def socket_in_netns(
     return call_in_netns(name, lambda: socket.socket(family, kind))
 
 
-def terminate_process(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM the process group, then SIGKILL it if it lingers."""
+def terminate_process(process: subprocess.Popen[Any]) -> bool:
+    """SIGTERM the process group, then SIGKILL it if it lingers; False if it still has not exited (a
+    process stuck in the kernel, e.g. closing a device that cannot be unregistered yet)."""
     if process.poll() is not None:
-        return
+        return True
     try:
         own_group = os.getpgid(process.pid) == process.pid
     except ProcessLookupError:
         own_group = False
-    for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+    for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)):
         if own_group:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, sig)
@@ -229,9 +230,36 @@ def terminate_process(process: subprocess.Popen[Any]) -> None:
             process.send_signal(sig)
         try:
             process.wait(timeout=wait)
-            return
+            return True
         except subprocess.TimeoutExpired:
             continue
+    return False
+
+
+KERNEL_LOG_NOISE = re.compile(r"entered|left (allmulticast|promiscuous)|(blocking|forwarding|disabled) state")
+
+
+def kernel_log_tail(lines: int = 15) -> str:
+    """The kernel's latest messages without the bridge-port chatter of lab set-up (for failure messages:
+    e.g. "unregister_netdevice: waiting for ... to become free"); empty if unreadable."""
+    try:
+        done = subprocess.run(["dmesg", "-T"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    kept = [line for line in done.stdout.splitlines() if not KERNEL_LOG_NOISE.search(line)]
+    return "kernel log:\n" + "\n".join(kept[-lines:]) if kept else ""
+
+
+def process_state(pid: int) -> str:
+    """What the kernel says a process is doing (state and wait channel), for error messages."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError as exc:
+        return f"unknown ({exc})"
+    states = [line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("State:")]
+    state = states[0] if states else "?"
+    return f"state {state}, waiting in {wchan or '-'}"
 
 
 @dataclass(slots=True)

@@ -26,6 +26,8 @@ from awg_split_tunnel.lab.netns import (
     WIREGUARD_SOCKET_DIR,
     LabError,
     LabUnavailable,
+    kernel_log_tail,
+    process_state,
     terminate_process,
 )
 from awg_split_tunnel.lab.topology import (
@@ -131,9 +133,13 @@ class LabServer:
         return None if self.process is None else self.process.poll()
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
-        if self.process is not None:
-            terminate_process(self.process)
+        """Stop the server (SIGTERM, then SIGKILL) and wait for it; LabError if it does not exit (a
+        restart would otherwise find it "running" and leave a dead server in place)."""
+        if self.process is not None and not terminate_process(self.process):
+            raise LabError(
+                f"{self.name} (pid {self.process.pid}) did not exit after SIGKILL: "
+                f"{process_state(self.process.pid)}\n{kernel_log_tail()}"
+            )
 
     def restart(self, timeout: float = READY_TIMEOUT) -> LabServer:
         """Stop, then start again."""
