@@ -219,21 +219,10 @@ class TunnelNat:
         mapping = self._inbound[i].get(_inbound_key(remote_addr, remote_port, tunnel_port))
         if mapping is None:
             return NatResult.NO_MAPPING
-        app_addr, app_port = mapping.app_addr, mapping.app_port
+        app_addr = mapping.app_addr
         # The quoted packet back as the app sent it: its source, and the checksums that cover it.
-        delta = int.from_bytes(app_addr, "big") - int.from_bytes(tunnel_addr, "big")
-        buf[quoted_src : quoted_src + n] = app_addr
-        if n == 4:
-            _H.pack_into(buf, quote + 10, _adjusted(_H.unpack_from(buf, quote + 10)[0], delta))
-        delta += app_port - tunnel_port
-        _H.pack_into(buf, quoted_l4, app_port)
-        csum_off = quoted_l4 + (16 if quoted_proto == IPPROTO_TCP else 6)
-        if csum_off + 2 <= end:  # a short quote may end before the checksum
-            csum = _H.unpack_from(buf, csum_off)[0]
-            if quoted_proto == IPPROTO_TCP:
-                _H.pack_into(buf, csum_off, _adjusted(csum, delta))
-            elif csum or n == 6:  # an IPv4 UDP checksum of 0 (none) stays 0; a computed 0 is sent as 0xFFFF
-                _H.pack_into(buf, csum_off, _adjusted(csum, delta) or 0xFFFF)
+        ip4, port = (quote if n == 4 else -1), mapping.app_port
+        _rewrite_headers(buf, ip4, quoted_l4, quoted_proto, quoted_src, app_addr, quoted_l4, port, end)
         # The outer header now goes to the app; the ICMP checksum is computed afresh over the message.
         dst = view.src_off + n
         buf[dst : dst + n] = app_addr
@@ -307,30 +296,46 @@ class TunnelNat:
 
 
 def _rewrite(view: PacketView, addr_off: int, addr: bytes, port_off: int, port: int) -> None:
-    """Write ``addr`` at ``addr_off`` (and ``port`` at ``port_off`` unless it is -1), patching the IPv4
-    header and TCP/UDP checksums with one combined delta (RFC 1624 eqn. 3 in arithmetic mod 0xFFFF, where
-    2**16 ≡ 1 makes an address's integer value congruent to the sum of its 16-bit words)."""
-    buf = view.buf
+    """``_rewrite_headers`` on the packet ``view`` is parsed to."""
+    ip4 = 0 if view.version == 4 else -1
+    _rewrite_headers(view.buf, ip4, view.l4, view.proto, addr_off, addr, port_off, port, view.length)
+
+
+def _rewrite_headers(
+    buf: bytearray | memoryview,
+    ip4: int,
+    l4: int,
+    proto: int,
+    addr_off: int,
+    addr: bytes,
+    port_off: int,
+    port: int,
+    end: int,
+) -> None:
+    """Write ``addr`` at ``addr_off`` (and ``port`` at ``port_off`` unless it is -1) into the IP + TCP/UDP
+    headers at ``ip4`` (the IPv4 header's offset, -1 for IPv6) and ``l4`` (-1: a later fragment), patching
+    the IPv4 header and TCP/UDP checksums with one combined delta (RFC 1624 eqn. 3 in arithmetic mod
+    0xFFFF, where 2**16 ≡ 1 makes an address's integer value congruent to the sum of its 16-bit words).
+    ``end`` is where the packet ends: a packet quoted in an ICMP error may stop before its checksum."""
     n = len(addr)
     delta = int.from_bytes(addr, "big") - int.from_bytes(buf[addr_off : addr_off + n], "big")
     buf[addr_off : addr_off + n] = addr
-    if view.version == 4:
-        _H.pack_into(buf, 10, _adjusted(_H.unpack_from(buf, 10)[0], delta))
-    if view.l4 < 0:
+    if ip4 >= 0:
+        _H.pack_into(buf, ip4 + 10, _adjusted(_H.unpack_from(buf, ip4 + 10)[0], delta))
+    if l4 < 0:
         return  # a later fragment: no transport header, the first fragment's checksum covers the datagram
     if port_off >= 0:
         delta += port - _H.unpack_from(buf, port_off)[0]
         _H.pack_into(buf, port_off, port)
-    if view.proto == IPPROTO_TCP:
-        csum_off = view.l4 + 16
-        _H.pack_into(buf, csum_off, _adjusted(_H.unpack_from(buf, csum_off)[0], delta))
+    csum_off = l4 + (16 if proto == IPPROTO_TCP else 6)
+    if csum_off + 2 > end:
         return
-    csum_off = view.l4 + 6
     csum = _H.unpack_from(buf, csum_off)[0]
-    if csum == 0 and view.version == 4:
-        return  # IPv4 UDP without a checksum stays without one
-    # A computed UDP checksum of 0 is sent as 0xFFFF: 0 means "none" (RFC 768).
-    _H.pack_into(buf, csum_off, _adjusted(csum, delta) or 0xFFFF)
+    if proto == IPPROTO_TCP:
+        _H.pack_into(buf, csum_off, _adjusted(csum, delta))
+    elif csum or ip4 < 0:  # IPv4 UDP without a checksum stays without one
+        # A computed UDP checksum of 0 is sent as 0xFFFF: 0 means "none" (RFC 768).
+        _H.pack_into(buf, csum_off, _adjusted(csum, delta) or 0xFFFF)
 
 
 def _adjusted(checksum: int, delta: int) -> int:
