@@ -59,7 +59,7 @@ def serve(config: dict[str, Any]) -> None:
     from collections.abc import Callable
 
     from awg_split_tunnel.core.packet_router import PacketRouter, RouterProcess, RouterSettings
-    from awg_split_tunnel.core.packet_tunnel import AsyncRouterLoop, PacketTunnelRoute
+    from awg_split_tunnel.core.packet_tunnel import AsyncRouterLoop, PacketTunnelRoute, device_report
     from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
     from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
     from awg_split_tunnel.packet_tunnels import DIVERT_SAFE_UDP_GSO
@@ -110,12 +110,7 @@ def serve(config: dict[str, Any]) -> None:
 
         def report() -> dict[str, Any]:
             tunnels = router.packet_tunnel_stats()
-            counters = device.statistics()
-            tunnels["wg"].update(
-                datagrams_in=counters.datagrams_in,
-                datagrams_out=counters.datagrams_out,
-                dropped={str(reason): count for reason, count in device.dropped.items()},
-            )
+            tunnels["wg"].update(device_report(device))
             return {
                 "state": str(states["wg"]),
                 "router": dataclasses.asdict(router.stats),

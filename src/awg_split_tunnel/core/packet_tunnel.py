@@ -505,6 +505,21 @@ class ManagedDevice(PacketDevice, Protocol):
     def dropped(self) -> Mapping[str, int]: ...
 
 
+def device_report(device: ManagedDevice) -> dict[str, Any]:
+    """A device's state and counters for ``status``: JSON-ready, ages in seconds (None: no handshake)."""
+    counters = device.statistics()
+    handshakes = [p.last_handshake for p in counters.peers.values() if p.last_handshake is not None]
+    return {
+        "state": str(device.state),
+        "handshake_age": max(0.0, time.time() - max(handshakes)) if handshakes else None,
+        "rx_bytes": counters.rx_bytes,
+        "tx_bytes": counters.tx_bytes,
+        "datagrams_in": counters.datagrams_in,
+        "datagrams_out": counters.datagrams_out,
+        "dropped": {str(reason): count for reason, count in device.dropped.items()},
+    }
+
+
 RETRY_INTERVAL = 1.0
 """Seconds before the first new handshake attempt of a device that went DOWN; each further attempt
 waits twice as long, up to RETRY_INTERVAL_MAX (a peer that comes back is used again)."""
@@ -689,19 +704,8 @@ class RouterService:
 
         stats = dataclasses.asdict(self.router.stats)
         stats["packet_tunnels"] = self.router.packet_tunnel_stats()
-        wall_now = time.time()
         for tunnel_id, device in self.devices.items():
-            counters = device.statistics()
-            handshakes = [p.last_handshake for p in counters.peers.values() if p.last_handshake is not None]
-            stats["packet_tunnels"].setdefault(tunnel_id, {}).update(
-                state=str(device.state),
-                handshake_age=max(0.0, wall_now - max(handshakes)) if handshakes else None,
-                rx_bytes=counters.rx_bytes,
-                tx_bytes=counters.tx_bytes,
-                datagrams_in=counters.datagrams_in,
-                datagrams_out=counters.datagrams_out,
-                dropped={str(reason): count for reason, count in device.dropped.items()},
-            )
+            stats["packet_tunnels"].setdefault(tunnel_id, {}).update(device_report(device))
         return stats, [flow_row(e) for e in self.router.connections()]
 
     # -- devices -----------------------------------------------------------------------------------------
