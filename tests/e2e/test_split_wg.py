@@ -363,20 +363,14 @@ def test_download_through_the_tunnel_arrives_intact(daemon: Daemon) -> None:
 
 
 def peer_report(daemon: Daemon) -> str:
-    """The peer's side, for a failure message: running or not, `wg show`, its log, the kernel's log."""
+    """The peer's side, for a failure message: `wg show`, then whether it runs, its log, the kernel's."""
     from awg_split_tunnel.lab import LabError
-    from awg_split_tunnel.lab.netns import kernel_log_tail, process_state
 
-    peer = daemon.peer
-    pid = peer.server.pid
     try:
-        show = peer.show()
+        show = daemon.peer.show()
     except LabError as exc:
         show = f"show failed: {exc}"
-    return (
-        f"peer {'running, ' + process_state(pid) if pid else 'not running'}\n{show}\n"
-        f"peer log:\n{peer.server.stderr_text()[-3000:]}\n{kernel_log_tail()}"
-    )
+    return f"{show}\n{daemon.peer.server.describe()}"
 
 
 def test_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_back(daemon: Daemon) -> None:

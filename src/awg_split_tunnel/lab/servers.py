@@ -136,10 +136,14 @@ class LabServer:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it; LabError if it does not exit (a
         restart would otherwise find it "running" and leave a dead server in place)."""
         if self.process is not None and not terminate_process(self.process):
-            raise LabError(
-                f"{self.name} (pid {self.process.pid}) did not exit after SIGKILL: "
-                f"{process_state(self.process.pid)}\n{kernel_log_tail()}"
-            )
+            raise LabError(f"{self.name} did not exit after SIGKILL\n{self.describe()}")
+
+    def describe(self) -> str:
+        """For failure messages: whether it runs and what the kernel says it is doing, the end of its
+        log, the kernel's latest messages."""
+        pid = self.pid
+        state = f"pid {pid}, {process_state(pid)}" if pid is not None else "not running"
+        return f"{self.name}: {state}\nits log:\n{self.stderr_text()[-3000:]}\n{kernel_log_tail()}"
 
     def restart(self, timeout: float = READY_TIMEOUT) -> LabServer:
         """Stop, then start again."""
