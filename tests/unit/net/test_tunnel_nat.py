@@ -69,14 +69,17 @@ def packet(
         if proto == IPPROTO_UDP and csum == 0:
             csum = 0xFFFF  # RFC 768: a computed 0 is sent as all ones
         struct.pack_into("!H", l4, off, csum)
-    if len(src) == 4:
-        hdr = bytearray(
-            struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 7, 0x4000, 64, proto, 0, src, dst)
-        )
-        struct.pack_into("!H", hdr, 10, naive_checksum(bytes(hdr)))
-    else:
-        hdr = bytearray(struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst))
-    return hdr + l4
+    return ip_header(src, dst, proto, len(l4)) + l4
+
+
+def ip_header(src: bytes, dst: bytes, proto: int, payload_len: int) -> bytearray:
+    """An IPv4 (with its checksum) or IPv6 header, by the addresses' length."""
+    if len(src) == 16:
+        return bytearray(struct.pack("!IHBB16s16s", 6 << 28, payload_len, proto, 64, src, dst))
+    total = 20 + payload_len
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 7, 0x4000, 64, proto, 0, src, dst))
+    struct.pack_into("!H", hdr, 10, naive_checksum(bytes(hdr)))
+    return hdr
 
 
 def assert_valid(data: bytearray) -> None:
@@ -417,13 +420,10 @@ def icmp_error(outer_src: bytes, quoted: bytes, *, icmp_type: int | None = None,
     dst = quoted[8:24] if v6 else quoted[12:16]
     kind = (1 if v6 else 3) if icmp_type is None else icmp_type
     body = bytearray(struct.pack("!BBHI", kind, code if not v6 else 4, 0, 0)) + quoted
-    if v6:
-        struct.pack_into("!H", body, 2, naive_checksum(bytes(body), pseudo(outer_src, dst, 58, len(body))))
-        return bytearray(struct.pack("!IHBB16s16s", 6 << 28, len(body), 58, 64, outer_src, dst)) + body
-    struct.pack_into("!H", body, 2, naive_checksum(bytes(body)))
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 9, 0, 64, 1, 0, outer_src, dst))
-    struct.pack_into("!H", hdr, 10, naive_checksum(bytes(hdr)))
-    return hdr + body
+    proto = 58 if v6 else 1
+    initial = pseudo(outer_src, dst, proto, len(body)) if v6 else 0
+    struct.pack_into("!H", body, 2, naive_checksum(bytes(body), initial))
+    return ip_header(outer_src, dst, proto, len(body)) + body
 
 
 def assert_icmp_valid(data: bytearray) -> None:
@@ -491,11 +491,7 @@ def test_random_icmp_bodies_never_raise(body: bytes, v6: bool) -> None:
     nat.outbound(
         view_of(packet(APP6 if v6 else APP4, REMOTE6 if v6 else REMOTE4, IPPROTO_UDP, 40004, 53)), 0.0
     )
-    if v6:
-        data = bytearray(struct.pack("!IHBB16s16s", 6 << 28, len(body), 58, 64, REMOTE6, TUN6)) + body
-    else:
-        data = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, 0, 64, 1, 0, REMOTE4, TUN4))
-        data += body
+    data = (ip_header(REMOTE6, TUN6, 58, len(body)) if v6 else ip_header(REMOTE4, TUN4, 1, len(body))) + body
     view = PacketView()
     if view.parse(data, len(data)):
         assert nat.inbound(view, now=0.1) in (NatResult.NO_MAPPING, NatResult.REWRITTEN)
