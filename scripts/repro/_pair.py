@@ -10,7 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 CLIENT_IP, SERVER_IP = "198.18.200.1", "198.18.200.2"
@@ -82,6 +82,19 @@ def inside(
         timeout=timeout,
         check=False,
     )
+
+
+def run_cases(script: str, cases: Sequence[str], inside_case: Callable[[str], None]) -> None:
+    """The ``__main__`` of a repro with several cases: as ``script --inside CASE`` call ``inside_case``;
+    otherwise build a pair and run ``script --inside CASE`` in ns client for each case, printing what it
+    printed."""
+    if "--inside" in sys.argv:
+        inside_case(sys.argv[2])
+        return
+    with namespace_pair() as pair:
+        for case in cases:
+            done = inside(pair, pair.client, script, case)
+            print(done.stdout.strip() or done.stderr[-800:])
 
 
 def serve_tcp(pair: Pair, port: int) -> subprocess.Popen[bytes]:

@@ -9,7 +9,6 @@ Run as root: python3 scripts/repro/fragoff_matches_df.py
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 import time
 
@@ -58,10 +57,4 @@ def count(filter: str) -> None:
 
 
 if __name__ == "__main__":
-    if "--inside" in sys.argv:
-        count(sys.argv[2])
-    else:
-        with _pair.namespace_pair() as pair:
-            for f in FILTERS:
-                done = _pair.inside(pair, pair.client, __file__, f)
-                print(done.stdout.strip() or done.stderr[-800:])
+    _pair.run_cases(__file__, FILTERS, count)
