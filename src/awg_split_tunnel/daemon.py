@@ -64,8 +64,11 @@ FIRST_PROBE_WAIT = 2.0
 PACKET_TUNNEL_UP_WAIT = 5.0
 """Seconds `tunnel up` waits for a WireGuard/AmneziaWG handshake before answering with the state it has."""
 PROXY_HOSTS: tuple[str, ...] = ("0.0.0.0", "::")
-"""The tunnel proxies listen on every address of both families: the router's hairpin delivers an app's
-flow to the app's own source address, whichever interface that is on."""
+"""On the divert data path the tunnel proxies listen on every address of both families: the router's
+hairpin delivers an app's flow to the app's own source address, whichever interface that is on."""
+KERNEL_PROXY_HOSTS: tuple[str, ...] = ("127.0.0.1", "::1")
+"""On the kernel data path nftables redirects locally sent flows to the loopback address of their family
+(``redirect`` in the output hook), so the proxies listen there only: nothing from the network reaches them."""
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -115,16 +118,35 @@ def require_privileges() -> None:
         raise DaemonError("`run` needs root to divert packets: run it with sudo")
 
 
-def load_divert() -> Callable[..., Any]:
-    """The router's handle factory; DaemonError naming the cause when pydivert cannot load."""
+def load_divert(dataplane: str = "divert") -> Callable[..., Any]:
+    """The router's handle factory (``event_handles`` alone for the kernel data path); DaemonError naming
+    the cause when pydivert cannot load."""
     try:
-        from awg_split_tunnel.platform.divert import router_handles
+        from awg_split_tunnel.platform.divert import event_handles, router_handles
     except (ImportError, OSError) as exc:
         raise DaemonError(
             f"pydivert cannot load ({type(exc).__name__}: {exc}); install it with `pip install pydivert` "
             "(it bundles WinDivert / eBPFDivert) and check that the kernel allows eBPF"
         ) from exc
-    return router_handles
+    return event_handles if dataplane == "kernel" else router_handles
+
+
+def default_dataplane() -> str:
+    """The data path when the config names none: ``divert`` everywhere for now (the kernel data path
+    does not carry WireGuard/AmneziaWG tunnels yet; docs/DATAPATHS.md)."""
+    return "divert"
+
+
+def check_kernel_dataplane(config: Config) -> None:
+    """DaemonError when ``dataplane: kernel`` cannot run this config or on this host, naming why."""
+    if not sys.platform.startswith("linux"):
+        raise DaemonError("`dataplane: kernel` is Linux-only; use `dataplane: divert` here")
+    packet = [t.id for t in config.tunnels if not isinstance(t, Socks5Tunnel | HttpTunnel)]
+    if packet:
+        raise DaemonError(
+            "`dataplane: kernel` does not carry WireGuard/AmneziaWG tunnels yet "
+            f"({', '.join(packet)}); use `dataplane: divert` for them"
+        )
 
 
 def make_provider(tunnel: Socks5Tunnel | HttpTunnel) -> StreamProvider:
@@ -194,6 +216,8 @@ class Daemon:
         self._started = False
         self._stopped = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self.dataplane = "divert"
+        """``divert`` or ``kernel`` (docs/DATAPATHS.md): from the config, else ``default_dataplane()``."""
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -202,10 +226,13 @@ class Daemon:
         ConfigError (then everything already started is stopped again)."""
         if self._check_privileges:
             require_privileges()
-        handles = self._handles or load_divert()
+        config = self.manager.load()
+        self.dataplane = config.dataplane or default_dataplane()
+        if self.dataplane == "kernel":
+            check_kernel_dataplane(config)
+        handles = self._handles or load_divert(self.dataplane)
         if self._serve_api:
             self._refuse_second_daemon()
-        config = self.manager.load()
         self._config = config
         self._file_stamp = self._stamp()
         configure_logging(config.log_level)
@@ -236,8 +263,9 @@ class Daemon:
             own_pids=frozenset({os.getpid()}),
             log_level=LOG_LEVELS.get(config.log_level, logging.INFO),
             devices=devices,
+            dataplane=self.dataplane,
         )
-        router = RouterProcess(settings, handles)
+        router = RouterProcess(settings, handles, serve=self._router_body())
         router.on_exit = self._router_died
         router.on_tunnel_state = self._packet_tunnel_state
         try:
@@ -269,6 +297,9 @@ class Daemon:
         if router is not None:
             await asyncio.to_thread(router.stop)
             self._router = None
+        if self.dataplane == "kernel" and self.exit_code == EXIT_OK:
+            # The router process removes its rules when it stops; if it could not (killed, stuck), this does.
+            await asyncio.to_thread(self._remove_kernel_state)
         for tunnel in list(self.tunnels.values()):
             await self._close_stream_tunnel(tunnel)
         self.tunnels.clear()
@@ -280,6 +311,22 @@ class Daemon:
             log.info("[Core] stopped: divert handles closed, network restored")
         else:
             log.error("[Core] stopped after a failure (exit %d)", self.exit_code)
+
+    def _router_body(self) -> Any:
+        if self.dataplane != "kernel":
+            return None
+        from awg_split_tunnel.platform.linux.kernel_datapath import serve_kernel_gate
+
+        return serve_kernel_gate
+
+    @staticmethod
+    def _remove_kernel_state() -> None:
+        from awg_split_tunnel.platform.linux.kernel_datapath import remove_kernel_state
+
+        try:
+            remove_kernel_state()
+        except AwgSplitTunnelError as exc:
+            log.error("[Core] removing the kernel rules failed: %s (run `awg-split-tunnel cleanup`)", exc)
 
     def request_stop(self, code: int | None = None) -> None:
         """Ask ``run_forever`` to return (from a signal handler or a failure callback)."""
@@ -328,27 +375,35 @@ class Daemon:
                 hosts,
                 udp=carries_udp,
                 on_flow_failed=monitor.flow_failed,
+                redirected=self.dataplane == "kernel",
             )
         )
         udp_proxy = None
         if isinstance(settings, HttpTunnel) and settings.udp == "direct":
             # An HTTP proxy cannot carry UDP; with `udp: direct` the apps' datagrams are relayed directly.
             udp_proxy = await self._start_proxy(
-                lambda hosts: TunnelProxy(settings.id, DirectProvider(), self._nat_lookup, hosts, udp=True)
+                lambda hosts: TunnelProxy(
+                    settings.id,
+                    DirectProvider(),
+                    self._nat_lookup,
+                    hosts,
+                    udp=True,
+                    redirected=self.dataplane == "kernel",
+                )
             )
         return StreamTunnel(settings, provider, proxy, monitor, udp_proxy)
 
-    @staticmethod
-    async def _start_proxy(make: Callable[[tuple[str, ...]], TunnelProxy]) -> TunnelProxy:
+    async def _start_proxy(self, make: Callable[[tuple[str, ...]], TunnelProxy]) -> TunnelProxy:
         """A started proxy on both families, or on IPv4 alone where the host has no IPv6."""
-        proxy = make(PROXY_HOSTS)
+        hosts = KERNEL_PROXY_HOSTS if self.dataplane == "kernel" else PROXY_HOSTS
+        proxy = make(hosts)
         try:
             await proxy.start()
         except OSError as exc:
             if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                 raise
             log.warning("[Core] no IPv6 on this host (%s): tunnel proxies listen on IPv4 only", exc)
-            proxy = make(PROXY_HOSTS[:1])
+            proxy = make(hosts[:1])
             await proxy.start()
         return proxy
 
@@ -366,11 +421,13 @@ class Daemon:
             routes[tunnel_id] = TunnelRoute(tcp_port, udp_port, tunnel.settings.lan_bypass)
         return routes
 
-    def _nat_lookup(self, proto: str, peer_ip: str, peer_port: int) -> NatTarget | None:
+    def _nat_lookup(
+        self, proto: str, peer_ip: str, peer_port: int, dst: tuple[str, int] | None = None
+    ) -> NatTarget | None:
         router = self._router
         if router is None:
             return None
-        entry: NatTarget | None = router.nat_lookup(proto, peer_ip, peer_port)
+        entry: NatTarget | None = router.nat_lookup(proto, peer_ip, peer_port, dst)
         return entry
 
     def _on_health(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
@@ -395,6 +452,19 @@ class Daemon:
         router = self._router
         if router is not None:
             router.tunnel_state_changed(event.tunnel_id, event.new)
+        tunnel = self.tunnels.get(event.tunnel_id)
+        kernel_down = event.new is TunnelState.DOWN and self.dataplane == "kernel"
+        if tunnel is not None and router is not None and kernel_down:
+            # The divert router resets these flows itself; on the kernel path it never sees their packets,
+            # so the proxy ends the fail-closed ones (`allow_direct` flows carry on as on the divert path).
+            def fail_closed(proto: str, peer: tuple[str, int], dst: tuple[str, int]) -> bool:
+                # TCP flows are known by their whole 4-tuple (TPROXY), UDP ones by the app's address.
+                entry = router.nat_lookup(proto, peer[0], peer[1], dst if proto == "tcp" else None)
+                return entry is None or bool(entry.fail_closed)
+
+            for proxy in (tunnel.proxy, tunnel.udp_proxy):
+                if proxy is not None:
+                    proxy.reset_flows(fail_closed)
 
     # -- config changes ----------------------------------------------------------------------------------
 

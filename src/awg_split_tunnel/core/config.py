@@ -285,6 +285,10 @@ class Config(_Model):
     """The whole validated configuration."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    dataplane: Literal["kernel", "divert"] | None = None
+    """How packets are carried (docs/DATAPATHS.md): ``kernel`` (Linux: the first packet of a flow is
+    decided, nftables and policy routing carry the rest), ``divert`` (every packet through the router);
+    None: the platform's default."""
     default: str = DIRECT
     tunnels: tuple[Tunnel, ...] = ()
     rules: tuple[Rule, ...] = ()

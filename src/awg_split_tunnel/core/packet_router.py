@@ -219,8 +219,12 @@ class PacketRouter:
         reject_tcp: bool = True,
         on_tunnelled: Callable[[NatEntry], None] | None = None,
         on_forgotten: Callable[[NatEntry], None] | None = None,
+        on_decided: Callable[[NatEntry, list[object]], None] | None = None,
     ) -> None:
         self._rules = rules
+        # A data path that only asks for decisions (the kernel's: its held packets are queued in the
+        # kernel, not here) takes each held flow's entry and its packets' metas instead of packets to send.
+        self._on_decided = on_decided
         # Told about every flow entering / leaving the NAT, so a process that does not own the table (the
         # control plane, when the loop runs in its own process) can keep a mirror for nat_lookup.
         self._on_tunnelled = on_tunnelled
@@ -597,6 +601,9 @@ class PacketRouter:
         self._now = now
         self._held.pop(held.key, None)
         entry = self._decide(held, pid, now)
+        if self._on_decided is not None:
+            self._on_decided(entry, [meta for _, meta in held.packets])
+            return
         for data, meta in held.packets:
             view = self._view
             if not view.parse(data, len(data)):
@@ -780,6 +787,14 @@ class PacketRouter:
 
     # -- timers ------------------------------------------------------------------------------------------
 
+    def release_held(self) -> list[object]:
+        """Forget every held flow undecided; the metas of their packets (a data path shutting down lets
+        them go their own way)."""
+        metas = [meta for held in self._held.values() for _, meta in held.packets]
+        self._held.clear()
+        self._held_fragments.clear()
+        return metas
+
     def take_outgoing(self) -> list[Outgoing]:
         """Packets to send now (decided held packets, RSTs), in order."""
         out, self._outgoing = self._outgoing, []
@@ -912,6 +927,13 @@ def flow_row(e: NatEntry) -> tuple[Any, ...]:
     )
 
 
+def _packed(ip: str) -> bytes:
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.packed
+
+
 def _proto_number(proto: int | str) -> int:
     if isinstance(proto, int):
         return proto
@@ -964,6 +986,33 @@ EVENT_DELETED = 2
 BATCH = 64
 """Packets (and events) taken per wake-up before timers and the other handle get their turn."""
 REFRESH_INTERVAL = 2.0
+
+
+def pending_events(
+    router: PacketRouter,
+    handles: Iterable[EventPort],
+    accept_pid: Callable[[int], bool],
+    deleted: Callable[[ConnectEventLike], None] | None = None,
+) -> Iterator[ConnectEvent]:
+    """The connect events waiting on the handles, of processes in this network namespace. FLOW DELETED
+    events (a UDP socket closed) end their flow on the way (``PacketRouter.flow_deleted``, then
+    ``deleted``)."""
+    for handle in handles:
+        for _ in range(BATCH):
+            event = handle.recv(0)
+            if event is None:
+                break
+            kind = event.kind
+            if kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and accept_pid(event.pid):
+                # Linux CONNECT events carry local port 0 (matched by remote); Windows ones and FLOW
+                # ESTABLISHED events carry the real port (matched exactly).
+                yield event.proto, event.remote_addr, event.remote_port, event.pid, event.local_port
+            elif kind == EVENT_DELETED and event.proto == IPPROTO_UDP and accept_pid(event.pid):
+                router.flow_deleted(
+                    event.proto, event.local_addr, event.local_port, event.remote_addr, event.remote_port
+                )
+                if deleted is not None:
+                    deleted(event)
 
 
 class RouterLoop:
@@ -1151,22 +1200,7 @@ class RouterLoop:
             connect_event(proto, remote_addr, remote_port, pid, now, local_port)
 
     def _pending_events(self) -> Iterator[ConnectEvent]:
-        """The connect events waiting on the handles, of processes in this network namespace. FLOW
-        DELETED events (a UDP socket closed) end their flow on the way (``PacketRouter.flow_deleted``)."""
-        for handle in self.events:
-            for _ in range(BATCH):
-                event = handle.recv(0)
-                if event is None:
-                    break
-                kind = event.kind
-                if kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and self._accept_pid(event.pid):
-                    # Linux CONNECT events carry local port 0 (matched by remote); Windows ones and FLOW
-                    # ESTABLISHED events carry the real port (matched exactly).
-                    yield event.proto, event.remote_addr, event.remote_port, event.pid, event.local_port
-                elif kind == EVENT_DELETED and event.proto == IPPROTO_UDP and self._accept_pid(event.pid):
-                    self.router.flow_deleted(
-                        event.proto, event.local_addr, event.local_port, event.remote_addr, event.remote_port
-                    )
+        return pending_events(self.router, self.events, self._accept_pid)
 
     def _send_outgoing(self) -> None:
         net = self.network
@@ -1190,6 +1224,8 @@ class RouterSettings:
     devices: Mapping[str, DeviceFactory] = field(default_factory=dict)
     """Packet tunnels' devices, built and run inside the router process (one per ``PacketTunnelRoute``
     in ``tunnels``)."""
+    dataplane: str = "divert"
+    """``divert`` (every packet through the router) or ``kernel`` (first packets only)."""
 
 
 DeviceFactory = Callable[[], Any]
@@ -1200,6 +1236,11 @@ HandleFactory = Callable[..., tuple[NetworkPort, Sequence[EventPort], Callable[[
 """Builds (unopened) NETWORK handle, event handles and the namespace filter inside the router process;
 ``platform.divert.router_handles``. A module-level function, so it can be pickled. With packet tunnels
 it is called with their devices' UDP ports, to leave out of the capture."""
+
+ProcessBody = Callable[[RouterSettings, Callable[..., Any], Any], None]
+"""The router process's body: (settings, handle factory, pipe). ``_router_process_main`` (the divert data
+path) by default; the kernel data path passes its own (``platform.linux.kernel_datapath``). Module-level,
+so it pickles."""
 
 START_TIMEOUT = 20.0
 
@@ -1213,9 +1254,12 @@ class RouterProcess:
     drains the pipe itself before answering. A reader thread keeps the pipe drained otherwise.
     """
 
-    def __init__(self, settings: RouterSettings, open_handles: HandleFactory) -> None:
+    def __init__(
+        self, settings: RouterSettings, open_handles: Callable[..., Any], serve: ProcessBody | None = None
+    ) -> None:
         self.settings = settings
         self._open_handles = open_handles
+        self._serve: ProcessBody = serve or _router_process_main
         self._process: Any = None
         self._conn: Any = None
         self._lock = threading.Lock()
@@ -1256,9 +1300,10 @@ class RouterProcess:
             self.settings.hold_timeout,
             self.settings.log_level,
             dict(self.settings.devices),
+            self.settings.dataplane,
         )
         self._process = context.Process(
-            target=_router_process_main,
+            target=self._serve,
             args=(settings, self._open_handles, child_conn),
             name="awg-packet-router",
             daemon=True,
@@ -1317,13 +1362,15 @@ class RouterProcess:
         The new devices' states come back through ``on_tunnel_state``."""
         self._send(("devices", dict(tunnels), dict(started), tuple(stopped)))
 
-    def nat_lookup(self, proto: int | str, peer_ip: str, peer_port: int) -> NatEntry | None:
-        """Like ``PacketRouter.nat_lookup``, from the control plane's mirror of the router's NAT."""
+    def nat_lookup(
+        self, proto: int | str, peer_ip: str, peer_port: int, dst: tuple[str, int] | None = None
+    ) -> NatEntry | None:
+        """Like ``PacketRouter.nat_lookup``, from the control plane's mirror of the router's NAT. ``dst``:
+        the connection's own (original) destination where the proxy knows it (kernel data path, TCP)."""
         number = _proto_number(proto)
-        address = ipaddress.ip_address(peer_ip)
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        key = address.packed + peer_port.to_bytes(2, "big")
+        key = _packed(peer_ip) + peer_port.to_bytes(2, "big")
+        if dst is not None:
+            key += _packed(dst[0]) + dst[1].to_bytes(2, "big")
         table = self._nat[0 if number == IPPROTO_TCP else 1]
         entry = table.get(key)
         if entry is None:
@@ -1371,9 +1418,18 @@ class RouterProcess:
     def _apply(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "nat":
-            _, proto, key, dst_addr, dst_port, pid, exe, app_addr, app_port, tunnel_id = message
+            _, proto, key, dst_addr, dst_port, pid, exe, app_addr, app_port, tunnel_id, fail_closed = message
             self._nat[0 if proto == IPPROTO_TCP else 1][key] = NatEntry(
-                proto, app_addr, app_port, dst_addr, dst_port, FlowVerdict.TUNNEL, tunnel_id, pid=pid, exe=exe
+                proto,
+                app_addr,
+                app_port,
+                dst_addr,
+                dst_port,
+                FlowVerdict.TUNNEL,
+                tunnel_id,
+                pid=pid,
+                exe=exe,
+                fail_closed=fail_closed,
             )
         elif kind == "gone":
             _, proto, key = message
@@ -1385,47 +1441,87 @@ class RouterProcess:
             self.on_tunnel_state(message[1], message[2], message[3])
 
 
-def nat_announcement(entry: NatEntry) -> tuple[Any, ...]:
-    """The router process's message for a new tunnelled flow (``RouterProcess`` mirrors it)."""
+def nat_announcement(entry: NatEntry, key: bytes | None = None) -> tuple[Any, ...]:
+    """The router process's message for a new tunnelled flow (``RouterProcess`` mirrors it). ``key`` is how
+    the proxy sees the flow's peer: the hairpin's ``peer_key`` (divert), the app's own address and port
+    (kernel: a redirected connection keeps its source)."""
     dst = (entry.orig_dst_addr, entry.orig_dst_port)
-    owner = (entry.pid, entry.exe, entry.app_addr, entry.app_port, entry.tunnel_id)
-    return ("nat", entry.proto, entry.peer_key, *dst, *owner)
+    owner = (entry.pid, entry.exe, entry.app_addr, entry.app_port, entry.tunnel_id, entry.fail_closed)
+    return ("nat", entry.proto, entry.peer_key if key is None else key, *dst, *owner)
 
 
-def nat_withdrawal(entry: NatEntry) -> tuple[Any, ...]:
-    return ("gone", entry.proto, entry.peer_key)
+def nat_withdrawal(entry: NatEntry, key: bytes | None = None) -> tuple[Any, ...]:
+    return ("gone", entry.proto, entry.peer_key if key is None else key)
+
+
+def configure_process_logging(level: int) -> None:
+    """A router process's log: the control plane's line format (daemon.configure_logging), one log to
+    read; Ctrl-C reaches the whole process group, but the control plane decides when the router stops."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+
+
+def process_router(
+    settings: RouterSettings,
+    states: dict[str, TunnelState],
+    conn: Any,
+    *,
+    peer_key: Callable[[NatEntry], bytes] | None = None,
+    **options: Any,
+) -> PacketRouter:
+    """The PacketRouter of a router process: its tunnelled flows announced over ``conn`` (keyed by
+    ``peer_key``: how the proxies see them) so the control plane's ``nat_lookup`` finds them."""
+
+    def tunnelled(entry: NatEntry) -> None:
+        conn.send(nat_announcement(entry, None if peer_key is None else peer_key(entry)))
+
+    def forgotten(entry: NatEntry) -> None:
+        conn.send(nat_withdrawal(entry, None if peer_key is None else peer_key(entry)))
+
+    engine = RuleEngine(settings.rules, settings.default, default_fallback=settings.default_fallback)
+    return PacketRouter(
+        engine,
+        states.get,
+        settings.tunnels,
+        own_pids={*settings.own_pids, os.getpid()},
+        hold_timeout=settings.hold_timeout,
+        on_tunnelled=tunnelled,
+        on_forgotten=forgotten,
+        **options,
+    )
+
+
+def apply_router_message(
+    router: PacketRouter, states: dict[str, TunnelState], conn: Any, message: tuple[Any, ...]
+) -> bool:
+    """The control messages every data path handles the same way (state, tunnels, rules, snapshot);
+    False for the others (stop, devices), which are the data path's own."""
+    import dataclasses
+
+    kind = message[0]
+    if kind == "state":
+        states[message[1]] = message[2]
+        router.tunnel_state_changed(message[1], message[2])
+    elif kind == "tunnels":
+        router.set_tunnels(message[1])
+    elif kind == "rules":
+        router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
+    elif kind == "snapshot":
+        flows = [flow_row(e) for e in router.connections()]
+        conn.send(("snapshot", dataclasses.asdict(router.stats), flows))
+    else:
+        return False
+    return True
 
 
 def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, conn: Any) -> None:
     """The router process: build router and loop, report ready, loop until told to stop."""
-    import dataclasses
-    import signal
-
-    # Ctrl-C reaches the whole process group; the control plane decides when the router stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The same line format as the control plane's log (daemon.configure_logging): one log to read.
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"
-    )
+    configure_process_logging(settings.log_level)
     states = dict(settings.states)
-
-    def tunnelled(entry: NatEntry) -> None:
-        conn.send(nat_announcement(entry))
-
-    def forgotten(entry: NatEntry) -> None:
-        conn.send(nat_withdrawal(entry))
-
     try:
-        engine = RuleEngine(settings.rules, settings.default, default_fallback=settings.default_fallback)
-        router = PacketRouter(
-            engine,
-            states.get,
-            settings.tunnels,
-            own_pids={*settings.own_pids, os.getpid()},
-            hold_timeout=settings.hold_timeout,
-            on_tunnelled=tunnelled,
-            on_forgotten=forgotten,
-        )
+        router = process_router(settings, states, conn)
         if settings.devices or sys.platform != "win32":
             # The asyncio loop whether packet tunnels run at start or not: one may be added at any time,
             # and its device needs that loop. Stream tunnels lose nothing to it: benchmarks/split_tcp.py
@@ -1441,19 +1537,11 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
         return
 
     def on_control(message: tuple[Any, ...]) -> None:
+        if apply_router_message(router, states, conn, message):
+            return
         kind = message[0]
         if kind == "stop":
             loop.request_stop()
-        elif kind == "state":
-            states[message[1]] = message[2]
-            router.tunnel_state_changed(message[1], message[2])
-        elif kind == "tunnels":
-            router.set_tunnels(message[1])
-        elif kind == "rules":
-            router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
-        elif kind == "snapshot":
-            flows = [flow_row(e) for e in router.connections()]
-            conn.send(("snapshot", dataclasses.asdict(router.stats), flows))
         elif kind == "devices":
             router.set_tunnels(message[1])
             for tunnel_id in message[2]:

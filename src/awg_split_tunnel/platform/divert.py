@@ -381,3 +381,14 @@ def router_handles(
     if sys.platform == "win32":  # pragma: no cover - no network namespaces; pid 4 is the System process
         return network, events, lambda pid: pid > 4
     return network, events, NamespaceFilter().same_namespace
+
+
+def event_handles() -> tuple[list[SocketEventHandle], Callable[[int], bool]]:
+    """The kernel data path's unopened SOCKET/FLOW event handles and namespace filter (no NETWORK handle:
+    the kernel queues first packets itself). Module-level, so it pickles into the router process."""
+    from awg_split_tunnel.process.lookup import NamespaceFilter
+
+    events = [SocketEventHandle(), SocketEventHandle.flows()]
+    if sys.platform == "win32":  # pragma: no cover - the kernel data path is Linux-only
+        return events, lambda pid: pid > 4
+    return events, NamespaceFilter().same_namespace

@@ -1,10 +1,16 @@
 """TunnelProxy: the local, transparent end of one stream tunnel (SOCKS5, HTTP proxy, direct).
 
-The packet router redirects an app's connection here by NAT + hairpin, so the proxy sees the peer as
+The divert data path redirects an app's connection here by NAT + hairpin, so the proxy sees the peer as
 (original destination IP, app's source port). ``nat_lookup`` — supplied by the router — turns that into the
 original destination and the app's pid; the proxy then opens the flow through the tunnel's provider and
 relays both ways. UDP works the same way on one local socket: one provider association per app address,
 replies sent back to that address (the router rewrites them to come from the original destination).
+
+On the kernel data path (``redirected=True``) the kernel hands the flow to the proxy on loopback: a TCP
+connection by TPROXY to the transparent listener, so the peer is the app's own address and port and the
+connection's local address is the original destination; a UDP datagram by ``redirect`` (NAT), so the
+peer is the app and ``nat_lookup`` gives the destination. Either way ``nat_lookup`` must know the flow:
+a connection the data path did not send here is refused.
 """
 
 from __future__ import annotations
@@ -74,8 +80,9 @@ class NatTarget(typing.Protocol):
     def exe(self) -> str | None: ...
 
 
-NatLookup = Callable[[Protocol, str, int], NatTarget | None]
-"""``nat_lookup(proto, peer_ip, peer_port)``: the entry for the peer the proxy sees, or None."""
+NatLookup = Callable[..., NatTarget | None]
+"""``nat_lookup(proto, peer_ip, peer_port)``: the entry for the peer the proxy sees, or None; with
+``redirected`` TCP also ``dst`` (the connection's original destination, its own local address)."""
 
 FlowFailed = Callable[[BaseException], None]
 
@@ -150,8 +157,10 @@ class TunnelProxy:
         udp: bool = True,
         on_flow_failed: FlowFailed | None = None,
         udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
+        redirected: bool = False,
     ) -> None:
         self.tunnel_id = tunnel_id
+        self.redirected = redirected
         self.provider = provider
         self.counters = TunnelCounters()
         self._nat_lookup = nat_lookup
@@ -199,6 +208,9 @@ class TunnelProxy:
         self._server = await asyncio.start_server(
             self._serve_tcp, hosts, tcp_port, limit=STREAM_LIMIT, backlog=1024
         )
+        if self.redirected:
+            for listener in self._server.sockets:
+                make_transparent(listener)
         if not self._udp_enabled:
             return
         loop = asyncio.get_running_loop()
@@ -264,6 +276,17 @@ class TunnelProxy:
     def udp_associations(self) -> list[UdpAssociation]:
         return list(self._associations.values())
 
+    def reset_flows(self, select: Callable[[Protocol, Address, Address], bool]) -> int:
+        """Reset the TCP flows and end the UDP associations that ``select(proto, app peer, destination)``
+        picks (e.g. those of fail-closed rules when the tunnel goes DOWN); returns how many."""
+        flows = [f for f in self._flows.values() if select("tcp", f.peer, f.dst)]
+        associations = [a for a in self._associations.values() if select("udp", a.peer, a.dst)]
+        for flow in flows:
+            self._reset_flow(flow)
+        for assoc in associations:
+            self._end_association(assoc)
+        return len(flows) + len(associations)
+
     def close_all(self) -> int:
         """Reset every flow of the tunnel (apps see a connection reset); returns how many were open.
 
@@ -284,14 +307,21 @@ class TunnelProxy:
             app_writer.transport.abort()
             return
         peer = (normalize_ip(peername[0]), peername[1])
-        entry = self._lookup("tcp", peer)
-        if entry is None:
+        if self.redirected:
+            # TPROXY: the connection is the app's own, its local address the destination it asked for.
+            sockname = app_writer.get_extra_info("sockname")
+            dst: Address | None = (normalize_ip(sockname[0]), sockname[1]) if sockname else None
+            entry = None if dst is None else self._lookup("tcp", peer, dst)
+        else:
+            entry = self._lookup("tcp", peer)
+            dst = None if entry is None else (entry.orig_dst_ip, entry.orig_dst_port)
+        if entry is None or dst is None:
             abort_stream(app_writer, reset=True)
             return
         flow = TcpFlow(
             next(self._ids),
             peer,
-            (entry.orig_dst_ip, entry.orig_dst_port),
+            dst,
             entry.pid,
             entry.exe,
             time.time(),
@@ -516,9 +546,12 @@ class TunnelProxy:
 
     # --- shared ------------------------------------------------------------------------------------
 
-    def _lookup(self, proto: Protocol, peer: Address) -> NatTarget | None:
+    def _lookup(self, proto: Protocol, peer: Address, dst: Address | None = None) -> NatTarget | None:
         try:
-            entry = self._nat_lookup(proto, peer[0], peer[1])
+            if dst is None:
+                entry = self._nat_lookup(proto, peer[0], peer[1])
+            else:
+                entry = self._nat_lookup(proto, peer[0], peer[1], dst)
         except Exception:
             log.exception("[Proxy] %s: NAT lookup failed", self.tunnel_id)
             entry = None
@@ -558,6 +591,19 @@ class _UdpRelayProtocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("[Proxy] %s: UDP socket: %s", self._proxy.tunnel_id, exc)
+
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+
+
+def make_transparent(sock: Any) -> None:
+    """``IP_TRANSPARENT`` / ``IPV6_TRANSPARENT`` (linux/in.h, linux/in6.h; needs CAP_NET_ADMIN): TPROXY
+    hands this listener connections addressed to other hosts (the kernel data path's stream tunnels)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
 
 
 def _free_port(host: str, kind: socket.SocketKind) -> int:
