@@ -311,6 +311,49 @@ def run(config: ConfigOption = None) -> None:
 
 
 @app.command()
+def cleanup() -> None:
+    """Linux, root: remove what a daemon that died left in the kernel (its nftables table, the first-packet
+    gate, its routes). Until then — or until `run` starts again — new connections wait and `block` apps
+    stay blocked."""
+    if sys.platform != "linux":
+        raise _fail("cleanup is for the Linux kernel data path")
+    import os
+
+    from awg_split_tunnel.api.control import default_control_path, request
+
+    if os.geteuid() != 0:
+        raise _fail("cleanup needs root (it changes the firewall and routes): run it with sudo")
+    try:
+        request("status", path=default_control_path(), timeout=1.0)
+    except (AwgSplitTunnelError, OSError):
+        pass
+    else:
+        raise _fail("a daemon is running: stop it (Ctrl-C or SIGTERM), it removes its rules itself")
+    from awg_split_tunnel.platform.linux.kernel_datapath import remove_kernel_state
+
+    with _user_errors():
+        removed = remove_kernel_state()
+    if removed:
+        for item in removed:
+            out.print(f"removed {item}")
+    else:
+        out.print("nothing to remove")
+
+
+@app.command("systemd-unit")
+def systemd_unit(config: ConfigOption = None) -> None:
+    """Print a systemd unit that runs the daemon (restart on failure within a second); install it with
+    `awg-split-tunnel systemd-unit > /etc/systemd/system/awg-split-tunnel.service`."""
+    import shutil
+    from importlib.resources import files
+
+    template = files("awg_split_tunnel").joinpath("data/awg-split-tunnel.service").read_text()
+    exe = shutil.which("awg-split-tunnel") or f"{sys.executable} -m awg_split_tunnel"
+    config_path = _config_path(config).resolve()
+    sys.stdout.write(template.replace("@EXEC@", exe).replace("@CONFIG@", str(config_path)))
+
+
+@app.command()
 def demo() -> None:
     """Linux, root: a self-contained lab in network namespaces showing the main job end to end."""
     from awg_split_tunnel.demo import run_demo

@@ -11,7 +11,6 @@ server and the daemon itself come last, in file order.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
+from running_daemon import OPEN_REQUEST, RunningDaemon, read_line
 
 from awg_split_tunnel.lab import (
     CLIENT,
@@ -55,7 +55,6 @@ APPS = (
     "app-vpn",
     "app-late",
 )
-START_TIMEOUT = 40.0
 
 
 DATAPLANES = ("divert", "kernel")
@@ -107,39 +106,6 @@ rules:
         text = text[:vpn] + text[text.index("rules:") :]
         text = text[: text.index("  - process: app-vpn")]
     return text
-
-
-class RunningDaemon:
-    """The daemon process and where its output goes."""
-
-    def __init__(self, lab: Lab, config: Path) -> None:
-        self.lab = lab
-        self.config = config
-        self.control = lab.tmpdir / "control.sock"
-        self.stdout = lab.tmpdir / "daemon.out"
-        self.stderr = lab.tmpdir / "daemon.err"
-        env = {**os.environ, "PYTHONPATH": python_path()}
-        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
-            self.process: subprocess.Popen[bytes] = lab.spawn(
-                CLIENT,
-                [sys.executable, "-m", "awg_split_tunnel.daemon", "-c", config, "--control", self.control],
-                stdout=out,
-                stderr=err,
-                env=env,
-            )
-
-    def output(self) -> str:
-        return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
-
-    def wait_running(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "running" in self.stdout.read_text(errors="replace"):
-                return
-            if self.process.poll() is not None:
-                pytest.fail(f"daemon exited ({self.process.returncode}) at start:\n{self.output()}")
-            time.sleep(0.1)
-        pytest.fail(f"daemon printed no status line within {timeout:.0f}s:\n{self.output()}")
 
 
 @pytest.fixture(scope="module", params=DATAPLANES)
@@ -437,35 +403,6 @@ def test_an_app_reusing_a_closed_udp_sockets_port_gets_its_own_route(lab: Lab, d
     assert reused == (port, SOCKS_IP), "the closed socket's route was inherited"
 
 
-OPEN_REQUEST = """
-import select, socket, sys
-s = socket.create_connection((sys.argv[1], 80), timeout=10)
-s.sendall(b"GET / HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n")  # incomplete: the server waits
-print("connected", flush=True)
-ready, _, _ = select.select([s, sys.stdin], [], [], 10)
-try:
-    if s in ready:
-        print("data" if s.recv(100) else "closed", flush=True)
-    elif ready:
-        sys.stdin.readline()
-        s.sendall(b"\\r\\n")
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-        print("answered", data.partition(b"\\r\\n\\r\\n")[2].split()[0].decode(), flush=True)
-    else:
-        print("timeout", flush=True)
-except ConnectionResetError:
-    print("reset", flush=True)
-"""
-
-
-def _line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    return process.stdout.readline().strip() if ready else "(nothing)"
-
-
 def test_tunnel_going_down_resets_open_block_flows_and_keeps_allow_direct_flows(
     lab: Lab, daemon: RunningDaemon
 ) -> None:
@@ -483,16 +420,16 @@ def test_tunnel_going_down_resets_open_block_flows_and_keeps_allow_direct_flows(
         for name in ("app-block", "app-fallback")
     }
     try:
-        assert [_line(p, 5.0) for p in apps.values()] == ["connected", "connected"]
+        assert [read_line(p, 5.0) for p in apps.values()] == ["connected", "connected"]
         request("tunnel", path=daemon.control, action="down", id="socks")
         taken_down = time.monotonic()
-        assert _line(apps["app-block"], 3.0) == "reset"
+        assert read_line(apps["app-block"], 3.0) == "reset"
         assert time.monotonic() - taken_down < 2.0
         fallback = apps["app-fallback"]
         assert fallback.stdin is not None
         fallback.stdin.write("go\n")
         fallback.stdin.flush()
-        assert _line(fallback, 5.0) == f"answered {SOCKS_IP}", "an allow_direct flow keeps its tunnel"
+        assert read_line(fallback, 5.0) == f"answered {SOCKS_IP}", "an allow_direct flow keeps its tunnel"
     finally:
         for process in apps.values():
             process.kill()

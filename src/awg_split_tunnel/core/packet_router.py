@@ -1399,7 +1399,13 @@ class RouterProcess:
             if not self._drain():
                 break
         if not self._stopping:
-            log.error("[Router] the packet router process ended unexpectedly: traffic is not diverted")
+            if self.settings.dataplane == "kernel":
+                log.error(
+                    "[Router] the packet router process ended unexpectedly: the kernel holds every new "
+                    "connection until `run` starts again or `awg-split-tunnel cleanup` removes its rules"
+                )
+            else:
+                log.error("[Router] the packet router process ended unexpectedly: traffic is not diverted")
             if self.on_exit is not None:
                 self.on_exit()
 

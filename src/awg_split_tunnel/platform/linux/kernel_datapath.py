@@ -206,9 +206,11 @@ def _table_exists(nft: Nftables) -> bool:
 
 
 def remove_gate_chains() -> list[str]:
-    """Remove the gate's chain and its jump from mangle OUTPUT in both families (if there)."""
+    """Remove the gate's chain and its jump from mangle OUTPUT in both families (if there). A mangle
+    table left with nothing in it (iptables-nft created it for the gate) is removed too: empty, it does
+    nothing, and the host's ruleset is then as it was before."""
     removed: list[str] = []
-    for command in ("iptables", "ip6tables"):
+    for command, family in (("iptables", "ip"), ("ip6tables", "ip6")):
         path = shutil.which(f"{command}-nft") or shutil.which(command)
         if path is None:
             continue
@@ -218,6 +220,13 @@ def remove_gate_chains() -> list[str]:
             _run([path, "-w", "-t", "mangle", "-F", GATE_CHAIN])
             _run([path, "-w", "-t", "mangle", "-X", GATE_CHAIN])
             removed.append(f"{command} mangle chain {GATE_CHAIN}")
+            listed = _run([path, "-w", "-t", "mangle", "-S"])
+            lines = listed.stdout.splitlines()
+            if listed.returncode == 0 and all(
+                line.startswith("-P ") and line.endswith(" ACCEPT") for line in lines
+            ):
+                with contextlib.suppress(NftablesError), Nftables() as nft:
+                    nft.run(f"delete table {family} mangle")
     return removed
 
 

@@ -1,0 +1,220 @@
+"""End to end: the kernel data path (``dataplane: kernel``) holds `block` across a crash and leaves nothing.
+
+The daemon runs in the lab's client with a SOCKS5 tunnel (dante) and three apps: ``app-block`` (through
+SOCKS5, fallback ``block``), ``app-socks`` (through SOCKS5, ``allow_direct``) and ``app-direct``. A capture
+on the client's uplink shows what leaves: after ``kill -9`` of the daemon, or of its router process, no
+packet of the block app reaches the uplink — neither a new connection nor its open connection's next send.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from polling import wait_for
+from running_daemon import RunningDaemon, read_line
+
+from awg_split_tunnel.lab import (
+    CLIENT,
+    CLIENT_IP,
+    SOCKS_IP,
+    WEB_IP,
+    Lab,
+    make_app,
+    start_dante,
+    start_web,
+)
+from awg_split_tunnel.lab.topology import python_path
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+CONFIG = f"""\
+dataplane: kernel
+default: direct
+tunnels:
+  - id: socks
+    type: socks5
+    server: {SOCKS_IP}:1080
+rules:
+  - process: app-block
+    tunnel: socks
+    fallback: block
+  - process: app-socks
+    tunnel: socks
+"""
+
+STATE_COMMANDS = {
+    "nft list ruleset": ["nft", "list", "ruleset"],
+    "ip rule": ["ip", "rule"],
+    "ip -6 rule": ["ip", "-6", "rule"],
+    "ip route show table all": ["ip", "route", "show", "table", "all"],
+    "ip -6 route show table all": ["ip", "-6", "route", "show", "table", "all"],
+    "ip link": ["ip", "-o", "link"],
+}
+
+# Everything of the block app and of the daemon's dead proxies towards the web server, on the uplink.
+TO_WEB = f"ip dst host {WEB_IP}"
+
+# An app with an open connection that sends again when told, whatever the other side did meanwhile.
+SEND_LATER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: web\\r\\n")  # incomplete: the server waits for the rest
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    for _ in range(5):
+        s.sendall(b"X-Padding: " + b"x" * 1000 + b"\\r\\n")
+    s.sendall(b"\\r\\n")
+    reply = s.recv(4096)
+    print("answered" if reply else "closed", flush=True)
+except OSError as exc:
+    print(type(exc).__name__, flush=True)
+"""
+
+
+def kernel_state(lab: Lab) -> dict[str, str]:
+    """What the daemon may touch in ns client: the ruleset, the policy rules, every routing table, links."""
+    state = {}
+    for name, argv in STATE_COMMANDS.items():
+        done = lab.run(CLIENT, argv)
+        assert done.returncode == 0, done.stderr
+        # Link counters and the order of dynamic fields change by themselves; names and flags do not.
+        lines = [
+            " ".join(line.split()[:3]) if name == "ip link" else line for line in done.stdout.splitlines()
+        ]
+        state[name] = "\n".join(lines)
+    return state
+
+
+@pytest.fixture
+def kernel_lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        start_web(lab)
+        start_dante(lab)
+        for name in ("app-block", "app-socks", "app-direct"):
+            make_app(lab, name)
+        yield lab
+
+
+def start(lab: Lab) -> RunningDaemon:
+    config = lab.tmpdir / "config.yaml"
+    config.write_text(CONFIG)
+    running = RunningDaemon(lab, config)
+    running.wait_running()
+    wait_for(lambda: lab.app("app-block", timeout=2.0).seen_ip == SOCKS_IP, 10.0, "socks tunnel UP")
+    return running
+
+
+def open_block_connection(lab: Lab) -> subprocess.Popen[str]:
+    app = lab.spawn(
+        CLIENT,
+        [lab.apps["app-block"], "-c", SEND_LATER, WEB_IP],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert read_line(app, 5.0) == "connected"
+    return app
+
+
+def assert_block_app_leaves_nothing(lab: Lab, open_app: subprocess.Popen[str]) -> None:
+    """With the daemon gone: the block app's new connection and its open connection's next send put no
+    packet on the uplink."""
+    with lab.capture(CLIENT, "eth0", TO_WEB) as capture:
+        attempt = lab.app("app-block", timeout=2.0)
+        assert open_app.stdin is not None
+        open_app.stdin.write("go\n")
+        open_app.stdin.flush()
+        sent = read_line(open_app, 5.0)
+        time.sleep(0.5)
+    assert not attempt.ok and attempt.seen_ip == "", attempt.stdout
+    assert not sent.startswith("answered"), sent
+    assert capture.count() == 0, "\n".join(capture.packets())
+
+
+def test_kill_9_of_the_daemon_keeps_block_apps_off_the_uplink_and_run_restores_every_route(
+    kernel_lab: Lab,
+) -> None:
+    lab = kernel_lab
+    running = start(lab)
+    open_app = open_block_connection(lab)
+    try:
+        router = router_pid(running)
+        running.process.send_signal(signal.SIGKILL)
+        running.process.wait(10)
+        # The router process notices its control pipe closed and ends, leaving the kernel's rules.
+        wait_for(lambda: not os.path.exists(f"/proc/{router}"), 10.0, "the router process gone too")
+        assert_block_app_leaves_nothing(lab, open_app)
+        # New flows of every app wait while no daemon decides them (the gate has no bypass).
+        assert lab.app("app-direct", timeout=2.0).seen_ip == ""
+    finally:
+        open_app.kill()
+    again = start(lab)
+    try:
+        assert lab.app("app-block").seen_ip == SOCKS_IP
+        assert lab.app("app-socks").seen_ip == SOCKS_IP
+        with lab.capture(CLIENT, "eth0", TO_WEB) as direct:
+            assert lab.app("app-direct").seen_ip == CLIENT_IP
+            time.sleep(0.3)
+        assert direct.count() > 0, "the capture sees direct traffic, so its silence above means something"
+    finally:
+        again.process.send_signal(signal.SIGTERM)
+        assert again.process.wait(15) == 0, again.output()[-3000:]
+
+
+def test_kill_9_of_the_router_process_keeps_block_apps_off_the_uplink(kernel_lab: Lab) -> None:
+    lab = kernel_lab
+    running = start(lab)
+    open_app = open_block_connection(lab)
+    try:
+        os.kill(router_pid(running), signal.SIGKILL)
+        assert running.process.wait(10) == 1
+        assert "the kernel holds every new connection" in running.output()
+        assert_block_app_leaves_nothing(lab, open_app)
+    finally:
+        open_app.kill()
+    env = {**os.environ, "PYTHONPATH": python_path()}
+    cleanup = lab.run(CLIENT, [sys.executable, "-m", "awg_split_tunnel", "cleanup"], env=env)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert "removed nftables table inet awg_split_tunnel" in cleanup.stdout
+    assert lab.app("app-block").seen_ip == CLIENT_IP, "after cleanup nothing of the daemon is left"
+
+
+def test_a_clean_stop_leaves_ruleset_rules_routes_and_links_as_before(kernel_lab: Lab) -> None:
+    lab = kernel_lab
+    before = kernel_state(lab)
+    running = start(lab)
+    during = kernel_state(lab)
+    assert "awg_split_tunnel" in during["nft list ruleset"]
+    assert during["ip rule"] != before["ip rule"]
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(15) == 0, running.output()[-3000:]
+    after = kernel_state(lab)
+    for name in STATE_COMMANDS:
+        assert after[name] == before[name], f"{name} differs after the stop"
+    assert lab.app("app-block").seen_ip == CLIENT_IP
+
+
+def router_pid(running: RunningDaemon) -> int:
+    """The daemon's router process (its one multiprocessing child)."""
+    children = subprocess.run(["pgrep", "-P", str(running.process.pid)], capture_output=True, text=True)
+    routers = [int(pid) for pid in children.stdout.split() if "spawn_main" in _cmdline(int(pid))]
+    assert len(routers) == 1, children.stdout
+    return routers[0]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
