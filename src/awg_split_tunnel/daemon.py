@@ -141,12 +141,6 @@ def check_kernel_dataplane(config: Config) -> None:
     """DaemonError when ``dataplane: kernel`` cannot run this config or on this host, naming why."""
     if not sys.platform.startswith("linux"):
         raise DaemonError("`dataplane: kernel` is Linux-only; use `dataplane: divert` here")
-    packet = [t.id for t in config.tunnels if not isinstance(t, Socks5Tunnel | HttpTunnel)]
-    if packet:
-        raise DaemonError(
-            "`dataplane: kernel` does not carry WireGuard/AmneziaWG tunnels yet "
-            f"({', '.join(packet)}); use `dataplane: divert` for them"
-        )
 
 
 def make_provider(tunnel: Socks5Tunnel | HttpTunnel) -> StreamProvider:
@@ -250,7 +244,9 @@ class Daemon:
             self.registry.register(tunnel.id, tunnel.tunnel_type)
             if isinstance(tunnel, Socks5Tunnel | HttpTunnel):
                 self.tunnels[tunnel.id] = await self._open_stream_tunnel(tunnel)
-        self._packet_routes, devices = packet_tunnel_devices(config.tunnels, self.config_path.parent)
+        self._packet_routes, devices = packet_tunnel_devices(
+            config.tunnels, self.config_path.parent, self.dataplane
+        )
         for tunnel_id in devices:
             self.registry.set_state(tunnel_id, TunnelState.CONNECTING, "starting")
         self._routes = self._tunnel_routes()
@@ -514,7 +510,7 @@ class Daemon:
         added = [i for i in new_tunnels if i not in old_tunnels or new_tunnels[i] != old_tunnels[i]]
         # Endpoints resolve here (blocking) and settings are checked before anything is torn down.
         packet_routes, devices = await asyncio.to_thread(
-            packet_tunnel_devices, [new_tunnels[i] for i in added], self.config_path.parent
+            packet_tunnel_devices, [new_tunnels[i] for i in added], self.config_path.parent, self.dataplane
         )
         self._config = new
         router = self._router
@@ -676,7 +672,7 @@ class Daemon:
                 settings = next(t for t in config.tunnels if t.id == tunnel_id)
                 try:
                     _, devices = await asyncio.to_thread(
-                        packet_tunnel_devices, [settings], self.config_path.parent
+                        packet_tunnel_devices, [settings], self.config_path.parent, self.dataplane
                     )
                 except ConfigError as exc:
                     raise TunnelError(f"{tunnel_id} cannot start: {exc}") from None

@@ -8,6 +8,7 @@ builds them at start and for every packet tunnel added or changed while it runs 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,12 +31,20 @@ devices that share a namespace with the router send one datagram per call (the `
 GSO)."""
 
 
+KERNEL_DEVICE_MARK = 0x00010000
+"""On the kernel data path the devices' own UDP sockets carry the DIRECT class in their mark
+(``platform.linux.kernel_rules.mark_value(DIRECT)``): never queued, never routed into a tunnel."""
+
+
 def packet_tunnel_devices(
-    tunnels: Iterable[AnyTunnel], base_dir: Path
+    tunnels: Iterable[AnyTunnel], base_dir: Path, dataplane: str = "divert"
 ) -> tuple[dict[str, PacketTunnelRoute], dict[str, DeviceFactory]]:
     """Routes and device factories for the amneziawg/wireguard tunnels among `tunnels` (the others are
     skipped): at start, and for tunnels added or changed while running. Resolves endpoints (blocking);
-    ConfigError naming the tunnel's file and key when its settings cannot make a working device."""
+    ConfigError naming the tunnel's file and key when its settings cannot make a working device.
+
+    On the kernel data path the devices send with UDP GSO (the divert backend's loss of GSO batches does
+    not apply: nothing is diverted) and mark their datagrams DIRECT."""
     routes: dict[str, PacketTunnelRoute] = {}
     devices: dict[str, DeviceFactory] = {}
     for tunnel in tunnels:
@@ -56,7 +65,9 @@ def packet_tunnel_devices(
             lan_bypass=tunnel.lan_bypass,
             listen_port=settings.listen_port,
         )
-        devices[tunnel.id] = functools.partial(
-            WireGuardDevice, settings, tunnel_id=tunnel.id, udp_gso=DIVERT_SAFE_UDP_GSO
-        )
+        gso = DIVERT_SAFE_UDP_GSO
+        if dataplane == "kernel":
+            settings = dataclasses.replace(settings, fwmark=settings.fwmark | KERNEL_DEVICE_MARK)
+            gso = True
+        devices[tunnel.id] = functools.partial(WireGuardDevice, settings, tunnel_id=tunnel.id, udp_gso=gso)
     return routes, devices

@@ -63,7 +63,7 @@ DATAPLANES = ("divert", "kernel")
 def daemon_config(dataplane: str = "divert") -> str:
     _, peer_public = generate_keypair()
     private, _ = generate_keypair()
-    text = f"""\
+    return f"""\
 # the daemon's end-to-end test config
 log_level: debug
 dataplane: {dataplane}
@@ -100,12 +100,6 @@ rules:
     tunnel: vpn
     fallback: block
 """
-    if dataplane == "kernel":
-        # WireGuard/AmneziaWG tunnels are not carried by the kernel data path yet (docs/DATAPATHS.md).
-        vpn = text.index("  - id: vpn")
-        text = text[:vpn] + text[text.index("rules:") :]
-        text = text[: text.index("  - process: app-vpn")]
-    return text
 
 
 @pytest.fixture(scope="module", params=DATAPLANES)
@@ -147,11 +141,11 @@ def daemon(lab: Lab, dante: LabServer, dataplane: str) -> Iterator[RunningDaemon
 # -- routing by exe name ---------------------------------------------------------------------------------
 
 
-def test_status_line_names_every_tunnel_with_its_state(daemon: RunningDaemon, dataplane: str) -> None:
+def test_status_line_names_every_tunnel_with_its_state(daemon: RunningDaemon) -> None:
     out = daemon.output()
     assert "socks UP" in out and "corp UP" in out
     # The WireGuard peer of `vpn` does not exist in this lab: its device keeps trying.
-    assert dataplane == "kernel" or "vpn CONNECTING" in out or "vpn DOWN" in out
+    assert "vpn CONNECTING" in out or "vpn DOWN" in out
     for prefix in ("[Core]", "[Router]", "[Proxy]"):
         assert prefix in out, prefix
 
@@ -179,10 +173,8 @@ def test_ipv6_apps_are_routed_the_same_way(lab: Lab, daemon: RunningDaemon, app:
 
 @pytest.mark.parametrize("app", ["app-drop", "app-vpn"])
 def test_dropped_apps_and_apps_of_a_down_packet_tunnel_cannot_connect(
-    lab: Lab, daemon: RunningDaemon, app: str, dataplane: str
+    lab: Lab, daemon: RunningDaemon, app: str
 ) -> None:
-    if app == "app-vpn" and dataplane == "kernel":
-        pytest.skip("WireGuard/AmneziaWG tunnels are not on the kernel data path yet")
     result = lab.app(app, timeout=3.0)
     assert not result.ok and result.seen_ip == ""
 
@@ -202,13 +194,13 @@ def test_udp_of_an_http_tunnel_app_is_blocked(lab: Lab, daemon: RunningDaemon, v
     assert not result.ok and result.seen_ip == ""
 
 
-def test_status_api_reports_the_tunnels(daemon: RunningDaemon, dataplane: str) -> None:
+def test_status_api_reports_the_tunnels(daemon: RunningDaemon) -> None:
     from awg_split_tunnel.api.control import request
 
     status = request("status", path=daemon.control)
     states = {t["id"]: t["state"] for t in status["tunnels"]}
     # `vpn`'s WireGuard peer does not exist in this lab: its device is still trying (or has given up).
-    assert dataplane == "kernel" or states.pop("vpn") in ("connecting", "down")
+    assert states.pop("vpn") in ("connecting", "down")
     assert states == {"socks": "up", "corp": "up"}
 
 

@@ -220,11 +220,15 @@ class PacketRouter:
         on_tunnelled: Callable[[NatEntry], None] | None = None,
         on_forgotten: Callable[[NatEntry], None] | None = None,
         on_decided: Callable[[NatEntry, list[object]], None] | None = None,
+        carries_packets: bool = True,
     ) -> None:
         self._rules = rules
         # A data path that only asks for decisions (the kernel's: its held packets are queued in the
         # kernel, not here) takes each held flow's entry and its packets' metas instead of packets to send.
         self._on_decided = on_decided
+        self.carries_packets = carries_packets
+        """False where the kernel carries packet tunnels' flows (their first packet only gets a verdict):
+        no NAT, no queue for the device here."""
         # Told about every flow entering / leaving the NAT, so a process that does not own the table (the
         # control plane, when the loop runs in its own process) can keep a mirror for nat_lookup.
         self._on_tunnelled = on_tunnelled
@@ -707,6 +711,8 @@ class PacketRouter:
     def _to_packet_tunnel(
         self, v: PacketView, entry: NatEntry, now: float, copy_meta: Callable[[], object]
     ) -> Verdict:
+        if not self.carries_packets:
+            return Verdict.TO_TUNNEL
         path = self._paths.get(entry.tunnel_id or "")
         if path is None:
             self.stats.unroutable += 1

@@ -305,6 +305,12 @@ class AsyncRouterLoop:
         if device is not None:
             device.on_packets = _discard
 
+    def routes_changed(self, routes: Mapping[str, Any]) -> None:
+        """Nothing to do: the router holds the routes."""
+
+    def control_lost(self) -> None:
+        """Nothing to keep: a divert handle fails open whatever happens."""
+
     async def start(self) -> None:
         """Open the handles and start reading them on the running loop."""
         self._loop = asyncio.get_running_loop()
@@ -484,6 +490,23 @@ def _discard(packets: list[bytes]) -> None:
     return None
 
 
+class RouterIO(Protocol):
+    """A data path's I/O adapter as ``RouterService`` drives it: ``AsyncRouterLoop`` (divert: every packet
+    through the router) or the kernel data path's (first packets only; ``platform.linux.kernel_datapath``)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def attach_device(self, tunnel_id: str, device: Any) -> None: ...
+    def detach_device(self, tunnel_id: str) -> None: ...
+    def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None: ...
+    def apply_now(self) -> None: ...
+    def routes_changed(self, routes: Mapping[str, Any]) -> None:
+        """The tunnels' routes from the control plane (before the router routes by them)."""
+
+    def control_lost(self) -> None:
+        """The control plane is gone (not a clean stop): keep whatever fails closed."""
+
+
 class ManagedDevice(PacketDevice, Protocol):
     """A device the router process runs itself (``WireGuardDevice``): started, watched, retried."""
 
@@ -551,12 +574,15 @@ class RouterService:
         states: dict[str, TunnelState],
         open_handles: Callable[..., Any],
         conn: Any,
+        make_io: Callable[[Any, list[int]], RouterIO] | None = None,
     ) -> None:
         self.router = router
         self.states = states
         self.conn = conn
         self.devices: dict[str, ManagedDevice] = {}
-        self.io: AsyncRouterLoop | None = None
+        self.io: RouterIO | None = None
+        self._make_io = make_io
+        """Builds the data path's I/O adapter (router, the devices' UDP ports); None: the divert one."""
         self.excluded_ports: frozenset[int] = frozenset()
         """The UDP ports the current NETWORK handle's filter leaves out."""
         self._open_handles = open_handles
@@ -580,8 +606,11 @@ class RouterService:
             self.router.set_tunnels(self._with_device_ports(self._routes))
             self.router.poll(time.monotonic())
             ports = self._device_ports()
-            network, events, accept_pid = self._open_handles(sorted(ports))
-            self.io = AsyncRouterLoop(self.router, network, events, accept_pid=accept_pid)
+            if self._make_io is not None:
+                self.io = self._make_io(self.router, sorted(ports))
+            else:
+                network, events, accept_pid = self._open_handles(sorted(ports))
+                self.io = AsyncRouterLoop(self.router, network, events, accept_pid=accept_pid)
             for tunnel_id, device in self.devices.items():
                 self.io.attach_device(tunnel_id, device)
             await self.io.start()
@@ -625,6 +654,8 @@ class RouterService:
                 self._messages.put_nowait(self.conn.recv())
         except (EOFError, OSError):
             log.error("[Router] control connection lost: stopping")
+            if self.io is not None:
+                self.io.control_lost()
             self._stopping.set()
 
     async def _apply_messages(self) -> None:
@@ -653,6 +684,8 @@ class RouterService:
             self._tell_router(tunnel_id, state)
         elif kind == "tunnels":
             self._routes = dict(message[1])
+            if self.io is not None:
+                self.io.routes_changed(self._routes)
             self.router.set_tunnels(self._with_device_ports(self._routes))
         elif kind == "devices":
             await self.change_devices(message[1], message[2], message[3])
@@ -683,6 +716,8 @@ class RouterService:
             else:
                 fresh.append(tunnel_id)
         self._routes = dict(routes)
+        if self.io is not None:
+            self.io.routes_changed(self._routes)
         self.router.set_tunnels(self._with_device_ports(self._routes))
         self._exclude_device_ports()
         io = self.io
@@ -769,8 +804,8 @@ class RouterService:
         (or if the reopen fails) the router passes a device's datagrams back unrouted (``_device_ports``)."""
         io = self.io
         ports = self._device_ports()
-        if io is None or ports == self.excluded_ports:
-            return
+        if not isinstance(io, AsyncRouterLoop) or ports == self.excluded_ports:
+            return  # the kernel data path never queues the devices' datagrams (their sockets' mark)
         try:
             network = self._open_handles(sorted(ports))[0]
             # Two NETWORK handles of one priority misbehave (pydivert-notes): the new one takes the other
@@ -821,10 +856,11 @@ def run_with_devices(
     open_handles: Callable[..., Any],
     factories: DeviceFactories,
     conn: Any,
+    make_io: Callable[[Any, list[int]], RouterIO] | None = None,
 ) -> None:
     """The router process on asyncio (``RouterService``) until told to stop over ``conn``; an
     ``("error", text)`` message instead of ``("ready",)`` when it cannot start."""
-    asyncio.run(_serve(router, states, open_handles, factories, conn))
+    asyncio.run(_serve(router, states, open_handles, factories, conn, make_io))
 
 
 async def _serve(
@@ -833,11 +869,15 @@ async def _serve(
     open_handles: Callable[..., Any],
     factories: DeviceFactories,
     conn: Any,
+    make_io: Callable[[Any, list[int]], RouterIO] | None,
 ) -> None:
-    service = RouterService(router, states, open_handles, conn)
+    from awg_split_tunnel.errors import AwgSplitTunnelError
+
+    service = RouterService(router, states, open_handles, conn, make_io)
     try:
         await service.open(factories)
     except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        known = isinstance(exc, AwgSplitTunnelError)
+        conn.send(("error", str(exc) if known else f"{type(exc).__name__}: {exc}"))
         return
     await service.serve()

@@ -4,6 +4,10 @@ A UDP flow's verdict lives in its conntrack entry (the ct mark), which outlives 
 UDP timeout (30 s unanswered, 120 s after replies). The kernel hands a closed socket's port to the next
 socket that asks, maybe another app's: the entry is deleted when the socket closes (a FLOW DELETED event),
 so the next app's first datagram is queued and decided afresh instead of inheriting the verdict.
+
+pyroute2's synchronous API runs its own coroutines with ``run_until_complete`` and fails inside a
+running asyncio loop (``scripts/repro/pyroute2_sync_in_asyncio.py``), which is where the router process
+lives: every pyroute2 call here runs on one worker thread of this table's, in order.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import errno
 import ipaddress
 import logging
 import socket
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger("awg_split_tunnel.router")
 
 
 class ConntrackTable:
-    """Deletes conntrack entries by their original tuple; one netlink socket per family, opened lazily.
+    """Deletes conntrack entries by their original tuple or by their mark; one netlink socket per family,
+    opened lazily. Calls return at once with a ``Future`` (the work is done on the worker thread).
 
     pyroute2 needs the socket's family to match the tuple's (an IPv6 tuple on the default AF_INET socket
     is refused with EINVAL).
@@ -26,9 +32,18 @@ class ConntrackTable:
 
     def __init__(self) -> None:
         self._sockets: dict[int, Any] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
 
-    def forget(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> bool:
-        """Delete the entry of (proto, src:sport → dst:dport); False if there was none."""
+    def forget(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> Future[bool]:
+        """Delete the entry of (proto, src:sport → dst:dport); the future says whether there was one."""
+        return self._worker.submit(self._forget, proto, src, sport, dst, dport)
+
+    def forget_marked(self, mark: int, mask: int) -> Future[int]:
+        """Delete every entry whose ct mark has ``mark`` in the bits of ``mask``; the future says how
+        many. Their flows' next packets are new to the kernel again (queued, decided afresh)."""
+        return self._worker.submit(self._forget_marked, mark, mask)
+
+    def _forget(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> bool:
         from pyroute2.netlink.exceptions import NetlinkError
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
@@ -49,6 +64,25 @@ class ConntrackTable:
             return False
         return True
 
+    def _forget_marked(self, mark: int, mask: int) -> int:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        count = 0
+        for family in (socket.AF_INET, socket.AF_INET6):
+            sock = self._socket(family)
+            try:
+                entries = list(sock.dump_entries(mark=mark, mark_mask=mask))
+            except NetlinkError as exc:
+                log.debug("[Router] conntrack dump failed: %s", exc)
+                continue
+            for entry in entries:
+                try:
+                    sock.delete(entry)
+                except NetlinkError:
+                    continue  # ended meanwhile
+                count += 1
+        return count
+
     def _socket(self, family: int) -> Any:
         sock = self._sockets.get(family)
         if sock is None:
@@ -58,6 +92,11 @@ class ConntrackTable:
         return sock
 
     def close(self) -> None:
+        """Finish what was asked, then close the sockets and the worker."""
+        self._worker.submit(self._close_sockets)
+        self._worker.shutdown(wait=True)
+
+    def _close_sockets(self) -> None:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()

@@ -15,10 +15,10 @@ the same by hand (``awg-split-tunnel cleanup``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-import select
 import shutil
 import subprocess
 import time
@@ -33,11 +33,11 @@ from awg_split_tunnel.core.packet_router import (
     RouterSettings,
     TunnelRoute,
     Verdict,
-    apply_router_message,
     configure_process_logging,
     pending_events,
     process_router,
 )
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
 from awg_split_tunnel.net.nat import FlowVerdict, NatEntry, app_key
@@ -48,15 +48,21 @@ from awg_split_tunnel.platform.linux.kernel_rules import (
     DIRECT,
     GATE_CHAIN,
     MARK_MASK,
+    PACKET_BASE,
+    PACKET_SLOTS,
     QUEUE_NUM,
     STREAM_BASE,
     STREAM_SLOTS,
     TABLE,
     KernelRuleset,
+    PacketTunnelRules,
     StreamRedirect,
     gate_rules,
     local_route_commands,
     mark_value,
+    packet_ifname,
+    packet_route_commands,
+    packet_table,
     removal_text,
 )
 from awg_split_tunnel.platform.linux.nftables import Nftables, NftablesError
@@ -248,40 +254,59 @@ def remove_kernel_state() -> list[str]:
 # -- the gate: first packets → marks ---------------------------------------------------------------------
 
 
-class StreamSlots:
-    """Stream tunnel id → its slot in the ruleset (its mark class is ``STREAM_BASE + slot``); slots of
-    removed tunnels are given to new ones."""
+class TunnelSlots:
+    """Tunnel id → its slot in the ruleset: stream tunnels' classes are ``STREAM_BASE + slot``, packet
+    tunnels' ``PACKET_BASE + slot`` (their TUN and routing table are numbered by it too). Slots of removed
+    tunnels are given to new ones."""
 
     def __init__(self) -> None:
-        self._slots: dict[str, int] = {}
+        self.streams: dict[str, int] = {}
+        self.packets: dict[str, int] = {}
 
-    def update(self, routes: Mapping[str, object]) -> dict[int, StreamRedirect]:
-        """Slots for the stream tunnels of ``routes`` (others forgotten); their redirects by slot."""
+    def update(
+        self, routes: Mapping[str, object]
+    ) -> tuple[dict[int, StreamRedirect], dict[int, PacketTunnelRules]]:
+        """Slots for the tunnels of ``routes`` (others forgotten): stream redirects and packet tunnels'
+        rules by slot."""
         streams = {tid: r for tid, r in routes.items() if isinstance(r, TunnelRoute)}
-        self._slots = {tid: slot for tid, slot in self._slots.items() if tid in streams}
-        used = set(self._slots.values())
-        for tunnel_id in streams:
-            if tunnel_id not in self._slots:
-                free = next((s for s in range(STREAM_SLOTS) if s not in used), None)
-                if free is None:
-                    log.error("[Router] more than %d stream tunnels: %s gets none", STREAM_SLOTS, tunnel_id)
-                    continue
-                self._slots[tunnel_id] = free
-                used.add(free)
+        packets = {tid: r for tid, r in routes.items() if isinstance(r, PacketTunnelRoute)}
+        self._assign(self.streams, streams, STREAM_SLOTS)
+        self._assign(self.packets, packets, PACKET_SLOTS)
         redirects = {}
-        for tunnel_id, slot in self._slots.items():
+        for tunnel_id, slot in self.streams.items():
             redirects[slot] = StreamRedirect(streams[tunnel_id].tcp_port, streams[tunnel_id].udp_port)
-        return redirects
+        rules = {slot: PacketTunnelRules(packets[tunnel_id].mtu) for tunnel_id, slot in self.packets.items()}
+        return redirects, rules
 
-    def get(self, tunnel_id: str | None) -> int | None:
-        return None if tunnel_id is None else self._slots.get(tunnel_id)
+    @staticmethod
+    def _assign(slots: dict[str, int], tunnels: Mapping[str, object], limit: int) -> None:
+        for gone in [tid for tid in slots if tid not in tunnels]:
+            del slots[gone]
+        used = set(slots.values())
+        for tunnel_id in tunnels:
+            if tunnel_id in slots:
+                continue
+            free = next((s for s in range(limit) if s not in used), None)
+            if free is None:
+                log.error("[Router] more than %d tunnels of a kind: %s gets no slot", limit, tunnel_id)
+                continue
+            slots[tunnel_id] = free
+            used.add(free)
+
+    def class_of(self, tunnel_id: str | None, *, packet: bool) -> int | None:
+        if tunnel_id is None:
+            return None
+        slot = (self.packets if packet else self.streams).get(tunnel_id)
+        if slot is None:
+            return None
+        return (PACKET_BASE if packet else STREAM_BASE) + slot
 
 
 class KernelGate:
     """Each queued first packet goes through the ``PacketRouter`` and leaves the queue with its flow's
     class in our mark bits; packets the router holds (owner not known yet) leave when it decides."""
 
-    def __init__(self, router: PacketRouter, slots: StreamSlots) -> None:
+    def __init__(self, router: PacketRouter, slots: TunnelSlots) -> None:
         self.router = router
         self.slots = slots
         self._view = PacketView()
@@ -299,9 +324,9 @@ class KernelGate:
             return
         if verdict is Verdict.REINJECT:
             self.release(packet, DIRECT)
-        elif verdict is Verdict.INJECT_INBOUND:
+        elif verdict is Verdict.INJECT_INBOUND or verdict is Verdict.TO_TUNNEL:
             self.release(packet, self._class_of(self.router.table.flows(proto).get(key)))
-        else:  # DROP, or a packet-tunnel flow (not on this data path yet): blocked in the kernel
+        else:  # DROP: blocked in the kernel (a TCP reset for the app, retransmits never come here)
             self.release(packet, BLOCK)
 
     def decided(self, entry: NatEntry, packets: list[object]) -> None:
@@ -315,9 +340,9 @@ class KernelGate:
             return BLOCK
         if entry.verdict is FlowVerdict.PASS:
             return DIRECT
-        if entry.verdict is FlowVerdict.TUNNEL and entry.proxy_port:
-            slot = self.slots.get(entry.tunnel_id)
-            return BLOCK if slot is None else STREAM_BASE + slot
+        if entry.verdict is FlowVerdict.TUNNEL:
+            flow_class = self.slots.class_of(entry.tunnel_id, packet=not entry.proxy_port)
+            return BLOCK if flow_class is None else flow_class
         return BLOCK
 
     def release(self, packet: QueuedPacket, flow_class: int) -> None:
@@ -335,45 +360,50 @@ def kernel_peer_key(entry: NatEntry) -> bytes:
     return key
 
 
-class KernelGateLoop:
-    """The router process of the kernel data path: the queue, the event handles, the control pipe."""
+TICK = 0.2
+"""Seconds between the router's timer runs when nothing is due sooner."""
+TUN_READ_BATCH = 64
+
+
+class KernelIO:
+    """The kernel data path's side of the router process (``packet_tunnel.RouterIO``), on asyncio: the
+    queue of first packets, the SOCKET/FLOW event handles, our kernel rules, and one TUN per packet tunnel
+    whose device (run by ``RouterService``) encrypts what the kernel routes into it."""
 
     def __init__(
         self,
-        settings: RouterSettings,
-        conn: Any,
+        router: PacketRouter,
         events: Iterable[EventPort],
         accept_pid: Callable[[int], bool],
         firewall: KernelFirewall,
+        slots: TunnelSlots,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.states = dict(settings.states)
-        self.conn = conn
+        self.router = router
         self.events = list(events)
         self.firewall = firewall
+        self.slots = slots
+        self.gate = KernelGate(router, slots)
+        self.conntrack = ConntrackTable()
         self._accept_pid = accept_pid
         self._clock = clock
-        self.slots = StreamSlots()
-        self.gate: KernelGate
-        self.router = process_router(
-            settings,
-            self.states,
-            conn,
-            peer_key=kernel_peer_key,
-            reject_tcp=False,
-            on_decided=lambda entry, packets: self.gate.decided(entry, packets),
-        )
-        self.gate = KernelGate(self.router, self.slots)
-        self.conntrack = ConntrackTable()
-        self.router.event_source = self._pending_events
-        self._routes = dict(settings.tunnels)
+        self._routes: dict[str, Any] = dict(router.routes)
         self._queue: Any = None
         self._arrived: list[QueuedPacket] = []
-        self._stop = False
-        self._clean_stop = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fds: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tuns: dict[str, tuple[Any, int]] = {}
+        """Packet tunnel id → (its TUN, its slot)."""
+        self._route_slots: set[int] = set()
+        """Packet slots whose ip rules and unreachable routes are in place."""
+        self._keep_rules = False
+        router.event_source = self._pending_events
 
-    def open(self) -> None:
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
         """Event handles, then the queue, then the rules: nothing is queued before its reader exists."""
         try:
             from netfilterqueue import COPY_PACKET, NetfilterQueue
@@ -382,6 +412,7 @@ class KernelGateLoop:
                 f"the kernel data path needs NetfilterQueue ({exc}): apt-get install libnetfilter-queue-dev "
                 "gcc python3-dev && pip install NetfilterQueue (or set `dataplane: divert`)"
             ) from None
+        self._loop = asyncio.get_running_loop()
         for handle in self.events:
             handle.open()
         self._queue = NetfilterQueue()
@@ -392,47 +423,173 @@ class KernelGateLoop:
                 f"cannot bind NFQUEUE {QUEUE_NUM} ({exc}): is another daemon running in this network "
                 "namespace, or nfnetlink_queue missing from the kernel?"
             ) from None
-        self.firewall.apply(self._ruleset(self._routes))
+        self._apply_rules()
+        self._fds = [self._queue.get_fd()]
+        self._loop.add_reader(self._fds[0], self._on_queue)
+        for handle in self.events:
+            fd = handle.fileno()
+            if fd is not None:
+                self._loop.add_reader(fd, self._on_events)
+                self._fds.append(fd)
+        self._schedule(TICK)
         log.info(
             "[Router] kernel data path: first packets queued (%s), the rest in the kernel",
             "nft queue" if self.firewall.nft_queue else "iptables-nft NFQUEUE",
         )
 
+    async def stop(self) -> None:
+        """A clean stop removes the rules (the network is as before); after the control plane was lost
+        they stay, and every new flow waits for the next daemon (fail-closed)."""
+        loop = self._loop
+        if loop is not None:
+            for fd in self._fds:
+                loop.remove_reader(fd)
+        self._fds = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for tunnel_id in list(self._tuns):
+            self.detach_device(tunnel_id)
+        if not self._keep_rules:
+            try:
+                self.firewall.remove()
+            except AwgSplitTunnelError as exc:
+                log.error("[Router] removing the kernel rules failed: %s", exc)
+            for packet in [*self.router.release_held(), *self._arrived]:
+                with contextlib.suppress(Exception):
+                    self.gate.release(packet, DIRECT)  # type: ignore[arg-type]
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                self._queue.unbind()
+            self._queue = None
+        for handle in self.events:
+            with contextlib.suppress(Exception):
+                handle.close()
+        self.conntrack.close()
+        self._loop = None
+        log.info("[Router] stopped: %s", self.router.stats)
+
+    def control_lost(self) -> None:
+        self._keep_rules = True
+        log.error("[Router] the kernel keeps holding new flows until the next `run` or `cleanup`")
+
+    # -- RouterIO ----------------------------------------------------------------------------------------
+
+    def routes_changed(self, routes: Mapping[str, Any]) -> None:
+        """New routes: the rules for them exist before any flow is decided into them."""
+        self._routes = dict(routes)
+        if self._loop is not None:
+            self._apply_rules()
+
+    def attach_device(self, tunnel_id: str, device: Any) -> None:
+        """Give the packet tunnel's device its TUN: what the kernel routes there is encrypted, what the
+        device decrypts is written back."""
+        from awg_split_tunnel.platform.linux import tun as linux_tun
+
+        self.detach_device(tunnel_id)
+        route = self._routes.get(tunnel_id)
+        flow_class = self.slots.class_of(tunnel_id, packet=True)
+        if not isinstance(route, PacketTunnelRoute) or flow_class is None or self._loop is None:
+            log.error("[Router] packet tunnel %s has no route here: its flows are blocked", tunnel_id)
+            return
+        slot = flow_class - PACKET_BASE
+        ifname = packet_ifname(slot)
+        tun = linux_tun.Tun.open(ifname, vnet_hdr=True, read_offload=False)
+        try:
+            _configure_tun(ifname, route, slot)
+        except (AwgSplitTunnelError, OSError):
+            tun.close()
+            raise
+        self._tuns[tunnel_id] = (tun, slot)
+
+        def read() -> None:
+            packets = tun.read_packets(TUN_READ_BATCH)
+            if packets:
+                device.send_packets(packets)
+
+        device.on_packets = tun.write_packets
+        self._loop.add_reader(tun.fd, read)
+        log.info("[Router] packet tunnel %s on %s (table %d)", tunnel_id, ifname, packet_table(slot))
+
+    def detach_device(self, tunnel_id: str) -> None:
+        """The TUN goes (its routes with it; the unreachable route behind stays), and the flows the kernel
+        routed into it are forgotten, so their next packets are decided again (reset, or direct)."""
+        entry = self._tuns.pop(tunnel_id, None)
+        if entry is None:
+            return
+        tun, slot = entry
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(tun.fd)
+        tun.close()
+        self.conntrack.forget_marked(mark_value(PACKET_BASE + slot), MARK_MASK)
+
+    def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
+        self.router.tunnel_state_changed(tunnel_id, state)
+        self.apply_now()
+        flow_class = self.slots.class_of(tunnel_id, packet=True)
+        if state is TunnelState.DOWN and flow_class is not None:
+            # The kernel would keep sending these flows into the TUN (where the device drops them): the
+            # next packet of each is decided again — reset for `block`/`drop`, and TCP anyway (its source
+            # address was the tunnel's), a UDP flow of `allow_direct` goes direct.
+            self.conntrack.forget_marked(mark_value(flow_class), MARK_MASK)
+        elif state is TunnelState.UP:
+            # Flows blocked while it was down (UDP keeps its ct mark for a while) are decided again.
+            self.conntrack.forget_marked(mark_value(BLOCK), MARK_MASK)
+
+    def apply_now(self) -> None:
+        self.router.poll(self._clock())
+
+    # -- packets and events ------------------------------------------------------------------------------
+
     def _arrive(self, packet: Any) -> None:
         packet.retain()  # the payload is read after the callback returns
         self._arrived.append(packet)
 
-    def _ruleset(self, routes: Mapping[str, object]) -> KernelRuleset:
-        return KernelRuleset(self.slots.update(routes), nft_queue=self.firewall.nft_queue)
-
-    def run(self) -> None:
+    def _on_queue(self) -> None:
         try:
-            self._loop()
-        finally:
-            self._close()
-
-    def _loop(self) -> None:
-        router, queue = self.router, self._queue
-        poller = select.poll()
-        fds = [queue.get_fd(), self.conn.fileno(), *(h.fileno() for h in self.events)]
-        for fd in fds:
-            if fd is not None:
-                poller.register(fd, select.POLLIN)
-        while not self._stop:
-            deadline = router.next_deadline()
+            self._queue.run(block=False)
             now = self._clock()
-            timeout = 200 if deadline is None else max(0, min(200, int((deadline - now) * 1000) + 1))
-            poller.poll(timeout)
-            now = self._clock()
-            self._drain_control()
-            for event in self._pending_events():
-                router.connect_event(*event[:4], now, event[4])
-            queue.run(block=False)
             arrived, self._arrived = self._arrived, []
             for packet in arrived:
                 self.gate.packet(packet, now)
-            router.poll(now)
-            router.take_outgoing()  # crafted RSTs of the divert path: here the kernel rejects
+            self._after()
+        except Exception:
+            log.exception("[Router] deciding queued packets failed")
+
+    def _on_events(self) -> None:
+        try:
+            now = self._clock()
+            for event in self._pending_events():
+                self.router.connect_event(*event[:4], now, event[4])
+            self._after()
+        except Exception:
+            log.exception("[Router] reading connect events failed")
+
+    def _after(self) -> None:
+        self.router.take_outgoing()  # the divert path's crafted RSTs: here the kernel rejects
+        deadline = self.router.next_deadline()
+        if deadline is not None:
+            self._schedule(max(0.0, deadline - self._clock()))
+
+    def _schedule(self, delay: float) -> None:
+        if self._loop is None:
+            return
+        if self._timer is not None:
+            if self._timer.when() <= self._loop.time() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._timer = None
+        try:
+            self.router.poll(self._clock())
+            self.router.take_outgoing()
+        except Exception:
+            log.exception("[Router] router timers failed")
+        deadline = self.router.next_deadline()
+        self._schedule(TICK if deadline is None else max(0.0, min(TICK, deadline - self._clock())))
 
     def _pending_events(self) -> Iterator[ConnectEvent]:
         return pending_events(self.router, self.events, self._accept_pid, self._socket_closed)
@@ -444,63 +601,92 @@ class KernelGateLoop:
             event.proto, event.local_addr, event.local_port, event.remote_addr, event.remote_port
         )
 
-    def _drain_control(self) -> None:
+    def _apply_rules(self) -> None:
+        streams, packets = self.slots.update(self._routes)
+        for slot in sorted(set(packets) - self._route_slots):
+            add_packet_routes(slot)
+            self._route_slots.add(slot)
+        self.firewall.apply(KernelRuleset(streams, packets, nft_queue=self.firewall.nft_queue))
+        for slot in sorted(self._route_slots - set(packets)):
+            remove_packet_routes(slot)
+            self._route_slots.discard(slot)
+
+
+def _configure_tun(ifname: str, route: PacketTunnelRoute, slot: int) -> None:
+    """Addresses, MTU, the default route of the slot's table, and ``src_valid_mark`` (replies carry the
+    slot's mark, so reverse-path filtering looks them up in that table and finds the TUN)."""
+    import ipaddress
+
+    from awg_split_tunnel.platform.linux.tun import ip_command, set_link
+
+    set_link(ifname, mtu=route.mtu, up=True)
+    with contextlib.suppress(OSError), open(f"/proc/sys/net/ipv4/conf/{ifname}/src_valid_mark", "w") as f:
+        f.write("1")
+    table = str(packet_table(slot))
+    if route.address_v4 is not None:
+        ip_command("-4", "address", "add", f"{ipaddress.IPv4Address(route.address_v4)}/32", "dev", ifname)
+        ip_command("-4", "route", "replace", "default", "dev", ifname, "table", table)
+    if route.address_v6 is not None:
+        address = ipaddress.IPv6Address(route.address_v6)
+        ip_command("-6", "address", "add", f"{address}/128", "dev", ifname, "nodad")
+        ip_command("-6", "route", "replace", "default", "dev", ifname, "table", table)
+
+
+def add_packet_routes(slot: int) -> None:
+    from awg_split_tunnel.platform.linux.tun import ip_command
+
+    for args in packet_route_commands(slot, "add"):
         try:
-            while self.conn.poll(0):
-                self._control(self.conn.recv())
-        except (EOFError, OSError):
-            # The daemon is gone: the rules stay (fail-closed) until the next `run` or `cleanup`.
-            log.error("[Router] control connection lost: stopping, the kernel keeps blocking new flows")
-            self._stop = True
+            ip_command(*args)
+        except TunnelError as exc:
+            if "File exists" not in str(exc):
+                raise KernelSupportError(
+                    f"cannot add the routing of packet tunnel slot {slot}: {exc}"
+                ) from None
 
-    def _control(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "tunnels" or kind == "devices":
-            routes = dict(message[1])
-            # The proxies' redirects exist before any flow is decided for a new tunnel.
-            self.firewall.apply(self._ruleset(routes))
-            self._routes = routes
-            self.router.set_tunnels(routes)
-            for tunnel_id in message[2] if kind == "devices" else ():
-                reason = "WireGuard/AmneziaWG tunnels are not carried by the kernel data path yet"
-                self.conn.send(("tunnel_state", tunnel_id, TunnelState.DOWN, reason))
-        elif kind == "stop":
-            self._stop = True
-            self._clean_stop = True
-        else:
-            apply_router_message(self.router, self.states, self.conn, message)
-        self.router.poll(self._clock())
 
-    def _close(self) -> None:
-        if self._clean_stop:
-            try:
-                self.firewall.remove()
-            except AwgSplitTunnelError as exc:
-                log.error("[Router] removing the kernel rules failed: %s", exc)
-            # The network is as before the daemon: held first packets go their way.
-            for packet in [*self.router.release_held(), *self._arrived]:
-                with contextlib.suppress(Exception):
-                    self.gate.release(packet, DIRECT)  # type: ignore[arg-type]
-        if self._queue is not None:
-            with contextlib.suppress(Exception):
-                self._queue.unbind()
-        for handle in self.events:
-            with contextlib.suppress(Exception):
-                handle.close()
-        self.conntrack.close()
-        log.info("[Router] stopped: %s", self.router.stats)
+def remove_packet_routes(slot: int) -> list[str]:
+    from awg_split_tunnel.platform.linux.tun import ip_command
+
+    removed = []
+    for args in packet_route_commands(slot, "del"):
+        try:
+            ip_command(*args)
+        except TunnelError:
+            continue
+        removed.append("ip " + " ".join(args))
+    return removed
 
 
 def serve_kernel_gate(settings: RouterSettings, open_events: Callable[..., Any], conn: Any) -> None:
-    """The router process's body for ``dataplane: kernel`` (``RouterProcess(serve=...)``)."""
+    """The router process's body for ``dataplane: kernel`` (``RouterProcess(serve=...)``): the same
+    ``RouterService`` as the divert path (devices, control messages, retries) around a ``KernelIO``."""
+    from awg_split_tunnel.core.packet_tunnel import run_with_devices
+
     configure_process_logging(settings.log_level)
+    states = dict(settings.states)
+    slots = TunnelSlots()
+    gate: list[KernelGate] = []
     try:
-        events, accept_pid = open_events()
-        loop = KernelGateLoop(settings, conn, events, accept_pid, KernelFirewall())
-        loop.open()
+        router = process_router(
+            settings,
+            states,
+            conn,
+            peer_key=kernel_peer_key,
+            reject_tcp=False,
+            carries_packets=False,
+            on_decided=lambda entry, packets: gate[0].decided(entry, packets),
+        )
+        firewall = KernelFirewall()
     except Exception as exc:
         known = isinstance(exc, AwgSplitTunnelError)
         conn.send(("error", str(exc) if known else f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready",))
-    loop.run()
+
+    def make_io(router: Any, ports: list[int]) -> KernelIO:
+        events, accept_pid = open_events()
+        io = KernelIO(router, events, accept_pid, firewall, slots)
+        gate.append(io.gate)
+        return io
+
+    run_with_devices(router, states, open_events, settings.devices, conn, make_io)

@@ -12,6 +12,11 @@ handled by the kernel from that ct mark alone (docs/DATAPATHS.md):
   its 4-tuple (two connections from one app port to two servers, which Linux hands out under load, stay
   apart) and the proxy reads the original destination as its own address. UDP by ``redirect`` (nat) to
   the proxy's UDP port: one app socket reaches one destination through a stream tunnel at a time.
+- ``PACKET_BASE + k``: into WireGuard/AmneziaWG tunnel k's TUN (``packet_ifname(k)``): the mark routes
+  it (``packet_table(k)``: the TUN, and behind it an unreachable route, so a vanished TUN never lets the
+  flow fall through to the main table), it leaves masqueraded to the tunnel's address with its MSS
+  clamped to the TUN's MTU, and a guard drops it on any other interface. Replies from the TUN get the
+  mark back, so strict reverse-path filtering finds them valid (``src_valid_mark`` on the TUN).
 - ``BLOCK``: TCP answered with a reset, anything else dropped, in the kernel (retransmits never reach
   Python, and the verdict outlives the daemon).
 - ``INBOUND``: set on new inbound flows (servers on this host) so their replies are never queued.
@@ -43,6 +48,11 @@ INBOUND = 0x03
 STREAM_BASE = 0x10
 STREAM_SLOTS = 0x60
 """Stream tunnels get classes 0x10..0x6f."""
+PACKET_BASE = 0x80
+PACKET_SLOTS = 0x80
+"""WireGuard/AmneziaWG tunnels get classes 0x80..0xff."""
+PACKET_TABLE_BASE = 52100
+PACKET_RULE_PRIORITY = 5202
 
 LOCAL_ROUTE = 0x01000000
 """The packet-mark bit that sends a stream tunnel's TCP packets back through loopback (to TPROXY)."""
@@ -68,11 +78,30 @@ class StreamRedirect:
 
 
 @dataclass(frozen=True, slots=True)
+class PacketTunnelRules:
+    """What the table needs of a WireGuard/AmneziaWG tunnel: its TUN's MTU (for the MSS clamp)."""
+
+    mtu: int
+
+
+def packet_ifname(slot: int) -> str:
+    """The TUN of packet tunnel slot ``slot``."""
+    return f"awgst{slot}"
+
+
+def packet_table(slot: int) -> int:
+    """The routing table of packet tunnel slot ``slot``."""
+    return PACKET_TABLE_BASE + slot
+
+
+@dataclass(frozen=True, slots=True)
 class KernelRuleset:
     """Everything the table depends on; ``table_text()`` is a function of it alone."""
 
     streams: Mapping[int, StreamRedirect] = field(default_factory=dict)
     """Stream tunnel slot (0..STREAM_SLOTS-1) → its proxy's ports."""
+    packets: Mapping[int, PacketTunnelRules] = field(default_factory=dict)
+    """Packet tunnel slot (0..PACKET_SLOTS-1) → its TUN's settings."""
     nft_queue: bool = False
     """Whether the gate is an nft ``queue`` rule (else the iptables-nft chain)."""
     queue_num: int = QUEUE_NUM
@@ -86,6 +115,7 @@ class KernelRuleset:
             return f"ct mark and {mask} == 0x{mark_value(flow_class):08x}"
 
         classes = [DIRECT, BLOCK, *(STREAM_BASE + slot for slot in sorted(self.streams))]
+        classes += [PACKET_BASE + slot for slot in sorted(self.packets)]
         save = "\n".join(
             f"    ct mark and {mask} == 0 meta mark and {mask} == 0x{mark_value(c):08x} "
             f"ct mark set ct mark or 0x{mark_value(c):08x}"
@@ -106,6 +136,24 @@ class KernelRuleset:
                 redirects.append(f"    {stream} meta l4proto udp redirect to :{ports.udp_port}")
             else:
                 not_carried.append(f"    {stream} meta l4proto udp drop\n")
+        masquerade, guard, clamp_out = [], [], []
+        for slot, rules in sorted(self.packets.items()):
+            packet, value, ifname = (
+                is_class(PACKET_BASE + slot),
+                mark_value(PACKET_BASE + slot),
+                packet_ifname(slot),
+            )
+            reroute.append(f"    ct direction original {packet} meta mark set meta mark or 0x{value:08x}")
+            guard.append(f'    ct direction original {packet} oifname != "{ifname}" drop')
+            masquerade.append(f'    {packet} oifname "{ifname}" masquerade')
+            clamp_out.append(f'    oifname "{ifname}" tcp flags syn tcp option maxseg size set rt mtu')
+            tproxy.append(f'    iifname "{ifname}" meta mark set meta mark or 0x{value:08x}')
+            for family, overhead in (("ipv4", 40), ("ipv6", 60)):
+                mss = rules.mtu - overhead
+                tproxy.append(
+                    f'    iifname "{ifname}" meta nfproto {family} tcp flags syn '
+                    f"tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
+                )
         gate = ""
         if self.nft_queue:
             gate = (
@@ -139,6 +187,14 @@ class KernelRuleset:
             "    type nat hook output priority -100; policy accept;\n"
             + ("\n".join(redirects) + "\n" if redirects else "")
             + "  }\n"
+            "  chain packet_tunnels {\n"
+            "    type filter hook postrouting priority -1; policy accept;\n"
+            + "".join(line + "\n" for line in [*guard, *clamp_out])
+            + "  }\n"
+            "  chain source_nat {\n"
+            "    type nat hook postrouting priority 100; policy accept;\n"
+            + "".join(line + "\n" for line in masquerade)
+            + "  }\n"
             "  chain blocked {\n"
             "    type filter hook output priority 0; policy accept;\n"
             f"    {is_class(BLOCK)} meta l4proto tcp reject with tcp reset\n"
@@ -169,6 +225,20 @@ def local_route_commands(action: str) -> list[list[str]]:
             [family, "rule", action, "fwmark", mark, "lookup", str(LOCAL_TABLE), "pref", str(RULE_PRIORITY)]
         )
         commands.append([family, "route", action, "local", default, "dev", "lo", "table", str(LOCAL_TABLE)])
+    return commands
+
+
+def packet_route_commands(slot: int, action: str) -> list[list[str]]:
+    """``ip`` arguments that add or delete packet tunnel ``slot``'s policy rule and the unreachable route
+    behind its TUN, both families (the TUN's own default route comes and goes with the TUN)."""
+    value, table = mark_value(PACKET_BASE + slot), str(packet_table(slot))
+    mark = f"0x{value:x}/0x{MARK_MASK:x}"
+    commands = []
+    for family in ("-4", "-6"):
+        commands.append(
+            [family, "rule", action, "fwmark", mark, "lookup", table, "pref", str(PACKET_RULE_PRIORITY)]
+        )
+        commands.append([family, "route", action, "unreachable", "default", "metric", "4000", "table", table])
     return commands
 
 
