@@ -18,6 +18,7 @@ import re
 import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from awg_split_tunnel.provider.wireguard.conf import (
     conf_from_settings,
     parse_conf,
 )
+from awg_split_tunnel.provider.wireguard.keys import HIDDEN, hide_keys
 
 log = logging.getLogger("awg_split_tunnel.core")
 
@@ -154,6 +156,12 @@ class _ProxyTunnel(_TunnelBase):
     @field_validator("server")
     @classmethod
     def _server_syntax(cls, value: str) -> str:
+        if "@" in value:
+            # `user:password@host:port`: refused without repeating it.
+            raise ValueError(
+                "server is host:port; give the user name and password as the keys username and "
+                "password, not in the address (the value is not shown)"
+            )
         Endpoint.parse(value)
         return value
 
@@ -378,19 +386,28 @@ def _guess_indent(text: str) -> tuple[int, int, int]:
 
 
 def _load_document(text: str, file: str) -> CommentedMap:
+    # ruamel's messages quote what they tripped over (an alias name, a tag): keys are hidden here, the
+    # other secrets of the text by `_without_secrets`. Its warnings (a reused anchor `&<password>`) quote
+    # the line and would go to stderr as they are, so they are dropped.
     try:
-        doc = _yaml().load(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            doc = _yaml().load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
         reason = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        raise ConfigError(f"YAML syntax: {reason}", file=file, line=mark.line + 1 if mark else None) from None
+        name = _secret_key_on_line(text, line)
+        if name is not None:
+            reason += f"; if this is in the value of {name}, put the value in quotes"
+        raise ConfigError(f"YAML syntax: {hide_keys(reason)}", file=file, line=line) from None
     except YAMLError as exc:
-        raise ConfigError(f"YAML syntax: {exc}", file=file) from None
+        raise ConfigError(f"YAML syntax: {hide_keys(str(exc))}", file=file) from None
     except Exception as exc:
         # ruamel.yaml itself trips over some malformed scalars (`-_` raises IndexError, `._` ValueError);
         # bad input must still end as a ConfigError.
         raise ConfigError(
-            f"YAML syntax: cannot read a value ({type(exc).__name__}: {exc})", file=file
+            f"YAML syntax: cannot read a value ({type(exc).__name__}: {hide_keys(str(exc))})", file=file
         ) from None
     if doc is None:
         return CommentedMap()
@@ -399,6 +416,57 @@ def _load_document(text: str, file: str) -> CommentedMap:
             "the config must be a mapping of keys (log_level, default, tunnels, rules)", file=file, line=1
         )
     return doc
+
+
+# A key whose value is secret (`password:`, `private_key:`, `preshared_key:`, also misspelled or in
+# `.conf` spelling), and the password of a `user:password@host` address.
+_SECRET_KEY = re.compile(r"(?i)([A-Za-z_-]*(?:key|password|passwd|secret))['\"]?[ \t]*[:=][ \t]*")
+_USERINFO = re.compile(r"[^\s@/'\",\[\]{}]*:([^\s@/'\",\[\]{}]+)@")
+_NOT_SECRETS = {"null", "true", "false", "~"}
+_SHORTEST_HIDDEN = 4  # shorter values would hide ordinary words of the message
+
+
+def _secret_values(text: str) -> set[str]:
+    """The values of secret keys and the passwords of `user:password@host` in YAML text, found line by line
+    so that they are known even when the YAML does not parse."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        for match in _SECRET_KEY.finditer(line):
+            rest = line[match.end() :].split(" #", 1)[0].strip()
+            # Block style takes the rest of the line; flow style (`{password: x, id: y}`) ends at , } ]
+            for value in (rest, re.split(r"[,}\]]", rest, maxsplit=1)[0].strip()):
+                # ruamel names an alias or tag without its `*` or `!`.
+                found.update((value, value.strip("'\""), value.lstrip("*&!|>").strip("'\"")))
+        for match in _USERINFO.finditer(line):
+            found.update((match.group(0)[:-1], match.group(1)))
+    return {v for v in found if len(v) >= _SHORTEST_HIDDEN and v.lower() not in _NOT_SECRETS}
+
+
+def _secret_key_on_line(text: str, line: int | None) -> str | None:
+    """The name of the secret key on a line (1-based) of `text`, if there is one."""
+    lines = text.splitlines()
+    if line is None or not 0 < line <= len(lines):
+        return None
+    match = _SECRET_KEY.search(lines[line - 1])
+    return match.group(1) if match else None
+
+
+def _without_secrets(error: ConfigError, text: str) -> ConfigError:
+    """`error` with every secret of the YAML `text` it was raised for hidden (a message may quote a value:
+    an invalid one, or the spot a YAML syntax error points at)."""
+    secrets = sorted(_secret_values(text), key=len, reverse=True)
+
+    def hide(message: str | None) -> str | None:
+        if message is None:
+            return None
+        for secret in secrets:
+            message = message.replace(secret, HIDDEN)
+        return message
+
+    reason, key = hide(error.reason), hide(error.key)
+    if reason == error.reason and key == error.key:
+        return error
+    return ConfigError(reason or "", file=error.file, line=error.line, key=key)
 
 
 def _plain(node: object) -> object:
@@ -487,8 +555,8 @@ def _problem(error: Mapping[str, Any], doc: CommentedMap) -> _Problem:
         value = error.get("input")
         secret = any(word in name for word in _SECRET_WORDS)
         if isinstance(value, str | int | float | bool) and not secret:
-            message += f", got {value!r}"[:120]
-    return _Problem(line, key, message)
+            message += f", got {hide_keys(repr(value))}"[:120]
+    return _Problem(line, key, hide_keys(message))
 
 
 def _validation_error(exc: ValidationError, doc: CommentedMap, file: str) -> ConfigError:
@@ -657,9 +725,19 @@ def _validate_document(doc: CommentedMap, file: str, base_dir: Path) -> Config:
     return config
 
 
+def _parse_document(text: str, file: str, base_dir: Path) -> tuple[CommentedMap, Config]:
+    """The round-trip document and the validated config of YAML text. A ConfigError never repeats a
+    secret of the text, even when the text does not parse."""
+    try:
+        doc = _load_document(text, file)
+        return doc, _validate_document(doc, file, base_dir)
+    except ConfigError as exc:
+        raise _without_secrets(exc, text) from None
+
+
 def parse_config(text: str, *, file: str, base_dir: Path) -> Config:
     """Validate YAML text; `config_file`s are read relative to `base_dir`. Raises ConfigError."""
-    return _validate_document(_load_document(text, file), file, base_dir)
+    return _parse_document(text, file, base_dir)[1]
 
 
 def load_config(path: Path) -> Config:
@@ -801,8 +879,7 @@ class ConfigManager:
         first change or `save()`). Raises ConfigError."""
         exists = not missing_ok or self.path.exists()
         text = _read_text(self.path) if exists else ""
-        doc = _load_document(text, str(self.path))
-        config = _validate_document(doc, str(self.path), self.path.parent)
+        doc, config = _parse_document(text, str(self.path), self.path.parent)
         self._doc, self._config, self._indent = doc, config, _guess_indent(text)
         self._on_disk = text if exists else None
         self._preamble = "" if doc else text
@@ -987,8 +1064,7 @@ class ConfigManager:
         file = str(self.path)
         try:
             # Validate exactly what will be written; the re-read document also has fresh line numbers.
-            doc = _load_document(text, file)
-            config = _validate_document(doc, file, self.path.parent)
+            doc, config = _parse_document(text, file, self.path.parent)
         except ConfigError as exc:
             if exc.file != file:
                 raise  # a .conf file's own error keeps its file and line

@@ -334,6 +334,38 @@ def test_several_errors_are_all_listed(tmp_path: Path) -> None:
     assert "also" in message and ":2, key 'verbose'" in message and ":6, key 'rules[0].x'" in message
 
 
+SECRET = "S3cretPw"
+PROXY_AT = "tunnels:\n  - id: office\n    type: socks5\n    server: 198.18.0.5:1080\n"
+WG_AT = "tunnels:\n  - id: wg\n    type: wireguard\n"
+
+
+@pytest.mark.parametrize(
+    "yaml, line, key, reason",
+    [
+        (
+            f"tunnels:\n  - id: office\n    type: socks5\n    server: alice:{SECRET}@proxy:1080\n",
+            4,
+            "tunnels[0].server",
+            "give the user name and password as the keys username and password",
+        ),
+        (PROXY_AT + f"    password: *{SECRET}\n", 5, None, "put the value in quotes"),
+        (PROXY_AT + f"    password: !{SECRET} x\n", 5, "tunnels[0].password", "valid string"),
+        (PROXY_AT + f"    password: [{SECRET}]\n", 5, "tunnels[0].password", "valid string"),
+        (PROXY_AT + f"    pasword: {SECRET}\n", 5, "tunnels[0].pasword", "unknown key"),
+        (WG_AT + f"    private_key: {PRIV}x\n", 4, "tunnels[0].private_key", "44 characters"),
+        (WG_AT + f"    private_key: *{PRIV}\n", 4, None, "put the value in quotes"),
+        (f"tunnels:\n  - {{id: a, type: socks5, server: '{PRIV}:1'}}\n", 2, "tunnels[0].server", "host name"),
+    ],
+)
+def test_errors_name_the_key_never_its_secret_value(
+    tmp_path: Path, yaml: str, line: int, key: str | None, reason: str
+) -> None:
+    error = config_error(tmp_path, yaml)
+    assert (error.line, error.key) == (line, key)
+    assert reason in str(error)
+    assert SECRET not in str(error) and PRIV.rstrip("=") not in str(error)
+
+
 def test_missing_config_file_is_located_at_its_key(tmp_path: Path) -> None:
     error = config_error(tmp_path, "tunnels:\n  - id: nl\n    type: amneziawg\n    config_file: nl.conf\n")
     assert_located(error, tmp_path / "config.yaml", 4, "tunnels[0].config_file")
