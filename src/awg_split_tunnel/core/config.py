@@ -1101,11 +1101,20 @@ class ConfigManager:
             self.bus.publish(ConfigChanged(what=what, detail=detail))
 
     def _warn_if_exposed(self, config: Config) -> None:
-        if os.name != "posix" or not config.holds_secrets:
+        """Warn about the YAML (when it holds secrets) and each `.conf` it references (they always hold a
+        private key) being readable by other users."""
+        if os.name != "posix":
             return
-        with suppress(OSError):
-            if self.path.stat().st_mode & 0o077:
-                log.warning("[Core] %s holds private keys or passwords and is readable by others", self.path)
+        files = [self.path] if config.holds_secrets else []
+        files += [t.conf_path for t in iter_packet_tunnels(config) if t.conf_path is not None]
+        for path in dict.fromkeys(files):
+            with suppress(OSError):
+                if path.stat().st_mode & 0o077:
+                    log.warning(
+                        "[Core] %s holds private keys or passwords and is readable by other users "
+                        "(chmod 600 it)",
+                        path,
+                    )
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import stat
@@ -364,6 +365,34 @@ def test_errors_name_the_key_never_its_secret_value(
     assert (error.line, error.key) == (line, key)
     assert reason in str(error)
     assert SECRET not in str(error) and PRIV.rstrip("=") not in str(error)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_files_with_keys_readable_by_others_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    conf = tmp_path / "nl.conf"
+    conf.write_text(AWG_EXPORT)
+    path = write(tmp_path, "tunnels:\n  - id: nl\n    type: amneziawg\n    config_file: nl.conf\n")
+
+    def warned_about(conf_mode: int, yaml_mode: int) -> set[str]:
+        conf.chmod(conf_mode)
+        path.chmod(yaml_mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="awg_split_tunnel.core"):
+            ConfigManager(path).load()
+        return {
+            name
+            for record in caplog.records
+            for name in (str(conf), str(path))
+            if "readable by other users" in record.getMessage() and name in record.getMessage()
+        }
+
+    assert warned_about(0o644, 0o644) == {str(conf)}  # the YAML itself holds no secret
+    assert warned_about(0o640, 0o600) == {str(conf)}
+    assert warned_about(0o600, 0o644) == set()
+    path.write_text(path.read_text() + "  - {id: s, type: socks5, server: 'a:1', username: u, password: p}\n")
+    assert warned_about(0o600, 0o644) == {str(path)}
 
 
 def test_missing_config_file_is_located_at_its_key(tmp_path: Path) -> None:
