@@ -18,6 +18,7 @@ import re
 import stat
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
@@ -66,6 +67,8 @@ DEFAULT_ALLOWED_IPS = "0.0.0.0/0, ::/0"
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
+RELOAD_SETTLE = 0.05
+"""Seconds between `ConfigManager.reload`'s two reads of the file: a file still being written differs."""
 
 
 def default_config_path() -> Path:
@@ -880,17 +883,28 @@ class ConfigManager:
         exists = not missing_ok or self.path.exists()
         text = _read_text(self.path) if exists else ""
         doc, config = _parse_document(text, str(self.path), self.path.parent)
-        self._doc, self._config, self._indent = doc, config, _guess_indent(text)
-        self._on_disk = text if exists else None
-        self._preamble = "" if doc else text
-        self._warn_if_exposed(config)
+        self._take(text if exists else None, doc, config)
         return config
 
     def reload(self) -> bool:
-        """Re-read the file (a daemon calls this when it changed on disk). On error the current config
-        stays and ConfigError is raised; returns whether the config changed (and then publishes)."""
+        """Re-read the file (a daemon calls this when it changed on disk); returns whether the config
+        changed (and then publishes).
+
+        The running config changes only for a complete, valid file. An editor may be writing it right now,
+        or may have truncated it and be about to write it again: the file must read the same twice,
+        `RELOAD_SETTLE` apart, and a file without any settings (empty, or only comments) never replaces a
+        config that has some. Otherwise ConfigError, and the current config stays.
+        """
         old = self._config
-        config = self.load()
+        text = self._read_settled()
+        doc, config = _parse_document(text, str(self.path), self.path.parent)
+        if not doc and old is not None and old != Config():
+            raise ConfigError(
+                "the file has no settings (it is empty or only comments), so the running config stays; "
+                "to really remove everything, write 'tunnels: []'",
+                file=str(self.path),
+            )
+        self._take(text, doc, config)
         if config == old:
             return False
         self._publish("reload", {})
@@ -1034,6 +1048,29 @@ class ConfigManager:
 
     # -- internals --------------------------------------------------------------------------------------
 
+    def _take(self, on_disk: str | None, doc: CommentedMap, config: Config) -> None:
+        """Make a loaded file (`on_disk` None: absent) the current one."""
+        text = on_disk or ""
+        self._doc, self._config, self._indent = doc, config, _guess_indent(text)
+        self._on_disk = on_disk
+        self._preamble = "" if doc else text
+        self._warn_if_exposed(config)
+
+    def _read_settled(self) -> str:
+        """The file's text, read twice `RELOAD_SETTLE` apart; ConfigError unless both reads and the
+        file's identity, size and modification time agree (it is being written)."""
+        before = _file_stamp(self.path)
+        first = _read_text(self.path)
+        time.sleep(RELOAD_SETTLE)
+        second = _read_text(self.path)
+        if second != first or _file_stamp(self.path) != before:
+            raise ConfigError(
+                "the file changed while it was read (is it still being written?); the running config "
+                "stays until it is complete",
+                file=str(self.path),
+            )
+        return second
+
     def _document(self) -> CommentedMap:
         if self._doc is None:
             self.load()
@@ -1115,6 +1152,14 @@ class ConfigManager:
                         "(chmod 600 it)",
                         path,
                     )
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

@@ -10,11 +10,13 @@ import stat
 import textwrap
 from collections.abc import Callable
 from pathlib import Path, PureWindowsPath
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from awg_split_tunnel.core import config as config_module
 from awg_split_tunnel.core.config import (
     ENV_CONFIG,
     Config,
@@ -777,6 +779,46 @@ def test_reload_of_a_broken_file_keeps_the_running_config(manager: ConfigManager
     with pytest.raises(ConfigError, match="YAML syntax"):
         manager.reload()
     assert manager.config == before
+
+
+def test_an_empty_file_never_replaces_a_running_config(manager: ConfigManager) -> None:
+    """An editor that truncates the file and writes it again a moment later: the daemon may reload in
+    between, and must not run with no tunnels and no rules meanwhile."""
+    original, before = manager.path.read_text(), manager.config
+    seen: list[ConfigChanged] = []
+    manager.bus = EventBus()
+    manager.bus.subscribe(ConfigChanged, seen.append)
+    for text in ("", "\n  \n", "# being rewritten\n"):
+        manager.path.write_text(text)
+        with pytest.raises(ConfigError, match=r"no settings.*running config stays"):
+            manager.reload()
+        assert manager.config == before
+    manager.path.write_text(original)
+    assert manager.reload() is False
+    manager.add_rule({"process": "x", "tunnel": "corp"})  # the manager still edits the file it knows
+    manager.path.write_text("tunnels: []\n")  # removing everything on purpose is still possible
+    assert manager.reload() is True
+    assert manager.config == Config()
+
+
+def test_reload_waits_for_a_file_that_is_still_being_written(
+    manager: ConfigManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original, before = manager.path.read_text(), manager.config
+    edited = original.replace("log_level: info", "log_level: debug")
+    # The first part of the new file is valid YAML on its own: the rules are missing.
+    manager.path.write_text(edited[: edited.index("rules:")])
+
+    def writer_finishes(seconds: float) -> None:
+        manager.path.write_text(edited)
+
+    monkeypatch.setattr(config_module, "time", SimpleNamespace(sleep=writer_finishes))
+    with pytest.raises(ConfigError, match="changed while it was read"):
+        manager.reload()
+    assert manager.config == before
+    monkeypatch.setattr(config_module, "time", SimpleNamespace(sleep=lambda seconds: None))
+    assert manager.reload() is True
+    assert manager.config.log_level == "debug" and manager.config.rules == before.rules
 
 
 def test_missing_file_can_be_started_and_saved(tmp_path: Path) -> None:
