@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PureWindowsPath
 from typing import Annotated, Any, Literal
@@ -57,6 +57,11 @@ from awg_split_tunnel.provider.wireguard.conf import (
 )
 from awg_split_tunnel.provider.wireguard.keys import HIDDEN, hide_keys
 
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
+
 log = logging.getLogger("awg_split_tunnel.core")
 
 ENV_CONFIG = "AWG_SPLIT_TUNNEL_CONFIG"
@@ -69,6 +74,8 @@ SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 RELOAD_SETTLE = 0.05
 """Seconds between `ConfigManager.reload`'s two reads of the file: a file still being written differs."""
+LOCK_SUFFIX = ".lock"
+"""The edit lock of `config.yaml` is the file `config.yaml.lock` beside it."""
 
 
 def default_config_path() -> Path:
@@ -862,6 +869,8 @@ class ConfigManager:
     Every change is applied to a copy of the round-trip document, the WHOLE resulting config is
     validated, and only then is the file replaced atomically and the change published as
     `ConfigChanged`. A rejected change raises ConfigError and leaves memory and file as they were.
+    Editors in several processes (the CLI, the daemon) are ordered by an edit lock beside the file: each
+    change is either applied or refused because the file changed on disk since it was loaded, never lost.
     """
 
     def __init__(self, path: Path, bus: EventBus | None = None) -> None:
@@ -874,6 +883,7 @@ class ConfigManager:
         self._on_disk: str | None = None
         # The text of a file with no keys yet (only comments): ruamel has no node to keep them on.
         self._preamble = ""
+        self._lock_depth = 0
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -919,6 +929,27 @@ class ConfigManager:
 
     def list_rules(self) -> tuple[Rule, ...]:
         return self.config.rules
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the edit lock of the config file (`config.yaml.lock` beside it) that every change takes
+        before it compares the file with what was loaded and replaces it, so two editors (the CLI, the
+        daemon) cannot both pass that check and one silently undo the other. Loading inside it too makes
+        a whole read-modify-write that another editor waits for instead of being refused ("changed on
+        disk"). Re-entrant within one manager."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with _file_lock(self.path.with_name(self.path.name + LOCK_SUFFIX)):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     # -- changes ----------------------------------------------------------------------------------------
 
@@ -1004,7 +1035,12 @@ class ConfigManager:
         """Add a tunnel from a WireGuard/AmneziaWG `.conf`: type amneziawg when it sets AmneziaWG parameters,
         else wireguard; the id defaults to the file name made a valid id. With `copy` the file is copied next
         to the YAML as `<id>.conf` (mode 0600), else referenced where it is. Returns the tunnel id."""
-        conf_path = Path(conf_path)
+        # Under the edit lock from the copy to the YAML change: a concurrent import of the same id must not
+        # find the copy half-made or remove it.
+        with self.locked():
+            return self._import_conf(Path(conf_path), tunnel_id, copy=copy)
+
+    def _import_conf(self, conf_path: Path, tunnel_id: str | None, *, copy: bool) -> str:
         text = _read_text(conf_path)
         conf = parse_conf(text, file=str(conf_path))
         new_id = tunnel_id if tunnel_id is not None else tunnel_id_from_name(conf_path.stem)
@@ -1111,14 +1147,17 @@ class ConfigManager:
         self._publish(what, detail)
 
     def _write_config(self, text: str, config: Config) -> None:
-        self._refuse_if_changed_on_disk()
-        try:
-            current = stat.S_IMODE(self.path.stat().st_mode)
-        except OSError:
-            current = PUBLIC_MODE
-        mode = (current & 0o700) | 0o600 if config.holds_secrets else current
-        _write(self.path, text.encode("utf-8"), mode)
-        self._on_disk = text
+        # The check and the write under one lock: otherwise two editors can both find the file as they
+        # loaded it, and the second write silently drops the first one's change.
+        with self.locked():
+            self._refuse_if_changed_on_disk()
+            try:
+                current = stat.S_IMODE(self.path.stat().st_mode)
+            except OSError:
+                current = PUBLIC_MODE
+            mode = (current & 0o700) | 0o600 if config.holds_secrets else current
+            _write(self.path, text.encode("utf-8"), mode)
+            self._on_disk = text
 
     def _refuse_if_changed_on_disk(self) -> None:
         """Two editors (the CLI while the daemon runs, or a text editor) must not silently undo each other."""
@@ -1160,6 +1199,37 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing), held until the block ends; waits for another
+    holder. Closing the descriptor releases it, also when the process dies."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, SECRET_MODE)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the edit lock: {exc.strerror or exc}", file=str(path)) from None
+    try:
+        if sys.platform == "win32":
+            # Locks one byte; LK_LOCK retries for about 10 s, then raises OSError.
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+            except OSError:
+                raise ConfigError(
+                    "another program is editing the config (it holds the edit lock); try again",
+                    file=str(path),
+                ) from None
+            try:
+                yield
+            finally:
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
 import pytest
+from config_editors import add_one_rule
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -710,7 +714,9 @@ def test_save_is_atomic_when_the_write_fails(manager: ConfigManager, monkeypatch
         manager.add_rule({"process": "x", "tunnel": "corp"})
     assert caught.value.file == str(manager.path)
     assert snapshot(manager) == before
-    assert sorted(os.listdir(manager.path.parent)) == files_before  # no temp file left behind
+    # No temp file left behind (the edit lock beside the config stays; it holds nothing).
+    files_after = [f for f in sorted(os.listdir(manager.path.parent)) if f != "config.yaml.lock"]
+    assert files_after == files_before
 
 
 def test_files_with_secrets_are_written_0600(manager: ConfigManager) -> None:
@@ -819,6 +825,63 @@ def test_reload_waits_for_a_file_that_is_still_being_written(
     monkeypatch.setattr(config_module, "time", SimpleNamespace(sleep=lambda seconds: None))
     assert manager.reload() is True
     assert manager.config.log_level == "debug" and manager.config.rules == before.rules
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the edit lock is tested with fcntl")
+def test_concurrent_edits_are_each_applied_or_refused_never_lost(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    before = len(load_config(path).rules)
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(8), context.Queue()
+    editors = [
+        context.Process(target=add_one_rule, args=(str(path), f"app{i}", start, results)) for i in range(8)
+    ]
+    for editor in editors:
+        editor.start()
+    outcomes = dict(results.get(timeout=120) for _ in editors)
+    for editor in editors:
+        editor.join(timeout=60)
+    rules = load_config(path).rules
+    landed = {rule.process for rule in rules}
+    for process, error in outcomes.items():
+        if error is None:
+            assert process in landed, f"{process}: reported applied, but the file lost it"
+        else:
+            assert "changed on disk" in error and process not in landed
+    assert len(rules) == before + sum(error is None for error in outcomes.values())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the edit lock is tested with fcntl")
+def test_concurrent_rule_adds_from_the_cli_all_land(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    before = len(load_config(path).rules)
+    env = {**os.environ, "PYTHONPATH": str(Path(config_module.__file__).parents[2])}
+    commands = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "awg_split_tunnel",
+                "rule",
+                "add",
+                f"app{i}",
+                "-t",
+                "direct",
+                "-c",
+                str(path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
+    for command in commands:
+        _, stderr = command.communicate(timeout=120)
+        assert command.returncode == 0, stderr
+    rules = load_config(path).rules
+    assert {r.process for r in rules[before:]} == {f"app{i}" for i in range(8)}
 
 
 def test_missing_file_can_be_started_and_saved(tmp_path: Path) -> None:
