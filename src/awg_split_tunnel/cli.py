@@ -79,6 +79,18 @@ def _manager(config: Path | None, *, missing_ok: bool = False) -> ConfigManager:
     return manager
 
 
+@contextmanager
+def _editing(config: Path | None, *, missing_ok: bool = False) -> Iterator[ConfigManager]:
+    """The config loaded under its edit lock, held until the change is written: two edits at once (two
+    `rule add`s) wait for each other instead of the second being refused as changed on disk."""
+    from awg_split_tunnel.core.config import ConfigManager
+
+    manager = ConfigManager(_config_path(config))
+    with manager.locked():
+        manager.load(missing_ok=missing_ok)
+        yield manager
+
+
 @app.callback()
 def _root() -> None:
     """Multi-tunnel VPN client with per-process split tunnelling."""
@@ -214,11 +226,10 @@ def import_conf(
     config: ConfigOption = None,
 ) -> None:
     """Add a WireGuard/AmneziaWG tunnel from a .conf (copied next to the config, mode 0600)."""
-    with _user_errors():
-        manager = _manager(config, missing_ok=True)
+    with _user_errors(), _editing(config, missing_ok=True) as manager:
         new_id = manager.import_conf(file, tunnel_id)
         kind = next(t.type for t in manager.config.tunnels if t.id == new_id)
-        out.print(f"added tunnel [bold]{new_id}[/] ({kind}) to {manager.path}")
+    out.print(f"added tunnel [bold]{new_id}[/] ({kind}) to {manager.path}")
 
 
 @rule_app.command("list")
@@ -253,18 +264,17 @@ def rule_add(
     config: ConfigOption = None,
 ) -> None:
     """Add a rule (first match wins, so order matters)."""
-    with _user_errors():
-        manager = _manager(config)
+    with _user_errors(), _editing(config) as manager:
         at = manager.add_rule({"process": process, "tunnel": tunnel, "fallback": fallback}, index)
-        out.print(f"rule #{at} added: {process!r} → {tunnel} ({fallback})")
+    out.print(f"rule #{at} added: {process!r} → {tunnel} ({fallback})")
 
 
 @rule_app.command("remove")
 def rule_remove(index: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Remove the rule at INDEX (see `rule list`)."""
-    with _user_errors():
-        removed = _manager(config).remove_rule(index)
-        out.print(f"rule #{index} removed: {removed.process!r} → {removed.tunnel}")
+    with _user_errors(), _editing(config) as manager:
+        removed = manager.remove_rule(index)
+    out.print(f"rule #{index} removed: {removed.process!r} → {removed.tunnel}")
 
 
 # -- keys ---------------------------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ import re
 import stat
 import sys
 import tempfile
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PureWindowsPath
 from typing import Annotated, Any, Literal
@@ -53,6 +55,12 @@ from awg_split_tunnel.provider.wireguard.conf import (
     conf_from_settings,
     parse_conf,
 )
+from awg_split_tunnel.provider.wireguard.keys import HIDDEN, hide_keys
+
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
 
 log = logging.getLogger("awg_split_tunnel.core")
 
@@ -64,6 +72,10 @@ DEFAULT_ALLOWED_IPS = "0.0.0.0/0, ::/0"
 
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
+RELOAD_SETTLE = 0.05
+"""Seconds between `ConfigManager.reload`'s two reads of the file: a file still being written differs."""
+LOCK_SUFFIX = ".lock"
+"""The edit lock of `config.yaml` is the file `config.yaml.lock` beside it."""
 
 
 def default_config_path() -> Path:
@@ -154,6 +166,12 @@ class _ProxyTunnel(_TunnelBase):
     @field_validator("server")
     @classmethod
     def _server_syntax(cls, value: str) -> str:
+        if "@" in value:
+            # `user:password@host:port`: refused without repeating it.
+            raise ValueError(
+                "server is host:port; give the user name and password as the keys username and "
+                "password, not in the address (the value is not shown)"
+            )
         Endpoint.parse(value)
         return value
 
@@ -382,19 +400,28 @@ def _guess_indent(text: str) -> tuple[int, int, int]:
 
 
 def _load_document(text: str, file: str) -> CommentedMap:
+    # ruamel's messages quote what they tripped over (an alias name, a tag): keys are hidden here, the
+    # other secrets of the text by `_without_secrets`. Its warnings (a reused anchor `&<password>`) quote
+    # the line and would go to stderr as they are, so they are dropped.
     try:
-        doc = _yaml().load(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            doc = _yaml().load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
         reason = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        raise ConfigError(f"YAML syntax: {reason}", file=file, line=mark.line + 1 if mark else None) from None
+        name = _secret_key_on_line(text, line)
+        if name is not None:
+            reason += f"; if this is in the value of {name}, put the value in quotes"
+        raise ConfigError(f"YAML syntax: {hide_keys(reason)}", file=file, line=line) from None
     except YAMLError as exc:
-        raise ConfigError(f"YAML syntax: {exc}", file=file) from None
+        raise ConfigError(f"YAML syntax: {hide_keys(str(exc))}", file=file) from None
     except Exception as exc:
         # ruamel.yaml itself trips over some malformed scalars (`-_` raises IndexError, `._` ValueError);
         # bad input must still end as a ConfigError.
         raise ConfigError(
-            f"YAML syntax: cannot read a value ({type(exc).__name__}: {exc})", file=file
+            f"YAML syntax: cannot read a value ({type(exc).__name__}: {hide_keys(str(exc))})", file=file
         ) from None
     if doc is None:
         return CommentedMap()
@@ -403,6 +430,57 @@ def _load_document(text: str, file: str) -> CommentedMap:
             "the config must be a mapping of keys (log_level, default, tunnels, rules)", file=file, line=1
         )
     return doc
+
+
+# A key whose value is secret (`password:`, `private_key:`, `preshared_key:`, also misspelled or in
+# `.conf` spelling), and the password of a `user:password@host` address.
+_SECRET_KEY = re.compile(r"(?i)([A-Za-z_-]*(?:key|password|passwd|secret))['\"]?[ \t]*[:=][ \t]*")
+_USERINFO = re.compile(r"[^\s@/'\",\[\]{}]*:([^\s@/'\",\[\]{}]+)@")
+_NOT_SECRETS = {"null", "true", "false", "~"}
+_SHORTEST_HIDDEN = 4  # shorter values would hide ordinary words of the message
+
+
+def _secret_values(text: str) -> set[str]:
+    """The values of secret keys and the passwords of `user:password@host` in YAML text, found line by line
+    so that they are known even when the YAML does not parse."""
+    found: set[str] = set()
+    for line in text.splitlines():
+        for match in _SECRET_KEY.finditer(line):
+            rest = line[match.end() :].split(" #", 1)[0].strip()
+            # Block style takes the rest of the line; flow style (`{password: x, id: y}`) ends at , } ]
+            for value in (rest, re.split(r"[,}\]]", rest, maxsplit=1)[0].strip()):
+                # ruamel names an alias or tag without its `*` or `!`.
+                found.update((value, value.strip("'\""), value.lstrip("*&!|>").strip("'\"")))
+        for match in _USERINFO.finditer(line):
+            found.update((match.group(0)[:-1], match.group(1)))
+    return {v for v in found if len(v) >= _SHORTEST_HIDDEN and v.lower() not in _NOT_SECRETS}
+
+
+def _secret_key_on_line(text: str, line: int | None) -> str | None:
+    """The name of the secret key on a line (1-based) of `text`, if there is one."""
+    lines = text.splitlines()
+    if line is None or not 0 < line <= len(lines):
+        return None
+    match = _SECRET_KEY.search(lines[line - 1])
+    return match.group(1) if match else None
+
+
+def _without_secrets(error: ConfigError, text: str) -> ConfigError:
+    """`error` with every secret of the YAML `text` it was raised for hidden (a message may quote a value:
+    an invalid one, or the spot a YAML syntax error points at)."""
+    secrets = sorted(_secret_values(text), key=len, reverse=True)
+
+    def hide(message: str | None) -> str | None:
+        if message is None:
+            return None
+        for secret in secrets:
+            message = message.replace(secret, HIDDEN)
+        return message
+
+    reason, key = hide(error.reason), hide(error.key)
+    if reason == error.reason and key == error.key:
+        return error
+    return ConfigError(reason or "", file=error.file, line=error.line, key=key)
 
 
 def _plain(node: object) -> object:
@@ -491,8 +569,8 @@ def _problem(error: Mapping[str, Any], doc: CommentedMap) -> _Problem:
         value = error.get("input")
         secret = any(word in name for word in _SECRET_WORDS)
         if isinstance(value, str | int | float | bool) and not secret:
-            message += f", got {value!r}"[:120]
-    return _Problem(line, key, message)
+            message += f", got {hide_keys(repr(value))}"[:120]
+    return _Problem(line, key, hide_keys(message))
 
 
 def _validation_error(exc: ValidationError, doc: CommentedMap, file: str) -> ConfigError:
@@ -661,9 +739,19 @@ def _validate_document(doc: CommentedMap, file: str, base_dir: Path) -> Config:
     return config
 
 
+def _parse_document(text: str, file: str, base_dir: Path) -> tuple[CommentedMap, Config]:
+    """The round-trip document and the validated config of YAML text. A ConfigError never repeats a
+    secret of the text, even when the text does not parse."""
+    try:
+        doc = _load_document(text, file)
+        return doc, _validate_document(doc, file, base_dir)
+    except ConfigError as exc:
+        raise _without_secrets(exc, text) from None
+
+
 def parse_config(text: str, *, file: str, base_dir: Path) -> Config:
     """Validate YAML text; `config_file`s are read relative to `base_dir`. Raises ConfigError."""
-    return _validate_document(_load_document(text, file), file, base_dir)
+    return _parse_document(text, file, base_dir)[1]
 
 
 def load_config(path: Path) -> Config:
@@ -785,6 +873,8 @@ class ConfigManager:
     Every change is applied to a copy of the round-trip document, the WHOLE resulting config is
     validated, and only then is the file replaced atomically and the change published as
     `ConfigChanged`. A rejected change raises ConfigError and leaves memory and file as they were.
+    Editors in several processes (the CLI, the daemon) are ordered by an edit lock beside the file: each
+    change is either applied or refused because the file changed on disk since it was loaded, never lost.
     """
 
     def __init__(self, path: Path, bus: EventBus | None = None) -> None:
@@ -797,6 +887,7 @@ class ConfigManager:
         self._on_disk: str | None = None
         # The text of a file with no keys yet (only comments): ruamel has no node to keep them on.
         self._preamble = ""
+        self._lock_depth = 0
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -805,19 +896,29 @@ class ConfigManager:
         first change or `save()`). Raises ConfigError."""
         exists = not missing_ok or self.path.exists()
         text = _read_text(self.path) if exists else ""
-        doc = _load_document(text, str(self.path))
-        config = _validate_document(doc, str(self.path), self.path.parent)
-        self._doc, self._config, self._indent = doc, config, _guess_indent(text)
-        self._on_disk = text if exists else None
-        self._preamble = "" if doc else text
-        self._warn_if_exposed(config)
+        doc, config = _parse_document(text, str(self.path), self.path.parent)
+        self._take(text if exists else None, doc, config)
         return config
 
     def reload(self) -> bool:
-        """Re-read the file (a daemon calls this when it changed on disk). On error the current config
-        stays and ConfigError is raised; returns whether the config changed (and then publishes)."""
+        """Re-read the file (a daemon calls this when it changed on disk); returns whether the config
+        changed (and then publishes).
+
+        The running config changes only for a complete, valid file. An editor may be writing it right now,
+        or may have truncated it and be about to write it again: the file must read the same twice,
+        `RELOAD_SETTLE` apart, and a file without any settings (empty, or only comments) never replaces a
+        config that has some. Otherwise ConfigError, and the current config stays.
+        """
         old = self._config
-        config = self.load()
+        text = self._read_settled()
+        doc, config = _parse_document(text, str(self.path), self.path.parent)
+        if not doc and old is not None and old != Config():
+            raise ConfigError(
+                "the file has no settings (it is empty or only comments), so the running config stays; "
+                "to really remove everything, write 'tunnels: []'",
+                file=str(self.path),
+            )
+        self._take(text, doc, config)
         if config == old:
             return False
         self._publish("reload", {})
@@ -832,6 +933,27 @@ class ConfigManager:
 
     def list_rules(self) -> tuple[Rule, ...]:
         return self.config.rules
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the edit lock of the config file (`config.yaml.lock` beside it) that every change takes
+        before it compares the file with what was loaded and replaces it, so two editors (the CLI, the
+        daemon) cannot both pass that check and one silently undo the other. Loading inside it too makes
+        a whole read-modify-write that another editor waits for instead of being refused ("changed on
+        disk"). Re-entrant within one manager."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with _file_lock(self.path.with_name(self.path.name + LOCK_SUFFIX)):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     # -- changes ----------------------------------------------------------------------------------------
 
@@ -917,7 +1039,12 @@ class ConfigManager:
         """Add a tunnel from a WireGuard/AmneziaWG `.conf`: type amneziawg when it sets AmneziaWG parameters,
         else wireguard; the id defaults to the file name made a valid id. With `copy` the file is copied next
         to the YAML as `<id>.conf` (mode 0600), else referenced where it is. Returns the tunnel id."""
-        conf_path = Path(conf_path)
+        # Under the edit lock from the copy to the YAML change: a concurrent import of the same id must not
+        # find the copy half-made or remove it.
+        with self.locked():
+            return self._import_conf(Path(conf_path), tunnel_id, copy=copy)
+
+    def _import_conf(self, conf_path: Path, tunnel_id: str | None, *, copy: bool) -> str:
         text = _read_text(conf_path)
         conf = parse_conf(text, file=str(conf_path))
         new_id = tunnel_id if tunnel_id is not None else tunnel_id_from_name(conf_path.stem)
@@ -961,6 +1088,29 @@ class ConfigManager:
 
     # -- internals --------------------------------------------------------------------------------------
 
+    def _take(self, on_disk: str | None, doc: CommentedMap, config: Config) -> None:
+        """Make a loaded file (`on_disk` None: absent) the current one."""
+        text = on_disk or ""
+        self._doc, self._config, self._indent = doc, config, _guess_indent(text)
+        self._on_disk = on_disk
+        self._preamble = "" if doc else text
+        self._warn_if_exposed(config)
+
+    def _read_settled(self) -> str:
+        """The file's text, read twice `RELOAD_SETTLE` apart; ConfigError unless both reads and the
+        file's identity, size and modification time agree (it is being written)."""
+        before = _file_stamp(self.path)
+        first = _read_text(self.path)
+        time.sleep(RELOAD_SETTLE)
+        second = _read_text(self.path)
+        if second != first or _file_stamp(self.path) != before:
+            raise ConfigError(
+                "the file changed while it was read (is it still being written?); the running config "
+                "stays until it is complete",
+                file=str(self.path),
+            )
+        return second
+
     def _document(self) -> CommentedMap:
         if self._doc is None:
             self.load()
@@ -991,8 +1141,7 @@ class ConfigManager:
         file = str(self.path)
         try:
             # Validate exactly what will be written; the re-read document also has fresh line numbers.
-            doc = _load_document(text, file)
-            config = _validate_document(doc, file, self.path.parent)
+            doc, config = _parse_document(text, file, self.path.parent)
         except ConfigError as exc:
             if exc.file != file:
                 raise  # a .conf file's own error keeps its file and line
@@ -1002,14 +1151,17 @@ class ConfigManager:
         self._publish(what, detail)
 
     def _write_config(self, text: str, config: Config) -> None:
-        self._refuse_if_changed_on_disk()
-        try:
-            current = stat.S_IMODE(self.path.stat().st_mode)
-        except OSError:
-            current = PUBLIC_MODE
-        mode = (current & 0o700) | 0o600 if config.holds_secrets else current
-        _write(self.path, text.encode("utf-8"), mode)
-        self._on_disk = text
+        # The check and the write under one lock: otherwise two editors can both find the file as they
+        # loaded it, and the second write silently drops the first one's change.
+        with self.locked():
+            self._refuse_if_changed_on_disk()
+            try:
+                current = stat.S_IMODE(self.path.stat().st_mode)
+            except OSError:
+                current = PUBLIC_MODE
+            mode = (current & 0o700) | 0o600 if config.holds_secrets else current
+            _write(self.path, text.encode("utf-8"), mode)
+            self._on_disk = text
 
     def _refuse_if_changed_on_disk(self) -> None:
         """Two editors (the CLI while the daemon runs, or a text editor) must not silently undo each other."""
@@ -1029,11 +1181,59 @@ class ConfigManager:
             self.bus.publish(ConfigChanged(what=what, detail=detail))
 
     def _warn_if_exposed(self, config: Config) -> None:
-        if os.name != "posix" or not config.holds_secrets:
+        """Warn about the YAML (when it holds secrets) and each `.conf` it references (they always hold a
+        private key) being readable by other users."""
+        if os.name != "posix":
             return
-        with suppress(OSError):
-            if self.path.stat().st_mode & 0o077:
-                log.warning("[Core] %s holds private keys or passwords and is readable by others", self.path)
+        files = [self.path] if config.holds_secrets else []
+        files += [t.conf_path for t in iter_packet_tunnels(config) if t.conf_path is not None]
+        for path in dict.fromkeys(files):
+            with suppress(OSError):
+                if path.stat().st_mode & 0o077:
+                    log.warning(
+                        "[Core] %s holds private keys or passwords and is readable by other users "
+                        "(chmod 600 it)",
+                        path,
+                    )
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing), held until the block ends; waits for another
+    holder. Closing the descriptor releases it, also when the process dies."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, SECRET_MODE)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the edit lock: {exc.strerror or exc}", file=str(path)) from None
+    try:
+        if sys.platform == "win32":
+            # Locks one byte; LK_LOCK retries for about 10 s, then raises OSError.
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+            except OSError:
+                raise ConfigError(
+                    "another program is editing the config (it holds the edit lock); try again",
+                    file=str(path),
+                ) from None
+            try:
+                yield
+            finally:
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+    finally:
+        os.close(fd)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

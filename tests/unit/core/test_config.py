@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path, PureWindowsPath
+from types import SimpleNamespace
 
 import pytest
+from config_editors import add_one_rule
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from awg_split_tunnel.core import config as config_module
 from awg_split_tunnel.core.config import (
     ENV_CONFIG,
     Config,
@@ -334,6 +341,66 @@ def test_several_errors_are_all_listed(tmp_path: Path) -> None:
     assert "also" in message and ":2, key 'verbose'" in message and ":6, key 'rules[0].x'" in message
 
 
+SECRET = "S3cretPw"
+PROXY_AT = "tunnels:\n  - id: office\n    type: socks5\n    server: 198.18.0.5:1080\n"
+WG_AT = "tunnels:\n  - id: wg\n    type: wireguard\n"
+
+
+@pytest.mark.parametrize(
+    "yaml, line, key, reason",
+    [
+        (
+            f"tunnels:\n  - id: office\n    type: socks5\n    server: alice:{SECRET}@proxy:1080\n",
+            4,
+            "tunnels[0].server",
+            "give the user name and password as the keys username and password",
+        ),
+        (PROXY_AT + f"    password: *{SECRET}\n", 5, None, "put the value in quotes"),
+        (PROXY_AT + f"    password: !{SECRET} x\n", 5, "tunnels[0].password", "valid string"),
+        (PROXY_AT + f"    password: [{SECRET}]\n", 5, "tunnels[0].password", "valid string"),
+        (PROXY_AT + f"    pasword: {SECRET}\n", 5, "tunnels[0].pasword", "unknown key"),
+        (WG_AT + f"    private_key: {PRIV}x\n", 4, "tunnels[0].private_key", "44 characters"),
+        (WG_AT + f"    private_key: *{PRIV}\n", 4, None, "put the value in quotes"),
+        (f"tunnels:\n  - {{id: a, type: socks5, server: '{PRIV}:1'}}\n", 2, "tunnels[0].server", "host name"),
+    ],
+)
+def test_errors_name_the_key_never_its_secret_value(
+    tmp_path: Path, yaml: str, line: int, key: str | None, reason: str
+) -> None:
+    error = config_error(tmp_path, yaml)
+    assert (error.line, error.key) == (line, key)
+    assert reason in str(error)
+    assert SECRET not in str(error) and PRIV.rstrip("=") not in str(error)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_files_with_keys_readable_by_others_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    conf = tmp_path / "nl.conf"
+    conf.write_text(AWG_EXPORT)
+    path = write(tmp_path, "tunnels:\n  - id: nl\n    type: amneziawg\n    config_file: nl.conf\n")
+
+    def warned_about(conf_mode: int, yaml_mode: int) -> set[str]:
+        conf.chmod(conf_mode)
+        path.chmod(yaml_mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="awg_split_tunnel.core"):
+            ConfigManager(path).load()
+        return {
+            name
+            for record in caplog.records
+            for name in (str(conf), str(path))
+            if "readable by other users" in record.getMessage() and name in record.getMessage()
+        }
+
+    assert warned_about(0o644, 0o644) == {str(conf)}  # the YAML itself holds no secret
+    assert warned_about(0o640, 0o600) == {str(conf)}
+    assert warned_about(0o600, 0o644) == set()
+    path.write_text(path.read_text() + "  - {id: s, type: socks5, server: 'a:1', username: u, password: p}\n")
+    assert warned_about(0o600, 0o644) == {str(path)}
+
+
 def test_missing_config_file_is_located_at_its_key(tmp_path: Path) -> None:
     error = config_error(tmp_path, "tunnels:\n  - id: nl\n    type: amneziawg\n    config_file: nl.conf\n")
     assert_located(error, tmp_path / "config.yaml", 4, "tunnels[0].config_file")
@@ -647,7 +714,9 @@ def test_save_is_atomic_when_the_write_fails(manager: ConfigManager, monkeypatch
         manager.add_rule({"process": "x", "tunnel": "corp"})
     assert caught.value.file == str(manager.path)
     assert snapshot(manager) == before
-    assert sorted(os.listdir(manager.path.parent)) == files_before  # no temp file left behind
+    # No temp file left behind (the edit lock beside the config stays; it holds nothing).
+    files_after = [f for f in sorted(os.listdir(manager.path.parent)) if f != "config.yaml.lock"]
+    assert files_after == files_before
 
 
 def test_files_with_secrets_are_written_0600(manager: ConfigManager) -> None:
@@ -716,6 +785,103 @@ def test_reload_of_a_broken_file_keeps_the_running_config(manager: ConfigManager
     with pytest.raises(ConfigError, match="YAML syntax"):
         manager.reload()
     assert manager.config == before
+
+
+def test_an_empty_file_never_replaces_a_running_config(manager: ConfigManager) -> None:
+    """An editor that truncates the file and writes it again a moment later: the daemon may reload in
+    between, and must not run with no tunnels and no rules meanwhile."""
+    original, before = manager.path.read_text(), manager.config
+    seen: list[ConfigChanged] = []
+    manager.bus = EventBus()
+    manager.bus.subscribe(ConfigChanged, seen.append)
+    for text in ("", "\n  \n", "# being rewritten\n"):
+        manager.path.write_text(text)
+        with pytest.raises(ConfigError, match=r"no settings.*running config stays"):
+            manager.reload()
+        assert manager.config == before
+    manager.path.write_text(original)
+    assert manager.reload() is False
+    manager.add_rule({"process": "x", "tunnel": "corp"})  # the manager still edits the file it knows
+    manager.path.write_text("tunnels: []\n")  # removing everything on purpose is still possible
+    assert manager.reload() is True
+    assert manager.config == Config()
+
+
+def test_reload_waits_for_a_file_that_is_still_being_written(
+    manager: ConfigManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original, before = manager.path.read_text(), manager.config
+    edited = original.replace("log_level: info", "log_level: debug")
+    # The first part of the new file is valid YAML on its own: the rules are missing.
+    manager.path.write_text(edited[: edited.index("rules:")])
+
+    def writer_finishes(seconds: float) -> None:
+        manager.path.write_text(edited)
+
+    monkeypatch.setattr(config_module, "time", SimpleNamespace(sleep=writer_finishes))
+    with pytest.raises(ConfigError, match="changed while it was read"):
+        manager.reload()
+    assert manager.config == before
+    monkeypatch.setattr(config_module, "time", SimpleNamespace(sleep=lambda seconds: None))
+    assert manager.reload() is True
+    assert manager.config.log_level == "debug" and manager.config.rules == before.rules
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the edit lock is tested with fcntl")
+def test_concurrent_edits_are_each_applied_or_refused_never_lost(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    before = len(load_config(path).rules)
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(8), context.Queue()
+    editors = [
+        context.Process(target=add_one_rule, args=(str(path), f"app{i}", start, results)) for i in range(8)
+    ]
+    for editor in editors:
+        editor.start()
+    outcomes = dict(results.get(timeout=120) for _ in editors)
+    for editor in editors:
+        editor.join(timeout=60)
+    rules = load_config(path).rules
+    landed = {rule.process for rule in rules}
+    for process, error in outcomes.items():
+        if error is None:
+            assert process in landed, f"{process}: reported applied, but the file lost it"
+        else:
+            assert "changed on disk" in error and process not in landed
+    assert len(rules) == before + sum(error is None for error in outcomes.values())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the edit lock is tested with fcntl")
+def test_concurrent_rule_adds_from_the_cli_all_land(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    before = len(load_config(path).rules)
+    env = {**os.environ, "PYTHONPATH": str(Path(config_module.__file__).parents[2])}
+    commands = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "awg_split_tunnel",
+                "rule",
+                "add",
+                f"app{i}",
+                "-t",
+                "direct",
+                "-c",
+                str(path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
+    for command in commands:
+        _, stderr = command.communicate(timeout=120)
+        assert command.returncode == 0, stderr
+    rules = load_config(path).rules
+    assert {r.process for r in rules[before:]} == {f"app{i}" for i in range(8)}
 
 
 def test_missing_file_can_be_started_and_saved(tmp_path: Path) -> None:

@@ -390,6 +390,31 @@ def test_peer_errors(extra: str, key: str, reason: str) -> None:
     assert reason in str(error)
 
 
+@pytest.mark.parametrize(
+    "line, key, reason",
+    [
+        (f"PrivateKey: {PRIV}", "PrivateKey", "expected 'PrivateKey = value'"),
+        (f"privatekey {PRIV}", "PrivateKey", "expected 'PrivateKey = value'"),
+        (f"PresharedKey:{PRIV}", "PresharedKey", "expected 'PresharedKey = value'"),
+        (PRIV, None, "expected 'Key = Value'"),
+        (PRIV[:-1], None, "expected 'Key = Value'"),
+        (f"Secret {PRIV}", None, "the line starts with Secret"),
+        (f"[{PRIV}]", None, "unknown section header"),
+        (f"MTU = {PRIV}", "MTU", "decimal number"),
+        (f"Address = 10.0.0.2/32, {PRIV}", "Address", "not an IP address"),
+        (f"Table = x\nPostUp = a\n{PRIV} = 1", None, "expected 'Key = Value'"),
+    ],
+)
+def test_a_malformed_line_is_named_by_its_key_never_by_its_value(
+    line: str, key: str | None, reason: str
+) -> None:
+    error = conf_error(f"[Interface]\n{line}\n")
+    assert error.key == key
+    assert reason in str(error)
+    for shown in (str(error), repr(error), error.key or ""):
+        assert PRIV.rstrip("=") not in shown
+
+
 def test_missing_required_keys_name_the_section_line() -> None:
     error = conf_error(f"# my vpn\n[Interface]\nPrivateKey = {PRIV}\n\n[Peer]\nEndpoint = 198.18.0.1:51820\n")
     assert (error.line, error.key) == (5, "PublicKey")

@@ -120,7 +120,7 @@ class AmneziaParams:
     i3: str | None = None
     i4: str | None = None
     i5: str | None = None
-    header_protection_key: bytes = b""
+    header_protection_key: bytes = field(default=b"", repr=False)
     content_padding_addition: Range = UNSET
     rekey_after_time: Range = UNSET
     rekey_timeout: Range = UNSET

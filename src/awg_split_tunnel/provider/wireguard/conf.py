@@ -10,6 +10,9 @@ This module checks syntax only: numbers and their bounds, ranges with lo ≤ hi,
 Whether AmneziaWG parameters make sense together (H ranges disjoint, S vs. header protection, templates)
 is `provider.amneziawg.params`'s job. PreUp/PostUp/PreDown/PostDown and SaveConfig are read and written
 back, never executed.
+
+Error messages name file, line and key but never repeat what could be a key: a malformed line is named by
+its key name only, and values echoed by a parser have anything shaped like a key hidden.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from awg_split_tunnel.errors import ConfigError
-from awg_split_tunnel.provider.wireguard.keys import decode_key, encode_key
+from awg_split_tunnel.provider.wireguard.keys import decode_key, encode_key, hide_keys
 from awg_split_tunnel.provider.wireguard.value_range import Range
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -81,6 +84,12 @@ class Endpoint:
     def parse(cls, text: str) -> Endpoint:
         """Parse `host:port` or `[v6]:port`; ValueError with a clear message otherwise."""
         text = text.strip()
+        if "@" in text:
+            # `user:password@host:port`: the message must not repeat it.
+            raise ValueError(
+                "expected host:port or [IPv6]:port; credentials ('user:password@') cannot be part of "
+                "an address (the value is not shown)"
+            )
         if text.startswith("["):
             close = text.find("]")
             if close < 0:
@@ -521,12 +530,14 @@ def parse_conf(text: str, *, file: str | None = None) -> WgConf:
                 current = _SectionBuilder("peer", number)
                 peers.append(current)
             else:
+                shown = compact if _SECTION_TITLE.fullmatch(compact) else "header (not shown)"
                 raise ConfigError(
-                    f"unknown section {compact}; expected [Interface] or [Peer]", file=file, line=number
+                    f"unknown section {shown}; expected [Interface] or [Peer]", file=file, line=number
                 )
             continue
-        if not key_text:
-            raise ConfigError(f"expected 'Key = Value', got {raw.strip()!r}", file=file, line=number)
+        if not key_text or not _KEY_NAME.fullmatch(key_text):
+            message, key = _malformed_line(raw)
+            raise ConfigError(message, file=file, line=number, key=key)
         if current is None:
             raise ConfigError(
                 f"{key_text} appears before any [Interface] or [Peer] section",
@@ -542,7 +553,7 @@ def parse_conf(text: str, *, file: str | None = None) -> WgConf:
         try:
             current.set(spec, _lex_value(spec, raw, raw_value))
         except ValueError as exc:
-            raise ConfigError(str(exc), file=file, line=number, key=spec.name) from None
+            raise ConfigError(hide_keys(str(exc)), file=file, line=number, key=spec.name) from None
     if interface is None:
         raise ConfigError("no [Interface] section", file=file, key="Interface")
     built_interface = interface.build(file)
@@ -565,6 +576,29 @@ def _lex_value(spec: _Key, raw: str, raw_value: str) -> str:
             )
         return value
     return _SPACE_RE.sub("", raw_value)
+
+
+# What a key name looks like; anything else left of the '=' is not shown (it may be a key pasted onto the
+# wrong line, or a `PrivateKey: <key>` line whose '=' is the key's base64 padding).
+_KEY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+_LEADING_NAME = re.compile(r"[ \t]*([A-Za-z][A-Za-z0-9_]{0,31})(?=[ \t:=]|$)")
+_SECTION_TITLE = re.compile(r"\[[A-Za-z0-9_.-]{1,32}\]")
+
+
+def _malformed_line(raw: str) -> tuple[str, str | None]:
+    """The message (and key) for a line that is not `Key = Value`. The line itself is never echoed: its
+    value may be a private key. A known key name it starts with is named and becomes the error's key."""
+    match = _LEADING_NAME.match(raw.split("#", 1)[0])
+    name = match.group(1) if match else None
+    if name is None:
+        return "expected 'Key = Value' (the line is not shown: it may hold a key)", None
+    spec = _KEYS["interface"].get(name.lower()) or _KEYS["peer"].get(name.lower())
+    if spec is None:
+        return f"expected 'Key = Value'; the line starts with {name} (the rest is not shown)", None
+    return (
+        f"expected '{spec.name} = value' with '=' right after the key name (the value is not shown)",
+        spec.name,
+    )
 
 
 def _unknown_key_message(key: str, section: Section) -> str:
@@ -591,7 +625,10 @@ def check_setting(section: Section, name: str, text: str) -> None:
     spec = _KEYS[section].get(name.replace("_", "").lower())
     if spec is None:
         raise ValueError(f"unknown {_SECTION_TITLES[section]} setting {name}")
-    _SectionBuilder(section, 0).set(spec, _lex_setting(spec, text))
+    try:
+        _SectionBuilder(section, 0).set(spec, _lex_setting(spec, text))
+    except ValueError as exc:
+        raise ValueError(hide_keys(str(exc))) from None
 
 
 def conf_from_settings(
@@ -611,7 +648,7 @@ def conf_from_settings(
             try:
                 builder.set(spec, _lex_setting(spec, text))
             except ValueError as exc:
-                raise ConfigError(str(exc), file=file, key=name) from None
+                raise ConfigError(hide_keys(str(exc)), file=file, key=name) from None
         try:
             built.append(builder.build(file))
         except ConfigError as exc:

@@ -39,7 +39,7 @@ class CookieChecker:
     mac1_key: bytes
     cookie_key: bytes
     random_bytes: RandomBytes = os.urandom
-    secret: bytes = b""
+    secret: bytes = field(default=b"", repr=False)
     secret_time: float | None = None
 
     @classmethod
@@ -82,7 +82,7 @@ class CookieGenerator:
 
     mac1_key: bytes
     cookie_key: bytes
-    cookie: bytes = b""
+    cookie: bytes = field(default=b"", repr=False)
     cookie_time: float | None = None
     last_mac1: bytes | None = field(default=None, repr=False)
 

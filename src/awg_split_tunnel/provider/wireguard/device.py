@@ -288,7 +288,7 @@ class PeerSettings:
     public_key: bytes
     allowed_ips: tuple[Network, ...] = ()
     endpoint: Endpoint | None = None
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)
     persistent_keepalive: Range | None = None
 
 
@@ -296,7 +296,7 @@ class PeerSettings:
 class DeviceSettings:
     """One `[Interface]` and its peers; `amnezia` None (or all unset) is plain WireGuard."""
 
-    private_key: bytes
+    private_key: bytes = field(repr=False)
     peers: tuple[PeerSettings, ...] = ()
     listen_port: int = 0
     mtu: int = DEFAULT_MTU

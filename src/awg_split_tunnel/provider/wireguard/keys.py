@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 KEY_SIZE = 32
 KEY_BASE64_LENGTH = 44
+HIDDEN = "<hidden>"
+"""What stands in a message for text that may be a key."""
+
+# A key's 43 significant characters, with or without its '=' padding, also when pasted into other text
+# (a mistyped line echoes the value the parser saw, not only the key).
+_KEY_LIKE = re.compile(r"[A-Za-z0-9+/]{40,}={0,2}")
 
 
 def clamp(private: bytes) -> bytes:
@@ -49,6 +56,12 @@ def decode_key(text: str, *, what: str) -> bytes:
     if len(raw) != KEY_SIZE or base64.b64encode(raw).decode("ascii") != candidate:
         raise ValueError(f"{problem} (it is not the canonical encoding of a key)")
     return raw
+
+
+def hide_keys(text: str) -> str:
+    """`text` with everything shaped like a base64 key (40 or more base64 characters in a row) replaced,
+    for messages that echo a value from a file that holds private keys."""
+    return _KEY_LIKE.sub(HIDDEN, text)
 
 
 def generate_private_key() -> str:

@@ -43,9 +43,9 @@ class HandshakeState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class StaticIdentity:
-    """Our long-term X25519 key pair."""
+    """Our long-term X25519 key pair. Secret fields stay out of repr() (it ends up in logs and reports)."""
 
-    private: bytes
+    private: bytes = field(repr=False)
     public: bytes
 
     @classmethod
@@ -59,10 +59,10 @@ class Handshake:
     """The handshake state kept for one peer."""
 
     remote_static: bytes
-    preshared_key: bytes = _ZERO_KEY
-    precomputed_static_static: bytes = _ZERO_KEY
+    preshared_key: bytes = field(default=_ZERO_KEY, repr=False)
+    precomputed_static_static: bytes = field(default=_ZERO_KEY, repr=False)
     state: HandshakeState = HandshakeState.ZEROED
-    chaining_key: bytes = _ZERO_KEY
+    chaining_key: bytes = field(default=_ZERO_KEY, repr=False)
     hash: bytes = _ZERO_KEY
     local_ephemeral: bytes = field(default=_ZERO_KEY, repr=False)
     remote_ephemeral: bytes = _ZERO_KEY
@@ -213,8 +213,8 @@ def consume_response(msg: HandshakeResponse, local: StaticIdentity, hs: Handshak
 
 @dataclass(frozen=True, slots=True)
 class TransportKeys:
-    send: bytes
-    receive: bytes
+    send: bytes = field(repr=False)
+    receive: bytes = field(repr=False)
     local_index: int
     remote_index: int
     is_initiator: bool

@@ -147,7 +147,7 @@ class PeerUnreachable(WireGuardEvent):
 @dataclass(frozen=True, slots=True)
 class PeerConfig:
     public_key: bytes
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)
     endpoint: Endpoint | None = None
     persistent_keepalive: Range | None = None
 
