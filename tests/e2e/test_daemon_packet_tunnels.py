@@ -67,7 +67,16 @@ pytestmark = [
 
 GENERATIONS = ["1.0", "1.5", "2.0"]
 KILL_GENERATION = "2.0"
-"""The daemon whose WireGuard peer is killed and restarted (once is enough)."""
+"""The daemon whose WireGuard peer is killed and restarted (once per data path is enough)."""
+DATAPLANES = ("divert", "kernel")
+DAEMONS = [(dataplane, generation) for dataplane in DATAPLANES for generation in GENERATIONS]
+KILL_DAEMONS = [(dataplane, KILL_GENERATION) for dataplane in DATAPLANES]
+
+
+def daemon_id(param: tuple[str, str]) -> str:
+    return f"{param[0]}-awg-{param[1]}"
+
+
 WG_CLIENT_PORT = 51910
 AWG_CLIENT_PORT = 51911
 # Short timers so that a dead peer is noticed (DOWN) within seconds (see test_split_wg.py for why these).
@@ -163,9 +172,10 @@ FRAGMENTS = f"ip src {CLIENT_IP} and ip dst {WEB_IP} and (ip[6:2] & 0x3fff != 0)
 """IPv4 fragments of the client towards the web server, as they would leave on the uplink."""
 
 
-def daemon_config(wg_type: str) -> str:
+def daemon_config(wg_type: str, dataplane: str = "divert") -> str:
     return f"""\
 log_level: info
+dataplane: {dataplane}
 default: direct
 tunnels:
   - id: awg
@@ -278,18 +288,19 @@ def world() -> Iterator[World]:
         yield World(lab, wg_peer, keys)
 
 
-@pytest.fixture(scope="module", params=GENERATIONS, ids=lambda g: f"awg-{g}")
+@pytest.fixture(scope="module", params=DAEMONS, ids=daemon_id)
 def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[RunningDaemon]:
-    """One daemon whose `awg` tunnel uses this AmneziaWG parameter set; stopped (SIGTERM) at the end."""
+    """One daemon on this data path whose `awg` tunnel uses this AmneziaWG parameter set; stopped
+    (SIGTERM) at the end."""
     lab = world.lab
-    generation: str = request.param
+    dataplane, generation = request.param
     params = PARAMETER_SETS[generation]
     # The config refuses the timer settings for `type: wireguard` (they are AmneziaWG parameters), so the
     # daemon that sees its WireGuard peer die calls that tunnel amneziawg: with no obfuscation parameter
     # it speaks plain WireGuard to wireguard-go all the same. The others are true `type: wireguard`.
     short_timers = generation == KILL_GENERATION
     # The kill test gets a daemon of its own (indirect parametrization): each instance has its folder.
-    folder = Path(tempfile.mkdtemp(prefix=f"gen-{generation}-", dir=lab.tmpdir))
+    folder = Path(tempfile.mkdtemp(prefix=f"{dataplane}-{generation}-", dir=lab.tmpdir))
     awg_client = Keys(*generate_keypair())
     server = start_our_amneziawg(lab, awg_client.public, params)
     (folder / "awg.conf").write_text(
@@ -309,7 +320,7 @@ def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[RunningDaem
         )
     )
     config = folder / "config.yaml"
-    config.write_text(daemon_config("amneziawg" if short_timers else "wireguard"))
+    config.write_text(daemon_config("amneziawg" if short_timers else "wireguard", dataplane))
     for path in (config, folder / "awg.conf", folder / "wg.conf"):
         path.chmod(0o600)  # they hold private keys
 
@@ -438,7 +449,7 @@ def test_an_icmp_error_from_inside_the_tunnel_reaches_the_app(daemon: RunningDae
     assert ended == {APP_WG_BLOCK: "refused", APP_AWG: "refused", APP_DIRECT: "refused"}
 
 
-@pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
+@pytest.mark.parametrize("daemon", KILL_DAEMONS, indirect=True, ids=daemon_id)
 def test_a_fragmented_datagram_of_a_tunnelled_app_goes_through_the_tunnel_not_the_uplink(
     daemon: RunningDaemon,
 ) -> None:
@@ -456,7 +467,7 @@ def test_a_fragmented_datagram_of_a_tunnelled_app_goes_through_the_tunnel_not_th
     assert counts[APP_DIRECT] >= 3, "the capture sees the direct app's fragments"
 
 
-@pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
+@pytest.mark.parametrize("daemon", KILL_DAEMONS, indirect=True, ids=daemon_id)
 def test_wireguard_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_back(
     daemon: RunningDaemon,
 ) -> None:
@@ -509,7 +520,7 @@ def test_wireguard_peer_dies_block_app_fails_allow_direct_app_goes_direct_then_b
     assert lab.app(APP_WG_FALLBACK).seen_ip == TUNNEL_CLIENT_IP
 
 
-@pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
+@pytest.mark.parametrize("daemon", KILL_DAEMONS, indirect=True, ids=daemon_id)
 def test_tunnel_down_by_hand_stops_a_wireguard_tunnel_and_up_brings_it_back(daemon: RunningDaemon) -> None:
     from awg_split_tunnel.api.control import request
 
@@ -536,7 +547,7 @@ def test_tunnel_down_by_hand_stops_a_wireguard_tunnel_and_up_brings_it_back(daem
     assert lab.app(APP_WG_FALLBACK).seen_ip == TUNNEL_CLIENT_IP
 
 
-@pytest.mark.parametrize("daemon", [KILL_GENERATION], indirect=True, ids=lambda g: f"awg-{g}")
+@pytest.mark.parametrize("daemon", KILL_DAEMONS, indirect=True, ids=daemon_id)
 def test_tunnels_follow_the_client_when_its_uplink_address_changes(daemon: RunningDaemon) -> None:
     """A laptop moving to another network: the uplink's address is replaced while the daemon runs.
     Nothing is restarted; the peers learn the new endpoint from our next authenticated packet."""

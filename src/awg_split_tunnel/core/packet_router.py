@@ -1473,6 +1473,9 @@ def configure_process_logging(level: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    # Libraries log every netlink message at debug level: only their warnings belong in our log.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
 def process_router(

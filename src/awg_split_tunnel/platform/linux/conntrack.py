@@ -47,22 +47,22 @@ class ConntrackTable:
         from pyroute2.netlink.exceptions import NetlinkError
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-        family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
-        entry = NFCTAttrTuple(
-            family=family,
-            saddr=str(ipaddress.ip_address(src)),
-            daddr=str(ipaddress.ip_address(dst)),
-            proto=proto,
-            sport=sport,
-            dport=dport,
+        family = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
+        # Matched without the source address: a flow routed into a packet tunnel is reported (FLOW
+        # DELETED) with its masqueraded source, while its entry's original tuple has the app's.
+        wanted = NFCTAttrTuple(
+            family=family, daddr=str(ipaddress.ip_address(dst)), proto=proto, sport=sport, dport=dport
         )
+        sock = self._socket(family)
+        found = False
         try:
-            self._socket(family).entry("del", tuple_orig=entry)
+            for entry in list(sock.dump_entries(tuple_orig=wanted)):
+                sock.delete(entry)
+                found = True
         except NetlinkError as exc:
             if exc.code != errno.ENOENT:
                 log.debug("[Router] conntrack delete failed: %s", exc)
-            return False
-        return True
+        return found
 
     def _forget_marked(self, mark: int, mask: int) -> int:
         from pyroute2.netlink.exceptions import NetlinkError

@@ -302,6 +302,20 @@ class TunnelSlots:
         return (PACKET_BASE if packet else STREAM_BASE) + slot
 
 
+def headers_of(payload: bytes) -> bytearray:
+    """The queued packet as the router can parse it. NetfilterQueue hands over at most 4016 bytes of a
+    packet (``scripts/repro/netfilterqueue_copy_limit.py``): a bigger first packet (a large datagram, a
+    UDP GSO batch) arrives cut, its length field larger than what came. Only its headers decide the flow
+    and the payload is never re-injected, so the length field of this copy is set to what arrived."""
+    data = bytearray(payload)
+    if len(data) >= 40 and data[0] >> 4 == 6:
+        if int.from_bytes(data[4:6], "big") > len(data) - 40:
+            data[4:6] = (len(data) - 40).to_bytes(2, "big")
+    elif len(data) >= 20 and data[0] >> 4 == 4 and int.from_bytes(data[2:4], "big") > len(data):
+        data[2:4] = len(data).to_bytes(2, "big")
+    return data
+
+
 class KernelGate:
     """Each queued first packet goes through the ``PacketRouter`` and leaves the queue with its flow's
     class in our mark bits; packets the router holds (owner not known yet) leave when it decides."""
@@ -313,10 +327,13 @@ class KernelGate:
         self.released = 0
 
     def packet(self, packet: QueuedPacket, now: float) -> None:
-        data = bytearray(packet.get_payload())
+        data = headers_of(packet.get_payload())
         view = self._view
         if not view.parse(data, len(data)) or not view.has_ports:
-            self.release(packet, DIRECT)  # not a flow we route (the router would pass it too)
+            # Only new TCP/UDP flows of this host are queued: one that cannot be read is blocked (a flow
+            # let through here would keep that verdict for all its packets).
+            self.router.stats.malformed += 1
+            self.release(packet, BLOCK)
             return
         proto, key = view.proto, app_key(view)
         verdict = self.router.route(data, len(data), now, lambda: packet)
@@ -394,6 +411,8 @@ class KernelIO:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._devices: dict[str, Any] = {}
+        """Packet tunnel id → its device (attached before ``start`` too: its TUN is made then)."""
         self._tuns: dict[str, tuple[Any, int]] = {}
         """Packet tunnel id → (its TUN, its slot)."""
         self._route_slots: set[int] = set()
@@ -432,6 +451,8 @@ class KernelIO:
                 self._loop.add_reader(fd, self._on_events)
                 self._fds.append(fd)
         self._schedule(TICK)
+        for tunnel_id in list(self._devices):
+            self._open_tun(tunnel_id)
         log.info(
             "[Router] kernel data path: first packets queued (%s), the rest in the kernel",
             "nft queue" if self.firewall.nft_queue else "iptables-nft NFQUEUE",
@@ -448,7 +469,7 @@ class KernelIO:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for tunnel_id in list(self._tuns):
+        for tunnel_id in list(self._devices):
             self.detach_device(tunnel_id)
         if not self._keep_rules:
             try:
@@ -482,11 +503,17 @@ class KernelIO:
             self._apply_rules()
 
     def attach_device(self, tunnel_id: str, device: Any) -> None:
-        """Give the packet tunnel's device its TUN: what the kernel routes there is encrypted, what the
-        device decrypts is written back."""
+        """Give the packet tunnel's device its TUN (now, or at ``start``): what the kernel routes there is
+        encrypted, what the device decrypts is written back."""
+        self.detach_device(tunnel_id)
+        self._devices[tunnel_id] = device
+        if self._loop is not None:
+            self._open_tun(tunnel_id)
+
+    def _open_tun(self, tunnel_id: str) -> None:
         from awg_split_tunnel.platform.linux import tun as linux_tun
 
-        self.detach_device(tunnel_id)
+        device = self._devices[tunnel_id]
         route = self._routes.get(tunnel_id)
         flow_class = self.slots.class_of(tunnel_id, packet=True)
         if not isinstance(route, PacketTunnelRoute) or flow_class is None or self._loop is None:
@@ -514,6 +541,9 @@ class KernelIO:
     def detach_device(self, tunnel_id: str) -> None:
         """The TUN goes (its routes with it; the unreachable route behind stays), and the flows the kernel
         routed into it are forgotten, so their next packets are decided again (reset, or direct)."""
+        device = self._devices.pop(tunnel_id, None)
+        if device is not None:
+            device.on_packets = _discard
         entry = self._tuns.pop(tunnel_id, None)
         if entry is None:
             return
@@ -610,6 +640,10 @@ class KernelIO:
         for slot in sorted(self._route_slots - set(packets)):
             remove_packet_routes(slot)
             self._route_slots.discard(slot)
+
+
+def _discard(packets: list[bytes]) -> None:
+    """A detached device's decrypted packets go nowhere."""
 
 
 def _configure_tun(ifname: str, route: PacketTunnelRoute, slot: int) -> None:
