@@ -3,7 +3,8 @@
 Run as root: ``python3 benchmarks/split_tcp.py [--size-mb 200] [--runs 3] [--connects 200]``.
 
 It builds its own lab (web server with ``/bytes/N``, iperf3 server, dante SOCKS5) and measures, first
-without the daemon and then with ``python -m awg_split_tunnel.daemon`` running in ns client:
+without the daemon and then with ``python -m awg_split_tunnel.daemon`` running in ns client, once per data
+path (``dataplane: divert``, then ``dataplane: kernel``; ``--dataplane`` picks one):
 
 - bulk download with curl (``/bytes/N``): the same curl binary under three names —
   ``curl-socks`` routed into the SOCKS5 tunnel *transparently* by the daemon, ``curl-explicit`` using the
@@ -48,6 +49,7 @@ from awg_split_tunnel.lab import (
 from awg_split_tunnel.lab.topology import python_path
 
 IPERF_PORT = 5201
+DATAPLANES = ("divert", "kernel")
 EXPLICIT = "curl --socks5 explicit, no daemon"
 
 LATENCY_CLIENT = """
@@ -71,6 +73,7 @@ print(" ".join(f"{r:.4f}" for r in requests))
 
 CONFIG = f"""\
 log_level: warning
+dataplane: {{dataplane}}
 default: direct
 tunnels:
   - id: socks
@@ -135,9 +138,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_daemon(lab: Lab) -> subprocess.Popen[bytes]:
+def start_daemon(lab: Lab, dataplane: str) -> subprocess.Popen[bytes]:
     config = lab.tmpdir / "config.yaml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG.format(dataplane=dataplane))
     log = lab.tmpdir / "daemon.log"
     with open(log, "wb") as out:
         daemon: subprocess.Popen[bytes] = lab.spawn(
@@ -180,7 +183,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--connects", type=int, default=200, help="connects per latency figure")
     parser.add_argument("--seconds", type=float, default=2.0, help="iperf3 duration")
+    parser.add_argument("--dataplane", choices=DATAPLANES, action="append", help="only this data path")
     args = parser.parse_args()
+    dataplanes = args.dataplane or list(DATAPLANES)
     if os.geteuid() != 0:
         print("needs root (network namespaces, eBPF)", file=sys.stderr)
         return 1
@@ -220,70 +225,84 @@ def main() -> int:
             lat_none[0].extend(connects)
             lat_none[1].extend(requests)
 
+        lat_daemon: dict[str, tuple[list[float], list[float]]] = {}
+
+        def with_daemon(dataplane: str) -> None:
+            daemon = start_daemon(lab, dataplane)
+            try:
+                # The tunnel is probed UP within a second of start; wait for it before measuring.
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    done = lab.run(CLIENT, [curl["curl-socks"], "-s", "-m", "2", f"http://{WEB_IP}/"])
+                    if done.stdout.startswith(SOCKS_IP):
+                        break
+                    time.sleep(0.2)
+                else:
+                    raise RuntimeError("the SOCKS5 tunnel did not come UP")
+                tag = f"[{dataplane}]"
+                measure(f"curl direct, daemon {tag}", partial(curl_mbit, lab, curl["curl-direct"], size))
+                measure(f"curl transparent SOCKS5 {tag}", partial(curl_mbit, lab, curl["curl-socks"], size))
+                for reverse in (False, True):
+                    way = "download" if reverse else "upload"
+                    direct = partial(iperf_mbit, lab, iperf["iperf3-direct"], args.seconds, reverse)
+                    measure(f"iperf3 {way} direct, daemon {tag}", direct)
+                    tunnelled = partial(iperf_mbit, lab, iperf["iperf3-socks"], args.seconds, reverse)
+                    measure(f"iperf3 {way} transparent SOCKS5 {tag}", tunnelled)
+                lat_daemon[f"direct, daemon {tag}"] = latencies(lab, lat["lat-direct"], args.connects)
+                lat_daemon[f"SOCKS5 tunnel {tag}"] = latencies(lab, lat["lat-socks"], args.connects)
+            finally:
+                stop_daemon(daemon)
+
         without_daemon()
-        daemon = start_daemon(lab)
-        try:
-            # The tunnel is probed UP within a second of start; wait for it before measuring.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                done = lab.run(CLIENT, [curl["curl-socks"], "-s", "-m", "2", f"http://{WEB_IP}/"])
-                if done.stdout.startswith(SOCKS_IP):
-                    break
-                time.sleep(0.2)
-            else:
-                raise RuntimeError("the SOCKS5 tunnel did not come UP")
-            measure("curl direct, daemon running", partial(curl_mbit, lab, curl["curl-direct"], size))
-            measure("curl transparent SOCKS5 (daemon)", partial(curl_mbit, lab, curl["curl-socks"], size))
-            for reverse in (False, True):
-                way = "download" if reverse else "upload"
-                direct = partial(iperf_mbit, lab, iperf["iperf3-direct"], args.seconds, reverse)
-                measure(f"iperf3 {way} direct, daemon running", direct)
-                tunnelled = partial(iperf_mbit, lab, iperf["iperf3-socks"], args.seconds, reverse)
-                measure(f"iperf3 {way} transparent SOCKS5", tunnelled)
-            lat_pass = latencies(lab, lat["lat-direct"], args.connects)
-            lat_socks = latencies(lab, lat["lat-socks"], args.connects)
-        finally:
-            stop_daemon(daemon)
+        for dataplane in dataplanes:
+            with_daemon(dataplane)
         without_daemon()
 
     figures = {name: statistics.median(values) for name, values in samples.items()}
     for name, value in figures.items():
         print(f"{name:40s} {value:9.0f} Mbit/s")
     print(f"\nlatency over {args.connects} connects (ms)      connect p50   p99    connect+GET p50   p99")
-    for name, (connects, requests) in (
-        ("direct, no daemon", lat_none),
-        ("direct, daemon running", lat_pass),
-        ("SOCKS5 tunnel (daemon)", lat_socks),
-    ):
+    for name, (connects, requests) in {"direct, no daemon": lat_none, **lat_daemon}.items():
         print(
             f"{name:40s} {percentile(connects, 0.5):7.3f} {percentile(connects, 0.99):7.3f}"
             f"        {percentile(requests, 0.5):7.3f} {percentile(requests, 0.99):7.3f}"
         )
 
     def ratio(label: str, a: str, b: str) -> None:
-        print(f"{label:58s} {figures[a] / figures[b]:.2f}")
+        print(f"{label:64s} {figures[a] / figures[b]:.2f}")
 
-    print("\nratios (same run)")
-    ratio("transparent / explicit SOCKS5 (curl)", "curl transparent SOCKS5 (daemon)", EXPLICIT)
-    ratio("transparent SOCKS5 / direct (curl)", "curl transparent SOCKS5 (daemon)", "curl direct, no daemon")
-    ratio(
-        "non-tunnelled app, daemon / no daemon (curl)",
-        "curl direct, daemon running",
-        "curl direct, no daemon",
-    )
-    for way in ("upload", "download"):
-        baseline = f"iperf3 {way} direct, no daemon"
+    for dataplane in dataplanes:
+        tag = f"[{dataplane}]"
+        print(f"\nratios (same run), {dataplane} data path")
+        ratio("transparent / explicit SOCKS5 (curl)", f"curl transparent SOCKS5 {tag}", EXPLICIT)
         ratio(
-            f"non-tunnelled app, daemon / no daemon (iperf3 {way})",
-            f"iperf3 {way} direct, daemon running",
-            baseline,
+            "transparent SOCKS5 / direct (curl)", f"curl transparent SOCKS5 {tag}", "curl direct, no daemon"
         )
-        ratio(f"transparent SOCKS5 / direct (iperf3 {way})", f"iperf3 {way} transparent SOCKS5", baseline)
-    p50 = percentile(lat_none[0], 0.5)
-    print(f"{'connect p50, daemon pass / no daemon':58s} {percentile(lat_pass[0], 0.5) / p50:.2f}")
-    print(f"{'connect p50, SOCKS5 tunnel / no daemon':58s} {percentile(lat_socks[0], 0.5) / p50:.2f}")
-    req50 = percentile(lat_none[1], 0.5)
-    print(f"{'connect+GET p50, SOCKS5 tunnel / no daemon':58s} {percentile(lat_socks[1], 0.5) / req50:.2f}")
+        ratio(
+            "non-tunnelled app, daemon / no daemon (curl)",
+            f"curl direct, daemon {tag}",
+            "curl direct, no daemon",
+        )
+        for way in ("upload", "download"):
+            baseline = f"iperf3 {way} direct, no daemon"
+            ratio(
+                f"non-tunnelled app, daemon / no daemon (iperf3 {way})",
+                f"iperf3 {way} direct, daemon {tag}",
+                baseline,
+            )
+            ratio(
+                f"transparent SOCKS5 / direct (iperf3 {way})",
+                f"iperf3 {way} transparent SOCKS5 {tag}",
+                baseline,
+            )
+        passed, tunnelled = lat_daemon[f"direct, daemon {tag}"], lat_daemon[f"SOCKS5 tunnel {tag}"]
+        for q in (0.5, 0.99):
+            added = percentile(passed[0], q) - percentile(lat_none[0], q)
+            print(f"{f'added connect latency p{int(q * 100)}, non-tunnelled app (ms)':64s} {added:.3f}")
+        req50 = percentile(lat_none[1], 0.5)
+        print(
+            f"{'connect+GET p50, SOCKS5 tunnel / no daemon':64s} {percentile(tunnelled[1], 0.5) / req50:.2f}"
+        )
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     return 0
 

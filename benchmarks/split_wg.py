@@ -1,38 +1,38 @@
-"""Per-app TCP throughput through our split tunnel (router + userspace WireGuard/AmneziaWG) vs the Go
-reference clients as full tunnels.
+"""Per-app TCP throughput through our split tunnel, on both data paths, vs our own device as a plain `tun`
+client and the Go reference clients, all as full tunnels on the same peer.
 
-Run as root: ``python3 benchmarks/split_wg.py [--seconds 5] [--skip-awg]``.
+Run as root: ``python3 benchmarks/split_wg.py [--seconds 5] [--skip-awg] [--dataplane kernel]``.
 
 One lab (network namespaces, 198.18.0.0/15 only), iperf3 -s in ns web, wireguard-go (then the reference
 amneziawg-go) as the peer in ns wg. Measured one after the other in the same run (the machine is shared
 and noisy: only ratios within a run mean anything), single-stream TCP, upload and download
 (``iperf3 -R``):
 
-- ``split/wg``: our daemon's packet path as ``run`` uses it — ``RouterProcess`` with the WireGuard
-  device inside it — and iperf3 copied to an exe name that a rule sends into the tunnel;
-- ``split/direct``: the same daemon, iperf3 under a name routed ``direct`` (divert + reinject only);
-- ``wireguard-go``: wireguard-go as a full-tunnel client in ns client (kernel TUN, no per-app routing),
-  the baseline;
-- ``split/awg``: the same daemon with our device speaking AmneziaWG 2.0 (junk packets, S1-S4 padding, H1-H4
-  header ranges, an I1 packet) to amneziawg-go, iperf3 under a name routed into that tunnel;
-- ``amneziawg-go``: amneziawg-go as a full-tunnel client in ns client with the same parameters, the
-  AmneziaWG baseline.
+- ``split/wg [divert|kernel]``: the daemon's router process as ``run`` uses it on that data path, with the
+  WireGuard device inside it, and iperf3 copied to an exe name that a rule sends into the tunnel;
+- ``split/direct [divert|kernel]``: the same, iperf3 under a name routed ``direct``;
+- ``tun``: our own device as a plain full-tunnel client (``awg-split-tunnel tun``, a route to the web
+  host only) — what the kernel data path is measured against (routing should add nothing);
+- ``wireguard-go``: wireguard-go as a full-tunnel client in ns client (kernel TUN, no per-app routing);
+- ``split/awg [...]``, ``tun/awg``, ``amneziawg-go``: the same with AmneziaWG 2.0 (junk packets, S1-S4
+  padding, H1-H4 header ranges, an I1 packet) against amneziawg-go.
 
-Prints each figure and the ratios split/wg ÷ wireguard-go, split/awg ÷ amneziawg-go and split/direct ÷
-plain (no daemon). A failed iperf3 run prints why and leaves its ratios out.
+Prints each figure and the ratios split ÷ tun, split ÷ the Go client and split/direct ÷ plain (no daemon).
+A failed iperf3 run prints why and leaves its ratios out.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,6 +57,7 @@ from awg_split_tunnel.lab.topology import (
 )
 
 CLIENT_PORT = 51930
+DATAPLANES = ("divert", "kernel")
 # AmneziaWG 2.0: the set tests/e2e/test_awg_interop.py checks on the wire (PARAMETER_SETS["2.0"]), as our
 # conf names them; ``awg set`` takes the same keys in lower case.
 AWG_PARAMS: dict[str, str] = {
@@ -66,47 +67,49 @@ AWG_PARAMS: dict[str, str] = {
 }  # fmt: skip
 
 
-def serve(conf_text: str, tunnel: str) -> None:
-    """The daemon's packet path in ns client: RouterProcess with the device inside; stops at stdin EOF.
+def serve(conf_text: str, tunnel: str, dataplane: str) -> None:
+    """The daemon's packet path in ns client: RouterProcess with the device inside, on ``dataplane``;
+    stops at stdin EOF.
 
     iperf3 copied as ``iperf-<tunnel>`` goes into the tunnel, as ``iperf-direct`` direct.
     """
     import logging
 
     from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings
-    from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
     from awg_split_tunnel.core.policy import TunnelState
     from awg_split_tunnel.core.rule_engine import Rule
-    from awg_split_tunnel.packet_tunnels import DIVERT_SAFE_UDP_GSO
-    from awg_split_tunnel.platform.divert import router_handles
+    from awg_split_tunnel.packet_tunnels import packet_tunnel_devices
+    from awg_split_tunnel.platform.divert import event_handles, router_handles
     from awg_split_tunnel.provider.wireguard.conf import parse_conf
-    from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     conf = parse_conf(conf_text)
-    settings = settings_from_conf(conf)
-    route = PacketTunnelRoute.from_addresses([str(a) for a in conf.interface.addresses], settings.mtu)
+    # The routes and devices as the daemon builds them for this data path (packet_tunnels.py).
+    routes, devices = packet_tunnel_devices([_tunnel_settings(tunnel, conf_text)], Path("/"), dataplane)
     up = threading.Event()
 
     def on_state(tunnel_id: str, state: TunnelState, reason: str) -> None:
         if state is TunnelState.UP:
             up.set()
 
+    serve_body = None
+    if dataplane == "kernel":
+        from awg_split_tunnel.platform.linux.kernel_datapath import serve_kernel_gate
+
+        serve_body = serve_kernel_gate
+    del conf
     process = RouterProcess(
         RouterSettings(
             (Rule(f"iperf-{tunnel}", tunnel), Rule("iperf-direct", "direct")),
             "direct",
-            {tunnel: route},
+            dict(routes),
             {tunnel: TunnelState.CONNECTING},
             log_level=logging.WARNING,
-            # As the daemon builds them: no UDP GSO next to the divert handles (packet_tunnels.py).
-            devices={
-                tunnel: functools.partial(
-                    WireGuardDevice, settings, tunnel_id=tunnel, udp_gso=DIVERT_SAFE_UDP_GSO
-                )
-            },
+            devices=devices,
+            dataplane=dataplane,
         ),
-        cast(Any, router_handles),
+        cast(Any, event_handles if dataplane == "kernel" else router_handles),
+        serve=serve_body,
     )
     process.on_tunnel_state = on_state
     process.start()
@@ -119,6 +122,55 @@ def serve(conf_text: str, tunnel: str) -> None:
     snapshot = process.snapshot()
     process.stop()
     print(json.dumps(snapshot[0] if snapshot else {}, default=str), flush=True)
+
+
+def _tunnel_settings(tunnel: str, conf_text: str) -> Any:
+    """The config's tunnel entry for ``conf_text`` (written beside the process, 0600)."""
+    import tempfile
+
+    from awg_split_tunnel.core.config import parse_config
+
+    folder = Path(tempfile.mkdtemp(prefix="split-wg-"))
+    conf = folder / f"{tunnel}.conf"
+    conf.write_text(conf_text)
+    conf.chmod(0o600)
+    kind = "amneziawg" if tunnel == "awg" else "wireguard"
+    text = f"tunnels:\n  - id: {tunnel}\n    type: {kind}\n    config_file: {conf}\n"
+    return parse_config(text, file=str(folder / "config.yaml"), base_dir=folder).tunnels[0]
+
+
+def start_tun_client(lab: Lab, conf: str, name: str) -> subprocess.Popen[str]:
+    """Our device as a plain client (the `tun` command) in ns client, routing the web host only."""
+    path = lab.tmpdir / f"{name}.conf"
+    path.write_text(conf.replace("AllowedIPs = 0.0.0.0/0", f"AllowedIPs = {WEB_IP}/32"))
+    path.chmod(0o600)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    argv = [
+        sys.executable,
+        "-m",
+        "awg_split_tunnel.provider.wireguard.tun_client",
+        str(path),
+        "--ifname",
+        name,
+    ]
+    process = lab.spawn(CLIENT, argv, stderr=subprocess.PIPE, text=True, env=env)
+    for _ in range(100):
+        if lab.run(CLIENT, ["ip", "route", "get", WEB_IP]).stdout.find(f"dev {name}") >= 0:
+            return process
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"our tun client did not come up: {process.communicate()[1][-500:]}")
+
+
+def stop_tun_client(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def iperf(lab: Lab, exe: str, seconds: float, reverse: bool) -> float:
@@ -167,11 +219,11 @@ def conf_text(
     )
 
 
-def start_daemon(lab: Lab, conf: str, tunnel: str) -> subprocess.Popen[str]:
+def start_daemon(lab: Lab, conf: str, tunnel: str, dataplane: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     process = lab.spawn(
         CLIENT,
-        [sys.executable, __file__, "--serve", conf, tunnel],
+        [sys.executable, __file__, "--serve", conf, tunnel, dataplane],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -201,7 +253,9 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
     parser.add_argument("--skip-awg", action="store_true", help="WireGuard only (no amneziawg-go half)")
+    parser.add_argument("--dataplane", choices=DATAPLANES, action="append", help="only this data path")
     args = parser.parse_args()
+    dataplanes = args.dataplane or list(DATAPLANES)
     if os.geteuid() != 0:
         print("needs root (network namespaces, eBPF)", file=sys.stderr)
         return 2
@@ -224,13 +278,23 @@ def main() -> int:
             log_level="error",
         )
         results["plain"] = measure(lab, "plain", iperf3, args.seconds)
-        daemon = start_daemon(lab, conf_text(private, server), "wg")
+        for dataplane in dataplanes:
+            daemon = start_daemon(lab, conf_text(private, server), "wg", dataplane)
+            try:
+                results[f"split-wg-{dataplane}"] = measure(
+                    lab, f"split/wg [{dataplane}]", apps["iperf-wg"], args.seconds
+                )
+                results[f"split-direct-{dataplane}"] = measure(
+                    lab, f"split/direct [{dataplane}]", apps["iperf-direct"], args.seconds
+                )
+            finally:
+                stats = stop_daemon(daemon)
+            print(f"router: {stats.strip()[:400]}")
+        tun = start_tun_client(lab, conf_text(private, server), "benchwg")
         try:
-            results["split-wg"] = measure(lab, "split/wg", apps["iperf-wg"], args.seconds)
-            results["split-direct"] = measure(lab, "split/direct", apps["iperf-direct"], args.seconds)
+            results["tun-wg"] = measure(lab, "tun", iperf3, args.seconds)
         finally:
-            stats = stop_daemon(daemon)
-        print(f"router: {stats.strip()[:600]}")
+            stop_tun_client(tun)
         go = start_wireguard_go(
             lab,
             host=CLIENT,
@@ -245,7 +309,7 @@ def main() -> int:
         go.stop()
         server.stop()
         if not args.skip_awg:
-            measure_awg(lab, private, public, apps["iperf-awg"], iperf3, args.seconds, results)
+            measure_awg(lab, private, public, apps["iperf-awg"], iperf3, args.seconds, results, dataplanes)
 
     def ratio(a: str, b: str, label: str) -> None:
         ra, rb = results.get(a), results.get(b)
@@ -258,9 +322,15 @@ def main() -> int:
         print(f"{label}: upload {au / bu:.2f}, download {ad / bd:.2f}")
 
     print()
-    ratio("split-wg", "wg-go", "split/wg / wireguard-go (full tunnel)")
-    ratio("split-awg", "awg-go", "split/awg / amneziawg-go (full tunnel, AmneziaWG 2.0)")
-    ratio("split-direct", "plain", "split/direct / plain (no daemon)")
+    for dataplane in dataplanes:
+        tag = f"[{dataplane}]"
+        ratio(f"split-wg-{dataplane}", "tun-wg", f"split/wg {tag} / our tun client (full tunnel)")
+        ratio(f"split-awg-{dataplane}", "tun-awg", f"split/awg {tag} / our tun client (AmneziaWG 2.0)")
+        ratio(f"split-wg-{dataplane}", "wg-go", f"split/wg {tag} / wireguard-go (full tunnel)")
+        ratio(f"split-awg-{dataplane}", "awg-go", f"split/awg {tag} / amneziawg-go (AmneziaWG 2.0)")
+        ratio(f"split-direct-{dataplane}", "plain", f"split/direct {tag} / plain (no daemon)")
+    ratio("tun-wg", "wg-go", "our tun client / wireguard-go")
+    ratio("tun-awg", "awg-go", "our tun client / amneziawg-go (AmneziaWG 2.0)")
     return 0 if all(result is not None for result in results.values()) else 1
 
 
@@ -272,6 +342,7 @@ def measure_awg(
     iperf3: str,
     seconds: float,
     results: dict[str, tuple[float, float] | None],
+    dataplanes: list[str],
 ) -> None:
     """split/awg and amneziawg-go against the reference amneziawg-go peer in ns wg, same parameters."""
     awg_set = {key.lower(): value for key, value in AWG_PARAMS.items()}
@@ -289,18 +360,26 @@ def measure_awg(
     except LabUnavailable as exc:
         print(f"AmneziaWG skipped: {exc}", flush=True)
         return
+    conf = conf_text(private, server, AWG_TUNNEL_CLIENT_IP, AWG_PARAMS)
     try:
-        try:
-            daemon = start_daemon(lab, conf_text(private, server, AWG_TUNNEL_CLIENT_IP, AWG_PARAMS), "awg")
-        except RuntimeError as exc:
-            print(f"{'split/awg':14s} FAILED: {exc}", flush=True)
-            results["split-awg"] = None
-        else:
+        for dataplane in dataplanes:
+            name = f"split/awg [{dataplane}]"
             try:
-                results["split-awg"] = measure(lab, "split/awg", app, seconds)
+                daemon = start_daemon(lab, conf, "awg", dataplane)
+            except RuntimeError as exc:
+                print(f"{name:14s} FAILED: {exc}", flush=True)
+                results[f"split-awg-{dataplane}"] = None
+                continue
+            try:
+                results[f"split-awg-{dataplane}"] = measure(lab, name, app, seconds)
             finally:
                 stats = stop_daemon(daemon)
-            print(f"router: {stats.strip()[:600]}")
+            print(f"router: {stats.strip()[:400]}")
+        tun = start_tun_client(lab, conf, "benchawg")
+        try:
+            results["tun-awg"] = measure(lab, "tun/awg", iperf3, seconds)
+        finally:
+            stop_tun_client(tun)
         go = start_amneziawg_go(
             lab,
             host=CLIENT,
@@ -321,7 +400,7 @@ def measure_awg(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
-        serve(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], sys.argv[3], sys.argv[4])
         sys.exit(0)
     sys.exit(main())

@@ -132,15 +132,20 @@ def load_divert(dataplane: str = "divert") -> Callable[..., Any]:
 
 
 def default_dataplane() -> str:
-    """The data path when the config names none: ``divert`` everywhere for now (the kernel data path
-    does not carry WireGuard/AmneziaWG tunnels yet; docs/DATAPATHS.md)."""
-    return "divert"
+    """The data path when the config names none (docs/DATAPATHS.md): ``kernel`` on Linux, ``divert``
+    elsewhere."""
+    return "kernel" if sys.platform.startswith("linux") else "divert"
 
 
-def check_kernel_dataplane(config: Config) -> None:
-    """DaemonError when ``dataplane: kernel`` cannot run this config or on this host, naming why."""
+def check_kernel_dataplane() -> None:
+    """DaemonError when the kernel data path cannot run on this host, naming what is missing."""
     if not sys.platform.startswith("linux"):
         raise DaemonError("`dataplane: kernel` is Linux-only; use `dataplane: divert` here")
+    from awg_split_tunnel.platform.linux.kernel_datapath import support_problem
+
+    problem = support_problem()
+    if problem is not None:
+        raise DaemonError(f"the kernel data path cannot run here: {problem}; or set `dataplane: divert`")
 
 
 def make_provider(tunnel: Socks5Tunnel | HttpTunnel) -> StreamProvider:
@@ -222,8 +227,8 @@ class Daemon:
             require_privileges()
         config = self.manager.load()
         self.dataplane = config.dataplane or default_dataplane()
-        if self.dataplane == "kernel":
-            check_kernel_dataplane(config)
+        if self.dataplane == "kernel" and self._handles is None:
+            check_kernel_dataplane()
         handles = self._handles or load_divert(self.dataplane)
         if self._serve_api:
             self._refuse_second_daemon()

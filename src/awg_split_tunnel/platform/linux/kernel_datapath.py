@@ -89,6 +89,29 @@ class QueuedPacket(Protocol):
 # -- the firewall: our table and the gate ----------------------------------------------------------------
 
 
+def support_problem() -> str | None:
+    """What this host lacks for the kernel data path (a sentence naming the package), or None."""
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        return (
+            "the Python package NetfilterQueue is missing (apt-get install libnetfilter-queue-dev gcc "
+            "python3-dev && pip install NetfilterQueue)"
+        )
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        return "the Python package pyroute2 is missing (pip install pyroute2)"
+    try:
+        firewall = KernelFirewall()
+    except AwgSplitTunnelError as exc:
+        return str(exc)
+    firewall.nft.close()
+    if not os.path.exists("/proc/net/nf_conntrack") and not os.path.isdir("/proc/sys/net/netfilter"):
+        return "the kernel has no connection tracking (nf_conntrack)"
+    return None
+
+
 def _iptables_commands() -> tuple[str, str]:
     """The iptables-nft front ends (the xtables NFQUEUE target on nf_tables)."""
     for v4, v6 in (("iptables-nft", "ip6tables-nft"), ("iptables", "ip6tables")):
