@@ -1,7 +1,7 @@
 """End to end: a WireGuard tunnel added, changed and removed in the config while the daemon runs.
 
-The daemon (``python -m awg_split_tunnel.daemon``) starts in ns client with a SOCKS5 tunnel only (dante,
-198.18.0.20). Then the config file is edited as a user would:
+The daemon (``python -m awg_split_tunnel.daemon``, on each data path in turn) starts in ns client with a
+SOCKS5 tunnel only (dante, 198.18.0.20). Then the config file is edited as a user would:
 
 1. a WireGuard tunnel ``wg`` (wireguard-go in ns wg) and a ``block`` rule for ``app-wg`` are added: the
    app's next connections come from the tunnel address (198.19.0.2), and nothing of it leaves the
@@ -121,10 +121,11 @@ def client_conf(private_key: str, peer: WireGuardServer, port: int, mtu: int) ->
 
 
 class RunningDaemon:
-    """The daemon process, its config file and where its output goes."""
+    """The daemon process on one data path, its config file and where its output goes."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, dataplane: str) -> None:
         self.lab = lab
+        self.dataplane = dataplane
         self.config = lab.tmpdir / "config.yaml"
         self.control = lab.tmpdir / "control.sock"
         self.stdout = lab.tmpdir / "daemon.out"
@@ -150,7 +151,7 @@ class RunningDaemon:
 
     def write(self, text: str) -> None:
         """Replace the config file as an editor does (the daemon polls its modification time)."""
-        self.config.write_text(text)
+        self.config.write_text(f"dataplane: {self.dataplane}\n{text}")
         self.config.chmod(0o600)
 
     def output(self) -> str:
@@ -209,9 +210,9 @@ def wg_peer(lab: Lab, client_keys: tuple[str, str]) -> WireGuardServer:
     )
 
 
-@pytest.fixture(scope="module")
-def daemon(lab: Lab) -> Iterator[RunningDaemon]:
-    running = RunningDaemon(lab)
+@pytest.fixture(scope="module", params=("divert", "kernel"))
+def daemon(lab: Lab, request: pytest.FixtureRequest) -> Iterator[RunningDaemon]:
+    running = RunningDaemon(lab, request.param)
     try:
 
         def started() -> bool:
