@@ -3,7 +3,7 @@
 Shows: a handle diverting `tcp.DstPort == 9000` on loopback (MTU 65536) reinjects every packet of an
 8 MB transfer unchanged; it prints how many packets it got, the largest, the send errors, and the
 backend's own too_big counter. Seen here (kernel 6.18): ~6 packets diverted, ~90 counted too_big and
-passed undiverted, no send error. pydivert-notes saw `OSError: [Errno 90] ebpfdivert_send: Message too
+passed undiverted, no send error. An earlier run saw `OSError: [Errno 90] ebpfdivert_send: Message too
 long` reinjecting a 7,292-byte coalesced packet on loopback.
 Consequence: the router never diverts loopback (its filter says `!loopback`; loopback is never tunnelled),
 and NetworkHandle.send() counts EMSGSIZE (``oversize``) instead of raising into the loop.

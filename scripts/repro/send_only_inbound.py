@@ -1,4 +1,4 @@
-"""Does a handle opened with Flag.SEND_ONLY inject INBOUND packets? (pydivert-notes: it silently failed.)
+"""Does a handle opened with Flag.SEND_ONLY inject INBOUND packets? (It was reported to fail silently.)
 
 Shows: an outbound UDP datagram is captured, hairpinned (addresses swapped, destination port set to a
 local listener, marked INBOUND) and injected (a) through a second, SEND_ONLY handle and (b) through the

@@ -1,4 +1,4 @@
-"""The `awg-split-tunnel` command line (DESIGN §5).
+"""The `awg-split-tunnel` command line (docs/DESIGN.md: Command line).
 
 Every command turns a `ConfigError` (or any error of ours) into one clear line on stderr and exit code 1:
 the user never sees a traceback for bad input.

@@ -1,7 +1,7 @@
 """The daemon behind ``awg-split-tunnel run``: the wiring of every level.
 
 ConfigManager → TunnelRegistry → providers (SOCKS5, HTTP proxy) → one TunnelProxy and one HealthMonitor
-per stream tunnel → the packet router in its own process (``RouterProcess``, DESIGN §3). State changes
+per stream tunnel → the packet router in its own process (``RouterProcess``, docs/DESIGN.md). State changes
 reach the router through the EventBus; config edits (the file changed on disk, polled every second) are
 applied without a restart: new rules apply to the next flow, tunnels are added and removed.
 

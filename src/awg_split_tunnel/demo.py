@@ -1,6 +1,6 @@
 """``awg-split-tunnel demo``: the main job end to end, in a lab of network namespaces (Linux, root).
 
-Builds the lab (lab.md), starts a web server that tells each client its address, our own AmneziaWG 2.0
+Builds the lab (docs/LAB.md), starts a web server that tells each client its address, our own AmneziaWG 2.0
 peer (the ``tun`` command, no extra package) in ns wg, a SOCKS5 server (dante) and an HTTP proxy
 (tinyproxy), writes a config routing five test apps — copies of one program under different names — to
 AmneziaWG, SOCKS5, the HTTP proxy, direct and drop, starts the real daemon in the client namespace, waits

@@ -1,5 +1,5 @@
 """AmneziaWG on the wire: our initiator ↔ our responder with a parameter set of every generation, checked
-against a capture (sizes and headers as awg-protocol.md says), and ours ↔ the reference amneziawg-go.
+against a capture (sizes and headers as docs/PROTOCOL.md says), and ours ↔ the reference amneziawg-go.
 
 Both of our ends run the `tun` command: the initiator in ns client, the responder in ns wg (which forwards
 to the web server without NAT, so the web server sees our tunnel address 198.19.0.2).
@@ -43,7 +43,7 @@ pytestmark = [
 SERVER_PORT = 51821
 HP_KEY = bytes(range(0x80, 0xA0))
 
-# One non-trivial set per generation, written as a .conf would (awg-protocol.md §2–§4b).
+# One non-trivial set per generation, written as a .conf would (docs/PROTOCOL.md: AmneziaWG 1.0–3.x).
 PARAMETER_SETS: dict[str, dict[str, str]] = {
     "1.0": {
         "Jc": "4", "Jmin": "40", "Jmax": "70", "S1": "15", "S2": "18",
@@ -240,7 +240,7 @@ AWG_SET_NAMES = {
 
 @pytest.fixture(scope="module")
 def reference_peer() -> None:
-    """Skip unless the reference amneziawg-go can be built here (CI builds it from shared/peers)."""
+    """Skip unless the reference amneziawg-go can be built here (CI builds it: docs/LAB.md, Peers)."""
     try:
         amneziawg_peer_bin()
     except LabUnavailable as exc:
@@ -272,8 +272,8 @@ def test_our_initiator_and_the_reference_responder_interoperate(
     client = OurClient(web_lab, web_lab.new_ifname("c"), conf, web_lab.tmpdir / f"vs-ref-{generation}.log")
     client.start()
     try:
-        # amneziawg-go 3.x sends its first packet after (re)configuration with a stale S4 (§4b.6): one
-        # lost answer is the reference peer's, not ours.
+        # amneziawg-go 3.x sends its first packet after (re)configuration with a stale S4 (docs/PROTOCOL.md:
+        # 3.x quirks): one lost answer is the reference peer's, not ours.
         answers = udp_echo(web_lab, count=5, timeout=1.5)
         assert len(answers) >= 4 and set(answers) == {TUNNEL_CLIENT_IP}, client.output()
         assert "latest handshake" in server.show()

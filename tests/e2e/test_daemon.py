@@ -3,7 +3,7 @@
 One daemon for the module per data path (``dataplane: divert``, then ``dataplane: kernel``), started from
 a YAML config with a SOCKS5 tunnel (dante, 198.18.0.20), an HTTP tunnel (tinyproxy, 198.18.0.30) and, on
 the divert path, a WireGuard tunnel that ``run`` keeps DOWN. Test apps are copies of
-one interpreter under different names; the web server tells each which address it saw (lab.md):
+one interpreter under different names; the web server tells each which address it saw (docs/LAB.md):
 .20 via SOCKS5, .30 via the HTTP proxy, .1 direct, nothing when dropped. The tests that stop the SOCKS
 server and the daemon itself come last, in file order.
 """

@@ -8,7 +8,7 @@ One daemon (``python -m awg_split_tunnel.daemon``) in ns client per AmneziaWG pa
 - everything else direct (198.18.0.1).
 
 ns wg forwards tunnel traffic to the web server without NAT, so the web server sees each app's tunnel
-address (lab.md). In the daemon whose WireGuard peer is killed, that tunnel's .conf has short timers, so
+address (docs/LAB.md). In the daemon whose WireGuard peer is killed, that tunnel's .conf has short timers, so
 a dead peer is seen DOWN within seconds; the device then retries every second, so a restarted peer
 brings the tunnel back UP. Each app does a TCP request, a UDP echo and a checksummed download at once.
 """

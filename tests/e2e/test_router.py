@@ -34,7 +34,7 @@ def serve(config: dict[str, object]) -> None:
     """The daemon under test: router + divert loop + the SOCKS5 tunnels' proxies. Runs in ns client.
 
     ``config["mode"]`` is ``thread`` (RouterLoop on a thread of this process) or ``process``
-    (RouterProcess: the loop in its own process, as DESIGN §3 wants).
+    (RouterProcess: the loop in its own process, as docs/DESIGN.md decides).
     """
     import asyncio
     import logging

@@ -220,7 +220,7 @@ def _conf(private_key: str, server: Any, tunnel_ip: str, tunnel_ip6: str, awg: b
 )
 def daemon(lab: Any, request: pytest.FixtureRequest) -> Iterator[Daemon]:
     """Our daemon against a real peer: ``loop`` runs router and device on the test daemon's own event
-    loop, ``process`` in a ``RouterProcess`` (DESIGN §3)."""
+    loop, ``process`` in a ``RouterProcess`` (docs/DESIGN.md)."""
     from awg_split_tunnel.lab import (
         AWG_PORT,
         AWG_TUNNEL_CLIENT_IP,

@@ -1,4 +1,4 @@
-"""The layers depend one way (STYLE.md §2): protocol cores are pure, core/ never reaches into adapters."""
+"""The layers depend one way (docs/CONTRIBUTING.md): protocol cores are pure, core/ never imports adapters."""
 
 from __future__ import annotations
 

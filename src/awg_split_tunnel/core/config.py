@@ -1,4 +1,4 @@
-"""The YAML configuration (DESIGN §4): models, loading, and `ConfigManager` for validated edits.
+"""The YAML configuration (docs/DESIGN.md: Config): models, loading, and `ConfigManager` for validated edits.
 
 Loading never shows a traceback for bad input: YAML syntax errors, unknown keys, wrong types, duplicate
 tunnel ids, references to unknown tunnels, unreadable or malformed `.conf` files all become a
@@ -958,7 +958,7 @@ class ConfigManager:
     # -- changes ----------------------------------------------------------------------------------------
 
     def add_tunnel(self, tunnel: Mapping[str, Any]) -> None:
-        """Append a tunnel (the keys of DESIGN §4, e.g. ``{"id": "office", "type": "socks5", ...}``)."""
+        """Append a tunnel (the keys of docs/DESIGN.md, e.g. ``{"id": "office", "type": "socks5", ...}``)."""
         tunnel_id = str(tunnel.get("id", ""))
         if self.config.tunnel(tunnel_id) is not None:
             raise ConfigError(f"a tunnel with id '{tunnel_id}' already exists", file=str(self.path), key="id")

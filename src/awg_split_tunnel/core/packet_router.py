@@ -1,10 +1,10 @@
-"""PacketRouter: every new outbound flow → its process → its rule → tunnel, pass or drop (DESIGN §2).
+"""PacketRouter: every new outbound flow → its process → its rule → tunnel, pass or drop (docs/DESIGN.md).
 
 ``PacketRouter`` is sans-I/O: ``route(buf, length, now, copy_meta)`` looks at one captured outbound packet
 in its receive buffer and returns a ``Verdict`` (rewritten in place where needed); connect events come in
 through ``connect_event``; packets it held or crafted (RSTs) come out of ``take_outgoing``; ``poll(now)``
 runs the timers. Process lookups are injected callables. ``RouterLoop`` is the thin I/O adapter: it owns
-the divert handles and a thread, and is the piece that moves to its own process (DESIGN §3).
+the divert handles and a thread, and is the piece that moves to its own process (docs/DESIGN.md).
 
 A new flow's first packet (TCP SYN, first UDP datagram) waits until the connect event naming its process
 has arrived (``hold_timeout``; events and packets come on different handles in no fixed order), then the
@@ -185,7 +185,7 @@ def _is_loopback(addr: bytes) -> bool:
 
 
 def is_lan_destination(addr: bytes) -> bool:
-    """DESIGN §4's LAN list, exactly: 10/8, 172.16/12, 192.168/16, 169.254/16, fc00::/7, fe80::/10,
+    """The LAN list of docs/DESIGN.md, exactly: 10/8, 172.16/12, 192.168/16, 169.254/16, fc00::/7, fe80::/10,
     loopback. (Not ``ipaddress.is_private``: that also covers 198.18.0.0/15, the lab's internet.)"""
     b0 = addr[0]
     if len(addr) == 4:
@@ -481,7 +481,7 @@ class PacketRouter:
 
     def _first_fragment(self, v: PacketView) -> Verdict:
         # Only the first fragment carries the ports the proxy NAT needs, and later fragments escaped
-        # port filters (pydivert-notes): fragments of tunnelled flows are dropped, which also blocks the
+        # port filters (docs/ARCHITECTURE.md): fragments of tunnelled flows are dropped, which also blocks the
         # leak. The (src, dst, id) is remembered so the later fragments are recognised.
         self.stats.fragments_dropped += 1
         self._drop_later_fragments(v)
@@ -1252,7 +1252,7 @@ START_TIMEOUT = 20.0
 
 
 class RouterProcess:
-    """The divert loop in its own process (DESIGN §3): a busy control plane cannot stall packets.
+    """The divert loop in its own process (docs/DESIGN.md): a busy control plane cannot stall packets.
 
     The child owns the handles, the PacketRouter and its tables; the control plane talks to it over one
     pipe: rule/state/tunnel changes go down; every tunnelled flow's NAT entry comes up *before* its first

@@ -1,7 +1,7 @@
 """The router's side of a packet tunnel (WireGuard/AmneziaWG): app packets in, tunnel packets out.
 
-DESIGN §3: "The router SNATs the app's packets to the tunnel address, clamps TCP MSS to the tunnel MTU,
-segments oversize (offloaded) packets, and injects decrypted replies inbound after DNAT."
+As docs/ARCHITECTURE.md says, the router SNATs the app's packets to the tunnel address, clamps TCP MSS to
+the tunnel MTU, segments oversize (offloaded) packets, and injects decrypted replies inbound after DNAT.
 ``PacketTunnelPath`` does exactly that for one tunnel, sans-I/O: ``send`` takes an app's captured packet
 (parsed in a ``PacketView``) and queues what the device must encrypt; ``receive`` takes a decrypted
 packet and returns it rewritten for the app. ``PacketRouter`` owns one path per packet tunnel and does
@@ -11,8 +11,8 @@ starts, replaces and stops devices as the control plane says (packet tunnels edi
 
 Where the device runs: in the router's process, on the router's own thread and event loop. Packets then
 never cross a pipe (each hop costs a copy and a wake-up per batch), and nothing else competes for that
-process's GIL — a second busy thread would stall the divert loop by the switch interval
-(pydivert-notes). Encryption (~1.1 µs per 1420-byte packet) is small next to the divert cost per packet.
+process's GIL — a second busy thread would stall the divert loop by the switch interval (ARCHITECTURE.md:
+pydivert costs). Encryption (~1.1 µs per 1420-byte packet) is small next to the divert cost per packet.
 """
 
 from __future__ import annotations
@@ -808,7 +808,7 @@ class RouterService:
             return  # the kernel data path never queues the devices' datagrams (their sockets' mark)
         try:
             network = self._open_handles(sorted(ports))[0]
-            # Two NETWORK handles of one priority misbehave (pydivert-notes): the new one takes the other
+            # Two NETWORK handles of one priority misbehave (ARCHITECTURE.md): the new one takes the other
             # of the two, as NetworkHandle.refresh does.
             old_priority = getattr(io.network, "priority", None)
             if isinstance(old_priority, int) and getattr(network, "priority", None) == old_priority:

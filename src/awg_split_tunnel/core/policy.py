@@ -14,7 +14,7 @@ RESERVED_TUNNEL_IDS = frozenset({DIRECT, DROP})
 
 
 class FallbackPolicy(enum.StrEnum):
-    """What happens to a rule's flows when its tunnel is not UP (DESIGN §2)."""
+    """What happens to a rule's flows when its tunnel is not UP (docs/DESIGN.md: Fallback policies)."""
 
     ALLOW_DIRECT = "allow_direct"
     BLOCK = "block"

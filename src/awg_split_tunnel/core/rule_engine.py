@@ -1,4 +1,4 @@
-"""RuleEngine: which tunnel and fallback policy a process's new flows get (DESIGN §2, §4).
+"""RuleEngine: which tunnel and fallback policy a process's new flows get (docs/DESIGN.md).
 
 Rules are tried in order and the first match wins, whatever the pattern kinds. Matching does not scan every
 rule: exact exe names are a hash lookup, directories a walk down a tree of path components, and only the
@@ -41,7 +41,7 @@ class Decision:
 
 
 def resolve(decision: Decision, tunnel_state: TunnelState | None) -> Action:
-    """Apply DESIGN §2's fallback table to a decision and its tunnel's current state.
+    """Apply the fallback table (docs/DESIGN.md) to a decision and its tunnel's current state.
 
     ``direct`` passes and ``drop`` drops whatever the policy; policy ``drop`` drops even when the tunnel
     is UP (the table's first column); otherwise an UP tunnel carries the flow, and a tunnel in any other

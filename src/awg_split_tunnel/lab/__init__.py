@@ -16,7 +16,7 @@ namespace, and it has no uplink. Typical use::
         with lab.capture(CLIENT, "eth0", "udp") as cap: ...         # then cap.count("dst host ...")
 
 Every lab host reaches the bridge through its ``eth0``; on the bridge side (ns inet) the veth carries
-the host's name. See ``lab.md`` in the project docs for the rules.
+the host's name. See ``docs/LAB.md`` for the rules.
 """
 
 from awg_split_tunnel.lab.apps import make_app, run_app, spawn_app

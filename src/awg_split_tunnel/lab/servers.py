@@ -495,9 +495,9 @@ def start_wireguard_go(
 
 
 def amneziawg_peer_bin() -> Path:
-    """Folder holding ``amneziawg-go`` and ``awg``, built by the shared ``peers/build.sh`` if needed.
+    """Folder holding ``amneziawg-go`` and ``awg``, built by the reference peer's ``build.sh`` if needed.
 
-    Looks at ``$AWG_PEERS_BUILD`` first, then ``<repository>/../shared/peers/build.sh``.
+    Looks at ``$AWG_PEERS_BUILD`` first, then the peer sources' build script beside the repository.
     """
     candidates = [os.environ.get("AWG_PEERS_BUILD", "")]
     repo = Path(__file__).resolve().parents[3]

@@ -2,8 +2,8 @@
 
 On Linux (eBPFDivert) packets are received into and sent from one preallocated buffer through
 libebpfdivert's ctypes functions with a reused address struct — no ``pydivert.Packet`` per packet
-(pydivert-notes: ~7 µs per packet this way against ~15 µs through ``Packet``). On Windows the same class
-goes through pydivert's own ``recv``/``send`` (WinDivert; slower, same semantics).
+(docs/ARCHITECTURE.md, pydivert costs: ~7 µs per packet this way against ~15 µs through ``Packet``). On
+Windows the same class goes through pydivert's own ``recv``/``send`` (WinDivert; slower, same semantics).
 
 Backend misbehaviour is handled here, each workaround in one named place with the script in
 ``scripts/repro/`` that shows it:
@@ -12,7 +12,7 @@ Backend misbehaviour is handled here, each workaround in one named place with th
 - ``NetworkHandle.send`` EMSGSIZE     — oversize (GRO) packets on loopback (``oversize_send.py``)
 - ``NetworkHandle.refresh``          — interfaces created after open are not covered (``new_interface.py``)
 - ``SocketEventHandle.flows``        — UDP ``sendto()`` has no SOCKET CONNECT (``udp_sendto_no_connect.py``)
-- ``PRIORITY_*``                      — two handles with one priority misbehave (pydivert-notes): each its own
+- ``PRIORITY_*``                     — two handles with one priority misbehave (ARCHITECTURE.md); each its own
 - injection uses the capture handle  — a SEND_ONLY handle was reported to drop INBOUND injections
   (``send_only_inbound.py``; not reproduced on kernel 6.18, kept because it costs nothing)
 
@@ -52,7 +52,7 @@ DivertAddress = WinDivertAddress
 MAX_PACKET = 65575
 """Largest packet a handle can return (WinDivert's and libebpfdivert's buffer size)."""
 
-# Every handle its own priority: two handles with the same non-zero priority misbehaved (pydivert-notes).
+# Every handle its own priority: two handles with the same non-zero priority misbehaved (ARCHITECTURE.md).
 # Lower numbers see packets first on Windows; the SOCKET handle observes only.
 PRIORITY_SOCKET = 1040
 PRIORITY_FLOW = 1039
@@ -194,7 +194,7 @@ class NetworkHandle(_DivertHandle):
         """Inject ``length`` bytes from ``c_buf`` as ``addr`` says; False (counted) when the backend refuses.
 
         Workaround: on loopback (MTU 65536, GRO) reinjecting a coalesced 7,292-byte packet failed with
-        EMSGSIZE (pydivert-notes; ``scripts/repro/oversize_send.py`` shows what loopback does here: most
+        EMSGSIZE (ARCHITECTURE.md; ``scripts/repro/oversize_send.py`` shows what loopback does here: most
         super-packets pass undiverted as ``too_big``). The router never diverts loopback; should a send
         still fail, the packet is lost and the sender retransmits, so it is counted, never raised.
         """

@@ -1,4 +1,4 @@
-"""Process patterns: how a rule's ``process`` names the executables it covers (DESIGN §4).
+"""Process patterns: how a rule's ``process`` names the executables it covers (docs/DESIGN.md).
 
 Five kinds, told apart by their text:
 
@@ -14,7 +14,7 @@ Platform semantics: on Windows matching is case-insensitive, ``\\`` and ``/`` ar
 ``firefox.exe`` are the same name, in name patterns, path globs and the exe paths matched against them.
 On POSIX matching is case-sensitive and only ``/`` separates.
 
-Decisions this module takes where DESIGN §4 is silent:
+Decisions this module takes where docs/DESIGN.md is silent:
 
 - A directory or glob pattern that is relative (``tools/``, ``bin/curl``) matches at any depth, as if it
   started with ``**/``; on Windows one without a drive (``\\Games\\``) matches on any drive. They compile

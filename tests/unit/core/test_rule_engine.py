@@ -1,4 +1,4 @@
-"""RuleEngine: first match wins across pattern kinds, the default for the rest, DESIGN §2's fallback table."""
+"""RuleEngine: first match wins across pattern kinds, the default for the rest, the fallback table."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ class TestCache:
 
 
 class TestResolve:
-    """DESIGN §2: the fallback table."""
+    """The fallback table (docs/DESIGN.md: Fallback policies)."""
 
     @pytest.mark.parametrize(
         ("policy", "state", "action"),

@@ -1,4 +1,4 @@
-"""Process patterns, kind by kind, on Windows-style and POSIX-style paths (DESIGN §4)."""
+"""Process patterns, kind by kind, on Windows-style and POSIX-style paths (docs/DESIGN.md)."""
 
 from __future__ import annotations
 

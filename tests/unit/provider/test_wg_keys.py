@@ -30,7 +30,7 @@ RFC7748_BOB = (
     "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb",
     "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f",
 )
-# awg-protocol.md §6.2: the deterministic handshake's static keys.
+# The deterministic handshake's static keys (docs/PROTOCOL.md: Test vectors).
 SPEC_INITIATOR = (
     "0002030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f60",
     "07a37cbc142093c8b755dc1b10e86cb426374ad16aa853ed0bdfc0b2b86d1c7c",

@@ -1,7 +1,7 @@
 """The HTTP CONNECT stream provider: the asyncio adapter around :mod:`.protocol`.
 
-An HTTP proxy carries TCP only; ``open_udp`` raises TunnelError (DESIGN §3: UDP of apps routed to an HTTP
-tunnel is dropped by default, browsers then fall back from QUIC to TCP).
+An HTTP proxy carries TCP only; ``open_udp`` raises TunnelError (docs/DESIGN.md: Stream tunnels: UDP of
+apps routed to an HTTP tunnel is dropped by default, browsers then fall back from QUIC to TCP).
 """
 
 from __future__ import annotations

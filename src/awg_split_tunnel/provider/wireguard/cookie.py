@@ -1,4 +1,4 @@
-"""mac1, mac2 and cookies (awg-protocol.md §1.5).
+"""mac1, mac2 and cookies (docs/PROTOCOL.md: Cookies).
 
 `CookieChecker` is the receiving side, one per device, keyed by our own static public key: it checks
 mac1/mac2 and makes cookie replies. `CookieGenerator` is the sending side, one per peer, keyed by the

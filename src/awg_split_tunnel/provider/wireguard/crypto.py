@@ -1,4 +1,4 @@
-"""WireGuard's primitives: HASH, MAC, HMAC, KDF1-3, AEAD, XAEAD and X25519 (awg-protocol.md §1.1)."""
+"""WireGuard's primitives: HASH, MAC, HMAC, KDF1-3, AEAD, XAEAD and X25519 (docs/PROTOCOL.md: Primitives)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The four WireGuard messages: layouts, pack and parse (awg-protocol.md §1.3).
+"""The four WireGuard messages: layouts, pack and parse (docs/PROTOCOL.md: Message layouts).
 
 The u32 at offset 0 is kept as the sender wrote it (`type_value`): with AmneziaWG it is a random value
 from a range, and mac1 covers it exactly as sent.

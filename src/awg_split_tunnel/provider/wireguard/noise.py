@@ -1,4 +1,4 @@
-"""Noise_IKpsk2 as WireGuard uses it: initiation and response, both sides (awg-protocol.md §1.4).
+"""Noise_IKpsk2 as WireGuard uses it: initiation and response, both sides (docs/PROTOCOL.md: Handshake).
 
 Pure functions over a per-peer `Handshake`; the caller supplies ephemeral keys, indices, the
 timestamp and the time, so a handshake is reproducible byte for byte. Messages come out without MACs

@@ -756,7 +756,7 @@ class WireGuardProtocol:
         keys = noise.derive_transport_keys(peer.handshake)
         self._install_keypair(peer, keys, now)
         self._handshake_complete(peer, now, events)
-        # The responder only trusts the new session once something arrives on it (awg-protocol.md §1.4).
+        # The responder only trusts the new session once something arrives on it (PROTOCOL.md: Handshake).
         self._send_keepalive(peer, now)
         return events
 

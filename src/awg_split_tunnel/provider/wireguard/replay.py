@@ -1,4 +1,4 @@
-"""Anti-replay window, sized and behaving as wireguard-go's (RFC 6479 ring; awg-protocol.md §1.7)."""
+"""Anti-replay window, sized and behaving as wireguard-go's (RFC 6479 ring; PROTOCOL.md: Replay window)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Transport sessions: a `Keypair` seals and opens transport messages; `Keypairs` holds a peer's
-previous, current and next keypair and rotates them as wireguard-go does (awg-protocol.md §1.4, §1.7)."""
+previous, current and next keypair and rotates them as wireguard-go does (docs/PROTOCOL.md: Keypairs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TAI64N timestamps as WireGuard sends them: nanoseconds whitened to 2^24 ns (awg-protocol.md §1.6)."""
+"""TAI64N timestamps as WireGuard sends them: nanoseconds whitened to 2^24 ns (docs/PROTOCOL.md: TAI64N)."""
 
 from __future__ import annotations
 

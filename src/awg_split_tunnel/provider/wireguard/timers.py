@@ -1,4 +1,4 @@
-"""Timer values and per-peer timer deadlines (awg-protocol.md §1.8, §4b.5).
+"""Timer values and per-peer timer deadlines (docs/PROTOCOL.md: Timers, Timer ranges).
 
 Every value is a `Range` picked again at each use (AmneziaWG 3.x); the defaults are WireGuard's fixed
 values, so with them every pick is the WireGuard constant.

@@ -1,5 +1,5 @@
-"""AmneziaEnvelope on the wire, generation by generation, as the protocol notes' tables and vectors say
-(§2 1.0, §3 1.5, §4 2.0, §4b 3.x, §6.3 sizes, §6.4 header protection, §4b.8 observed runs)."""
+"""AmneziaEnvelope on the wire, generation by generation, as docs/PROTOCOL.md describes it (the AmneziaWG
+sections, and Test vectors: envelope sizes, header protection, runs against the reference peer)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SIZES = {
 }
 KEY = bytes(range(0x80, 0xA0))
 
-# §6.2: the deterministic initiation (type 1, mac2 zero) and the initiator's first keepalive.
+# Test vectors: the deterministic initiation (type 1, mac2 zero) and the initiator's first keepalive.
 INITIATION = bytes.fromhex(
     "010000004433221164b101b1d0be5a8704bd078f9895001fc03e8e9f9522f188dd128d9846d48466158a0e4ca242d151"
     "ca97ab90159a98b67e616625e68b4065d357376b6598e644ad7d678c0295d22de4cb43d5135581ed36346bfa7cf42a12"
@@ -53,7 +53,7 @@ RUN_D = {
     "h4": "400-499",
     "i1": "<b 0xc0ffee><r 5><t>",
 }
-# §4b.8 runs A-C: S 20/30/25/16, H 100000-100999 …, Jc 2, Jmin 40, Jmax 50, the same I1, a 32-byte key.
+# Runs A-C: S 20/30/25/16, H 100000-100999 …, Jc 2, Jmin 40, Jmax 50, the same I1, a 32-byte key.
 RUNS_ABC = {
     "jc": 2,
     "jmin": 40,
@@ -169,7 +169,7 @@ def test_1_5_sends_defined_i_packets_in_order_then_junk() -> None:
     assert int.from_bytes(second[0][1:], "big") == 5
 
 
-# -- 2.0 (§6.3, §4b.8 run D) ------------------------------------------------------------------------------
+# -- 2.0 (envelope sizes, run D) --------------------------------------------------------------------------
 
 
 def test_run_d_sizes_on_the_wire() -> None:
@@ -264,7 +264,7 @@ def test_a_longer_initiation_is_accepted_only_with_our_own_trailers_on() -> None
 
 
 def test_a_transport_datagram_sized_like_a_handshake_is_taken_for_one_as_go_does() -> None:
-    # §4.4: classification order is initiation first, so a transport whose word at S1 falls in H1 is lost.
+    # Classification: the order is initiation first, so a transport whose word at S1 falls in H1 is lost.
     envelope = make(CLASSIFIER)
     confusing = _datagram(163, {15: bytes.fromhex("40e20100"), 25: bytes.fromhex("597e0000")})
     result = envelope.unwrap(confusing)
@@ -286,7 +286,7 @@ def test_keepalives_are_empty_or_start_with_a_zero_byte() -> None:
     assert not envelope.is_keepalive(b"\x45" + bytes(19))
 
 
-# -- 3.x: header protection (§4b.3, §6.4) ---------------------------------------------------------------
+# -- 3.x: header protection and its vectors -------------------------------------------------------------
 
 
 def _fixed(*chunks: bytes) -> Callable[[int], bytes]:
@@ -392,7 +392,7 @@ def test_masked_type_words_leave_every_h_range() -> None:
         assert not any(u32(datagram, 16) in r for r in ranges)
 
 
-# -- 3.x: trailers and content padding (§4b.4, §4b.8 runs A and B) ------------------------------------------
+# -- 3.x: trailers and content padding (runs A and B) -------------------------------------------------------
 
 
 def test_run_a_content_padding_and_trailers() -> None:

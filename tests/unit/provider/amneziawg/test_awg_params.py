@@ -1,5 +1,5 @@
 """AmneziaWG parameter sets: reading UAPI/.conf values and the validation a user sees
-(protocol notes §2.4, §4.7, §4b.6)."""
+(docs/PROTOCOL.md: AmneziaWG 1.0, Parameter validation, 3.x quirks)."""
 
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ def test_transport_messages_survive_the_trip(params: AmneziaParams, seed: int, i
     assert len(datagram) == params.s4 + len(message)
     result = receiver.unwrap(datagram)
     if result is not None and result[0] is not MessageType.TRANSPORT:
-        # §4.4: a transport datagram of a handshake's size whose word at S_i falls in H_i is taken for
-        # that handshake, as amneziawg-go does; with random bytes that needs |H| / 2^32 luck.
+        # Classification: a transport datagram of a handshake's size whose word at S_i falls in H_i is taken
+        # for that handshake, as amneziawg-go does; with random bytes that needs |H| / 2^32 luck.
         raise AssertionError(f"transport misread as {result[0].name}")
     assert result == (MessageType.TRANSPORT, message)
 

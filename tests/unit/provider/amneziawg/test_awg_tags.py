@@ -1,5 +1,5 @@
 """I1–I5 templates: the grammar amneziawg-go 2.0+/3.x accepts and the packets it produces
-(protocol notes §4.6, §6.3)."""
+(docs/PROTOCOL.md: I-packet templates, Test vectors)."""
 
 from __future__ import annotations
 

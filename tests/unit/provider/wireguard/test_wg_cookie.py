@@ -1,4 +1,4 @@
-"""mac1/mac2 and cookie replies (awg-protocol.md §1.5, §6.2)."""
+"""mac1/mac2 and cookie replies (docs/PROTOCOL.md: Cookies, Test vectors)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known answers for every WireGuard primitive (awg-protocol.md §1.1, §6.1)."""
+"""Known answers for every WireGuard primitive (docs/PROTOCOL.md: Primitives, Test vectors)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Message layouts round-trip, and wrongly sized input is refused (awg-protocol.md §1.3)."""
+"""Message layouts round-trip, and wrongly sized input is refused (docs/PROTOCOL.md: Message layouts)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The deterministic handshake of awg-protocol.md §6.2, reproduced byte for byte."""
+"""The deterministic handshake of docs/PROTOCOL.md (Test vectors), reproduced byte for byte."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TAI64N as WireGuard whitens it (awg-protocol.md §1.6)."""
+"""TAI64N as WireGuard whitens it (docs/PROTOCOL.md: TAI64N)."""
 
 from __future__ import annotations
 
