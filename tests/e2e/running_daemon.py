@@ -70,7 +70,7 @@ try:
         print("answered", data.partition(b"\\r\\n\\r\\n")[2].split()[0].decode(), flush=True)
     else:
         print("timeout", flush=True)
-except ConnectionResetError:
+except (ConnectionResetError, ConnectionAbortedError):
     print("reset", flush=True)
 """
 

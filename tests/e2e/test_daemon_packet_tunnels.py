@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from polling import wait_for
+from running_daemon import OPEN_REQUEST, read_line
 from test_awg_interop import PARAMETER_SETS
 
 from awg_split_tunnel.lab import (
@@ -526,7 +527,22 @@ def test_tunnel_down_by_hand_stops_a_wireguard_tunnel_and_up_brings_it_back(daem
 
     lab = daemon.lab
     assert lab.app(APP_WG_BLOCK).seen_ip == TUNNEL_CLIENT_IP
-    answer = request("tunnel", path=daemon.control, action="down", id="wg")
+    waiting = lab.spawn(
+        CLIENT,
+        [lab.apps[APP_WG_BLOCK], "-c", OPEN_REQUEST, WEB_IP],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert read_line(waiting, 5.0) == "connected"
+        answer = request("tunnel", path=daemon.control, action="down", id="wg")
+        taken_down = time.monotonic()
+        # A connection that only waits for data learns at once that its tunnel is gone.
+        assert read_line(waiting, 3.0) in ("reset", "closed"), "the block app's open connection ended"
+        assert time.monotonic() - taken_down < 2.0
+    finally:
+        waiting.kill()
     assert answer["state"] == "down"
     try:
         web = f"dst host {WEB_IP} and src host {CLIENT_IP}"

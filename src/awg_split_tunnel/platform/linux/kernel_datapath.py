@@ -66,6 +66,7 @@ from awg_split_tunnel.platform.linux.kernel_rules import (
     removal_text,
 )
 from awg_split_tunnel.platform.linux.nftables import Nftables, NftablesError
+from awg_split_tunnel.platform.linux.sockets import destroy_tcp
 
 log = logging.getLogger("awg_split_tunnel.router")
 
@@ -584,8 +585,16 @@ class KernelIO:
         if state is TunnelState.DOWN and flow_class is not None:
             # The kernel would keep sending these flows into the TUN (where the device drops them): the
             # next packet of each is decided again — reset for `block`/`drop`, and TCP anyway (its source
-            # address was the tunnel's), a UDP flow of `allow_direct` goes direct.
+            # address was the tunnel's), a UDP flow of `allow_direct` goes direct. TCP connections the
+            # router now holds reset are ended at once, not at the app's next send.
             self.conntrack.forget_marked(mark_value(flow_class), MARK_MASK)
+            ended = [
+                (e.app_addr, e.app_port, e.orig_dst_addr, e.orig_dst_port)
+                for e in self.router.table.for_tunnel(tunnel_id)
+                if e.proto == IPPROTO_TCP and e.verdict is FlowVerdict.RESET
+            ]
+            if ended and self._loop is not None:
+                self._loop.run_in_executor(None, destroy_tcp, ended)
         elif state is TunnelState.UP:
             # Flows blocked while it was down (UDP keeps its ct mark for a while) are decided again.
             self.conntrack.forget_marked(mark_value(BLOCK), MARK_MASK)
