@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,11 +213,17 @@ class ExeResolver:
     def exe(self, pid: int) -> str | None:
         """The exe path of ``pid``, or None if the process is gone or cannot be inspected."""
         try:
-            proc = psutil.Process(pid)
-            key = (pid, proc.create_time())
+            started = _start_ticks(pid)
+            proc = None
+            if started is None:
+                proc = psutil.Process(pid)
+                key = (pid, proc.create_time())
+            else:
+                key = (pid, float(started))
             path = self._cache.get(key)
             if path is None:
                 self.misses += 1
+                proc = proc or psutil.Process(pid)
                 path = proc.exe() or proc.name()
                 if len(self._cache) > 16384:
                     self._cache.clear()
@@ -224,6 +231,18 @@ class ExeResolver:
             return path
         except (psutil.Error, OSError):
             return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Linux: the process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), read
+    directly — a new flow's first packet waits for this lookup, and psutil builds a whole ``Process`` for
+    it (~4x the time). None elsewhere (then psutil's create time); OSError if the process is gone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    return int(stat[stat.rindex(b")") + 2 :].split(maxsplit=20)[19])
 
 
 def os_lookup_pid(

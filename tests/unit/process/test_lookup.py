@@ -7,6 +7,9 @@ import socket
 import subprocess
 import sys
 
+import psutil
+import pytest
+
 from awg_split_tunnel.process.lookup import (
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -151,3 +154,24 @@ def test_os_lookup_finds_connected_tcp_and_bound_udp_sockets() -> None:
         client.close()
         listener.close()
         udp.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_process_start_time_is_read_right_whatever_its_name() -> None:
+    # The command name may hold spaces and parentheses; the start time must still be field 22.
+    from awg_split_tunnel.process.lookup import _start_ticks
+
+    code = (
+        "import time; open('/proc/self/comm', 'w').write('a) b (c'); print('ok', flush=True); time.sleep(5)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ok"
+        ticks = _start_ticks(child.pid)
+        assert ticks is not None
+        created = psutil.Process(child.pid).create_time()
+        assert abs(ticks / os.sysconf("SC_CLK_TCK") + psutil.boot_time() - created) < 0.05
+        assert ExeResolver().exe(child.pid) == psutil.Process(child.pid).exe()
+    finally:
+        child.kill()
+        child.wait()
