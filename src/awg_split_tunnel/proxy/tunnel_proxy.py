@@ -37,6 +37,7 @@ from awg_split_tunnel.provider.interface import (
     format_address,
     normalize_ip,
 )
+from awg_split_tunnel.proxy.splice_relay import SPLICE_AVAILABLE, SplicePump, duplicate, take_buffered
 
 log = logging.getLogger("awg_split_tunnel.proxy")
 
@@ -158,9 +159,12 @@ class TunnelProxy:
         on_flow_failed: FlowFailed | None = None,
         udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
         redirected: bool = False,
+        splice: bool = True,
     ) -> None:
         self.tunnel_id = tunnel_id
         self.redirected = redirected
+        self.splice = splice
+        """Relay TCP with ``os.splice`` where the OS has it (else through asyncio streams)."""
         self.provider = provider
         self.counters = TunnelCounters()
         self._nat_lookup = nat_lookup
@@ -361,6 +365,9 @@ class TunnelProxy:
         for writer in (app_writer, up_writer):
             writer.transport.set_write_buffer_limits(high=RELAY_CHUNK)
         loop = asyncio.get_running_loop()
+        if self.splice and SPLICE_AVAILABLE and _plain_socket(app_writer) and _plain_socket(up_writer):
+            await self._relay_spliced(flow, app_reader, app_writer, up_reader, up_writer)
+            return
         up = loop.create_task(self._pump(flow, app_reader, up_writer, upstream=True))
         down = loop.create_task(self._pump(flow, up_reader, app_writer, upstream=False))
         flow._tasks = [up, down]
@@ -388,6 +395,82 @@ class TunnelProxy:
             # A peer that stopped reading keeps our last bytes unsent; do not hold the flow for it.
             abort_stream(app_writer, reset=True)
             abort_stream(up_writer)
+
+    async def _relay_spliced(
+        self,
+        flow: TcpFlow,
+        app_reader: asyncio.StreamReader,
+        app_writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        """Both directions by ``os.splice`` (proxy/splice_relay.py) once what the streams buffered is out."""
+        loop = asyncio.get_running_loop()
+        pumps: list[SplicePump] = []
+        sockets: list[socket.socket] = []
+        try:
+            ends = []
+            for reader, writer, upstream in ((app_reader, up_writer, True), (up_reader, app_writer, False)):
+                source = app_writer if upstream else up_writer
+                early = await take_buffered(reader, source.transport)  # type: ignore[arg-type]
+                if early:
+                    self._count(flow, len(early), upstream=upstream)
+                    writer.write(early)
+                ends.append(reader.at_eof())
+            for writer in (app_writer, up_writer):
+                # Spliced bytes go straight to the socket: what the stream still buffers must be out first.
+                writer.transport.set_write_buffer_limits(high=0)
+                await writer.drain()
+            app_sock, up_sock = duplicate(app_writer), duplicate(up_writer)
+            sockets = [s for s in (app_sock, up_sock) if s is not None]
+            assert app_sock is not None and up_sock is not None
+            for (src, dst, upstream), ended in zip(
+                ((app_sock, up_sock, True), (up_sock, app_sock, False)), ends, strict=True
+            ):
+                if ended:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    continue
+                pump = SplicePump(
+                    loop,
+                    src,
+                    dst,
+                    lambda n, up=upstream: self._count(flow, n, upstream=up),  # type: ignore[misc]
+                )
+                pumps.append(pump)
+                pump.start()
+            waiting = loop.create_task(_all_done([p.done for p in pumps]))
+            flow._tasks = [waiting]
+            await waiting
+            failed = [p.done.exception() for p in pumps if not p.done.cancelled() and p.done.exception()]
+            if failed:
+                log.debug(
+                    "[Proxy] %s: flow to %s reset: %s", self.tunnel_id, format_address(*flow.dst), failed
+                )
+                self._reset_flow(flow)
+                return
+        except asyncio.CancelledError:
+            self._reset_flow(flow)
+            raise
+        except OSError as exc:
+            log.debug("[Proxy] %s: flow to %s reset: %s", self.tunnel_id, format_address(*flow.dst), exc)
+            self._reset_flow(flow)
+            return
+        finally:
+            for pump in pumps:
+                pump.close()
+            for sock in sockets:
+                sock.close()
+        for writer in (app_writer, up_writer):
+            writer.transport.abort()  # both sides were shut down for writing and read to EOF
+
+    def _count(self, flow: TcpFlow, n: int, *, upstream: bool) -> None:
+        if upstream:
+            flow.bytes_up += n
+            self.counters.bytes_up += n
+        else:
+            flow.bytes_down += n
+            self.counters.bytes_down += n
 
     async def _pump(
         self,
@@ -595,6 +678,20 @@ class _UdpRelayProtocol(asyncio.DatagramProtocol):
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
+
+
+async def _all_done(futures: list[asyncio.Future[None]]) -> None:
+    """Until every pump ended, or one failed (the flow is then reset)."""
+    if futures:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+
+
+def _plain_socket(writer: asyncio.StreamWriter) -> bool:
+    """Whether the stream is a bare TCP socket (no TLS or other layer in between) that splice can take."""
+    sock = writer.get_extra_info("socket")
+    return (
+        sock is not None and writer.get_extra_info("sslcontext") is None and sock.type == socket.SOCK_STREAM
+    )
 
 
 def make_transparent(sock: Any) -> None:

@@ -48,13 +48,16 @@ async def app_connect(
     return await asyncio.open_connection(sock=sock)
 
 
-def on_proxy(body: Callable[[TunnelProxy, FakeNat], Awaitable[None]]) -> Callable[[], None]:
-    """Run ``body`` in a fresh event loop with a started proxy (direct provider) and an empty NAT table."""
+def on_proxy(body: Callable[[TunnelProxy, FakeNat], Awaitable[None]]) -> Callable[[bool], None]:
+    """Run ``body`` in a fresh event loop with a started proxy (direct provider) and an empty NAT table,
+    once relaying TCP with splice (where the OS has it) and once through asyncio streams."""
 
-    def test() -> None:
+    @pytest.mark.parametrize("splice", [True, False], ids=["splice", "streams"])
+    def test(splice: bool) -> None:
         async def main() -> None:
             nat = FakeNat()
-            proxy = TunnelProxy("office", DirectProvider(connect_timeout=2), nat, "127.0.0.1")
+            provider = DirectProvider(connect_timeout=2)
+            proxy = TunnelProxy("office", provider, nat, "127.0.0.1", splice=splice)
             await proxy.start()
             try:
                 await body(proxy, nat)
@@ -63,6 +66,7 @@ def on_proxy(body: Callable[[TunnelProxy, FakeNat], Awaitable[None]]) -> Callabl
 
         asyncio.run(main())
 
+    test.__name__ = body.__name__
     return test
 
 
@@ -96,6 +100,32 @@ async def test_flow_reaches_the_original_destination_and_is_counted(proxy: Tunne
     assert nat.lookups[0][0] == "tcp" and nat.lookups[0][1] == "127.0.0.1"
     assert proxy.counters.tcp_flows == 1
     assert (proxy.counters.bytes_up, proxy.counters.bytes_down) == (24, 24)
+
+
+@on_proxy
+async def test_megabytes_both_ways_arrive_whole_and_in_order(proxy: TunnelProxy, nat: FakeNat) -> None:
+    import hashlib
+    import os
+
+    payload = os.urandom(6 << 20)
+
+    async def sink_then_send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = await reader.read()  # the app's whole upload, then its EOF
+        writer.write(hashlib.sha256(got).digest() + payload)
+        await writer.drain()
+        writer.close()
+
+    srv, dst = await server(sink_then_send)
+    async with srv:
+        reader, writer = await app_connect(proxy, nat, dst)
+        writer.write(payload)  # sent at once: part of it waits in the proxy's buffers before the relay
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 20)
+        assert answer[:32] == hashlib.sha256(payload).digest(), "the upload arrived whole"
+        assert answer[32:] == payload, "the download arrived whole"
+        writer.close()
+        await _until(lambda: not proxy.tcp_flows)
+    assert (proxy.counters.bytes_up, proxy.counters.bytes_down) == (len(payload), 32 + len(payload))
 
 
 @on_proxy
