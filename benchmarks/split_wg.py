@@ -121,7 +121,8 @@ def serve(conf_text: str, tunnel: str, dataplane: str) -> None:
     sys.stdin.read()
     snapshot = process.snapshot()
     process.stop()
-    print(json.dumps(snapshot[0] if snapshot else {}, default=str), flush=True)
+    stats, _flows = snapshot if snapshot is not None else ({}, [])
+    print(json.dumps(stats, default=str), flush=True)
 
 
 def _tunnel_settings(tunnel: str, conf_text: str) -> Any:

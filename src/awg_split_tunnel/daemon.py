@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,6 +43,7 @@ from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateCha
 from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings, TunnelRoute
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
+from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
@@ -607,32 +608,19 @@ class Daemon:
         if router is not None:
             snapshot = await asyncio.to_thread(router.snapshot)
             if snapshot is not None:
-                stats = snapshot[0]
-                _merge_packet_tunnel_stats(tunnels, stats.get("packet_tunnels") or {}, snapshot[1])
+                stats, flows = snapshot
+                _merge_packet_tunnel_stats(tunnels, stats.get("packet_tunnels") or {}, flows)
                 router_stats = {k: v for k, v in stats.items() if isinstance(v, int) and v}
-                router_stats["flows"] = len(snapshot[1])
+                router_stats["flows"] = len(flows)
         return {"tunnels": tunnels, "router": router_stats}
 
     async def _api_connections(self, request: Mapping[str, Any]) -> dict[str, Any]:
         router = self._router
         snapshot = None if router is None else await asyncio.to_thread(router.snapshot)
-        flows = []
-        for row in snapshot[1] if snapshot else []:
-            proto, app_ip, app_port, dst_ip, dst_port, verdict, tunnel, pid, exe, out, inn = row
-            flows.append(
-                {
-                    "proto": "tcp" if proto == 6 else "udp" if proto == 17 else str(proto),
-                    "pid": pid,
-                    "exe": exe,
-                    "src": _address(app_ip, app_port),
-                    "dst": _address(dst_ip, dst_port),
-                    "route": str(verdict).lower(),
-                    "tunnel": tunnel,
-                    "out": out,
-                    "in": inn,
-                }
-            )
-        return {"flows": flows}
+        if snapshot is None:
+            return {"flows": []}
+        _, flows = snapshot
+        return {"flows": [_connection(row) for row in flows]}
 
     async def _api_tunnel(self, request: Mapping[str, Any]) -> dict[str, Any]:
         tunnel_id, action = str(request.get("id", "")), request.get("action")
@@ -725,8 +713,24 @@ class Daemon:
             sys.stdout.flush()
 
 
+def _connection(row: FlowRow) -> dict[str, Any]:
+    """One flow of the router's ``Snapshot`` as ``connections`` shows it."""
+    proto = row.proto
+    return {
+        "proto": "tcp" if proto == 6 else "udp" if proto == 17 else str(proto),
+        "pid": row.pid,
+        "exe": row.exe,
+        "src": _address(row.app_ip, row.app_port),
+        "dst": _address(row.dst_ip, row.dst_port),
+        "route": str(row.verdict).lower(),
+        "tunnel": row.tunnel,
+        "out": row.packets_out,
+        "in": row.packets_in,
+    }
+
+
 def _merge_packet_tunnel_stats(
-    rows: list[dict[str, Any]], packet_stats: Mapping[str, Any], flows: list[tuple[Any, ...]]
+    rows: list[dict[str, Any]], packet_stats: Mapping[str, Any], flows: Sequence[FlowRow]
 ) -> None:
     """Fill the status rows of packet tunnels from the router process (their devices live there)."""
     for row in rows:
@@ -735,7 +739,7 @@ def _merge_packet_tunnel_stats(
             continue
         row["rx_bytes"] = stats.get("rx_bytes", 0)
         row["tx_bytes"] = stats.get("tx_bytes", 0)
-        row["flows"] = sum(1 for flow in flows if flow[6] == row["id"])
+        row["flows"] = sum(1 for flow in flows if flow.tunnel == row["id"])
         if stats.get("handshake_age") is not None:
             row["handshake_age"] = stats["handshake_age"]
 

@@ -115,7 +115,9 @@ def serve(config: dict[str, object]) -> None:
         if isinstance(router, RouterProcess):
             snapshot = router.snapshot()
             router.stop()
-            stats, flows, error = snapshot[0] if snapshot else None, snapshot[1] if snapshot else [], None
+            stats, rows = snapshot if snapshot else (None, [])
+            flows = [(f.proto, f.app_port, f.dst_ip, f.verdict) for f in rows]
+            error = None
         else:
             assert loop is not None
             loop.stop()

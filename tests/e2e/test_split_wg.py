@@ -155,7 +155,7 @@ def serve(config: dict[str, Any]) -> None:
         def report() -> dict[str, Any]:
             snapshot = process.snapshot()
             assert snapshot is not None
-            stats = snapshot[0]
+            stats, _ = snapshot
             return {"state": str(states["wg"]), "router": stats, "tunnels": stats.pop("packet_tunnels")}
 
         await commands(report)

@@ -38,6 +38,23 @@ from typing import Any, Protocol
 
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute
 from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
+from awg_split_tunnel.core.router_messages import (
+    ChangeDevices,
+    DeviceStateChanged,
+    FlowForgotten,
+    FlowRow,
+    FlowTunnelled,
+    FromRouter,
+    Ready,
+    SetRoutes,
+    SetRules,
+    SetTunnelState,
+    Snapshot,
+    SnapshotRequest,
+    StartFailed,
+    Stop,
+    ToRouter,
+)
 from awg_split_tunnel.core.rule_engine import Decision, Rule, RuleEngine, resolve
 from awg_split_tunnel.net.nat import (
     FIN_FROM_APP,
@@ -915,21 +932,20 @@ class PacketRouter:
             self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
 
 
-def flow_row(e: NatEntry) -> tuple[Any, ...]:
-    """One flow for ``connections``: proto, app ip, app port, dst ip, dst port, verdict, tunnel, pid, exe,
-    packets out, packets in."""
-    return (
-        e.proto,
-        e.app_ip,
-        e.app_port,
-        e.orig_dst_ip,
-        e.orig_dst_port,
-        e.verdict.name,
-        e.tunnel_id,
-        e.pid,
-        e.exe,
-        e.packets_out,
-        e.packets_in,
+def flow_row(e: NatEntry) -> FlowRow:
+    """One flow for ``status`` and ``connections`` (a ``Snapshot``'s rows)."""
+    return FlowRow(
+        proto=e.proto,
+        app_ip=e.app_ip,
+        app_port=e.app_port,
+        dst_ip=e.orig_dst_ip,
+        dst_port=e.orig_dst_port,
+        verdict=e.verdict.name,
+        tunnel=e.tunnel_id,
+        pid=e.pid,
+        exe=e.exe,
+        packets_out=e.packets_out,
+        packets_in=e.packets_in,
     )
 
 
@@ -1028,8 +1044,8 @@ class RouterLoop:
     ``stop()`` ends it and closes the handles, after which traffic flows undiverted. ``run()`` does the
     same on the calling thread until ``request_stop()`` (``RouterProcess`` uses it). ``accept_pid``
     filters connect events to this network namespace (``process.lookup.NamespaceFilter``). ``control``
-    is an optional ``multiprocessing`` connection whose messages go to ``on_control`` on the loop's
-    thread.
+    is an optional ``multiprocessing`` connection whose messages (``router_messages.ToRouter``) go to
+    ``on_control`` on the loop's thread.
     """
 
     def __init__(
@@ -1255,9 +1271,12 @@ class RouterProcess:
     """The divert loop in its own process (docs/DESIGN.md): a busy control plane cannot stall packets.
 
     The child owns the handles, the PacketRouter and its tables; the control plane talks to it over one
-    pipe: rule/state/tunnel changes go down; every tunnelled flow's NAT entry comes up *before* its first
-    packet is reinjected, so ``nat_lookup`` (called by the proxies when they accept) finds it — on a miss it
-    drains the pipe itself before answering. A reader thread keeps the pipe drained otherwise.
+    pipe (``core.router_messages``): rule/state/tunnel/device changes go down (``ToRouter``); every
+    tunnelled flow's NAT entry comes up (``FlowTunnelled``) *before* its first packet is reinjected, so
+    ``nat_lookup`` (called by the proxies when they accept) finds it — on a miss it drains the pipe itself
+    before answering. A reader thread keeps the pipe drained otherwise and applies the other messages
+    coming up (``FlowForgotten``, ``Snapshot``, ``DeviceStateChanged``). The child's first message is
+    ``Ready``, or ``StartFailed`` with the reason.
     """
 
     def __init__(
@@ -1271,7 +1290,7 @@ class RouterProcess:
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._nat: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
-        self._snapshot: tuple[dict[str, Any], list[tuple[Any, ...]]] | None = None
+        self._snapshot: Snapshot | None = None
         self._snapshot_ready = threading.Event()
         self._stopping = False
         self.on_tunnel_state: Callable[[str, TunnelState, str], None] | None = None
@@ -1319,10 +1338,16 @@ class RouterProcess:
         if not self._conn.poll(timeout):
             self._kill()
             raise RuntimeError(f"the packet router process did not start within {timeout:.0f}s")
-        first = self._conn.recv()
-        if first[0] != "ready":
-            self._kill()
-            raise RuntimeError(f"the packet router process failed: {first[1]}")
+        first: FromRouter = self._conn.recv()
+        match first:
+            case Ready():
+                pass
+            case StartFailed(reason=reason):
+                self._kill()
+                raise RuntimeError(f"the packet router process failed: {reason}")
+            case _:
+                self._kill()
+                raise RuntimeError(f"the packet router process failed: {first!r} before it was ready")
         self._reader = threading.Thread(target=self._read, name="packet-router-pipe", daemon=True)
         self._reader.start()
 
@@ -1331,7 +1356,7 @@ class RouterProcess:
             return
         self._stopping = True
         with contextlib.suppress(OSError):
-            self._conn.send(("stop",))
+            self._conn.send(Stop())
         self._process.join(timeout)
         self._kill()
 
@@ -1346,15 +1371,15 @@ class RouterProcess:
     # -- control plane side --------------------------------------------------------------------------------
 
     def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
-        self._send(("state", tunnel_id, state))
+        self._send(SetTunnelState(tunnel_id, state))
 
     def set_tunnels(self, tunnels: Mapping[str, AnyTunnelRoute]) -> None:
-        self._send(("tunnels", dict(tunnels)))
+        self._send(SetRoutes(dict(tunnels)))
 
     def set_rules(
         self, rules: Iterable[Rule], default: str, default_fallback: FallbackPolicy | None = None
     ) -> None:
-        self._send(("rules", tuple(rules), default, default_fallback or self.settings.default_fallback))
+        self._send(SetRules(tuple(rules), default, default_fallback or self.settings.default_fallback))
 
     def change_devices(
         self,
@@ -1366,7 +1391,7 @@ class RouterProcess:
         flows are reset as for a tunnel going DOWN), start those of ``started`` (a running one of the same
         id is replaced), then route by ``tunnels`` (every tunnel's route, as ``set_tunnels`` takes them).
         The new devices' states come back through ``on_tunnel_state``."""
-        self._send(("devices", dict(tunnels), dict(started), tuple(stopped)))
+        self._send(ChangeDevices(dict(tunnels), dict(started), tuple(stopped)))
 
     def nat_lookup(
         self, proto: int | str, peer_ip: str, peer_port: int, dst: tuple[str, int] | None = None
@@ -1384,13 +1409,15 @@ class RouterProcess:
             entry = table.get(key)
         return entry
 
-    def snapshot(self, timeout: float = 2.0) -> tuple[dict[str, Any], list[tuple[Any, ...]]] | None:
-        """(router stats, flows as tuples) from the router process, or None if it did not answer."""
+    def snapshot(self, timeout: float = 2.0) -> tuple[dict[str, Any], list[FlowRow]] | None:
+        """(router stats, flows) from the router process (its ``Snapshot``), or None if it did not answer."""
         self._snapshot_ready.clear()
-        self._send(("snapshot",))
-        return self._snapshot if self._snapshot_ready.wait(timeout) else None
+        self._send(SnapshotRequest())
+        if not self._snapshot_ready.wait(timeout) or self._snapshot is None:
+            return None
+        return self._snapshot.stats, list(self._snapshot.flows)
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: ToRouter) -> None:
         if self._conn is None:
             raise RuntimeError("the packet router process is not running")
         self._conn.send(message)
@@ -1427,43 +1454,52 @@ class RouterProcess:
                 return False
         return True
 
-    def _apply(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "nat":
-            _, proto, key, dst_addr, dst_port, pid, exe, app_addr, app_port, tunnel_id, fail_closed = message
-            self._nat[0 if proto == IPPROTO_TCP else 1][key] = NatEntry(
-                proto,
-                app_addr,
-                app_port,
-                dst_addr,
-                dst_port,
-                FlowVerdict.TUNNEL,
-                tunnel_id,
-                pid=pid,
-                exe=exe,
-                fail_closed=fail_closed,
-            )
-        elif kind == "gone":
-            _, proto, key = message
-            self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
-        elif kind == "snapshot":
-            self._snapshot = (message[1], message[2])
-            self._snapshot_ready.set()
-        elif kind == "tunnel_state" and self.on_tunnel_state is not None:
-            self.on_tunnel_state(message[1], message[2], message[3])
+    def _apply(self, message: FromRouter) -> None:
+        match message:
+            case FlowTunnelled():
+                self._nat[0 if message.proto == IPPROTO_TCP else 1][message.key] = NatEntry(
+                    message.proto,
+                    message.app_addr,
+                    message.app_port,
+                    message.dst_addr,
+                    message.dst_port,
+                    FlowVerdict.TUNNEL,
+                    message.tunnel_id,
+                    pid=message.pid,
+                    exe=message.exe,
+                    fail_closed=message.fail_closed,
+                )
+            case FlowForgotten(proto=proto, key=key):
+                self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
+            case Snapshot():
+                self._snapshot = message
+                self._snapshot_ready.set()
+            case DeviceStateChanged(tunnel_id=tunnel_id, state=state, reason=reason):
+                if self.on_tunnel_state is not None:
+                    self.on_tunnel_state(tunnel_id, state, reason)
 
 
-def nat_announcement(entry: NatEntry, key: bytes | None = None) -> tuple[Any, ...]:
+def nat_announcement(entry: NatEntry, key: bytes | None = None) -> FlowTunnelled:
     """The router process's message for a new tunnelled flow (``RouterProcess`` mirrors it). ``key`` is how
     the proxy sees the flow's peer: the hairpin's ``peer_key`` (divert), the app's own address and port
     (kernel: a redirected connection keeps its source)."""
-    dst = (entry.orig_dst_addr, entry.orig_dst_port)
-    owner = (entry.pid, entry.exe, entry.app_addr, entry.app_port, entry.tunnel_id, entry.fail_closed)
-    return ("nat", entry.proto, entry.peer_key if key is None else key, *dst, *owner)
+    return FlowTunnelled(
+        proto=entry.proto,
+        key=entry.peer_key if key is None else key,
+        dst_addr=entry.orig_dst_addr,
+        dst_port=entry.orig_dst_port,
+        app_addr=entry.app_addr,
+        app_port=entry.app_port,
+        tunnel_id=entry.tunnel_id,
+        pid=entry.pid,
+        exe=entry.exe,
+        fail_closed=entry.fail_closed,
+    )
 
 
-def nat_withdrawal(entry: NatEntry, key: bytes | None = None) -> tuple[Any, ...]:
-    return ("gone", entry.proto, entry.peer_key if key is None else key)
+def nat_withdrawal(entry: NatEntry, key: bytes | None = None) -> FlowForgotten:
+    """The router process's message for a tunnelled flow it forgot (``RouterProcess`` drops its mirror)."""
+    return FlowForgotten(entry.proto, entry.peer_key if key is None else key)
 
 
 def configure_process_logging(level: int) -> None:
@@ -1509,25 +1545,26 @@ def process_router(
 
 
 def apply_router_message(
-    router: PacketRouter, states: dict[str, TunnelState], conn: Any, message: tuple[Any, ...]
+    router: PacketRouter, states: dict[str, TunnelState], conn: Any, message: ToRouter
 ) -> bool:
-    """The control messages every data path handles the same way (state, tunnels, rules, snapshot);
-    False for the others (stop, devices), which are the data path's own."""
+    """The control messages every data path handles the same way (``SetTunnelState``, ``SetRoutes``,
+    ``SetRules``, ``SnapshotRequest``); False for the others (``Stop``, ``ChangeDevices``), which are the
+    data path's own."""
     import dataclasses
 
-    kind = message[0]
-    if kind == "state":
-        states[message[1]] = message[2]
-        router.tunnel_state_changed(message[1], message[2])
-    elif kind == "tunnels":
-        router.set_tunnels(message[1])
-    elif kind == "rules":
-        router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
-    elif kind == "snapshot":
-        flows = [flow_row(e) for e in router.connections()]
-        conn.send(("snapshot", dataclasses.asdict(router.stats), flows))
-    else:
-        return False
+    match message:
+        case SetTunnelState(tunnel_id=tunnel_id, state=state):
+            states[tunnel_id] = state
+            router.tunnel_state_changed(tunnel_id, state)
+        case SetRoutes(routes=routes):
+            router.set_tunnels(routes)
+        case SetRules(rules=rules, default=default, default_fallback=default_fallback):
+            router.set_rules(RuleEngine(rules, default, default_fallback=default_fallback))
+        case SnapshotRequest():
+            flows = tuple(flow_row(e) for e in router.connections())
+            conn.send(Snapshot(dataclasses.asdict(router.stats), flows))
+        case _:
+            return False
     return True
 
 
@@ -1548,27 +1585,27 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
             return
         network, events, accept_pid = open_handles()
     except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
         return
 
-    def on_control(message: tuple[Any, ...]) -> None:
+    def on_control(message: ToRouter) -> None:
         if apply_router_message(router, states, conn, message):
             return
-        kind = message[0]
-        if kind == "stop":
-            loop.request_stop()
-        elif kind == "devices":
-            router.set_tunnels(message[1])
-            for tunnel_id in message[2]:
-                reason = "packet tunnels need the asyncio router loop (pollable divert handles)"
-                log.error("[Router] packet tunnel %s not started: %s", tunnel_id, reason)
-                conn.send(("tunnel_state", tunnel_id, TunnelState.DOWN, reason))
+        match message:
+            case Stop():
+                loop.request_stop()
+            case ChangeDevices(routes=routes, started=started):
+                router.set_tunnels(routes)
+                for tunnel_id in started:
+                    reason = "packet tunnels need the asyncio router loop (pollable divert handles)"
+                    log.error("[Router] packet tunnel %s not started: %s", tunnel_id, reason)
+                    conn.send(DeviceStateChanged(tunnel_id, TunnelState.DOWN, reason))
 
     loop = RouterLoop(router, network, events, accept_pid=accept_pid, control=conn, on_control=on_control)
     try:
         loop.open()
     except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready",))
+    conn.send(Ready())
     loop.run()

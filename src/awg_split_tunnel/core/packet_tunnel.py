@@ -26,6 +26,21 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from awg_split_tunnel.core.policy import TunnelState
+from awg_split_tunnel.core.router_messages import (
+    ChangeDevices,
+    DeviceStateChanged,
+    FlowRow,
+    FromRouter,
+    Ready,
+    SetRoutes,
+    SetRules,
+    SetTunnelState,
+    Snapshot,
+    SnapshotRequest,
+    StartFailed,
+    Stop,
+    ToRouter,
+)
 from awg_split_tunnel.net.icmp import too_big_reply
 from awg_split_tunnel.net.packet import IPPROTO_TCP, TCP_SYN, PacketView
 from awg_split_tunnel.net.segment import Rejected, clamp_mss, mss_for_mtu, segment_tcp
@@ -556,16 +571,17 @@ DeviceFactories = Mapping[str, Callable[[], Any]]
 
 class RouterService:
     """The router process on one asyncio loop: divert loop (``AsyncRouterLoop``), the packet tunnels'
-    devices, and the pipe to the control plane (``RouterProcess``'s messages).
+    devices, and the pipe to the control plane (``RouterProcess``'s messages, ``router_messages.ToRouter``
+    down and ``FromRouter`` up).
 
-    Devices come and go while it runs: ``("devices", routes, started, stopped)`` carries the tunnels'
+    Devices come and go while it runs: ``ChangeDevices(routes, started, stopped)`` carries the tunnels'
     routes, the factories of devices to start (a new tunnel, or a changed one replacing its old device)
     and the ids of devices to stop. A stopped device is detached and its tunnel reported DOWN first, so
     its flows are reset as for any tunnel going down (a ``block`` app's packets are dropped, never sent
     direct); a started one is built, started, attached and connected. Whenever the devices' ports change,
     the NETWORK handle is reopened with a filter that leaves them out (new handle first, then the old one
     closed): diverting a device's own datagrams and passing them back costs about half of a tunnel's
-    upload rate. Device states go up the pipe as ``("tunnel_state", id, state, reason)``.
+    upload rate. Device states go up the pipe as ``DeviceStateChanged(tunnel_id, state, reason)``.
     """
 
     def __init__(
@@ -592,7 +608,7 @@ class RouterService:
         self._retry_due: dict[str, tuple[float, float]] = {}
         self._announce = False
         self._stopping = asyncio.Event()
-        self._messages: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._messages: asyncio.Queue[ToRouter] = asyncio.Queue()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -630,13 +646,13 @@ class RouterService:
             await self._stop_device(tunnel_id, "router process stopping")
 
     async def serve(self) -> None:
-        """Report ready and the devices' states, then apply the control plane's messages until ``stop``
+        """Report ``Ready`` and the devices' states, then apply the control plane's messages until ``Stop``
         (or the pipe closes); close everything on the way out."""
         loop = asyncio.get_running_loop()
-        self._send(("ready",))
-        self._announce = True  # "ready" must be the first message; states are told from here on
+        self._send(Ready())
+        self._announce = True  # Ready must be the first message; states are told from here on
         for tunnel_id, device in self.devices.items():
-            self._send(("tunnel_state", tunnel_id, device.state, "router process started"))
+            self._send(DeviceStateChanged(tunnel_id, device.state, "router process started"))
         fd = self.conn.fileno()
         loop.add_reader(fd, self._on_control)
         tasks = [loop.create_task(self._apply_messages()), loop.create_task(self._retry())]
@@ -665,35 +681,35 @@ class RouterService:
             try:
                 await self.handle(message)
             except Exception:
-                log.exception("[Router] control message %r failed", message[0])
+                log.exception("[Router] control message %s failed", type(message).__name__)
 
     # -- control messages --------------------------------------------------------------------------------
 
-    async def handle(self, message: tuple[Any, ...]) -> None:
+    async def handle(self, message: ToRouter) -> None:
         """Apply one message of the control plane (``RouterProcess``)."""
         from awg_split_tunnel.core.rule_engine import RuleEngine
 
-        kind = message[0]
-        if kind == "stop":
-            self._stopping.set()
-        elif kind == "state":
-            tunnel_id, state = message[1], message[2]
-            if tunnel_id in self.devices:
-                return  # the device in this process is the authority on its own state
-            self.states[tunnel_id] = state
-            self._tell_router(tunnel_id, state)
-        elif kind == "tunnels":
-            self._routes = dict(message[1])
-            if self.io is not None:
-                self.io.routes_changed(self._routes)
-            self.router.set_tunnels(self._with_device_ports(self._routes))
-        elif kind == "devices":
-            await self.change_devices(message[1], message[2], message[3])
-        elif kind == "rules":
-            self.router.set_rules(RuleEngine(message[1], message[2], default_fallback=message[3]))
-        elif kind == "snapshot":
-            self._send(("snapshot", *self.snapshot()))
-        if self.io is not None and kind in ("state", "tunnels", "rules"):
+        match message:
+            case Stop():
+                self._stopping.set()
+            case SetTunnelState(tunnel_id=tunnel_id, state=state):
+                if tunnel_id in self.devices:
+                    return  # the device in this process is the authority on its own state
+                self.states[tunnel_id] = state
+                self._tell_router(tunnel_id, state)
+            case SetRoutes(routes=routes):
+                self._routes = dict(routes)
+                if self.io is not None:
+                    self.io.routes_changed(self._routes)
+                self.router.set_tunnels(self._with_device_ports(self._routes))
+            case ChangeDevices(routes=routes, started=started, stopped=stopped):
+                await self.change_devices(routes, started, stopped)
+            case SetRules(rules=rules, default=default, default_fallback=default_fallback):
+                self.router.set_rules(RuleEngine(rules, default, default_fallback=default_fallback))
+            case SnapshotRequest():
+                stats, flows = self.snapshot()
+                self._send(Snapshot(stats, tuple(flows)))
+        if self.io is not None and isinstance(message, SetTunnelState | SetRoutes | SetRules):
             self.io.apply_now()
 
     async def change_devices(
@@ -712,7 +728,7 @@ class RouterService:
                 reason = f"cannot start: {type(exc).__name__}: {exc}"
                 log.error("[Router] packet tunnel %s %s", tunnel_id, reason)
                 self.states[tunnel_id] = TunnelState.DOWN
-                self._send(("tunnel_state", tunnel_id, TunnelState.DOWN, reason))
+                self._send(DeviceStateChanged(tunnel_id, TunnelState.DOWN, reason))
             else:
                 fresh.append(tunnel_id)
         self._routes = dict(routes)
@@ -731,7 +747,7 @@ class RouterService:
         running = ", ".join(f"{t} (port {d.port})" for t, d in self.devices.items())
         log.info("[Router] packet tunnels now: %s", running or "none")
 
-    def snapshot(self) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+    def snapshot(self) -> tuple[dict[str, Any], list[FlowRow]]:
         """(router stats with per packet tunnel counters, flows as rows) for ``status``/``connections``."""
         import dataclasses
 
@@ -752,7 +768,7 @@ class RouterService:
             self.states[tunnel_id] = state
             self._tell_router(tunnel_id, state)
             if self._announce:
-                self._send(("tunnel_state", tunnel_id, state, reason))
+                self._send(DeviceStateChanged(tunnel_id, state, reason))
 
         device.state_listeners.append(changed)
         self._listeners[tunnel_id] = changed
@@ -779,7 +795,7 @@ class RouterService:
         if self.io is not None:
             self.io.apply_now()  # its flows are reset before anything else is routed
         if self._announce:
-            self._send(("tunnel_state", tunnel_id, TunnelState.DOWN, reason))
+            self._send(DeviceStateChanged(tunnel_id, TunnelState.DOWN, reason))
         try:
             await device.stop()
         except Exception:
@@ -844,7 +860,7 @@ class RouterService:
         else:
             self.router.tunnel_state_changed(tunnel_id, state)
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: FromRouter) -> None:
         # The control plane may be gone: the pipe's reader then notices and stops the service.
         with contextlib.suppress(OSError, ValueError):
             self.conn.send(message)
@@ -859,7 +875,7 @@ def run_with_devices(
     make_io: Callable[[Any, list[int]], RouterIO] | None = None,
 ) -> None:
     """The router process on asyncio (``RouterService``) until told to stop over ``conn``; an
-    ``("error", text)`` message instead of ``("ready",)`` when it cannot start."""
+    ``StartFailed`` message instead of ``Ready`` when it cannot start."""
     asyncio.run(_serve(router, states, open_handles, factories, conn, make_io))
 
 
@@ -878,6 +894,6 @@ async def _serve(
         await service.open(factories)
     except Exception as exc:
         known = isinstance(exc, AwgSplitTunnelError)
-        conn.send(("error", str(exc) if known else f"{type(exc).__name__}: {exc}"))
+        conn.send(StartFailed(str(exc) if known else f"{type(exc).__name__}: {exc}"))
         return
     await service.serve()

@@ -23,6 +23,7 @@ from awg_split_tunnel.core.packet_router import (
     nat_withdrawal,
 )
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
+from awg_split_tunnel.core.router_messages import FlowForgotten, FlowTunnelled, FromRouter
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.packet import (
     IPPROTO_TCP,
@@ -569,7 +570,7 @@ def _settings() -> RouterSettings:
 
 
 def test_router_process_mirror_answers_nat_lookups_from_announcements() -> None:
-    announced: list[tuple[object, ...]] = []
+    announced: list[FromRouter] = []
     env = Env()
     router = PacketRouter(
         RuleEngine([Rule("app-socks", "socks")], "direct", Platform.POSIX),
@@ -583,12 +584,14 @@ def test_router_process_mirror_answers_nat_lookups_from_announcements() -> None:
     packet = syn()
     router.route(packet, len(packet), 0.0, lambda: None)
     mirror = RouterProcess(_settings(), tuple)
+    assert [type(m) for m in announced] == [FlowTunnelled]
     for message in announced:
         mirror._apply(message)
     entry = mirror.nat_lookup("tcp", "198.18.0.10", 40000)
     assert entry is not None and (entry.orig_dst_port, entry.pid, entry.exe) == (80, 100, PIDS[100])
     router.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_RST), 40, 1.0, lambda: None)
     router.poll(100.0)
+    assert [type(m) for m in announced[1:]] == [FlowForgotten]
     for message in announced[1:]:
         mirror._apply(message)
     assert mirror.nat_lookup("tcp", "198.18.0.10", 40000) is None

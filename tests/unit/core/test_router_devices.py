@@ -20,6 +20,17 @@ import pytest
 from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute, RouterService
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
+from awg_split_tunnel.core.router_messages import (
+    ChangeDevices,
+    DeviceStateChanged,
+    FromRouter,
+    Ready,
+    SetRules,
+    SetTunnelState,
+    Snapshot,
+    SnapshotRequest,
+    Stop,
+)
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.packet import IPPROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN, PacketView, build_packet
 from awg_split_tunnel.process.matcher import Platform
@@ -203,17 +214,17 @@ class World:
         self.handles = Handles()
         self.service = RouterService(self.router, self.states, self.handles, child)
         self.factories = factories or {}
-        self.received: list[tuple[Any, ...]] = []
+        self.received: list[FromRouter] = []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> World:
         await self.service.open(self.factories)
         self._task = asyncio.get_running_loop().create_task(self.service.serve())
-        await self.until(lambda: ("ready",) in self.received, "ready")
+        await self.until(lambda: Ready() in self.received, "ready")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.control.send(("stop",))
+        self.control.send(Stop())
         assert self._task is not None
         await asyncio.wait_for(self._task, 5.0)
         self.control.close()
@@ -231,9 +242,17 @@ class World:
             await asyncio.sleep(0.01)
         pytest.fail(f"not within {timeout}s: {what}; received {self.received}")
 
+    def snapshot(self) -> Snapshot | None:
+        """The first ``Snapshot`` received."""
+        return next((m for m in self.received if isinstance(m, Snapshot)), None)
+
     def states_told(self, tunnel_id: str) -> list[tuple[TunnelState, str]]:
         self.drain()
-        return [(m[2], m[3]) for m in self.received if m[0] == "tunnel_state" and m[1] == tunnel_id]
+        return [
+            (m.state, m.reason)
+            for m in self.received
+            if isinstance(m, DeviceStateChanged) and m.tunnel_id == tunnel_id
+        ]
 
     def connect(self, pid: int, sport: int) -> None:
         self.router.connect_event(IPPROTO_TCP, WEB, 80, pid, time.monotonic())
@@ -276,7 +295,7 @@ def resets_to_app(handles: Handles, sport: int) -> int:
 
 
 async def add_wg(world: World, device: FakeDevice, route: PacketTunnelRoute = ROUTE) -> None:
-    world.control.send(("devices", {"socks": SOCKS, "wg": route}, {"wg": factory(device)}, ()))
+    world.control.send(ChangeDevices({"socks": SOCKS, "wg": route}, {"wg": factory(device)}, ()))
     await world.until(lambda: device.connects == 1, "the new device connected")
 
 
@@ -317,15 +336,15 @@ def test_device_that_cannot_start_is_reported_down_with_the_reason_and_the_rest_
     async def scenario() -> None:
         async with World() as world:
             device = FakeDevice(51900, fail="Address already in use")
-            world.control.send(("devices", {"socks": SOCKS, "wg": ROUTE}, {"wg": factory(device)}, ()))
+            world.control.send(ChangeDevices({"socks": SOCKS, "wg": ROUTE}, {"wg": factory(device)}, ()))
             await world.until(lambda: world.states_told("wg"), "a state for wg")
             ((state, reason),) = world.states_told("wg")
             assert state is TunnelState.DOWN and "Address already in use" in reason
             assert world.handles.journal == ["open [] at 1041"], (
                 "no new handle for a device that is not there"
             )
-            world.control.send(("snapshot",))
-            await world.until(lambda: any(m[0] == "snapshot" for m in world.received), "snapshot answered")
+            world.control.send(SnapshotRequest())
+            await world.until(lambda: world.snapshot() is not None, "snapshot answered")
             # The block app stays blocked.
             world.connect(100, 40000)
             world.send_syn(40000)
@@ -349,7 +368,7 @@ def test_tunnel_removed_while_running_resets_its_flows_stops_its_device_and_leak
             world.send_syn(40000)
             world.send_ack(40000)  # established: the router knows what to reset it with
             await world.until(lambda: len(device.sent) == 2, "SYN and ACK reached the device")
-            world.control.send(("devices", {"socks": SOCKS}, {}, ("wg",)))
+            world.control.send(ChangeDevices({"socks": SOCKS}, {}, ("wg",)))
             await world.until(lambda: device.stopped, "the device stopped")
             # The app is reset at once (not at its next packet) and what it still sends is dropped.
             await world.until(lambda: resets_to_app(world.handles, 40000) == 1, "RST to the app")
@@ -372,7 +391,7 @@ def test_direct_app_keeps_working_while_a_tunnel_is_removed() -> None:
     async def scenario() -> None:
         device = FakeDevice(51900)
         async with World({"wg": factory(device)}) as world:
-            world.control.send(("devices", {"socks": SOCKS}, {}, ("wg",)))
+            world.control.send(ChangeDevices({"socks": SOCKS}, {}, ("wg",)))
             await world.until(lambda: device.stopped, "the device stopped")
             world.connect(200, 40005)
             world.send_syn(40005)
@@ -421,12 +440,13 @@ def test_state_messages_of_the_control_plane_do_not_override_a_running_devices_o
         device = FakeDevice(51900)
         async with World({"wg": factory(device)}) as world:
             device.handshake()
-            world.control.send(("state", "wg", TunnelState.DOWN))
-            world.control.send(("snapshot",))
-            await world.until(lambda: any(m[0] == "snapshot" for m in world.received), "snapshot answered")
+            world.control.send(SetTunnelState("wg", TunnelState.DOWN))
+            world.control.send(SnapshotRequest())
+            await world.until(lambda: world.snapshot() is not None, "snapshot answered")
             assert world.states["wg"] is TunnelState.UP
-            snapshot = next(m for m in world.received if m[0] == "snapshot")
-            assert snapshot[1]["packet_tunnels"]["wg"]["state"] == str(TunnelState.UP)
+            snapshot = world.snapshot()
+            assert snapshot is not None
+            assert snapshot.stats["packet_tunnels"]["wg"]["state"] == str(TunnelState.UP)
 
     run(scenario)
 
@@ -435,7 +455,7 @@ def test_rules_from_the_control_plane_hold_for_the_very_next_connection() -> Non
     async def scenario() -> None:
         async with World() as world:
             await world.service.handle(
-                ("rules", (Rule("app-direct", "drop"),), "direct", FallbackPolicy.ALLOW_DIRECT)
+                SetRules((Rule("app-direct", "drop"),), "direct", FallbackPolicy.ALLOW_DIRECT)
             )
             world.connect(200, 40007)
             world.send_syn(40007)

@@ -728,6 +728,7 @@ def serve_kernel_gate(settings: RouterSettings, open_events: Callable[..., Any],
     """The router process's body for ``dataplane: kernel`` (``RouterProcess(serve=...)``): the same
     ``RouterService`` as the divert path (devices, control messages, retries) around a ``KernelIO``."""
     from awg_split_tunnel.core.packet_tunnel import run_with_devices
+    from awg_split_tunnel.core.router_messages import StartFailed
 
     configure_process_logging(settings.log_level)
     states = dict(settings.states)
@@ -746,7 +747,7 @@ def serve_kernel_gate(settings: RouterSettings, open_events: Callable[..., Any],
         firewall = KernelFirewall()
     except Exception as exc:
         known = isinstance(exc, AwgSplitTunnelError)
-        conn.send(("error", str(exc) if known else f"{type(exc).__name__}: {exc}"))
+        conn.send(StartFailed(str(exc) if known else f"{type(exc).__name__}: {exc}"))
         return
 
     def make_io(router: Any, ports: list[int]) -> KernelIO:

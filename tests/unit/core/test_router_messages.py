@@ -1,0 +1,172 @@
+"""The messages between the control plane and the router process cross a pipe intact, and the flows of a
+``Snapshot`` become the rows ``status`` and ``connections`` show."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import multiprocessing
+import pickle
+import threading
+import typing
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from awg_split_tunnel.core.packet_router import (
+    PacketRouter,
+    RouterProcess,
+    RouterSettings,
+    TunnelRoute,
+    apply_router_message,
+    flow_row,
+)
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
+from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
+from awg_split_tunnel.core.router_messages import (
+    ChangeDevices,
+    DeviceStateChanged,
+    FlowForgotten,
+    FlowRow,
+    FlowTunnelled,
+    FromRouter,
+    Ready,
+    SetRoutes,
+    SetRules,
+    SetTunnelState,
+    Snapshot,
+    SnapshotRequest,
+    StartFailed,
+    Stop,
+    ToRouter,
+)
+from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
+from awg_split_tunnel.daemon import Daemon, _merge_packet_tunnel_stats
+from awg_split_tunnel.net.nat import FlowVerdict, NatEntry
+from awg_split_tunnel.net.packet import IPPROTO_TCP, IPPROTO_UDP
+from awg_split_tunnel.process.matcher import Platform
+
+APP = ipaddress.ip_address("198.18.0.1").packed
+WEB = ipaddress.ip_address("198.18.0.10").packed
+WEB6 = ipaddress.ip_address("2001:db8::10").packed
+WG = PacketTunnelRoute(ipaddress.ip_address("10.8.0.2").packed, mtu=1420)
+
+
+def build_device() -> None:
+    """Stands in for a device factory: module-level, so it pickles (by reference)."""
+
+
+ROW = FlowRow(IPPROTO_TCP, "198.18.0.1", 40000, "198.18.0.10", 443, "TUNNEL", "wg", 100, "/usr/bin/app", 7, 5)
+
+MESSAGES: list[Any] = [
+    SetTunnelState("socks", TunnelState.DOWN),
+    SetRoutes({"socks": TunnelRoute(1080, 1081), "wg": WG}),
+    SetRules((Rule("app-socks", "socks", FallbackPolicy.BLOCK),), "direct", FallbackPolicy.ALLOW_DIRECT),
+    ChangeDevices({"socks": TunnelRoute(1080), "wg": WG}, {"wg": build_device}, ("old-wg",)),
+    SnapshotRequest(),
+    Stop(),
+    Ready(),
+    StartFailed("cannot open the divert handle: permission denied"),
+    FlowTunnelled(IPPROTO_UDP, APP + b"\x9c\x40", WEB, 53, APP, 40000, "socks", 100, "/usr/bin/app", True),
+    FlowForgotten(IPPROTO_TCP, APP + b"\x9c\x40"),
+    Snapshot({"packets": 12, "packet_tunnels": {"wg": {"rx_bytes": 3}}}, (ROW,)),
+    DeviceStateChanged("wg", TunnelState.UP, "handshake completed"),
+    ROW,
+]
+
+
+def test_every_message_type_is_covered_here() -> None:
+    kinds = {*typing.get_args(ToRouter), *typing.get_args(FromRouter), FlowRow}
+    assert {type(m) for m in MESSAGES} == kinds
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_message_pickles_round_trip(message: Any) -> None:
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(message, protocol)) == message
+
+
+def test_messages_cross_a_multiprocessing_pipe_intact() -> None:
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    with ours, theirs:
+        for message in MESSAGES:
+            ours.send(message)
+            assert theirs.recv() == message
+
+
+def test_messages_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        ROW.pid = 1  # type: ignore[misc]
+
+
+def _entry(dst: bytes, verdict: FlowVerdict, tunnel_id: str | None) -> NatEntry:
+    entry = NatEntry(IPPROTO_TCP, APP, 40000, dst, 443, verdict, tunnel_id, pid=100, exe="/usr/bin/app")
+    entry.packets_out, entry.packets_in = 7, 5
+    return entry
+
+
+def test_flow_row_names_the_flow_as_the_router_keeps_it() -> None:
+    assert flow_row(_entry(WEB, FlowVerdict.TUNNEL, "wg")) == ROW
+
+
+def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> None:
+    rows = [flow_row(_entry(WEB, FlowVerdict.TUNNEL, "wg")), flow_row(_entry(WEB6, FlowVerdict.PASS, None))]
+    router = SimpleNamespace(snapshot=lambda: ({"packet_tunnels": {}}, rows))
+    answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router), {}))  # type: ignore[arg-type]
+    assert answer == {
+        "flows": [
+            {
+                "proto": "tcp",
+                "pid": 100,
+                "exe": "/usr/bin/app",
+                "src": "198.18.0.1:40000",
+                "dst": "198.18.0.10:443",
+                "route": "tunnel",
+                "tunnel": "wg",
+                "out": 7,
+                "in": 5,
+            },
+            {
+                "proto": "tcp",
+                "pid": 100,
+                "exe": "/usr/bin/app",
+                "src": "198.18.0.1:40000",
+                "dst": "[2001:db8::10]:443",
+                "route": "pass",
+                "tunnel": None,
+                "out": 7,
+                "in": 5,
+            },
+        ]
+    }
+    status = [{"id": "wg"}, {"id": "socks"}]
+    _merge_packet_tunnel_stats(status, {"wg": {"rx_bytes": 3, "tx_bytes": 4}}, rows)
+    assert status == [{"id": "wg", "rx_bytes": 3, "tx_bytes": 4, "flows": 1}, {"id": "socks"}]
+
+
+def test_snapshot_request_is_answered_with_flow_rows_that_reach_the_control_plane() -> None:
+    ours, theirs = multiprocessing.Pipe()
+    states: dict[str, TunnelState] = {}
+    router = PacketRouter(RuleEngine([], "direct", Platform.POSIX), states.get, {})
+    entry = _entry(WEB, FlowVerdict.PASS, None)
+    assert router.table.add(b"flow", entry)
+    process = RouterProcess(RouterSettings((), "direct", {}, {}), tuple)
+    process._conn = ours
+
+    def router_process() -> None:
+        request = theirs.recv()
+        assert apply_router_message(router, states, theirs, request)
+        process._drain()
+
+    answering = threading.Thread(target=router_process)
+    answering.start()
+    snapshot = process.snapshot(timeout=5.0)
+    answering.join()
+    ours.close()
+    theirs.close()
+    assert snapshot is not None
+    stats, flows = snapshot
+    assert flows == [flow_row(entry)]
+    assert stats == dataclasses.asdict(router.stats)
