@@ -47,11 +47,11 @@ from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
-from awg_split_tunnel.packet_tunnels import packet_tunnel_devices
+from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
 from awg_split_tunnel.provider.direct import DirectProvider
 from awg_split_tunnel.provider.health import HealthMonitor
 from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
-from awg_split_tunnel.provider.interface import StreamProvider
+from awg_split_tunnel.provider.interface import StreamProvider, set_own_socket_mark
 from awg_split_tunnel.provider.socks5.provider import Socks5Provider
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget, TunnelProxy
 
@@ -230,6 +230,7 @@ class Daemon:
         self.dataplane = config.dataplane or default_dataplane()
         if self.dataplane == "kernel" and self._handles is None:
             check_kernel_dataplane()
+        set_own_socket_mark(OWN_TRAFFIC_MARK if self.dataplane == "kernel" else 0)
         handles = self._handles or load_divert(self.dataplane)
         if self._serve_api:
             self._refuse_second_daemon()

@@ -17,6 +17,7 @@ from awg_split_tunnel.core.config import AnyTunnel, PacketTunnel, tunnel_wg_conf
 from awg_split_tunnel.core.packet_router import DeviceFactory
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.errors import ConfigError
+from awg_split_tunnel.platform.linux.kernel_rules import DIRECT, mark_value
 from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
 
 DIVERT_SAFE_UDP_GSO = False
@@ -31,9 +32,9 @@ devices that share a namespace with the router send one datagram per call (the `
 GSO)."""
 
 
-KERNEL_DEVICE_MARK = 0x00010000
-"""On the kernel data path the devices' own UDP sockets carry the DIRECT class in their mark
-(``platform.linux.kernel_rules.mark_value(DIRECT)``): never queued, never routed into a tunnel."""
+OWN_TRAFFIC_MARK = mark_value(DIRECT)
+"""On the kernel data path the daemon's own sockets — the devices' UDP sockets, the proxies' upstream
+connections — carry the DIRECT class in their mark: never queued, never routed into a tunnel."""
 
 
 def packet_tunnel_devices(
@@ -67,7 +68,7 @@ def packet_tunnel_devices(
         )
         gso = DIVERT_SAFE_UDP_GSO
         if dataplane == "kernel":
-            settings = dataclasses.replace(settings, fwmark=settings.fwmark | KERNEL_DEVICE_MARK)
+            settings = dataclasses.replace(settings, fwmark=settings.fwmark | OWN_TRAFFIC_MARK)
             gso = True
         devices[tunnel.id] = functools.partial(WireGuardDevice, settings, tunnel_id=tunnel.id, udp_gso=gso)
     return routes, devices

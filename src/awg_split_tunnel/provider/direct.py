@@ -19,6 +19,7 @@ from awg_split_tunnel.provider.interface import (
     StreamProvider,
     UdpChannel,
     connect_to_server,
+    mark_own_socket,
     normalize_ip,
 )
 
@@ -55,6 +56,7 @@ class DirectProvider(StreamProvider):
             except OSError as exc:  # e.g. IPv6 disabled on this host
                 log.debug("[Proxy] direct UDP: no %s socket: %s", family.name, exc)
                 continue
+            mark_own_socket(transport.get_extra_info("socket"))
             channel.add_transport(family, transport)
         if not channel.families:
             raise TunnelError("direct UDP: no socket could be opened")

@@ -211,6 +211,45 @@ def normalize_ip(host: str) -> str:
     return str(ip)
 
 
+_own_socket_mark = 0
+
+
+def set_own_socket_mark(mark: int) -> None:
+    """Give every socket the providers open from now on this ``SO_MARK`` (0: none). The Linux kernel data
+    path sets its DIRECT class here at start, so the daemon's own connections (to proxies, to direct
+    destinations of relayed flows) are never queued for a verdict nor routed into a tunnel."""
+    global _own_socket_mark
+    _own_socket_mark = mark
+
+
+def mark_own_socket(sock: socket.socket | None) -> None:
+    """Apply ``set_own_socket_mark``'s mark to a socket of ours (before it sends anything)."""
+    if sock is not None and _own_socket_mark and hasattr(socket, "SO_MARK"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _own_socket_mark)
+
+
+async def _open_marked(host: str, port: int, limit: int) -> StreamPair:
+    """``asyncio.open_connection`` with the mark set before the SYN (each address in turn)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    failure: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            mark_own_socket(sock)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=limit)
+    raise failure
+
+
 async def connect_to_server(
     kind: str, host: str, port: int, timeout: float, *, limit: int = STREAM_LIMIT
 ) -> StreamPair:
@@ -219,7 +258,10 @@ async def connect_to_server(
     where = format_address(host, port)
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=limit)
+            if _own_socket_mark:
+                reader, writer = await _open_marked(host, port, limit)
+            else:
+                reader, writer = await asyncio.open_connection(host, port, limit=limit)
     except TimeoutError:
         raise TunnelError(f"{kind} {where} did not accept a connection within {timeout:g} s") from None
     except OSError as exc:

@@ -20,7 +20,9 @@ import contextlib
 import errno
 import itertools
 import logging
+import os
 import socket
+import sys
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -37,7 +39,6 @@ from awg_split_tunnel.provider.interface import (
     format_address,
     normalize_ip,
 )
-from awg_split_tunnel.proxy.splice_relay import SPLICE_AVAILABLE, SplicePump, duplicate, take_buffered
 
 log = logging.getLogger("awg_split_tunnel.proxy")
 
@@ -52,6 +53,8 @@ UDP_RETRY_AFTER = 1.0
 """After a failed open, an app address's datagrams are dropped this long before the tunnel is tried again."""
 PORT_ATTEMPTS = 5
 """Tries to find one port number free on every listen host."""
+SPLICE_AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
+"""TCP relays by ``os.splice`` (platform/linux/splice.py); elsewhere through asyncio streams."""
 UDP_PENDING_LIMIT = 64
 """Datagrams held per association while it is being opened through the tunnel."""
 
@@ -404,7 +407,9 @@ class TunnelProxy:
         up_reader: asyncio.StreamReader,
         up_writer: asyncio.StreamWriter,
     ) -> None:
-        """Both directions by ``os.splice`` (proxy/splice_relay.py) once what the streams buffered is out."""
+        """Both directions by ``os.splice`` (platform/linux/splice.py), once the streams' buffers are out."""
+        from awg_split_tunnel.platform.linux.splice import SplicePump, duplicate, take_buffered
+
         loop = asyncio.get_running_loop()
         pumps: list[SplicePump] = []
         sockets: list[socket.socket] = []

@@ -22,6 +22,7 @@ from awg_split_tunnel.provider.interface import (
     UdpChannel,
     abort_stream,
     describe_os_error,
+    mark_own_socket,
     normalize_ip,
 )
 from awg_split_tunnel.provider.socks5.protocol import (
@@ -98,6 +99,7 @@ class Socks5Provider(ProxyServerProvider):
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _RelayProtocol(channel), local_addr=(local_ip, 0)
             )
+            mark_own_socket(transport.get_extra_info("socket"))
             udp_port = transport.get_extra_info("sockname")[1]
             established = await self._request(
                 client, reader, writer, Command.UDP_ASSOCIATE, normalize_ip(local_ip), udp_port
