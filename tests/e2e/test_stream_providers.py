@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,18 @@ from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
 from awg_split_tunnel.provider.interface import Address, StreamProvider
 from awg_split_tunnel.provider.socks5.protocol import Socks5AuthError, Socks5ReplyError
 from awg_split_tunnel.provider.socks5.provider import Socks5Provider
-from awg_split_tunnel.proxy.tunnel_proxy import NatEntry, Protocol, TunnelProxy
+from awg_split_tunnel.proxy.tunnel_proxy import Protocol, TunnelProxy
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A flow as the router would answer the proxy's lookup (``proxy.tunnel_proxy.NatTarget``)."""
+
+    orig_dst_ip: str
+    orig_dst_port: int
+    pid: int | None = None
+    exe: str | None = None
+
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -261,9 +273,9 @@ def test_socks5_tunnel_proxy_end_to_end(servers: list[ServerProcess]) -> None:
 
     async def body() -> None:
         target, dst = await echo_server()
-        nat: dict[tuple[str, str, int], NatEntry] = {}
+        nat: dict[tuple[str, str, int], Target] = {}
 
-        def lookup(proto: Protocol, ip: str, port: int) -> NatEntry | None:
+        def lookup(proto: Protocol, ip: str, port: int) -> Target | None:
             return nat.get((proto, ip, port))
 
         proxy = TunnelProxy("office", Socks5Provider(LOOPBACK, server.port), lookup, LOOPBACK)
@@ -272,7 +284,7 @@ def test_socks5_tunnel_proxy_end_to_end(servers: list[ServerProcess]) -> None:
             async with target:
                 sock = socket.socket()
                 sock.bind((LOOPBACK, 0))
-                nat[("tcp", *sock.getsockname())] = NatEntry(dst[0], dst[1], pid=1, exe="app-socks")
+                nat[("tcp", *sock.getsockname())] = Target(dst[0], dst[1], pid=1, exe="app-socks")
                 sock.setblocking(False)
                 await asyncio.get_running_loop().sock_connect(sock, proxy.tcp_address)
                 reader, writer = await asyncio.open_connection(sock=sock)
@@ -306,7 +318,7 @@ def test_udp_through_tunnel_proxy_and_dante(servers: list[ServerProcess], tmp_pa
         app.bind((LOOPBACK, 0))
         app.setblocking(False)
         echo_ip, echo_port = echo.getsockname()
-        entry = NatEntry(echo_ip, echo_port, pid=2, exe="app-socks")
+        entry = Target(echo_ip, echo_port, pid=2, exe="app-socks")
         proxy = TunnelProxy(
             "office",
             Socks5Provider(LOOPBACK, server.port),

@@ -61,18 +61,9 @@ UDP_PENDING_LIMIT = 64
 Protocol = Literal["tcp", "udp"]
 
 
-@dataclass(frozen=True, slots=True)
-class NatEntry:
-    """What the router knows about a redirected flow: where the app meant to go, and who the app is."""
-
-    orig_dst_ip: str
-    orig_dst_port: int
-    pid: int | None = None
-    exe: str | None = None
-
-
 class NatTarget(typing.Protocol):
-    """What the proxy needs of a router's NAT entry (the router's own entry type carries more)."""
+    """What the proxy needs of the router's entry for a flow (``net.nat.NatEntry``, which carries more):
+    where the app meant to go, and who the app is."""
 
     @property
     def orig_dst_ip(self) -> str: ...

@@ -6,13 +6,25 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 
 from awg_split_tunnel.errors import TunnelError
 from awg_split_tunnel.provider.direct import DirectProvider
 from awg_split_tunnel.provider.interface import Address, StreamPair, StreamProvider, UdpChannel
-from awg_split_tunnel.proxy.tunnel_proxy import NatEntry, Protocol, TunnelProxy
+from awg_split_tunnel.proxy.tunnel_proxy import Protocol, TunnelProxy
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A flow as the router would answer the proxy's lookup (``proxy.tunnel_proxy.NatTarget``)."""
+
+    orig_dst_ip: str
+    orig_dst_port: int
+    pid: int | None = None
+    exe: str | None = None
+
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -23,10 +35,10 @@ class FakeNat:
     """The router's NAT table: peer (as the proxy sees it) -> original destination."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[str, str, int], NatEntry] = {}
+        self.entries: dict[tuple[str, str, int], Target] = {}
         self.lookups: list[tuple[str, str, int]] = []
 
-    def __call__(self, proto: Protocol, ip: str, port: int) -> NatEntry | None:
+    def __call__(self, proto: Protocol, ip: str, port: int) -> Target | None:
         self.lookups.append((proto, ip, port))
         return self.entries.get((proto, ip, port))
 
@@ -42,7 +54,7 @@ async def app_connect(
     """Connect like a redirected app: the NAT entry is keyed by the app socket's address."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    nat.entries[("tcp", *sock.getsockname())] = NatEntry(dst[0], dst[1], pid, exe)
+    nat.entries[("tcp", *sock.getsockname())] = Target(dst[0], dst[1], pid, exe)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, proxy.tcp_address)
     return await asyncio.open_connection(sock=sock)
@@ -270,7 +282,7 @@ async def test_udp_is_relayed_and_replies_come_back_to_the_app(proxy: TunnelProx
     app.bind(("127.0.0.1", 0))
     app.setblocking(False)
     echo_ip, echo_port = echo.getsockname()
-    nat.entries[("udp", *app.getsockname())] = NatEntry(echo_ip, echo_port, pid=7, exe="app-udp")
+    nat.entries[("udp", *app.getsockname())] = Target(echo_ip, echo_port, pid=7, exe="app-udp")
     udp_address = proxy.udp_address
     assert udp_address is not None
     try:
@@ -386,7 +398,7 @@ def udp_app(nat: FakeNat, dst: Address) -> socket.socket:
     app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     app.bind(("127.0.0.1", 0))
     app.setblocking(False)
-    nat.entries[("udp", *app.getsockname())] = NatEntry(dst[0], dst[1])
+    nat.entries[("udp", *app.getsockname())] = Target(dst[0], dst[1])
     return app
 
 
@@ -467,7 +479,7 @@ async def test_listens_on_ipv4_and_ipv6_for_apps_of_either_family() -> None:
         v6_listener = next(a for a in p.tcp_addresses if ":" in a[0])
         sock = socket.socket(socket.AF_INET6)
         sock.bind(("::1", 0))
-        nat.entries[("tcp", "::1", sock.getsockname()[1])] = NatEntry(dst[0], dst[1])
+        nat.entries[("tcp", "::1", sock.getsockname()[1])] = Target(dst[0], dst[1])
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, v6_listener)
         reader, writer = await asyncio.open_connection(sock=sock)
