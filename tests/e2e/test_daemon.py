@@ -177,6 +177,8 @@ def test_dropped_apps_and_apps_of_a_down_packet_tunnel_cannot_connect(
 ) -> None:
     result = lab.app(app, timeout=3.0)
     assert not result.ok and result.seen_ip == ""
+    # Refused at once (a reset for the SYN), not left to time out.
+    assert "refused" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("v6", [False, True])

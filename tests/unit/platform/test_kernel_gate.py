@@ -223,7 +223,7 @@ def test_the_table_carries_each_class_as_the_design_says() -> None:
     assert f'{packet} oifname != "{packet_ifname(2)}" drop' in text, "the guard"
     assert f'{packet} oifname "{packet_ifname(2)}" masquerade' in text
     assert "tcp option maxseg size set 1380" in text and "tcp option maxseg size set 1360" in text
-    blocked = f"ct mark and 0x{MARK_MASK:08x} == 0x{mark_value(BLOCK):08x}"
+    blocked = f"ct direction original ct mark and 0x{MARK_MASK:08x} == 0x{mark_value(BLOCK):08x}"
     assert f"{blocked} meta l4proto tcp reject with tcp reset" in text and f"{blocked} drop" in text
     assert "queue" not in text, "without nft queue the gate is the iptables-nft chain"
     assert "queue num" in KernelRuleset(nft_queue=True).table_text()

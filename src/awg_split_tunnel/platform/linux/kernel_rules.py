@@ -197,8 +197,10 @@ class KernelRuleset:
             + "  }\n"
             "  chain blocked {\n"
             "    type filter hook output priority 0; policy accept;\n"
-            f"    {is_class(BLOCK)} meta l4proto tcp reject with tcp reset\n"
-            f"    {is_class(BLOCK)} drop\n"
+            # Only the app's own packets: the reset that answers them belongs to the same conntrack entry
+            # (reply direction) and must reach the app, which then fails at once ("connection refused").
+            f"    ct direction original {is_class(BLOCK)} meta l4proto tcp reject with tcp reset\n"
+            f"    ct direction original {is_class(BLOCK)} drop\n"
             f"{''.join(not_carried)}"
             "  }\n"
             "}\n"
