@@ -1,14 +1,16 @@
 """End to end: the kernel data path (``dataplane: kernel``) holds `block` across a crash and leaves nothing.
 
-The daemon runs in the lab's client with a SOCKS5 tunnel (dante) and three apps: ``app-block`` (through
-SOCKS5, fallback ``block``), ``app-socks`` (through SOCKS5, ``allow_direct``) and ``app-direct``. A capture
-on the client's uplink shows what leaves: after ``kill -9`` of the daemon, or of its router process, no
-packet of the block app reaches the uplink — neither a new connection nor its open connection's next send.
+The daemon runs in the lab's client with a SOCKS5 tunnel (dante), a WireGuard tunnel (wireguard-go) and
+four apps: ``app-block`` (through SOCKS5, fallback ``block``), ``app-wgblock`` (through WireGuard,
+``block``), ``app-socks`` (through SOCKS5, ``allow_direct``) and ``app-direct``. A capture on the client's
+uplink shows what leaves for the web server: after ``kill -9`` of the daemon, or of its router process,
+no packet of a block app reaches it — neither a new connection nor its open connection's next send.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,18 +25,31 @@ from awg_split_tunnel.lab import (
     CLIENT,
     CLIENT_IP,
     SOCKS_IP,
+    TUNNEL_CLIENT_IP,
+    TUNNEL_SERVER_IP,
     WEB_IP,
+    WG_PORT,
     Lab,
+    WireGuardPeer,
+    generate_keypair,
     make_app,
     start_dante,
     start_web,
+    start_wireguard_go,
 )
 from awg_split_tunnel.lab.topology import python_path
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(
+        shutil.which("wireguard-go") is None or shutil.which("wg") is None,
+        reason="needs wireguard-go and wg (Debian packages wireguard-go, wireguard-tools)",
+    ),
 ]
+WG_CLIENT_PORT = 51940
+CLIENT_ENDPOINT = f"{CLIENT_IP}:{WG_CLIENT_PORT}"
+BLOCK_APPS = {"app-block": SOCKS_IP, "app-wgblock": TUNNEL_CLIENT_IP}
 
 CONFIG = f"""\
 dataplane: kernel
@@ -43,9 +58,15 @@ tunnels:
   - id: socks
     type: socks5
     server: {SOCKS_IP}:1080
+  - id: wg
+    type: wireguard
+    config_file: wg.conf
 rules:
   - process: app-block
     tunnel: socks
+    fallback: block
+  - process: app-wgblock
+    tunnel: wg
     fallback: block
   - process: app-socks
     tunnel: socks
@@ -100,8 +121,25 @@ def kernel_lab() -> Iterator[Lab]:
     with Lab() as lab:
         start_web(lab)
         start_dante(lab)
-        for name in ("app-block", "app-socks", "app-direct"):
+        for name in ("app-block", "app-wgblock", "app-socks", "app-direct"):
             make_app(lab, name)
+        private, public = generate_keypair()
+        peer = start_wireguard_go(
+            lab,
+            peers=[
+                WireGuardPeer(public, [f"{TUNNEL_CLIENT_IP}/32"], endpoint=f"{CLIENT_IP}:{WG_CLIENT_PORT}")
+            ],
+            listen_port=WG_PORT,
+            address=f"{TUNNEL_SERVER_IP}/24",
+            log_level="error",
+        )
+        conf = lab.tmpdir / "wg.conf"
+        conf.write_text(
+            f"[Interface]\nPrivateKey = {private}\nAddress = {TUNNEL_CLIENT_IP}/24\n"
+            f"ListenPort = {WG_CLIENT_PORT}\n\n[Peer]\nPublicKey = {peer.public_key}\n"
+            f"Endpoint = {peer.endpoint}\nAllowedIPs = 0.0.0.0/0\n"
+        )
+        conf.chmod(0o600)
         yield lab
 
 
@@ -110,35 +148,50 @@ def start(lab: Lab) -> RunningDaemon:
     config.write_text(CONFIG)
     running = RunningDaemon(lab, config)
     running.wait_running()
-    wait_for(lambda: lab.app("app-block", timeout=2.0).seen_ip == SOCKS_IP, 10.0, "socks tunnel UP")
+    for app, seen in BLOCK_APPS.items():
+        wait_for(
+            lambda app=app, seen=seen: lab.app(app, timeout=2.0).seen_ip == seen, 15.0, f"{app} tunnelled"
+        )
     return running
 
 
-def open_block_connection(lab: Lab) -> subprocess.Popen[str]:
-    app = lab.spawn(
+def open_block_connection(lab: Lab, app: str) -> subprocess.Popen[str]:
+    process = lab.spawn(
         CLIENT,
-        [lab.apps["app-block"], "-c", SEND_LATER, WEB_IP],
+        [lab.apps[app], "-c", SEND_LATER, WEB_IP],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert read_line(app, 5.0) == "connected"
-    return app
+    assert read_line(process, 5.0) == "connected"
+    return process
 
 
-def assert_block_app_leaves_nothing(lab: Lab, open_app: subprocess.Popen[str]) -> None:
-    """With the daemon gone: the block app's new connection and its open connection's next send put no
-    packet on the uplink."""
+def open_block_connections(lab: Lab) -> dict[str, subprocess.Popen[str]]:
+    return {app: open_block_connection(lab, app) for app in BLOCK_APPS}
+
+
+def assert_block_apps_leave_nothing(lab: Lab, open_apps: dict[str, subprocess.Popen[str]]) -> None:
+    """With the daemon gone: each block app's new connection and its open connection's next sends put no
+    packet on the uplink towards the web server."""
     with lab.capture(CLIENT, "eth0", TO_WEB) as capture:
-        attempt = lab.app("app-block", timeout=2.0)
-        assert open_app.stdin is not None
-        open_app.stdin.write("go\n")
-        open_app.stdin.flush()
-        sent = read_line(open_app, 5.0)
+        attempts = {app: lab.app(app, timeout=2.0) for app in BLOCK_APPS}
+        sent = {}
+        for app, process in open_apps.items():
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            sent[app] = read_line(process, 5.0)
         time.sleep(0.5)
-    assert not attempt.ok and attempt.seen_ip == "", attempt.stdout
-    assert not sent.startswith("answered"), sent
+    for app, attempt in attempts.items():
+        assert not attempt.ok and attempt.seen_ip == "", (app, attempt.stdout)
+        assert not sent[app].startswith("answered"), (app, sent[app])
     assert capture.count() == 0, "\n".join(capture.packets())
+
+
+def stop_all(processes: dict[str, subprocess.Popen[str]]) -> None:
+    for process in processes.values():
+        process.kill()
 
 
 def test_kill_9_of_the_daemon_keeps_block_apps_off_the_uplink_and_run_restores_every_route(
@@ -146,21 +199,22 @@ def test_kill_9_of_the_daemon_keeps_block_apps_off_the_uplink_and_run_restores_e
 ) -> None:
     lab = kernel_lab
     running = start(lab)
-    open_app = open_block_connection(lab)
+    open_apps = open_block_connections(lab)
     try:
         router = router_pid(running)
         running.process.send_signal(signal.SIGKILL)
         running.process.wait(10)
         # The router process notices its control pipe closed and ends, leaving the kernel's rules.
         wait_for(lambda: not os.path.exists(f"/proc/{router}"), 10.0, "the router process gone too")
-        assert_block_app_leaves_nothing(lab, open_app)
+        assert_block_apps_leave_nothing(lab, open_apps)
         # New flows of every app wait while no daemon decides them (the gate has no bypass).
         assert lab.app("app-direct", timeout=2.0).seen_ip == ""
     finally:
-        open_app.kill()
+        stop_all(open_apps)
     again = start(lab)
     try:
         assert lab.app("app-block").seen_ip == SOCKS_IP
+        assert lab.app("app-wgblock").seen_ip == TUNNEL_CLIENT_IP
         assert lab.app("app-socks").seen_ip == SOCKS_IP
         with lab.capture(CLIENT, "eth0", TO_WEB) as direct:
             assert lab.app("app-direct").seen_ip == CLIENT_IP
@@ -174,19 +228,21 @@ def test_kill_9_of_the_daemon_keeps_block_apps_off_the_uplink_and_run_restores_e
 def test_kill_9_of_the_router_process_keeps_block_apps_off_the_uplink(kernel_lab: Lab) -> None:
     lab = kernel_lab
     running = start(lab)
-    open_app = open_block_connection(lab)
+    open_apps = open_block_connections(lab)
     try:
         os.kill(router_pid(running), signal.SIGKILL)
         assert running.process.wait(10) == 1
         assert "the kernel holds every new connection" in running.output()
-        assert_block_app_leaves_nothing(lab, open_app)
+        assert_block_apps_leave_nothing(lab, open_apps)
     finally:
-        open_app.kill()
+        stop_all(open_apps)
     env = {**os.environ, "PYTHONPATH": python_path()}
     cleanup = lab.run(CLIENT, [sys.executable, "-m", "awg_split_tunnel", "cleanup"], env=env)
     assert cleanup.returncode == 0, cleanup.stderr
     assert "removed nftables table inet awg_split_tunnel" in cleanup.stdout
     assert lab.app("app-block").seen_ip == CLIENT_IP, "after cleanup nothing of the daemon is left"
+    assert lab.app("app-wgblock").seen_ip == CLIENT_IP
+    assert "awgst" not in lab.run(CLIENT, ["ip", "-o", "link"]).stdout
 
 
 def test_a_clean_stop_leaves_ruleset_rules_routes_and_links_as_before(kernel_lab: Lab) -> None:
@@ -202,6 +258,7 @@ def test_a_clean_stop_leaves_ruleset_rules_routes_and_links_as_before(kernel_lab
     for name in STATE_COMMANDS:
         assert after[name] == before[name], f"{name} differs after the stop"
     assert lab.app("app-block").seen_ip == CLIENT_IP
+    assert lab.app("app-wgblock").seen_ip == CLIENT_IP
 
 
 def router_pid(running: RunningDaemon) -> int:

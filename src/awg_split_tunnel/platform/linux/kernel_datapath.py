@@ -49,7 +49,9 @@ from awg_split_tunnel.platform.linux.kernel_rules import (
     GATE_CHAIN,
     MARK_MASK,
     PACKET_BASE,
+    PACKET_RULE_PRIORITY,
     PACKET_SLOTS,
+    PACKET_TABLE_BASE,
     QUEUE_NUM,
     STREAM_BASE,
     STREAM_SLOTS,
@@ -161,7 +163,7 @@ class KernelFirewall:
         if _table_exists(self.nft):
             self.nft.run(removal_text())
             removed.append(f"nftables table inet {TABLE}")
-        return removed + remove_local_route()
+        return removed + remove_routes()
 
 
 def add_local_route() -> None:
@@ -177,7 +179,11 @@ def add_local_route() -> None:
                 raise KernelSupportError(f"cannot add the loopback route of stream tunnels: {exc}") from None
 
 
-def remove_local_route() -> list[str]:
+def remove_routes() -> list[str]:
+    """The loopback route of stream tunnels and every packet tunnel's policy rule and table (those a dead
+    daemon left too: found by their priority and table numbers), both families."""
+    import re
+
     from awg_split_tunnel.platform.linux.tun import ip_command
 
     removed = []
@@ -187,6 +193,18 @@ def remove_local_route() -> list[str]:
         except TunnelError:
             continue
         removed.append("ip " + " ".join(args))
+    ip = shutil.which("ip")
+    if ip is None:
+        return removed
+    for family in ("-4", "-6"):
+        rule = [ip, family, "rule", "del", "pref", str(PACKET_RULE_PRIORITY)]
+        while _run(rule).returncode == 0:
+            removed.append(f"ip {family} rule pref {PACKET_RULE_PRIORITY}")
+        listed = _run([ip, family, "route", "show", "table", "all"]).stdout
+        tables = {int(t) for t in re.findall(r"\btable (\d+)", listed)}
+        for table in sorted(t for t in tables if PACKET_TABLE_BASE <= t < PACKET_TABLE_BASE + PACKET_SLOTS):
+            if _run([ip, family, "route", "flush", "table", str(table)]).returncode == 0:
+                removed.append(f"ip {family} routes of table {table}")
     return removed
 
 
@@ -267,12 +285,12 @@ def remove_kernel_state() -> list[str]:
     try:
         nft = Nftables()
     except NftablesError:
-        return removed + remove_local_route()
+        return removed + remove_routes()
     with nft:
         if _table_exists(nft):
             nft.run(removal_text())
             removed.append(f"nftables table inet {TABLE}")
-    return removed + remove_local_route()
+    return removed + remove_routes()
 
 
 # -- the gate: first packets → marks ---------------------------------------------------------------------
