@@ -101,7 +101,7 @@ def test_packet_tunnel_changed_is_replaced_and_removed_is_stopped(tmp_path: Path
     asyncio.run(daemon._apply_config(changed, removed))
     ((_, routes, started, stopped),) = [c for c in router.calls if c[0] == "devices"]
     assert (routes, started, stopped) == ({}, {}, ("wg",))
-    assert "wg" not in daemon.registry and daemon._packet_routes == {}
+    assert "wg" not in daemon.registry and daemon.runtimes == {}
 
 
 def test_unchanged_packet_tunnel_is_left_alone_by_a_rule_edit(tmp_path: Path) -> None:
