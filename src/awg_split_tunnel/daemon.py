@@ -1,9 +1,10 @@
 """The daemon behind ``awg-split-tunnel run``: the wiring of every level.
 
-ConfigManager → TunnelRegistry → providers (SOCKS5, HTTP proxy) → one TunnelProxy and one HealthMonitor
-per stream tunnel → the packet router in its own process (``RouterProcess``, docs/DESIGN.md). State changes
-reach the router through the EventBus; config edits (the file changed on disk, polled every second) are
-applied without a restart: new rules apply to the next flow, tunnels are added and removed.
+ConfigManager → TunnelRegistry → one runtime per tunnel (tunnel_runtimes.py: a stream tunnel's provider,
+TunnelProxy and HealthMonitor; a packet tunnel's device factory and route) → the packet router in its own
+process (``RouterProcess``, docs/DESIGN.md). State changes reach the router through the EventBus; config
+edits (the file changed on disk, polled every second) are applied without a restart: new rules apply to
+the next flow, tunnels are added and removed.
 
 Packet tunnels (WireGuard, AmneziaWG) run inside the router process, next to the divert handles
 (core/packet_tunnel.py): their devices connect at start, report UP after a handshake and DOWN when
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import logging
 import os
@@ -28,48 +28,35 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from awg_split_tunnel.core.config import (
-    AnyTunnel,
-    Config,
-    ConfigManager,
-    HttpTunnel,
-    Socks5Tunnel,
-)
+from awg_split_tunnel.core.config import Config, ConfigManager
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
-from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings, TunnelRoute
-from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
+from awg_split_tunnel.core.packet_router import DeviceFactory, RouterProcess, RouterSettings
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
-from awg_split_tunnel.provider.direct import DirectProvider
-from awg_split_tunnel.provider.health import HealthMonitor
-from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
-from awg_split_tunnel.provider.interface import StreamProvider, set_own_socket_mark
-from awg_split_tunnel.provider.socks5.provider import Socks5Provider
-from awg_split_tunnel.proxy.tunnel_proxy import NatTarget, TunnelProxy
+from awg_split_tunnel.provider.interface import set_own_socket_mark
+from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
+from awg_split_tunnel.tunnel_runtimes import (
+    FIRST_PROBE_WAIT,
+    AnyRoute,
+    RouterChanges,
+    RouterReport,
+    RuntimeContext,
+    TunnelRuntime,
+    tunnel_runtime,
+)
 
 log = logging.getLogger("awg_split_tunnel.core")
 rule_log = logging.getLogger("awg_split_tunnel.rule")
 
 WATCH_INTERVAL = 1.0
 """Seconds between looks at the config file's modification time."""
-FIRST_PROBE_WAIT = 2.0
-"""How long ``start`` waits for the stream tunnels' first health probes before printing the status line."""
-PACKET_TUNNEL_UP_WAIT = 5.0
-"""Seconds `tunnel up` waits for a WireGuard/AmneziaWG handshake before answering with the state it has."""
-PROXY_HOSTS: tuple[str, ...] = ("0.0.0.0", "::")
-"""On the divert data path the tunnel proxies listen on every address of both families: the router's
-hairpin delivers an app's flow to the app's own source address, whichever interface that is on."""
-KERNEL_PROXY_HOSTS: tuple[str, ...] = ("127.0.0.1", "::1")
-"""On the kernel data path nftables redirects locally sent flows to the loopback address of their family
-(``redirect`` in the output hook), so the proxies listen there only: nothing from the network reaches them."""
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -84,25 +71,6 @@ LOG_LEVELS = {
 
 class DaemonError(AwgSplitTunnelError):
     """The daemon cannot start or keep running; the message says what the user can do."""
-
-
-@dataclass(slots=True)
-class StreamTunnel:
-    """One running stream tunnel: its settings, provider, local proxies and health monitor."""
-
-    settings: Socks5Tunnel | HttpTunnel
-    provider: StreamProvider
-    proxy: TunnelProxy
-    monitor: HealthMonitor
-    udp_proxy: TunnelProxy | None = None
-    """For an HTTP tunnel with ``udp: direct``: a direct relay for its apps' UDP."""
-    manual_down: bool = False
-
-    def route_ports(self) -> tuple[int, int | None]:
-        tcp_port = self.proxy.tcp_address[1]
-        udp_source = self.udp_proxy or self.proxy
-        udp_address = udp_source.udp_address
-        return tcp_port, None if udp_address is None else udp_address[1]
 
 
 def require_privileges() -> None:
@@ -149,17 +117,6 @@ def check_kernel_dataplane() -> None:
         raise DaemonError(f"the kernel data path cannot run here: {problem}; or set `dataplane: divert`")
 
 
-def make_provider(tunnel: Socks5Tunnel | HttpTunnel) -> StreamProvider:
-    """The provider for one stream tunnel's settings."""
-    endpoint = tunnel.endpoint
-    host = str(endpoint.host).strip("[]")
-    if isinstance(tunnel, Socks5Tunnel):
-        return Socks5Provider(
-            host, endpoint.port, username=tunnel.username, password=tunnel.password, udp=tunnel.udp
-        )
-    return HttpProxyProvider(host, endpoint.port, username=tunnel.username, password=tunnel.password)
-
-
 def configure_logging(level: str) -> None:
     """Component-prefixed log lines on stderr at the config's ``log_level``."""
     root = logging.getLogger("awg_split_tunnel")
@@ -195,7 +152,8 @@ class Daemon:
         self.bus = EventBus()
         self.manager = ConfigManager(self.config_path, self.bus)
         self.registry = TunnelRegistry(self.bus)
-        self.tunnels: dict[str, StreamTunnel] = {}
+        self.runtimes: dict[str, TunnelRuntime] = {}
+        """The running tunnels by id, in the order the router heard of them."""
         self.exit_code = EXIT_OK
         self._control_path = control_path
         self._serve_api = serve_api
@@ -204,10 +162,8 @@ class Daemon:
         self._handles = handles
         self._status_out = status_out
         self._router: RouterProcess | None = None
-        self._routes: dict[str, TunnelRoute | PacketTunnelRoute] = {}
-        self._packet_routes: dict[str, PacketTunnelRoute] = {}
-        self._packets_down_by_hand: set[str] = set()
-        """Packet tunnels taken down with `tunnel down`: their devices are stopped until `tunnel up`."""
+        self._routes: dict[str, AnyRoute] = {}
+        """The tunnels' routes as the router process last heard them."""
         self._control: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
@@ -247,15 +203,14 @@ class Daemon:
             raise
 
     async def _start(self, config: Config, handles: Callable[..., Any]) -> None:
+        packets = packet_tunnel_devices(config.tunnels, self.config_path.parent, self.dataplane)
+        context = self._runtime_context()
+        changes = RouterChanges()
         for tunnel in config.tunnels:
             self.registry.register(tunnel.id, tunnel.tunnel_type)
-            if isinstance(tunnel, Socks5Tunnel | HttpTunnel):
-                self.tunnels[tunnel.id] = await self._open_stream_tunnel(tunnel)
-        self._packet_routes, devices = packet_tunnel_devices(
-            config.tunnels, self.config_path.parent, self.dataplane
-        )
-        for tunnel_id in devices:
-            self.registry.set_state(tunnel_id, TunnelState.CONNECTING, "starting")
+            runtime = tunnel_runtime(tunnel, context, packets)
+            await runtime.open("starting", changes)
+            self.runtimes[tunnel.id] = runtime
         self._routes = self._tunnel_routes()
         settings = RouterSettings(
             rules=tuple(engine_rules(config)),
@@ -265,7 +220,7 @@ class Daemon:
             default_fallback=default_fallback(config),
             own_pids=frozenset({os.getpid()}),
             log_level=LOG_LEVELS.get(config.log_level, logging.INFO),
-            devices=devices,
+            devices=changes.started,
             dataplane=self.dataplane,
         )
         router = RouterProcess(settings, handles, serve=self._router_body())
@@ -279,8 +234,8 @@ class Daemon:
         self.bus.subscribe(TunnelStateChanged, self._on_tunnel_state)
         self.bus.subscribe(ConfigChanged, self._on_config_changed)
         await self.bus.start()
-        for stream in self.tunnels.values():
-            stream.monitor.start()
+        for runtime in self.runtimes.values():
+            runtime.start()
         if self._serve_api:
             await self._start_control()
         self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="config-watch")
@@ -303,9 +258,9 @@ class Daemon:
         if self.dataplane == "kernel" and self.exit_code == EXIT_OK:
             # The router process removes its rules when it stops; if it could not (killed, stuck), this does.
             await asyncio.to_thread(self._remove_kernel_state)
-        for tunnel in list(self.tunnels.values()):
-            await self._close_stream_tunnel(tunnel)
-        self.tunnels.clear()
+        for runtime in list(self.runtimes.values()):
+            await runtime.stop(RouterChanges())  # the router process has stopped every device already
+        self.runtimes.clear()
         if self._control is not None:
             await self._control.stop()
             self._control = None
@@ -364,65 +319,25 @@ class Daemon:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.request_stop, EXIT_FAILURE)
 
-    # -- stream tunnels ----------------------------------------------------------------------------------
+    # -- tunnel runtimes ---------------------------------------------------------------------------------
 
-    async def _open_stream_tunnel(self, settings: Socks5Tunnel | HttpTunnel) -> StreamTunnel:
-        provider = make_provider(settings)
-        monitor = HealthMonitor(settings.id, provider, self._on_health)
-        carries_udp = isinstance(settings, Socks5Tunnel) and settings.udp
-        proxy = await self._start_proxy(
-            lambda hosts: TunnelProxy(
-                settings.id,
-                provider,
-                self._nat_lookup,
-                hosts,
-                udp=carries_udp,
-                on_flow_failed=monitor.flow_failed,
-                redirected=self.dataplane == "kernel",
-            )
+    def _runtime_context(self) -> RuntimeContext:
+        return RuntimeContext(
+            self.registry,
+            self.dataplane,
+            self.config_path.parent,
+            lambda: self._router,
+            self._nat_lookup,
+            self._change_devices,
         )
-        udp_proxy = None
-        if isinstance(settings, HttpTunnel) and settings.udp == "direct":
-            # An HTTP proxy cannot carry UDP; with `udp: direct` the apps' datagrams are relayed directly.
-            udp_proxy = await self._start_proxy(
-                lambda hosts: TunnelProxy(
-                    settings.id,
-                    DirectProvider(),
-                    self._nat_lookup,
-                    hosts,
-                    udp=True,
-                    redirected=self.dataplane == "kernel",
-                )
-            )
-        return StreamTunnel(settings, provider, proxy, monitor, udp_proxy)
 
-    async def _start_proxy(self, make: Callable[[tuple[str, ...]], TunnelProxy]) -> TunnelProxy:
-        """A started proxy on both families, or on IPv4 alone where the host has no IPv6."""
-        hosts = KERNEL_PROXY_HOSTS if self.dataplane == "kernel" else PROXY_HOSTS
-        proxy = make(hosts)
-        try:
-            await proxy.start()
-        except OSError as exc:
-            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                raise
-            log.warning("[Core] no IPv6 on this host (%s): tunnel proxies listen on IPv4 only", exc)
-            proxy = make(hosts[:1])
-            await proxy.start()
-        return proxy
+    def _tunnel_routes(self) -> dict[str, AnyRoute]:
+        return {tunnel_id: runtime.route() for tunnel_id, runtime in self.runtimes.items()}
 
-    async def _close_stream_tunnel(self, tunnel: StreamTunnel) -> None:
-        await tunnel.monitor.stop()
-        await tunnel.proxy.stop()
-        if tunnel.udp_proxy is not None:
-            await tunnel.udp_proxy.stop()
-        tunnel.provider.close()
-
-    def _tunnel_routes(self) -> dict[str, TunnelRoute | PacketTunnelRoute]:
-        routes: dict[str, TunnelRoute | PacketTunnelRoute] = dict(self._packet_routes)
-        for tunnel_id, tunnel in self.tunnels.items():
-            tcp_port, udp_port = tunnel.route_ports()
-            routes[tunnel_id] = TunnelRoute(tcp_port, udp_port, tunnel.settings.lan_bypass)
-        return routes
+    def _change_devices(self, started: Mapping[str, DeviceFactory], stopped: Sequence[str]) -> None:
+        router = self._router
+        if router is not None:
+            router.change_devices(self._routes, started, stopped)
 
     def _nat_lookup(
         self, proto: str, peer_ip: str, peer_port: int, dst: tuple[str, int] | None = None
@@ -433,41 +348,24 @@ class Daemon:
         entry: NatTarget | None = router.nat_lookup(proto, peer_ip, peer_port, dst)
         return entry
 
-    def _on_health(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
-        tunnel = self.tunnels.get(tunnel_id)
-        if tunnel is None or tunnel.manual_down or tunnel_id not in self.registry:
-            return
-        self.registry.set_state(tunnel_id, state, reason)
-
     def _packet_tunnel_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
         # On the router pipe's reader thread: a device in the router process changed state.
         loop = self._event_loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._set_packet_state, tunnel_id, state, reason)
+            loop.call_soon_threadsafe(self._device_state, tunnel_id, state, reason)
 
-    def _set_packet_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
-        if tunnel_id in self._packets_down_by_hand:
-            return  # its stopped device's last word; it stays DOWN "taken down by hand"
-        if tunnel_id in self.registry and tunnel_id in self._packet_routes:
-            self.registry.set_state(tunnel_id, state, reason)
+    def _device_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
+        runtime = self.runtimes.get(tunnel_id)
+        if runtime is not None:
+            runtime.device_state(state, reason)
 
     def _on_tunnel_state(self, event: TunnelStateChanged) -> None:
         router = self._router
         if router is not None:
             router.tunnel_state_changed(event.tunnel_id, event.new)
-        tunnel = self.tunnels.get(event.tunnel_id)
-        kernel_down = event.new is TunnelState.DOWN and self.dataplane == "kernel"
-        if tunnel is not None and router is not None and kernel_down:
-            # The divert router resets these flows itself; on the kernel path it never sees their packets,
-            # so the proxy ends the fail-closed ones (`allow_direct` flows carry on as on the divert path).
-            def fail_closed(proto: str, peer: tuple[str, int], dst: tuple[str, int]) -> bool:
-                # TCP flows are known by their whole 4-tuple (TPROXY), UDP ones by the app's address.
-                entry = router.nat_lookup(proto, peer[0], peer[1], dst if proto == "tcp" else None)
-                return entry is None or bool(entry.fail_closed)
-
-            for proxy in (tunnel.proxy, tunnel.udp_proxy):
-                if proxy is not None:
-                    proxy.reset_flows(fail_closed)
+        runtime = self.runtimes.get(event.tunnel_id)
+        if runtime is not None:
+            runtime.state_changed(event.new)
 
     # -- config changes ----------------------------------------------------------------------------------
 
@@ -516,7 +414,7 @@ class Daemon:
         gone = [i for i in old_tunnels if i not in new_tunnels or new_tunnels[i] != old_tunnels[i]]
         added = [i for i in new_tunnels if i not in old_tunnels or new_tunnels[i] != old_tunnels[i]]
         # Endpoints resolve here (blocking) and settings are checked before anything is torn down.
-        packet_routes, devices = await asyncio.to_thread(
+        packets = await asyncio.to_thread(
             packet_tunnel_devices, [new_tunnels[i] for i in added], self.config_path.parent, self.dataplane
         )
         self._config = new
@@ -524,45 +422,39 @@ class Daemon:
         if new.log_level != old.log_level:
             configure_logging(new.log_level)
             log.info("[Core] log level %s", new.log_level)
-        stopped = [i for i in gone if i in self._packet_routes and i not in self._packets_down_by_hand]
+        changes = RouterChanges()
         for tunnel_id in gone:
-            self._packets_down_by_hand.discard(tunnel_id)
-            self._packet_routes.pop(tunnel_id, None)
-            tunnel = self.tunnels.pop(tunnel_id, None)
-            if tunnel is not None:
-                await self._close_stream_tunnel(tunnel)
+            runtime = self.runtimes.pop(tunnel_id, None)
+            if runtime is not None:
+                await runtime.stop(changes)
             self.registry.unregister(tunnel_id)
             if tunnel_id not in added:
                 log.info("[Core] tunnel %s removed", tunnel_id)
-        started: list[StreamTunnel] = []
+        context = self._runtime_context()
+        opened: list[TunnelRuntime] = []
         for tunnel_id in added:
-            settings: AnyTunnel = new_tunnels[tunnel_id]
+            settings = new_tunnels[tunnel_id]
             self.registry.register(tunnel_id, settings.tunnel_type)
             verb = "changed" if tunnel_id in old_tunnels else "added"
-            if isinstance(settings, Socks5Tunnel | HttpTunnel):
-                tunnel = await self._open_stream_tunnel(settings)
-                self.tunnels[tunnel_id] = tunnel
-                started.append(tunnel)
-                log.info("[Core] tunnel %s %s (%s %s)", tunnel_id, verb, settings.type, settings.server)
-            elif tunnel_id in devices:
-                self._packet_routes[tunnel_id] = packet_routes[tunnel_id]
-                self.registry.set_state(tunnel_id, TunnelState.CONNECTING, f"{verb} while running")
-                log.info("[Core] tunnel %s %s (%s): starting its device", tunnel_id, verb, settings.type)
+            runtime = tunnel_runtime(settings, context, packets)
+            await runtime.open(f"{verb} while running", changes)
+            self.runtimes[tunnel_id] = runtime
+            opened.append(runtime)
+            log.info("[Core] tunnel %s %s %s", tunnel_id, verb, runtime.added_note)
         if router is not None:
-            for tunnel_id in added:
-                if tunnel_id not in devices:
-                    router.tunnel_state_changed(tunnel_id, TunnelState.DOWN)
+            for tunnel_id in changes.down:
+                router.tunnel_state_changed(tunnel_id, TunnelState.DOWN)
             # Rules first: the router process applies messages in order, and starting a device takes tens
             # of milliseconds (a divert handle is reopened). A rule naming a tunnel that is not up yet gets
             # its fallback policy meanwhile, so this order never lets a `block` app out directly.
             router.set_rules(engine_rules(new), new.default, default_fallback(new))
             self._routes = self._tunnel_routes()
-            if devices or stopped:
-                router.change_devices(self._routes, devices, stopped)
+            if changes.started or changes.stopped:
+                router.change_devices(self._routes, changes.started, changes.stopped)
             else:
                 router.set_tunnels(self._routes)
-        for tunnel in started:
-            tunnel.monitor.start()
+        for runtime in opened:
+            runtime.start()
         if new.rules != old.rules or new.default != old.default:
             rule_log.info(
                 "[Rule] %d rules, default %s: applied to new connections", len(new.rules), new.default
@@ -598,21 +490,20 @@ class Daemon:
 
     async def _api_status(self, request: Mapping[str, Any]) -> dict[str, Any]:
         tunnels = self.registry.snapshot()
-        for row in tunnels:
-            tunnel = self.tunnels.get(row["id"])
-            if tunnel is not None:
-                counters = tunnel.proxy.counters
-                row["rx_bytes"], row["tx_bytes"] = counters.bytes_down, counters.bytes_up
-                row["flows"] = len(tunnel.proxy.tcp_flows) + len(tunnel.proxy.udp_associations)
         router_stats: dict[str, Any] = {}
+        report: RouterReport | None = None
         router = self._router
         if router is not None:
             snapshot = await asyncio.to_thread(router.snapshot)
             if snapshot is not None:
                 stats, flows = snapshot
-                _merge_packet_tunnel_stats(tunnels, stats.get("packet_tunnels") or {}, flows)
+                report = RouterReport(stats.get("packet_tunnels") or {}, flows)
                 router_stats = {k: v for k, v in stats.items() if isinstance(v, int) and v}
                 router_stats["flows"] = len(flows)
+        for row in tunnels:
+            runtime = self.runtimes.get(row["id"])
+            if runtime is not None:
+                runtime.report(row, report)
         return {"tunnels": tunnels, "router": router_stats}
 
     async def _api_connections(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -629,53 +520,13 @@ class Daemon:
             raise TunnelError(
                 f"no tunnel {tunnel_id!r} (tunnels: {', '.join(self.registry.ids()) or 'none'})"
             )
-        tunnel = self.tunnels.get(tunnel_id)
-        if tunnel is None:
-            return await self._packet_tunnel_by_hand(tunnel_id, action)
-        if action == "down":
-            tunnel.manual_down = True
-            await tunnel.monitor.stop()
-            tunnel.monitor.state = None
-            self.registry.set_state(tunnel_id, TunnelState.DOWN, "taken down by hand")
-        elif action == "up":
-            tunnel.manual_down = False
-            tunnel.monitor.start()
-            # Answer with the first probe's verdict rather than the DOWN it had a moment ago.
-            deadline = time.monotonic() + FIRST_PROBE_WAIT
-            while tunnel.monitor.state is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        else:
-            raise TunnelError(f"unknown tunnel action {action!r} (up, down)")
-        state = self.registry.state(tunnel_id)
-        return {"id": tunnel_id, "state": None if state is None else state.value}
-
-    async def _packet_tunnel_by_hand(self, tunnel_id: str, action: object) -> dict[str, Any]:
-        """`tunnel down` stops a WireGuard/AmneziaWG tunnel's device (its flows are reset, its rules'
-        fallback policies apply); `tunnel up` builds and connects it again and answers once it is UP, or
-        with its state after a few seconds."""
-        router, config = self._router, self._config
-        if router is None or config is None or tunnel_id not in self._packet_routes:
+        runtime = self.runtimes.get(tunnel_id)
+        if runtime is None:
             raise TunnelError(f"{tunnel_id} is not running in this daemon")
         if action == "down":
-            if tunnel_id not in self._packets_down_by_hand:
-                self._packets_down_by_hand.add(tunnel_id)
-                router.change_devices(self._routes, {}, [tunnel_id])
-            self.registry.set_state(tunnel_id, TunnelState.DOWN, "taken down by hand")
+            await runtime.down()
         elif action == "up":
-            if tunnel_id in self._packets_down_by_hand:
-                settings = next(t for t in config.tunnels if t.id == tunnel_id)
-                try:
-                    _, devices = await asyncio.to_thread(
-                        packet_tunnel_devices, [settings], self.config_path.parent, self.dataplane
-                    )
-                except ConfigError as exc:
-                    raise TunnelError(f"{tunnel_id} cannot start: {exc}") from None
-                self._packets_down_by_hand.discard(tunnel_id)
-                self.registry.set_state(tunnel_id, TunnelState.CONNECTING, "brought up by hand")
-                router.change_devices(self._routes, devices, [])
-            deadline = time.monotonic() + PACKET_TUNNEL_UP_WAIT
-            while self.registry.state(tunnel_id) is not TunnelState.UP and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await runtime.up()
         else:
             raise TunnelError(f"unknown tunnel action {action!r} (up, down)")
         state = self.registry.state(tunnel_id)
@@ -686,7 +537,7 @@ class Daemon:
     async def _wait_first_probes(self) -> None:
         deadline = time.monotonic() + FIRST_PROBE_WAIT
         while time.monotonic() < deadline:
-            if all(t.monitor.state is not None for t in self.tunnels.values()):
+            if all(runtime.settled for runtime in self.runtimes.values()):
                 return
             await asyncio.sleep(0.05)
 
@@ -728,21 +579,6 @@ def _connection(row: FlowRow) -> dict[str, Any]:
         "out": row.packets_out,
         "in": row.packets_in,
     }
-
-
-def _merge_packet_tunnel_stats(
-    rows: list[dict[str, Any]], packet_stats: Mapping[str, Any], flows: Sequence[FlowRow]
-) -> None:
-    """Fill the status rows of packet tunnels from the router process (their devices live there)."""
-    for row in rows:
-        stats = packet_stats.get(row["id"])
-        if not isinstance(stats, Mapping):
-            continue
-        row["rx_bytes"] = stats.get("rx_bytes", 0)
-        row["tx_bytes"] = stats.get("tx_bytes", 0)
-        row["flows"] = sum(1 for flow in flows if flow.tunnel == row["id"])
-        if stats.get("handshake_age") is not None:
-            row["handshake_age"] = stats["handshake_age"]
 
 
 def _address(ip: object, port: object) -> str:

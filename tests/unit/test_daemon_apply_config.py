@@ -101,7 +101,7 @@ def test_packet_tunnel_changed_is_replaced_and_removed_is_stopped(tmp_path: Path
     asyncio.run(daemon._apply_config(changed, removed))
     ((_, routes, started, stopped),) = [c for c in router.calls if c[0] == "devices"]
     assert (routes, started, stopped) == ({}, {}, ("wg",))
-    assert "wg" not in daemon.registry and daemon._packet_routes == {}
+    assert "wg" not in daemon.registry and daemon.runtimes == {}
 
 
 def test_unchanged_packet_tunnel_is_left_alone_by_a_rule_edit(tmp_path: Path) -> None:
@@ -133,3 +133,25 @@ def test_packet_tunnel_whose_endpoint_does_not_resolve_is_reported_and_the_runni
     )
     assert router.calls == [] and "wg" not in daemon.registry
     assert daemon._config is old, "the next edit is compared with what runs"
+
+
+def test_packet_tunnel_down_by_hand_stays_down_and_its_removal_stops_no_device(tmp_path: Path) -> None:
+    old, new = config(tmp_path), config(tmp_path, wg_tunnel(), RULE)
+    daemon, router = daemon_with(tmp_path, old)
+
+    async def scenario() -> None:
+        await daemon._apply_config(old, new)
+        router.calls.clear()
+        answer = await daemon._api_tunnel({"id": "wg", "action": "down"})
+        assert answer == {"id": "wg", "state": "down"}
+        ((_, routes, started, stopped),) = router.calls
+        assert list(routes) == ["wg"] and started == {} and stopped == ("wg",)
+        daemon._device_state("wg", TunnelState.DOWN, "device stopped")
+        daemon._device_state("wg", TunnelState.UP, "a late handshake")
+        assert daemon.registry.info("wg").reason == "taken down by hand"  # type: ignore[union-attr]
+        router.calls.clear()
+        await daemon._apply_config(new, old)
+
+    asyncio.run(scenario())
+    assert [c[0] for c in router.calls] == ["rules", "tunnels"], "its device is stopped already"
+    assert daemon.runtimes == {} and "wg" not in daemon.registry

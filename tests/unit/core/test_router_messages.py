@@ -43,10 +43,11 @@ from awg_split_tunnel.core.router_messages import (
     ToRouter,
 )
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
-from awg_split_tunnel.daemon import Daemon, _merge_packet_tunnel_stats
+from awg_split_tunnel.daemon import Daemon
 from awg_split_tunnel.net.nat import FlowVerdict, NatEntry
 from awg_split_tunnel.net.packet import IPPROTO_TCP, IPPROTO_UDP
 from awg_split_tunnel.process.matcher import Platform
+from awg_split_tunnel.tunnel_runtimes import RouterReport, report_packet_tunnel
 
 APP = ipaddress.ip_address("198.18.0.1").packed
 WEB = ipaddress.ip_address("198.18.0.10").packed
@@ -142,7 +143,9 @@ def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> No
         ]
     }
     status = [{"id": "wg"}, {"id": "socks"}]
-    _merge_packet_tunnel_stats(status, {"wg": {"rx_bytes": 3, "tx_bytes": 4}}, rows)
+    report = RouterReport({"wg": {"rx_bytes": 3, "tx_bytes": 4}}, rows)
+    for row in status:
+        report_packet_tunnel(row, report)
     assert status == [{"id": "wg", "rx_bytes": 3, "tx_bytes": 4, "flows": 1}, {"id": "socks"}]
 
 
