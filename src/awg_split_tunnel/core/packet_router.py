@@ -441,7 +441,7 @@ class PacketRouter:
                 self._tcp_closing(entry, buf[l4 + 13], FIN_FROM_APP, now)
             return Verdict.REINJECT
         if verdict is FlowVerdict.TUNNEL:
-            if v.fragment and entry.proxy_port:
+            if v.fragment and not entry.to_packet_tunnel:
                 return self._first_fragment(v)
             if proto == IPPROTO_TCP:
                 flags = buf[l4 + 13]
@@ -449,7 +449,7 @@ class PacketRouter:
                     entry.app_ack = _U32.unpack_from(buf, l4 + 8)[0]
                 if flags & (TCP_FIN | TCP_RST):
                     self._tcp_closing(entry, flags, FIN_FROM_APP, now)
-            if not entry.proxy_port:
+            if entry.to_packet_tunnel:
                 return self._to_packet_tunnel(v, entry, now, copy_meta)
             v.swap_addresses()
             v.set_dst_port(entry.proxy_port)
@@ -601,7 +601,7 @@ class PacketRouter:
         if entry.verdict is FlowVerdict.PASS:
             return Verdict.REINJECT
         if entry.verdict is FlowVerdict.TUNNEL:
-            if not entry.proxy_port:
+            if entry.to_packet_tunnel:
                 return self._to_packet_tunnel(v, entry, self._now, copy_meta)
             if v.fragment:
                 return self._first_fragment(v)
@@ -670,7 +670,7 @@ class PacketRouter:
             entry.fail_closed = decision.fallback is not FallbackPolicy.ALLOW_DIRECT
         if action is Action.TUNNEL and entry.tunnel_id in self._paths:
             if self._paths[entry.tunnel_id].has_address(4 if len(held.dst_addr) == 4 else 6):
-                entry.verdict = FlowVerdict.TUNNEL  # proxy_port 0: a packet tunnel's flow
+                entry.verdict = FlowVerdict.TUNNEL  # no proxy port: ``to_packet_tunnel``
             else:
                 # No tunnel address of this IP version: the peer would drop it; fail closed.
                 self.stats.unroutable += 1

@@ -86,6 +86,11 @@ class NatEntry:
     of the same app port to the same address (another destination port) holds that peer key."""
 
     @property
+    def to_packet_tunnel(self) -> bool:
+        """A tunnelled flow of a WireGuard/AmneziaWG tunnel (no local proxy: its packets go to a device)."""
+        return self.verdict is FlowVerdict.TUNNEL and not self.proxy_port
+
+    @property
     def orig_dst_ip(self) -> str:
         """The destination the app asked for, as text (what a proxy connects to)."""
         return str(ipaddress.ip_address(self.orig_dst_addr))

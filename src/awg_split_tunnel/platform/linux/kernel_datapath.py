@@ -400,7 +400,7 @@ class KernelGate:
         if entry.verdict is FlowVerdict.PASS:
             return DIRECT
         if entry.verdict is FlowVerdict.TUNNEL:
-            flow_class = self.slots.class_of(entry.tunnel_id, packet=not entry.proxy_port)
+            flow_class = self.slots.class_of(entry.tunnel_id, packet=entry.to_packet_tunnel)
             return BLOCK if flow_class is None else flow_class
         return BLOCK
 
