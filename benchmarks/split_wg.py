@@ -75,12 +75,12 @@ def serve(conf_text: str, tunnel: str, dataplane: str) -> None:
     """
     import logging
 
-    from awg_split_tunnel.core.packet_router import RouterProcess, RouterSettings
     from awg_split_tunnel.core.policy import TunnelState
     from awg_split_tunnel.core.rule_engine import Rule
     from awg_split_tunnel.packet_tunnels import packet_tunnel_devices
     from awg_split_tunnel.platform.divert import event_handles, router_handles
     from awg_split_tunnel.provider.wireguard.conf import parse_conf
+    from awg_split_tunnel.router.process import RouterProcess, RouterSettings
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     conf = parse_conf(conf_text)

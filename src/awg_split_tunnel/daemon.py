@@ -7,7 +7,7 @@ edits (the file changed on disk, polled every second) are applied without a rest
 the next flow, tunnels are added and removed.
 
 Packet tunnels (WireGuard, AmneziaWG) run inside the router process, next to the divert handles
-(core/packet_tunnel.py): their devices connect at start, report UP after a handshake and DOWN when
+(router/service.py): their devices connect at start, report UP after a handshake and DOWN when
 handshakes keep failing, and the router process retries them while DOWN. Packet tunnels edited while
 running go the same way as stream tunnels: an added one's device is built (endpoints resolved first)
 and started in the router process, and its rules apply to the next connection once it is UP (their
@@ -33,7 +33,6 @@ from typing import Any, TextIO
 
 from awg_split_tunnel.core.config import Config, ConfigManager
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
-from awg_split_tunnel.core.packet_router import DeviceFactory, RouterProcess, RouterSettings
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
@@ -42,6 +41,7 @@ from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelErro
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
 from awg_split_tunnel.provider.interface import set_own_socket_mark
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
+from awg_split_tunnel.router.process import DeviceFactory, RouterProcess, RouterSettings
 from awg_split_tunnel.tunnel_runtimes import (
     FIRST_PROBE_WAIT,
     AnyRoute,

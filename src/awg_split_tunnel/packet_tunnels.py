@@ -2,7 +2,7 @@
 
 Each packet tunnel becomes a `PacketTunnelRoute` (the addresses its peer knows us by, its MTU) and a
 factory for its `WireGuardDevice`; the router process builds the devices itself, next to its divert
-handles, so packets never cross a process boundary (core/packet_tunnel.py explains why). The daemon
+handles, so packets never cross a process boundary (router/divert_loop.py explains why). The daemon
 builds them at start and for every packet tunnel added or changed while it runs (``packet_tunnel_devices``).
 """
 
@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from awg_split_tunnel.core.config import AnyTunnel, PacketTunnel, tunnel_wg_conf
-from awg_split_tunnel.core.packet_router import DeviceFactory
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.errors import ConfigError
 from awg_split_tunnel.platform.linux.kernel_rules import DIRECT, mark_value
 from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
+from awg_split_tunnel.router.process import DeviceFactory
 
 DIVERT_SAFE_UDP_GSO = False
 """eBPFDivert workaround: with the divert handles open in the sending namespace, UDP GSO sends (several

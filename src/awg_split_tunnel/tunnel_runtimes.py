@@ -15,7 +15,7 @@ The daemon drives every tunnel through the same small interface, ``TunnelRuntime
 
 ``StreamTunnelRuntime`` (SOCKS5, HTTP CONNECT) owns a provider, one TunnelProxy (two for an HTTP tunnel
 with ``udp: direct``) and a HealthMonitor. ``PacketTunnelRuntime`` (WireGuard, AmneziaWG) owns a device
-factory and a route: its device runs in the router process (core/packet_tunnel.py), which starts and stops
+factory and a route: its device runs in the router process (router/service.py), which starts and stops
 it on a ``devices`` message; the daemon batches one such message per config change (``RouterChanges``).
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from awg_split_tunnel.core.config import AnyTunnel, HttpTunnel, PacketTunnel, Socks5Tunnel
-from awg_split_tunnel.core.packet_router import DeviceFactory, TunnelRoute
+from awg_split_tunnel.core.packet_router import TunnelRoute
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
@@ -44,9 +44,10 @@ from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
 from awg_split_tunnel.provider.interface import StreamProvider
 from awg_split_tunnel.provider.socks5.provider import Socks5Provider
 from awg_split_tunnel.proxy.tunnel_proxy import NatLookup, TunnelProxy
+from awg_split_tunnel.router.process import DeviceFactory
 
 if TYPE_CHECKING:
-    from awg_split_tunnel.core.packet_router import RouterProcess
+    from awg_split_tunnel.router.process import RouterProcess
 
 log = logging.getLogger("awg_split_tunnel.core")
 

@@ -39,18 +39,14 @@ def serve(config: dict[str, object]) -> None:
     import asyncio
     import logging
 
-    from awg_split_tunnel.core.packet_router import (
-        PacketRouter,
-        RouterLoop,
-        RouterProcess,
-        RouterSettings,
-        TunnelRoute,
-    )
+    from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute
     from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
     from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
     from awg_split_tunnel.platform.divert import router_handles
     from awg_split_tunnel.provider.socks5.provider import Socks5Provider
     from awg_split_tunnel.proxy.tunnel_proxy import TunnelProxy
+    from awg_split_tunnel.router.divert_loop import RouterLoop
+    from awg_split_tunnel.router.process import RouterProcess, RouterSettings
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     rules = (

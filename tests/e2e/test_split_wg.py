@@ -58,14 +58,17 @@ def serve(config: dict[str, Any]) -> None:
     import threading
     from collections.abc import Callable
 
-    from awg_split_tunnel.core.packet_router import PacketRouter, RouterProcess, RouterSettings
-    from awg_split_tunnel.core.packet_tunnel import AsyncRouterLoop, PacketTunnelRoute, device_report
+    from awg_split_tunnel.core.packet_router import PacketRouter
+    from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
     from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
     from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
     from awg_split_tunnel.packet_tunnels import DIVERT_SAFE_UDP_GSO
     from awg_split_tunnel.platform.divert import router_handles
     from awg_split_tunnel.provider.wireguard.conf import parse_conf
     from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
+    from awg_split_tunnel.router.divert_loop import AsyncRouterLoop
+    from awg_split_tunnel.router.process import RouterProcess, RouterSettings
+    from awg_split_tunnel.router.service import device_report
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     conf = parse_conf(config["conf"])

@@ -16,6 +16,7 @@ ADAPTERS = (
     "awg_split_tunnel.platform",
     "awg_split_tunnel.proxy",
     "awg_split_tunnel.lab",
+    "awg_split_tunnel.router",
     "awg_split_tunnel.api",
     "awg_split_tunnel.provider.direct",
     "awg_split_tunnel.provider.health",

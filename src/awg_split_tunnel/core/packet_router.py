@@ -3,8 +3,9 @@
 ``PacketRouter`` is sans-I/O: ``route(buf, length, now, copy_meta)`` looks at one captured outbound packet
 in its receive buffer and returns a ``Verdict`` (rewritten in place where needed); connect events come in
 through ``connect_event``; packets it held or crafted (RSTs) come out of ``take_outgoing``; ``poll(now)``
-runs the timers. Process lookups are injected callables. ``RouterLoop`` is the thin I/O adapter: it owns
-the divert handles and a thread, and is the piece that moves to its own process (docs/DESIGN.md).
+runs the timers. Process lookups are injected callables. The I/O adapters live in ``router/``:
+``router.divert_loop`` (the divert handles' loops), ``router.service`` and ``router.process`` (the router
+process, docs/DESIGN.md).
 
 A new flow's first packet (TCP SYN, first UDP datagram) waits until the connect event naming its process
 has arrived (``hold_timeout``; events and packets come on different handles in no fixed order), then the
@@ -16,46 +17,25 @@ Packet tunnels (WireGuard/AmneziaWG, ``PacketTunnelRoute``): a flow routed to on
 (``Verdict.TO_TUNNEL``), rewritten by ``core.packet_tunnel.PacketTunnelPath`` (SNAT, MSS clamp,
 segmentation, ICMP too-big) and queued for the device (``take_tunnel_packets``); the device's decrypted
 packets come back through ``from_tunnel`` and leave ``take_outgoing`` DNATed, to be injected inbound.
-``core.packet_tunnel.AsyncRouterLoop`` runs handles and devices on one event loop.
+``router.divert_loop.AsyncRouterLoop`` runs handles and devices on one event loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import ipaddress
 import logging
 import os
 import queue
-import select
 import struct
-import sys
-import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute
 from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
-from awg_split_tunnel.core.router_messages import (
-    ChangeDevices,
-    DeviceStateChanged,
-    FlowForgotten,
-    FlowRow,
-    FlowTunnelled,
-    FromRouter,
-    Ready,
-    SetRoutes,
-    SetRules,
-    SetTunnelState,
-    Snapshot,
-    SnapshotRequest,
-    StartFailed,
-    Stop,
-    ToRouter,
-)
-from awg_split_tunnel.core.rule_engine import Decision, Rule, RuleEngine, resolve
+from awg_split_tunnel.core.router_messages import FlowRow
+from awg_split_tunnel.core.rule_engine import Decision, resolve
 from awg_split_tunnel.net.nat import (
     FIN_FROM_APP,
     FIN_FROM_PEER,
@@ -315,7 +295,7 @@ class PacketRouter:
 
         Safe from the proxies' thread: one dict read.
         """
-        number = _proto_number(proto)
+        number = proto_number(proto)
         address = ipaddress.ip_address(peer_ip)
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
@@ -818,6 +798,11 @@ class PacketRouter:
         self._held_fragments.clear()
         return metas
 
+    @property
+    def has_outgoing(self) -> bool:
+        """Whether ``take_outgoing`` has packets (cheap: for the loops' per-packet check)."""
+        return bool(self._outgoing)
+
     def take_outgoing(self) -> list[Outgoing]:
         """Packets to send now (decided held packets, RSTs), in order."""
         out, self._outgoing = self._outgoing, []
@@ -949,14 +934,16 @@ def flow_row(e: NatEntry) -> FlowRow:
     )
 
 
-def _packed(ip: str) -> bytes:
+def packed_address(ip: str) -> bytes:
+    """An address's bytes as the NAT keys it (IPv4-mapped IPv6 as IPv4)."""
     address = ipaddress.ip_address(ip)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.packed
 
 
-def _proto_number(proto: int | str) -> int:
+def proto_number(proto: int | str) -> int:
+    """6 or 17 from a number or ``tcp``/``udp``."""
     if isinstance(proto, int):
         return proto
     return {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}[proto.lower()]
@@ -966,646 +953,3 @@ def _describe(held: _HeldFlow) -> str:
     name = "tcp" if held.proto == IPPROTO_TCP else "udp"
     src, dst = ipaddress.ip_address(held.src_addr), ipaddress.ip_address(held.dst_addr)
     return f"{name} {src}:{held.src_port} -> {dst}:{held.dst_port}"
-
-
-class NetworkPort(Protocol):
-    """The NETWORK handle as the loop uses it (``platform.divert.NetworkHandle``)."""
-
-    def open(self) -> None: ...
-    def close(self) -> None: ...
-    def fileno(self) -> int | None: ...
-    def recv_into(self, buf: bytearray, c_buf: Any, addr: Any, timeout_ms: int = 0) -> int: ...
-    def send(self, c_buf: Any, length: int, addr: Any) -> bool: ...
-    def refresh(self) -> bool: ...
-    def new_buffer(self) -> tuple[bytearray, Any, Any]: ...
-    def copy_address(self, addr: Any) -> Any: ...
-    def set_inbound(self, addr: Any, inbound: bool = True) -> None: ...
-    def c_buffer(self, data: bytearray) -> Any: ...
-
-
-class ConnectEventLike(Protocol):
-    kind: int
-    pid: int
-    proto: int
-    local_addr: bytes
-    local_port: int
-    remote_addr: bytes
-    remote_port: int
-
-
-class EventPort(Protocol):
-    """A SOCKET/FLOW handle as the loop uses it (``platform.divert.SocketEventHandle``)."""
-
-    def open(self) -> None: ...
-    def close(self) -> None: ...
-    def fileno(self) -> int | None: ...
-    def recv(self, timeout_ms: int = 0) -> ConnectEventLike | None: ...
-
-
-EVENT_CONNECT = 4
-EVENT_ESTABLISHED = 1
-EVENT_DELETED = 2
-BATCH = 64
-"""Packets (and events) taken per wake-up before timers and the other handle get their turn."""
-REFRESH_INTERVAL = 2.0
-
-
-def pending_events(
-    router: PacketRouter,
-    handles: Iterable[EventPort],
-    accept_pid: Callable[[int], bool],
-    deleted: Callable[[ConnectEventLike], None] | None = None,
-) -> Iterator[ConnectEvent]:
-    """The connect events waiting on the handles, of processes in this network namespace. FLOW DELETED
-    events (a UDP socket closed) end their flow on the way (``PacketRouter.flow_deleted``, then
-    ``deleted``)."""
-    for handle in handles:
-        for _ in range(BATCH):
-            event = handle.recv(0)
-            if event is None:
-                break
-            kind = event.kind
-            if kind in (EVENT_CONNECT, EVENT_ESTABLISHED) and accept_pid(event.pid):
-                # Linux CONNECT events carry local port 0 (matched by remote); Windows ones and FLOW
-                # ESTABLISHED events carry the real port (matched exactly).
-                yield event.proto, event.remote_addr, event.remote_port, event.pid, event.local_port
-            elif kind == EVENT_DELETED and event.proto == IPPROTO_UDP and accept_pid(event.pid):
-                router.flow_deleted(
-                    event.proto, event.local_addr, event.local_port, event.remote_addr, event.remote_port
-                )
-                if deleted is not None:
-                    deleted(event)
-
-
-class RouterLoop:
-    """The thin I/O side: divert handles → ``PacketRouter`` → reinjection, on one thread.
-
-    ``start()`` opens the handles (raises if the backend refuses) and runs the loop on a new thread;
-    ``stop()`` ends it and closes the handles, after which traffic flows undiverted. ``run()`` does the
-    same on the calling thread until ``request_stop()`` (``RouterProcess`` uses it). ``accept_pid``
-    filters connect events to this network namespace (``process.lookup.NamespaceFilter``). ``control``
-    is an optional ``multiprocessing`` connection whose messages (``router_messages.ToRouter``) go to
-    ``on_control`` on the loop's thread.
-    """
-
-    def __init__(
-        self,
-        router: PacketRouter,
-        network: NetworkPort,
-        events: Iterable[EventPort] = (),
-        *,
-        accept_pid: Callable[[int], bool] = lambda pid: True,
-        clock: Callable[[], float] = time.monotonic,
-        control: Any = None,
-        on_control: Callable[[Any], None] | None = None,
-    ) -> None:
-        self.router = router
-        self.network = network
-        self.events = list(events)
-        self._accept_pid = accept_pid
-        self._clock = clock
-        self._control = control
-        self._on_control = on_control
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._wake_r, self._wake_w = -1, -1
-        self._opened = False
-        self.error: BaseException | None = None
-        router.event_source = self._pending_events
-
-    def open(self) -> None:
-        """Open the handles: event handles first, so no SYN can arrive before its CONNECT could."""
-        opened: list[EventPort] = []
-        try:
-            for handle in self.events:
-                handle.open()
-                opened.append(handle)
-            self.network.open()
-        except BaseException:
-            for handle in opened:
-                handle.close()
-            raise
-        self._wake_r, self._wake_w = os.pipe()
-        self._stop.clear()
-        self._opened = True
-        log.info("[Router] diverting outbound TCP/UDP (%d event handles)", len(self.events))
-
-    def close(self) -> None:
-        if not self._opened:
-            return
-        self._opened = False
-        handles: list[EventPort | NetworkPort] = [self.network, *self.events]
-        for handle in handles:
-            try:
-                handle.close()
-            except Exception:
-                log.exception("[Router] closing a divert handle failed")
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        log.info("[Router] stopped: %s", self.router.stats)
-
-    def start(self) -> None:
-        self.open()
-        self._thread = threading.Thread(target=self._run, name="packet-router", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self.request_stop()
-            thread.join(5.0)
-        self.close()
-
-    def run(self) -> None:
-        """Open (unless open), loop on this thread until ``request_stop()``, close."""
-        if not self._opened:
-            self.open()
-        try:
-            self._loop()
-        finally:
-            self.close()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-        if self._opened:
-            os.write(self._wake_w, b"x")
-
-    def __enter__(self) -> RouterLoop:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # the loop must not die silently: traffic would flow undiverted
-            self.error = exc
-            log.exception("[Router] packet loop failed")
-
-    def _poller(self) -> Any:
-        """A poll object over every handle, or None where there is none (Windows: no poll(), and WinDivert
-        handles are not descriptors) — the loop then blocks briefly in the NETWORK handle's receive."""
-        if sys.platform == "win32":
-            return None
-        handles: list[EventPort | NetworkPort] = [self.network, *self.events]
-        fds = [handle.fileno() for handle in handles]
-        if None in fds:
-            return None
-        poller = select.poll()
-        for fd in (self._wake_r, *fds, *([self._control.fileno()] if self._control is not None else [])):
-            poller.register(fd, select.POLLIN)
-        return poller
-
-    def _loop(self) -> None:
-        router, net = self.router, self.network
-        buf, c_buf, addr = net.new_buffer()
-        send = net.send
-        set_inbound = net.set_inbound
-        route = router.route
-
-        def copy_meta() -> object:
-            return net.copy_address(addr)
-
-        poller = self._poller()
-        next_refresh = self._clock() + REFRESH_INTERVAL
-        while not self._stop.is_set():
-            deadline = router.next_deadline()
-            now = self._clock()
-            timeout = 200 if deadline is None else max(0, min(200, int((deadline - now) * 1000) + 1))
-            if poller is not None:
-                poller.poll(timeout)
-                wait_ms = 0
-            else:
-                wait_ms = min(timeout, 2)
-            now = self._clock()
-            if self._control is not None:
-                self._drain_control()
-            self._drain_events(now)
-            for _ in range(BATCH):
-                n = net.recv_into(buf, c_buf, addr, wait_ms)
-                if not n:
-                    break
-                wait_ms = 0
-                verdict = route(buf, n, now, copy_meta)
-                if verdict is Verdict.REINJECT:
-                    send(c_buf, n, addr)
-                elif verdict is Verdict.INJECT_INBOUND:
-                    set_inbound(addr, True)
-                    send(c_buf, n, addr)
-                if router._outgoing:
-                    self._send_outgoing()
-            router.poll(now)
-            if router._outgoing:
-                self._send_outgoing()
-            if now >= next_refresh:
-                next_refresh = now + REFRESH_INTERVAL
-                if net.refresh():
-                    poller = self._poller()
-
-    def _drain_control(self) -> None:
-        control, handler = self._control, self._on_control
-        try:
-            while control.poll(0):
-                message = control.recv()
-                if handler is not None:
-                    handler(message)
-        except (EOFError, OSError):
-            # The control plane is gone: stop diverting (the OS firewall holds the kill switch).
-            log.error("[Router] control connection lost: stopping")
-            self._stop.set()
-
-    def _drain_events(self, now: float) -> None:
-        connect_event = self.router.connect_event
-        for proto, remote_addr, remote_port, pid, local_port in self._pending_events():
-            connect_event(proto, remote_addr, remote_port, pid, now, local_port)
-
-    def _pending_events(self) -> Iterator[ConnectEvent]:
-        return pending_events(self.router, self.events, self._accept_pid)
-
-    def _send_outgoing(self) -> None:
-        net = self.network
-        for packet in self.router.take_outgoing():
-            net.set_inbound(packet.meta, packet.inbound)
-            net.send(net.c_buffer(packet.data), len(packet.data), packet.meta)
-
-
-@dataclass(frozen=True, slots=True)
-class RouterSettings:
-    """Everything the router process starts from (sent to it once, pickled)."""
-
-    rules: tuple[Rule, ...]
-    default: str
-    tunnels: Mapping[str, AnyTunnelRoute]
-    states: Mapping[str, TunnelState]
-    default_fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
-    own_pids: frozenset[int] = frozenset()
-    hold_timeout: float = HOLD_TIMEOUT
-    log_level: int = logging.INFO
-    devices: Mapping[str, DeviceFactory] = field(default_factory=dict)
-    """Packet tunnels' devices, built and run inside the router process (one per ``PacketTunnelRoute``
-    in ``tunnels``)."""
-    dataplane: str = "divert"
-    """``divert`` (every packet through the router) or ``kernel`` (first packets only)."""
-
-
-DeviceFactory = Callable[[], Any]
-"""Builds a packet tunnel's device (``core.packet_tunnel.PacketDevice``) inside the router process; must
-pickle, e.g. ``functools.partial(WireGuardDevice, device_settings, tunnel_id="nl-awg")``."""
-
-HandleFactory = Callable[..., tuple[NetworkPort, Sequence[EventPort], Callable[[int], bool]]]
-"""Builds (unopened) NETWORK handle, event handles and the namespace filter inside the router process;
-``platform.divert.router_handles``. A module-level function, so it can be pickled. With packet tunnels
-it is called with their devices' UDP ports, to leave out of the capture."""
-
-ProcessBody = Callable[[RouterSettings, Callable[..., Any], Any], None]
-"""The router process's body: (settings, handle factory, pipe). ``_router_process_main`` (the divert data
-path) by default; the kernel data path passes its own (``platform.linux.kernel_datapath``). Module-level,
-so it pickles."""
-
-START_TIMEOUT = 20.0
-
-
-class RouterProcess:
-    """The divert loop in its own process (docs/DESIGN.md): a busy control plane cannot stall packets.
-
-    The child owns the handles, the PacketRouter and its tables; the control plane talks to it over one
-    pipe (``core.router_messages``): rule/state/tunnel/device changes go down (``ToRouter``); every
-    tunnelled flow's NAT entry comes up (``FlowTunnelled``) *before* its first packet is reinjected, so
-    ``nat_lookup`` (called by the proxies when they accept) finds it — on a miss it drains the pipe itself
-    before answering. A reader thread keeps the pipe drained otherwise and applies the other messages
-    coming up (``FlowForgotten``, ``Snapshot``, ``DeviceStateChanged``). The child's first message is
-    ``Ready``, or ``StartFailed`` with the reason.
-    """
-
-    def __init__(
-        self, settings: RouterSettings, open_handles: Callable[..., Any], serve: ProcessBody | None = None
-    ) -> None:
-        self.settings = settings
-        self._open_handles = open_handles
-        self._serve: ProcessBody = serve or _router_process_main
-        self._process: Any = None
-        self._conn: Any = None
-        self._lock = threading.Lock()
-        self._reader: threading.Thread | None = None
-        self._nat: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
-        self._snapshot: Snapshot | None = None
-        self._snapshot_ready = threading.Event()
-        self._stopping = False
-        self.on_tunnel_state: Callable[[str, TunnelState, str], None] | None = None
-        """Called (on the reader thread) when a packet tunnel's device, which lives in the router process,
-        changes state: (tunnel id, state, reason); e.g. hop to the daemon's loop and set the registry."""
-        self.on_exit: Callable[[], None] | None = None
-        """Called (on the reader thread) if the router process ends without being stopped: traffic then
-        flows undiverted, so the daemon should restart it or fail closed."""
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and bool(self._process.is_alive())
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else int(self._process.pid)
-
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start the router process; returns once its handles are open. RuntimeError if they cannot be."""
-        import multiprocessing
-
-        # spawn, not fork: the control plane has threads and an event loop a forked child must not inherit.
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        settings = RouterSettings(
-            self.settings.rules,
-            self.settings.default,
-            dict(self.settings.tunnels),
-            dict(self.settings.states),
-            self.settings.default_fallback,
-            frozenset({*self.settings.own_pids, os.getpid()}),
-            self.settings.hold_timeout,
-            self.settings.log_level,
-            dict(self.settings.devices),
-            self.settings.dataplane,
-        )
-        self._process = context.Process(
-            target=self._serve,
-            args=(settings, self._open_handles, child_conn),
-            name="awg-packet-router",
-            daemon=True,
-        )
-        self._process.start()
-        child_conn.close()
-        if not self._conn.poll(timeout):
-            self._kill()
-            raise RuntimeError(f"the packet router process did not start within {timeout:.0f}s")
-        first: FromRouter = self._conn.recv()
-        match first:
-            case Ready():
-                pass
-            case StartFailed(reason=reason):
-                self._kill()
-                raise RuntimeError(f"the packet router process failed: {reason}")
-            case _:
-                self._kill()
-                raise RuntimeError(f"the packet router process failed: {first!r} before it was ready")
-        self._reader = threading.Thread(target=self._read, name="packet-router-pipe", daemon=True)
-        self._reader.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self._process is None:
-            return
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            self._conn.send(Stop())
-        self._process.join(timeout)
-        self._kill()
-
-    def _kill(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.is_alive():
-            process.terminate()
-            process.join(2.0)
-        if self._conn is not None:
-            self._conn.close()
-
-    # -- control plane side --------------------------------------------------------------------------------
-
-    def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
-        self._send(SetTunnelState(tunnel_id, state))
-
-    def set_tunnels(self, tunnels: Mapping[str, AnyTunnelRoute]) -> None:
-        self._send(SetRoutes(dict(tunnels)))
-
-    def set_rules(
-        self, rules: Iterable[Rule], default: str, default_fallback: FallbackPolicy | None = None
-    ) -> None:
-        self._send(SetRules(tuple(rules), default, default_fallback or self.settings.default_fallback))
-
-    def change_devices(
-        self,
-        tunnels: Mapping[str, AnyTunnelRoute],
-        started: Mapping[str, DeviceFactory],
-        stopped: Iterable[str] = (),
-    ) -> None:
-        """Packet tunnels added, changed or removed while running: stop the devices of ``stopped`` (their
-        flows are reset as for a tunnel going DOWN), start those of ``started`` (a running one of the same
-        id is replaced), then route by ``tunnels`` (every tunnel's route, as ``set_tunnels`` takes them).
-        The new devices' states come back through ``on_tunnel_state``."""
-        self._send(ChangeDevices(dict(tunnels), dict(started), tuple(stopped)))
-
-    def nat_lookup(
-        self, proto: int | str, peer_ip: str, peer_port: int, dst: tuple[str, int] | None = None
-    ) -> NatEntry | None:
-        """Like ``PacketRouter.nat_lookup``, from the control plane's mirror of the router's NAT. ``dst``:
-        the connection's own (original) destination where the proxy knows it (kernel data path, TCP)."""
-        number = _proto_number(proto)
-        key = _packed(peer_ip) + peer_port.to_bytes(2, "big")
-        if dst is not None:
-            key += _packed(dst[0]) + dst[1].to_bytes(2, "big")
-        table = self._nat[0 if number == IPPROTO_TCP else 1]
-        entry = table.get(key)
-        if entry is None:
-            self._drain()  # its announcement may still sit in the pipe
-            entry = table.get(key)
-        return entry
-
-    def snapshot(self, timeout: float = 2.0) -> tuple[dict[str, Any], list[FlowRow]] | None:
-        """(router stats, flows) from the router process (its ``Snapshot``), or None if it did not answer."""
-        self._snapshot_ready.clear()
-        self._send(SnapshotRequest())
-        if not self._snapshot_ready.wait(timeout) or self._snapshot is None:
-            return None
-        return self._snapshot.stats, list(self._snapshot.flows)
-
-    def _send(self, message: ToRouter) -> None:
-        if self._conn is None:
-            raise RuntimeError("the packet router process is not running")
-        self._conn.send(message)
-
-    def _read(self) -> None:
-        conn = self._conn
-        while True:
-            try:
-                conn.poll(None)
-            except (EOFError, OSError):
-                break
-            if not self._drain():
-                break
-        if not self._stopping:
-            if self.settings.dataplane == "kernel":
-                log.error(
-                    "[Router] the packet router process ended unexpectedly: the kernel holds every new "
-                    "connection until `run` starts again or `awg-split-tunnel cleanup` removes its rules"
-                )
-            else:
-                log.error("[Router] the packet router process ended unexpectedly: traffic is not diverted")
-            if self.on_exit is not None:
-                self.on_exit()
-
-    def _drain(self) -> bool:
-        """Apply every message waiting in the pipe; False once it is closed."""
-        if self._conn is None:
-            return False
-        with self._lock:
-            try:
-                while self._conn.poll(0):
-                    self._apply(self._conn.recv())
-            except (EOFError, OSError):
-                return False
-        return True
-
-    def _apply(self, message: FromRouter) -> None:
-        match message:
-            case FlowTunnelled():
-                self._nat[0 if message.proto == IPPROTO_TCP else 1][message.key] = NatEntry(
-                    message.proto,
-                    message.app_addr,
-                    message.app_port,
-                    message.dst_addr,
-                    message.dst_port,
-                    FlowVerdict.TUNNEL,
-                    message.tunnel_id,
-                    pid=message.pid,
-                    exe=message.exe,
-                    fail_closed=message.fail_closed,
-                )
-            case FlowForgotten(proto=proto, key=key):
-                self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
-            case Snapshot():
-                self._snapshot = message
-                self._snapshot_ready.set()
-            case DeviceStateChanged(tunnel_id=tunnel_id, state=state, reason=reason):
-                if self.on_tunnel_state is not None:
-                    self.on_tunnel_state(tunnel_id, state, reason)
-
-
-def nat_announcement(entry: NatEntry, key: bytes | None = None) -> FlowTunnelled:
-    """The router process's message for a new tunnelled flow (``RouterProcess`` mirrors it). ``key`` is how
-    the proxy sees the flow's peer: the hairpin's ``peer_key`` (divert), the app's own address and port
-    (kernel: a redirected connection keeps its source)."""
-    return FlowTunnelled(
-        proto=entry.proto,
-        key=entry.peer_key if key is None else key,
-        dst_addr=entry.orig_dst_addr,
-        dst_port=entry.orig_dst_port,
-        app_addr=entry.app_addr,
-        app_port=entry.app_port,
-        tunnel_id=entry.tunnel_id,
-        pid=entry.pid,
-        exe=entry.exe,
-        fail_closed=entry.fail_closed,
-    )
-
-
-def nat_withdrawal(entry: NatEntry, key: bytes | None = None) -> FlowForgotten:
-    """The router process's message for a tunnelled flow it forgot (``RouterProcess`` drops its mirror)."""
-    return FlowForgotten(entry.proto, entry.peer_key if key is None else key)
-
-
-def configure_process_logging(level: int) -> None:
-    """A router process's log: the control plane's line format (daemon.configure_logging), one log to
-    read; Ctrl-C reaches the whole process group, but the control plane decides when the router stops."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
-    # Libraries log every netlink message at debug level: only their warnings belong in our log.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
-
-
-def process_router(
-    settings: RouterSettings,
-    states: dict[str, TunnelState],
-    conn: Any,
-    *,
-    peer_key: Callable[[NatEntry], bytes] | None = None,
-    **options: Any,
-) -> PacketRouter:
-    """The PacketRouter of a router process: its tunnelled flows announced over ``conn`` (keyed by
-    ``peer_key``: how the proxies see them) so the control plane's ``nat_lookup`` finds them."""
-
-    def tunnelled(entry: NatEntry) -> None:
-        conn.send(nat_announcement(entry, None if peer_key is None else peer_key(entry)))
-
-    def forgotten(entry: NatEntry) -> None:
-        conn.send(nat_withdrawal(entry, None if peer_key is None else peer_key(entry)))
-
-    engine = RuleEngine(settings.rules, settings.default, default_fallback=settings.default_fallback)
-    return PacketRouter(
-        engine,
-        states.get,
-        settings.tunnels,
-        own_pids={*settings.own_pids, os.getpid()},
-        hold_timeout=settings.hold_timeout,
-        on_tunnelled=tunnelled,
-        on_forgotten=forgotten,
-        **options,
-    )
-
-
-def apply_router_message(
-    router: PacketRouter, states: dict[str, TunnelState], conn: Any, message: ToRouter
-) -> bool:
-    """The control messages every data path handles the same way (``SetTunnelState``, ``SetRoutes``,
-    ``SetRules``, ``SnapshotRequest``); False for the others (``Stop``, ``ChangeDevices``), which are the
-    data path's own."""
-    import dataclasses
-
-    match message:
-        case SetTunnelState(tunnel_id=tunnel_id, state=state):
-            states[tunnel_id] = state
-            router.tunnel_state_changed(tunnel_id, state)
-        case SetRoutes(routes=routes):
-            router.set_tunnels(routes)
-        case SetRules(rules=rules, default=default, default_fallback=default_fallback):
-            router.set_rules(RuleEngine(rules, default, default_fallback=default_fallback))
-        case SnapshotRequest():
-            flows = tuple(flow_row(e) for e in router.connections())
-            conn.send(Snapshot(dataclasses.asdict(router.stats), flows))
-        case _:
-            return False
-    return True
-
-
-def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, conn: Any) -> None:
-    """The router process: build router and loop, report ready, loop until told to stop."""
-    configure_process_logging(settings.log_level)
-    states = dict(settings.states)
-    try:
-        router = process_router(settings, states, conn)
-        if settings.devices or sys.platform != "win32":
-            # The asyncio loop whether packet tunnels run at start or not: one may be added at any time,
-            # and its device needs that loop. Stream tunnels lose nothing to it: benchmarks/split_tcp.py
-            # gave the same ratios and connect latencies with this loop and the synchronous one (two
-            # alternating runs each). Windows handles are not pollable descriptors: RouterLoop there.
-            from awg_split_tunnel.core.packet_tunnel import run_with_devices
-
-            run_with_devices(router, states, open_handles, settings.devices, conn)
-            return
-        network, events, accept_pid = open_handles()
-    except Exception as exc:
-        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
-        return
-
-    def on_control(message: ToRouter) -> None:
-        if apply_router_message(router, states, conn, message):
-            return
-        match message:
-            case Stop():
-                loop.request_stop()
-            case ChangeDevices(routes=routes, started=started):
-                router.set_tunnels(routes)
-                for tunnel_id in started:
-                    reason = "packet tunnels need the asyncio router loop (pollable divert handles)"
-                    log.error("[Router] packet tunnel %s not started: %s", tunnel_id, reason)
-                    conn.send(DeviceStateChanged(tunnel_id, TunnelState.DOWN, reason))
-
-    loop = RouterLoop(router, network, events, accept_pid=accept_pid, control=conn, on_control=on_control)
-    try:
-        loop.open()
-    except Exception as exc:
-        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(Ready())
-    loop.run()

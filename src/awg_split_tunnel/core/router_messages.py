@@ -13,7 +13,7 @@ router process). ``FlowRow`` is one flow of a ``Snapshot``, as ``status`` and ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +21,8 @@ from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.rule_engine import Rule
 
 if TYPE_CHECKING:
-    # packet_router imports this module: its route and factory types are for the annotations only.
-    from awg_split_tunnel.core.packet_router import AnyTunnelRoute, DeviceFactory
+    # packet_router imports this module: its route type is for the annotations only.
+    from awg_split_tunnel.core.packet_router import AnyTunnelRoute
 
 # -- down: control plane → router process ------------------------------------------------------------------
 
@@ -57,7 +57,8 @@ class ChangeDevices:
     those of ``started`` (replacing a running one of the same id), then route by ``routes``."""
 
     routes: Mapping[str, AnyTunnelRoute]
-    started: Mapping[str, DeviceFactory]
+    started: Mapping[str, Callable[[], Any]]
+    """Tunnel id → its device's picklable factory (``router.process.DeviceFactory``)."""
     stopped: tuple[str, ...]
 
 

@@ -365,7 +365,7 @@ def _interface_names() -> frozenset[str]:
 def router_handles(
     exclude_udp_ports: Iterable[int] = (),
 ) -> tuple[NetworkHandle, list[SocketEventHandle], Callable[[int], bool]]:
-    """The router's unopened handles and its namespace filter: a ``core.packet_router.HandleFactory``
+    """The router's unopened handles and its namespace filter: a ``router.process.HandleFactory``
     (bind ``exclude_udp_ports`` with ``functools.partial``, which pickles).
 
     NETWORK handle with ``ROUTER_FILTER`` (less UDP from ``exclude_udp_ports``: packet tunnels' own

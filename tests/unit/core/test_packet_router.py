@@ -11,17 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awg_split_tunnel.core.packet_router import (
-    PacketRouter,
-    RouterLoop,
-    RouterProcess,
-    RouterSettings,
-    TunnelRoute,
-    Verdict,
-    is_lan_destination,
-    nat_announcement,
-    nat_withdrawal,
-)
+from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute, Verdict, is_lan_destination
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import FlowForgotten, FlowTunnelled, FromRouter
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
@@ -36,6 +26,8 @@ from awg_split_tunnel.net.packet import (
     build_packet,
 )
 from awg_split_tunnel.process.matcher import Platform
+from awg_split_tunnel.router.divert_loop import RouterLoop
+from awg_split_tunnel.router.process import RouterProcess, RouterSettings, nat_announcement, nat_withdrawal
 
 APP = ipaddress.ip_address("198.18.0.1").packed
 WEB = ipaddress.ip_address("198.18.0.10").packed
@@ -204,11 +196,11 @@ def test_the_loop_ends_udp_flows_on_flow_deleted_events() -> None:
     network = FakeNetwork([build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q")])
     events = FakeEvents([established])
     loop = RouterLoop(env.router, network, [events], accept_pid={200}.__contains__)
-    loop._drain_events(env.now)
+    loop.drain_events(env.now)
     assert env.route(bytearray(network.incoming[0])) is Verdict.REINJECT
     assert len(env.router.connections()) == 1
     events.events.append(deleted)
-    loop._drain_events(env.now)
+    loop.drain_events(env.now)
     assert env.router.connections() == []
 
 

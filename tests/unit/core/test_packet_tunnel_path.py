@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from awg_split_tunnel.core.packet_router import PacketRouter, Verdict, router_filter
-from awg_split_tunnel.core.packet_tunnel import AsyncRouterLoop, PacketTunnelRoute
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.packet import (
@@ -26,6 +26,7 @@ from awg_split_tunnel.net.packet import (
     build_packet,
 )
 from awg_split_tunnel.process.matcher import Platform
+from awg_split_tunnel.router.divert_loop import AsyncRouterLoop
 
 
 def ip(text: str) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute
-from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute, RouterService
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import (
     ChangeDevices,
@@ -34,6 +34,7 @@ from awg_split_tunnel.core.router_messages import (
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.packet import IPPROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN, PacketView, build_packet
 from awg_split_tunnel.process.matcher import Platform
+from awg_split_tunnel.router.service import RouterService
 
 
 def ip(text: str) -> bytes:

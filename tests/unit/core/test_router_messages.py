@@ -15,14 +15,7 @@ from typing import Any
 
 import pytest
 
-from awg_split_tunnel.core.packet_router import (
-    PacketRouter,
-    RouterProcess,
-    RouterSettings,
-    TunnelRoute,
-    apply_router_message,
-    flow_row,
-)
+from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute, flow_row
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import (
@@ -47,6 +40,7 @@ from awg_split_tunnel.daemon import Daemon
 from awg_split_tunnel.net.nat import FlowVerdict, NatEntry
 from awg_split_tunnel.net.packet import IPPROTO_TCP, IPPROTO_UDP
 from awg_split_tunnel.process.matcher import Platform
+from awg_split_tunnel.router.process import RouterProcess, RouterSettings, apply_router_message
 from awg_split_tunnel.tunnel_runtimes import RouterReport, report_packet_tunnel
 
 APP = ipaddress.ip_address("198.18.0.1").packed

@@ -25,18 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from awg_split_tunnel.core.packet_router import (
-    ConnectEvent,
-    ConnectEventLike,
-    EventPort,
-    PacketRouter,
-    RouterSettings,
-    TunnelRoute,
-    Verdict,
-    configure_process_logging,
-    pending_events,
-    process_router,
-)
+from awg_split_tunnel.core.packet_router import ConnectEvent, PacketRouter, TunnelRoute, Verdict
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
@@ -69,6 +58,8 @@ from awg_split_tunnel.platform.linux.kernel_rules import (
 )
 from awg_split_tunnel.platform.linux.nftables import Nftables, NftablesError
 from awg_split_tunnel.platform.linux.sockets import destroy_tcp
+from awg_split_tunnel.router.divert_loop import ConnectEventLike, EventPort, pending_events
+from awg_split_tunnel.router.process import RouterSettings, configure_process_logging, process_router
 
 log = logging.getLogger("awg_split_tunnel.router")
 
@@ -745,8 +736,8 @@ def remove_packet_routes(slot: int) -> list[str]:
 def serve_kernel_gate(settings: RouterSettings, open_events: Callable[..., Any], conn: Any) -> None:
     """The router process's body for ``dataplane: kernel`` (``RouterProcess(serve=...)``): the same
     ``RouterService`` as the divert path (devices, control messages, retries) around a ``KernelIO``."""
-    from awg_split_tunnel.core.packet_tunnel import run_with_devices
     from awg_split_tunnel.core.router_messages import StartFailed
+    from awg_split_tunnel.router.service import run_with_devices
 
     configure_process_logging(settings.log_level)
     states = dict(settings.states)
