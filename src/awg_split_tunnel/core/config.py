@@ -120,7 +120,7 @@ Setting = Annotated[str | None, BeforeValidator(_setting_text)]
 SecretSetting = Annotated[str | None, BeforeValidator(_setting_text), Field(repr=False)]
 
 
-class Rule(_Model):
+class RuleConfig(_Model):
     """One line of `rules`: processes matching `process` go through `tunnel` (a tunnel id or `direct`)."""
 
     process: str
@@ -309,7 +309,7 @@ class Config(_Model):
     None: the platform's default."""
     default: str = DIRECT
     tunnels: tuple[Tunnel, ...] = ()
-    rules: tuple[Rule, ...] = ()
+    rules: tuple[RuleConfig, ...] = ()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -931,7 +931,7 @@ class ConfigManager:
             return self.load()
         return self._config
 
-    def list_rules(self) -> tuple[Rule, ...]:
+    def list_rules(self) -> tuple[RuleConfig, ...]:
         return self.config.rules
 
     @contextmanager
@@ -1022,7 +1022,7 @@ class ConfigManager:
         self._apply(change, "rule.add", {"index": position, "process": str(rule.get("process", ""))})
         return position
 
-    def remove_rule(self, index: int) -> Rule:
+    def remove_rule(self, index: int) -> RuleConfig:
         """Remove and return the rule at `index`."""
         rules = self.config.rules
         if not 0 <= index < len(rules):

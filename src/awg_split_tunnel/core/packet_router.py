@@ -1,7 +1,7 @@
 """PacketRouter: every new outbound flow → its process → its rule → tunnel, pass or drop (docs/DESIGN.md).
 
 ``PacketRouter`` is sans-I/O: ``route(buf, length, now, copy_meta)`` looks at one captured outbound packet
-in its receive buffer and returns a ``Verdict`` (rewritten in place where needed); connect events come in
+in its receive buffer and returns a ``PacketAction`` (rewritten in place where needed); connect events come in
 through ``connect_event``; packets it held or crafted (RSTs) come out of ``take_outgoing``; ``poll(now)``
 runs the timers. Process lookups are injected callables. The I/O adapters live in ``router/``:
 ``router.divert_loop`` (the divert handles' loops), ``router.service`` and ``router.process`` (the router
@@ -14,7 +14,7 @@ decision is kept per flow in ``net.nat.FlowTable``; known flows take the fast pa
 lookup, at most an address swap and a port write with incremental checksums.
 
 Packet tunnels (WireGuard/AmneziaWG, ``PacketTunnelRoute``): a flow routed to one is taken out of the stack
-(``Verdict.TO_TUNNEL``), rewritten by ``core.packet_tunnel.PacketTunnelPath`` (SNAT, MSS clamp,
+(``PacketAction.TO_TUNNEL``), rewritten by ``core.packet_tunnel.PacketTunnelPath`` (SNAT, MSS clamp,
 segmentation, ICMP too-big) and queued for the device (``take_tunnel_packets``); the device's decrypted
 packets come back through ``from_tunnel`` and leave ``take_outgoing`` DNATed, to be injected inbound.
 ``router.divert_loop.AsyncRouterLoop`` runs handles and devices on one event loop.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute
-from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
+from awg_split_tunnel.core.policy import DIRECT, DROP, FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.rule_engine import Decision, resolve
 from awg_split_tunnel.net.nat import (
@@ -94,8 +94,8 @@ def router_filter(exclude_udp_ports: Iterable[int] = ()) -> str:
     return f"outbound and !loopback and (tcp or ({udp}) or ip.FragOff > 0 or ipv6.NextHdr == 44)"
 
 
-class Verdict(enum.IntEnum):
-    """What the I/O side does with the packet just routed."""
+class PacketAction(enum.IntEnum):
+    """What the I/O side does with the one packet just routed (a flow's fate is its ``FlowVerdict``)."""
 
     DROP = 0
     REINJECT = 1
@@ -377,19 +377,19 @@ class PacketRouter:
 
     def route(
         self, buf: bytearray | memoryview, length: int, now: float, copy_meta: Callable[[], object]
-    ) -> Verdict:
+    ) -> PacketAction:
         """Decide one captured outbound packet; rewrites ``buf`` in place for ``INJECT_INBOUND``."""
         self.stats.packets += 1
         self._now = now
         v = self._view
         if not v.parse(buf, length):
             self.stats.malformed += 1
-            return Verdict.REINJECT
+            return PacketAction.REINJECT
         proto = v.proto
         if not v.has_ports:
             if v.fragment:
                 return self._later_fragment(v, copy_meta)
-            return Verdict.REINJECT
+            return PacketAction.REINJECT
         l4 = v.l4
         sport = (buf[l4] << 8) | buf[l4 + 1]
         if proto == IPPROTO_TCP:
@@ -409,7 +409,7 @@ class PacketRouter:
             if sport in self._udp_proxy_ports:
                 return self._proxy_reply(v, self._udp_peers, now)
             if sport in self._device_ports:
-                return Verdict.REINJECT  # a packet tunnel's own datagrams to its endpoint
+                return PacketAction.REINJECT  # a packet tunnel's own datagrams to its endpoint
             entry = self._udp_flows.get(app_key(v))
         if entry is None:
             return self._new_flow(v, now, copy_meta)
@@ -419,7 +419,7 @@ class PacketRouter:
         if verdict is FlowVerdict.PASS:
             if proto == IPPROTO_TCP and buf[l4 + 13] & (TCP_FIN | TCP_RST):
                 self._tcp_closing(entry, buf[l4 + 13], FIN_FROM_APP, now)
-            return Verdict.REINJECT
+            return PacketAction.REINJECT
         if verdict is FlowVerdict.TUNNEL:
             if v.fragment and not entry.to_packet_tunnel:
                 return self._first_fragment(v)
@@ -435,24 +435,24 @@ class PacketRouter:
             v.set_dst_port(entry.proxy_port)
             if entry.peer_port:
                 v.set_src_port(entry.peer_port)
-            return Verdict.INJECT_INBOUND
+            return PacketAction.INJECT_INBOUND
         if v.fragment:
             self._drop_later_fragments(v)
         if verdict is FlowVerdict.RESET:
             self._reset(v, copy_meta())
             self._forget(entry)
-            return Verdict.DROP
+            return PacketAction.DROP
         if proto == IPPROTO_TCP and self.reject_tcp and buf[l4 + 13] & TCP_SYN:
             self._reset(v, copy_meta())
-        return Verdict.DROP
+        return PacketAction.DROP
 
-    def _proxy_reply(self, v: PacketView, peers: dict[bytes, NatEntry], now: float) -> Verdict:
+    def _proxy_reply(self, v: PacketView, peers: dict[bytes, NatEntry], now: float) -> PacketAction:
         entry = peers.get(reply_key(v))
         if entry is None or entry.verdict is not FlowVerdict.TUNNEL:
             # The proxy answering a flow we no longer know: sent out it would reach the real host with
             # the proxy's port, so it is dropped.
             self.stats.orphan_replies += 1
-            return Verdict.DROP
+            return PacketAction.DROP
         entry.last_seen = now
         entry.replied = True
         entry.packets_in += 1
@@ -464,7 +464,7 @@ class PacketRouter:
         v.set_src_port(entry.orig_dst_port)
         if entry.peer_port:
             v.set_dst_port(entry.app_port)
-        return Verdict.INJECT_INBOUND
+        return PacketAction.INJECT_INBOUND
 
     def _tcp_closing(self, entry: NatEntry, flags: int, side: int, now: float) -> None:
         if flags & TCP_RST:
@@ -476,19 +476,19 @@ class PacketRouter:
                 # of it pass as unknown non-SYN packets.
                 entry.closed_at = now
 
-    def _first_fragment(self, v: PacketView) -> Verdict:
+    def _first_fragment(self, v: PacketView) -> PacketAction:
         # Only the first fragment carries the ports the proxy NAT needs, and later fragments escaped
         # port filters (docs/ARCHITECTURE.md): fragments of tunnelled flows are dropped, which also blocks the
         # leak. The (src, dst, id) is remembered so the later fragments are recognised.
         self.stats.fragments_dropped += 1
         self._drop_later_fragments(v)
-        return Verdict.DROP
+        return PacketAction.DROP
 
     def _drop_later_fragments(self, v: PacketView) -> None:
         """The first fragment ``v`` is dropped: so are the later ones (they carry no ports to route by)."""
         self._fragment_ids[self._fragment_id(v)] = self._now
 
-    def _later_fragment(self, v: PacketView, copy_meta: Callable[[], object]) -> Verdict:
+    def _later_fragment(self, v: PacketView, copy_meta: Callable[[], object]) -> PacketAction:
         if self._held_fragments:
             waiting = self._held_fragments.get(self._fragment_id(v))
             held = self._held.get(waiting) if waiting is not None else None
@@ -497,21 +497,21 @@ class PacketRouter:
                 # whatever the flow's route turns out to be.
                 if len(held.packets) >= MAX_HELD_PACKETS:
                     self.stats.hold_overflow += 1
-                    return Verdict.DROP
+                    return PacketAction.DROP
                 held.packets.append((bytearray(v.buf[: v.length]), copy_meta()))
-                return Verdict.HOLD
+                return PacketAction.HOLD
         if self._tunnel_fragments:
             tunnelled = self._tunnel_fragments.get(self._fragment_id(v))
             if tunnelled is not None:
                 path = self._paths.get(tunnelled[0])
                 if path is None or path.send(v, self._now) is not None:
                     self.stats.fragments_dropped += 1
-                    return Verdict.DROP
-                return Verdict.TO_TUNNEL
+                    return PacketAction.DROP
+                return PacketAction.TO_TUNNEL
         if self._fragment_ids and self._fragment_id(v) in self._fragment_ids:
             self.stats.fragments_dropped += 1
-            return Verdict.DROP
-        return Verdict.REINJECT
+            return PacketAction.DROP
+        return PacketAction.REINJECT
 
     @staticmethod
     def _fragment_id(v: PacketView) -> bytes:
@@ -526,25 +526,25 @@ class PacketRouter:
 
     # -- new flows ---------------------------------------------------------------------------------------
 
-    def _new_flow(self, v: PacketView, now: float, copy_meta: Callable[[], object]) -> Verdict:
+    def _new_flow(self, v: PacketView, now: float, copy_meta: Callable[[], object]) -> PacketAction:
         buf, l4, proto = v.buf, v.l4, v.proto
         if proto == IPPROTO_TCP and (buf[l4 + 13] & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
-            return Verdict.REINJECT  # mid-stream packet of a connection older than the router
+            return PacketAction.REINJECT  # mid-stream packet of a connection older than the router
         key = app_key(v)
         held = self._held.get(key)
         if held is not None:
             if len(held.packets) >= MAX_HELD_PACKETS:
                 self.stats.hold_overflow += 1
-                return Verdict.DROP
+                return PacketAction.DROP
             held.packets.append((bytearray(buf[: v.length]), copy_meta()))
-            return Verdict.HOLD
+            return PacketAction.HOLD
         src_port, dst_port = v.ports()
         dst_addr = v.dst_addr
         if _is_loopback(dst_addr):
-            return Verdict.REINJECT
+            return PacketAction.REINJECT
         if len(self._held) >= MAX_HELD_FLOWS:
             self.stats.hold_overflow += 1
-            return Verdict.DROP
+            return PacketAction.DROP
         meta = copy_meta()
         held = _HeldFlow(
             key, proto, v.src_addr, src_port, dst_addr, dst_port, now + self.hold_timeout, [], meta
@@ -563,7 +563,7 @@ class PacketRouter:
         if v.fragment:
             self._held_fragments[self._fragment_id(v)] = key
         self.stats.held += 1
-        return Verdict.HOLD
+        return PacketAction.HOLD
 
     def _held_for(self, proto: int, remote_addr: bytes, remote_port: int) -> list[_HeldFlow]:
         """The held flows waiting for an event of this remote."""
@@ -577,9 +577,9 @@ class PacketRouter:
         """Whether another held flow waits for an event of the same remote (an event could be either's)."""
         return any(h is not held for h in self._held_for(held.proto, held.dst_addr, held.dst_port))
 
-    def _apply_first(self, v: PacketView, entry: NatEntry, copy_meta: Callable[[], object]) -> Verdict:
+    def _apply_first(self, v: PacketView, entry: NatEntry, copy_meta: Callable[[], object]) -> PacketAction:
         if entry.verdict is FlowVerdict.PASS:
-            return Verdict.REINJECT
+            return PacketAction.REINJECT
         if entry.verdict is FlowVerdict.TUNNEL:
             if entry.to_packet_tunnel:
                 return self._to_packet_tunnel(v, entry, self._now, copy_meta)
@@ -589,14 +589,14 @@ class PacketRouter:
             v.set_dst_port(entry.proxy_port)
             if entry.peer_port:
                 v.set_src_port(entry.peer_port)
-            return Verdict.INJECT_INBOUND
+            return PacketAction.INJECT_INBOUND
         if v.fragment:
             if v.has_ports:
                 self._drop_later_fragments(v)
-            return Verdict.DROP
+            return PacketAction.DROP
         if v.proto == IPPROTO_TCP and self.reject_tcp and v.buf[v.l4 + 13] & TCP_SYN:
             self._reset(v, copy_meta())
-        return Verdict.DROP
+        return PacketAction.DROP
 
     def _decide_held(self, held: _HeldFlow, pid: int | None, now: float) -> None:
         self._now = now
@@ -610,19 +610,19 @@ class PacketRouter:
             if not view.parse(data, len(data)):
                 continue
             verdict = self._apply_first(view, entry, lambda meta=meta: meta)  # type: ignore[misc]
-            if verdict is Verdict.REINJECT:
+            if verdict is PacketAction.REINJECT:
                 self._outgoing.append(Outgoing(data, meta, inbound=False))
-            elif verdict is Verdict.INJECT_INBOUND:
+            elif verdict is PacketAction.INJECT_INBOUND:
                 self._outgoing.append(Outgoing(data, meta, inbound=True))
 
     def _decide(self, held: _HeldFlow, pid: int | None, now: float) -> NatEntry:
-        """Owner → exe → rule → action; records the flow and returns its entry."""
+        """Owner → exe → rule → the flow's fate (a ``FlowVerdict``); records the flow, returns its entry."""
         exe: str | None = None
         if pid is not None and pid not in self.own_pids:
             exe = self._exe_of(pid)
         if pid is not None and pid in self.own_pids:
             decision: Decision | None = None
-            action = Action.PASS
+            fate = FlowVerdict.PASS
         else:
             if exe is None:
                 self.stats.unknown_owner += 1
@@ -630,7 +630,7 @@ class PacketRouter:
                 decision = self._rules.default
             else:
                 decision = self._rules.match(exe)
-            action = self._action(decision, held.dst_addr)
+            fate = self._fate(decision, held.dst_addr)
         entry = NatEntry(
             held.proto,
             held.src_addr,
@@ -648,14 +648,14 @@ class PacketRouter:
         if decision is not None:
             entry.tunnel_id = decision.tunnel if decision.tunnel not in (DIRECT, DROP) else None
             entry.fail_closed = decision.fallback is not FallbackPolicy.ALLOW_DIRECT
-        if action is Action.TUNNEL and entry.tunnel_id in self._paths:
+        if fate is FlowVerdict.TUNNEL and entry.tunnel_id in self._paths:
             if self._paths[entry.tunnel_id].has_address(4 if len(held.dst_addr) == 4 else 6):
                 entry.verdict = FlowVerdict.TUNNEL  # no proxy port: ``to_packet_tunnel``
             else:
                 # No tunnel address of this IP version: the peer would drop it; fail closed.
                 self.stats.unroutable += 1
-                action = Action.DROP
-        elif action is Action.TUNNEL:
+                fate = FlowVerdict.DROP
+        elif fate is FlowVerdict.TUNNEL:
             route = self._tunnels.get(entry.tunnel_id or "")
             port = None
             if isinstance(route, TunnelRoute):
@@ -663,11 +663,11 @@ class PacketRouter:
             if port is None:
                 # A packet tunnel, or UDP through a tunnel that cannot carry it (HTTP): fail closed.
                 self.stats.unroutable += 1
-                action = Action.DROP
+                fate = FlowVerdict.DROP
             else:
                 entry.verdict = FlowVerdict.TUNNEL
                 entry.proxy_port = port
-        if action is Action.DROP:
+        if fate is FlowVerdict.DROP:
             entry.verdict = FlowVerdict.DROP
         if not self.table.add(held.key, entry):
             self.stats.nat_collisions += 1
@@ -684,7 +684,7 @@ class PacketRouter:
         if self._on_forgotten is not None and entry.proxy_port:
             self._on_forgotten(entry)
 
-    def _action(self, decision: Decision, dst_addr: bytes) -> Action:
+    def _fate(self, decision: Decision, dst_addr: bytes) -> FlowVerdict:
         tunnel = decision.tunnel
         if (
             tunnel not in (DIRECT, DROP)
@@ -693,7 +693,7 @@ class PacketRouter:
         ):
             route = self._tunnels.get(tunnel)
             if route is None or route.lan_bypass:
-                return Action.PASS
+                return FlowVerdict.PASS
         state = None if tunnel in (DIRECT, DROP) else self._tunnel_state(tunnel)
         return resolve(decision, state)
 
@@ -707,13 +707,13 @@ class PacketRouter:
 
     def _to_packet_tunnel(
         self, v: PacketView, entry: NatEntry, now: float, copy_meta: Callable[[], object]
-    ) -> Verdict:
+    ) -> PacketAction:
         if not self.carries_packets:
-            return Verdict.TO_TUNNEL
+            return PacketAction.TO_TUNNEL
         path = self._paths.get(entry.tunnel_id or "")
         if path is None:
             self.stats.unroutable += 1
-            return Verdict.DROP
+            return PacketAction.DROP
         if path.last_meta is None:
             path.last_meta = entry.meta
         if v.fragment:
@@ -725,8 +725,8 @@ class PacketRouter:
                 # The first fragment did not fit: the later ones must not go anywhere either.
                 del self._tunnel_fragments[self._fragment_id(v)]
                 self._fragment_ids[self._fragment_id(v)] = now
-            return Verdict.DROP
-        return Verdict.TO_TUNNEL
+            return PacketAction.DROP
+        return PacketAction.TO_TUNNEL
 
     def take_tunnel_packets(self) -> list[tuple[str, list[bytes]]]:
         """(tunnel id, packets) for every packet tunnel with packets queued for its device, in order."""

@@ -21,14 +21,6 @@ class FallbackPolicy(enum.StrEnum):
     DROP = "drop"
 
 
-class Action(enum.Enum):
-    """What the router does with a new flow."""
-
-    TUNNEL = "tunnel"
-    PASS = "pass"
-    DROP = "drop"
-
-
 class TunnelState(enum.StrEnum):
     DOWN = "down"
     CONNECTING = "connecting"

@@ -15,7 +15,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from awg_split_tunnel.core.policy import DIRECT, DROP, Action, FallbackPolicy, TunnelState
+from awg_split_tunnel.core.policy import DIRECT, DROP, FallbackPolicy, TunnelState
+from awg_split_tunnel.net.nat import FlowVerdict
 from awg_split_tunnel.process.matcher import ExePath, Pattern, PatternKind, Platform, compile_pattern
 
 CACHE_SIZE = 65_536
@@ -40,7 +41,7 @@ class Decision:
     rule_index: int | None
 
 
-def resolve(decision: Decision, tunnel_state: TunnelState | None) -> Action:
+def resolve(decision: Decision, tunnel_state: TunnelState | None) -> FlowVerdict:
     """Apply the fallback table (docs/DESIGN.md) to a decision and its tunnel's current state.
 
     ``direct`` passes and ``drop`` drops whatever the policy; policy ``drop`` drops even when the tunnel
@@ -48,12 +49,12 @@ def resolve(decision: Decision, tunnel_state: TunnelState | None) -> Action:
     state (or unknown: ``None``) passes it for ``allow_direct`` and drops it for ``block``.
     """
     if decision.tunnel == DIRECT:
-        return Action.PASS
+        return FlowVerdict.PASS
     if decision.tunnel == DROP or decision.fallback is FallbackPolicy.DROP:
-        return Action.DROP
+        return FlowVerdict.DROP
     if tunnel_state is TunnelState.UP:
-        return Action.TUNNEL
-    return Action.PASS if decision.fallback is FallbackPolicy.ALLOW_DIRECT else Action.DROP
+        return FlowVerdict.TUNNEL
+    return FlowVerdict.PASS if decision.fallback is FallbackPolicy.ALLOW_DIRECT else FlowVerdict.DROP
 
 
 @dataclass(slots=True)

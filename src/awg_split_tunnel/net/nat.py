@@ -38,12 +38,13 @@ so they rarely meet a port the app side uses."""
 
 
 class FlowVerdict(enum.IntEnum):
-    """What the router does with every packet of a flow."""
+    """A flow's fate: what the router does with every packet of it. ``core.rule_engine.resolve`` gives a
+    new flow PASS, TUNNEL or DROP; RESET is what a tunnelled flow becomes when its tunnel goes down."""
 
     PASS = 0
     """Reinject unchanged (direct, LAN bypass, the daemon's own traffic)."""
     TUNNEL = 1
-    """NAT + hairpin to the tunnel's local proxy."""
+    """Into its tunnel: NAT + hairpin to a stream tunnel's local proxy, or to a packet tunnel's device."""
     DROP = 2
     """Drop (policy drop, or tunnel down with ``block``)."""
     RESET = 3

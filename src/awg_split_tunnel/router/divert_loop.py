@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from awg_split_tunnel.core.packet_router import ConnectEvent, PacketRouter, Verdict
+from awg_split_tunnel.core.packet_router import ConnectEvent, PacketAction, PacketRouter
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.net.packet import IPPROTO_UDP
 
@@ -251,9 +251,9 @@ class RouterLoop:
                     break
                 wait_ms = 0
                 verdict = route(buf, n, now, copy_meta)
-                if verdict is Verdict.REINJECT:
+                if verdict is PacketAction.REINJECT:
                     send(c_buf, n, addr)
-                elif verdict is Verdict.INJECT_INBOUND:
+                elif verdict is PacketAction.INJECT_INBOUND:
                     set_inbound(addr, True)
                     send(c_buf, n, addr)
                 if router.has_outgoing:
@@ -484,9 +484,9 @@ class AsyncRouterLoop:
                 full = False
                 break
             verdict = route(buf, n, now, copy_meta)
-            if verdict is Verdict.REINJECT:
+            if verdict is PacketAction.REINJECT:
                 send(c_buf, n, addr)
-            elif verdict is Verdict.INJECT_INBOUND:
+            elif verdict is PacketAction.INJECT_INBOUND:
                 net.set_inbound(addr, True)
                 send(c_buf, n, addr)
         self._flush()

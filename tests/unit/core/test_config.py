@@ -27,7 +27,7 @@ from awg_split_tunnel.core.config import (
     ConfigManager,
     HttpTunnel,
     PacketTunnel,
-    Rule,
+    RuleConfig,
     Socks5Tunnel,
     default_config_location,
     default_config_path,
@@ -156,7 +156,9 @@ def test_example_config_loads_with_every_feature() -> None:
     assert (office.endpoint.host, office.endpoint.port) == ("203.0.113.5", 1080)
     corp = config.tunnel("corp")
     assert isinstance(corp, HttpTunnel) and corp.udp == "drop"
-    assert config.rules[0] == Rule(process="firefox.exe", tunnel="nl-awg", fallback=FallbackPolicy.BLOCK)
+    assert config.rules[0] == RuleConfig(
+        process="firefox.exe", tunnel="nl-awg", fallback=FallbackPolicy.BLOCK
+    )
     assert config.rules[4].fallback is FallbackPolicy.DROP
     assert config.rules[5].tunnel == "direct"
 
@@ -554,7 +556,9 @@ def test_adding_then_removing_a_rule_leaves_the_file_byte_identical(
 ) -> None:
     original = manager.path.read_text()
     position = manager.add_rule({"process": "wget", "tunnel": "corp", "fallback": FallbackPolicy.DROP}, index)
-    assert manager.list_rules()[position] == Rule(process="wget", tunnel="corp", fallback=FallbackPolicy.DROP)
+    assert manager.list_rules()[position] == RuleConfig(
+        process="wget", tunnel="corp", fallback=FallbackPolicy.DROP
+    )
     assert load_config(manager.path).rules[position].process == "wget"
     manager.remove_rule(position)
     assert manager.path.read_text() == original

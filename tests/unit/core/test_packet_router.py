@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute, Verdict, is_lan_destination
+from awg_split_tunnel.core.packet_router import PacketAction, PacketRouter, TunnelRoute, is_lan_destination
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import FlowForgotten, FlowTunnelled, FromRouter
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
@@ -85,7 +85,7 @@ class Env:
         self.lookups.append((proto, sport))
         return self.os_owner
 
-    def route(self, packet: bytearray) -> Verdict:
+    def route(self, packet: bytearray) -> PacketAction:
         return self.router.route(packet, len(packet), self.now, lambda: "meta")
 
     def connect(self, pid: int, dst: bytes = WEB, dport: int = 80, proto: int = IPPROTO_TCP) -> None:
@@ -106,7 +106,7 @@ def test_app_routed_to_tunnel_is_hairpinned_to_its_proxy_and_found_by_nat_lookup
     env = Env()
     env.connect(100)
     packet = syn()
-    assert env.route(packet) is Verdict.INJECT_INBOUND
+    assert env.route(packet) is PacketAction.INJECT_INBOUND
     v = view(packet)
     assert (v.src_addr, v.src_port, v.dst_addr, v.dst_port) == (WEB, 40000, APP, PROXY_TCP)
     assert v.checksums_valid()
@@ -126,7 +126,7 @@ def test_proxy_reply_is_rewritten_to_come_from_the_original_destination() -> Non
     env.connect(100)
     env.route(syn())
     reply = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 40000, b"hello", tcp_flags=TCP_ACK | TCP_SYN)
-    assert env.route(reply) is Verdict.INJECT_INBOUND
+    assert env.route(reply) is PacketAction.INJECT_INBOUND
     v = view(reply)
     assert (v.src_addr, v.src_port, v.dst_addr, v.dst_port) == (WEB, 80, APP, 40000)
     assert v.checksums_valid()
@@ -139,7 +139,7 @@ def test_one_app_port_to_two_ports_of_one_host_both_reach_the_proxy_as_different
     env.connect(100, dport=80)
     env.connect(100, dport=443)
     web, tls = syn(dport=80), syn(dport=443)
-    assert env.route(web) is Verdict.INJECT_INBOUND and env.route(tls) is Verdict.INJECT_INBOUND
+    assert env.route(web) is PacketAction.INJECT_INBOUND and env.route(tls) is PacketAction.INJECT_INBOUND
     assert view(web).src_port == 40000
     peer_port = view(tls).src_port
     assert peer_port != 40000 and view(tls).checksums_valid()
@@ -149,12 +149,12 @@ def test_one_app_port_to_two_ports_of_one_host_both_reach_the_proxy_as_different
     assert (first.orig_dst_port, second.orig_dst_port) == (80, 443)
     # The proxy answers the translated peer: the app gets it on its own port, from port 443.
     reply = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, peer_port, tcp_flags=TCP_ACK | TCP_SYN)
-    assert env.route(reply) is Verdict.INJECT_INBOUND
+    assert env.route(reply) is PacketAction.INJECT_INBOUND
     v = view(reply)
     assert (v.src_port, v.dst_port) == (443, 40000) and v.checksums_valid()
     # And the app's next packet of that flow keeps going to the same translated peer.
     ack = build_packet(APP, WEB, IPPROTO_TCP, 40000, 443, b"hello", tcp_flags=TCP_ACK)
-    assert env.route(ack) is Verdict.INJECT_INBOUND and view(ack).src_port == peer_port
+    assert env.route(ack) is PacketAction.INJECT_INBOUND and view(ack).src_port == peer_port
 
 
 def test_a_new_connection_on_a_reused_port_is_decided_afresh_a_retransmit_is_not() -> None:
@@ -162,27 +162,27 @@ def test_a_new_connection_on_a_reused_port_is_decided_afresh_a_retransmit_is_not
     # same server while the old entry still lingers: app-socks must not inherit "direct".
     env = Env()
     env.connect(200)
-    assert env.route(syn()) is Verdict.REINJECT
+    assert env.route(syn()) is PacketAction.REINJECT
     assert env.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_FIN | TCP_ACK)) is (
-        Verdict.REINJECT
+        PacketAction.REINJECT
     )
     env.connect(100)
     again = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN, seq=9000)
-    assert env.route(again) is Verdict.INJECT_INBOUND, "the new owner's route, not the old flow's"
+    assert env.route(again) is PacketAction.INJECT_INBOUND, "the new owner's route, not the old flow's"
     assert [e.pid for e in env.router.connections()] == [100]
     retransmit = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN, seq=9000)
-    assert env.route(retransmit) is Verdict.INJECT_INBOUND and env.router.stats.new_flows == 2
+    assert env.route(retransmit) is PacketAction.INJECT_INBOUND and env.router.stats.new_flows == 2
 
 
 def test_a_closed_udp_sockets_flow_ends_so_the_next_owner_of_its_port_gets_its_own_route() -> None:
     env = Env()
     env.router.connect_event(IPPROTO_UDP, WEB, 53, 200, env.now, local_port=5000)  # app-direct
-    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q1")) is Verdict.REINJECT
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q1")) is PacketAction.REINJECT
     env.router.flow_deleted(IPPROTO_UDP, APP, 5000, WEB, 53)  # its socket closed
     assert env.router.connections() == []
     env.router.connect_event(IPPROTO_UDP, WEB, 53, 100, env.now, local_port=5000)  # app-socks, same port
     datagram = build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q2")
-    assert env.route(datagram) is Verdict.INJECT_INBOUND and view(datagram).dst_port == PROXY_UDP
+    assert env.route(datagram) is PacketAction.INJECT_INBOUND and view(datagram).dst_port == PROXY_UDP
     env.router.flow_deleted(IPPROTO_UDP, APP, 5001, WEB, 53)  # another socket's: nothing of ours
     assert [e.pid for e in env.router.connections()] == [100]
 
@@ -197,7 +197,7 @@ def test_the_loop_ends_udp_flows_on_flow_deleted_events() -> None:
     events = FakeEvents([established])
     loop = RouterLoop(env.router, network, [events], accept_pid={200}.__contains__)
     loop.drain_events(env.now)
-    assert env.route(bytearray(network.incoming[0])) is Verdict.REINJECT
+    assert env.route(bytearray(network.incoming[0])) is PacketAction.REINJECT
     assert len(env.router.connections()) == 1
     events.events.append(deleted)
     loop.drain_events(env.now)
@@ -207,15 +207,15 @@ def test_the_loop_ends_udp_flows_on_flow_deleted_events() -> None:
 def test_reply_for_an_unknown_flow_is_dropped_not_leaked() -> None:
     env = Env()
     stray = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 41000, b"x")
-    assert env.route(stray) is Verdict.DROP
+    assert env.route(stray) is PacketAction.DROP
     assert env.router.stats.orphan_replies == 1
 
 
 def test_first_packet_waits_for_its_connect_event() -> None:
     env = Env()
-    assert env.route(syn()) is Verdict.HOLD
+    assert env.route(syn()) is PacketAction.HOLD
     retransmit = syn()
-    assert env.route(retransmit) is Verdict.HOLD
+    assert env.route(retransmit) is PacketAction.HOLD
     assert env.router.take_outgoing() == []
     env.connect(100)
     out = env.router.take_outgoing()
@@ -232,8 +232,8 @@ def test_two_apps_connecting_to_one_server_at_once_each_get_their_own_route() ->
     env.connect(200)
     env.connect(100)
     socks_syn, direct_syn = syn(sport=40001), syn(sport=40002)
-    assert env.route(socks_syn) is Verdict.INJECT_INBOUND and view(socks_syn).dst_port == PROXY_TCP
-    assert env.route(direct_syn) is Verdict.REINJECT and view(direct_syn).dst_port == 80
+    assert env.route(socks_syn) is PacketAction.INJECT_INBOUND and view(socks_syn).dst_port == PROXY_TCP
+    assert env.route(direct_syn) is PacketAction.REINJECT and view(direct_syn).dst_port == 80
     assert {(e.app_port, e.pid) for e in env.router.connections()} == {(40001, 100), (40002, 200)}
 
 
@@ -242,8 +242,8 @@ def test_one_app_connecting_twice_needs_no_owner_check() -> None:
     env.sockets = {}
     env.connect(100)
     env.connect(100)
-    assert env.route(syn(sport=40001)) is Verdict.INJECT_INBOUND
-    assert env.route(syn(sport=40002)) is Verdict.INJECT_INBOUND
+    assert env.route(syn(sport=40001)) is PacketAction.INJECT_INBOUND
+    assert env.route(syn(sport=40002)) is PacketAction.INJECT_INBOUND
     assert env.owner_checks == []
 
 
@@ -251,9 +251,9 @@ def test_when_the_os_cannot_tell_the_oldest_event_wins() -> None:
     env = Env()
     env.connect(200)
     env.connect(100)
-    assert env.route(syn(sport=40001)) is Verdict.REINJECT  # pid 200's event, the oldest
+    assert env.route(syn(sport=40001)) is PacketAction.REINJECT  # pid 200's event, the oldest
     assert env.owner_checks == [(200, 40001), (100, 40001)]
-    assert env.route(syn(sport=40002)) is Verdict.INJECT_INBOUND
+    assert env.route(syn(sport=40002)) is PacketAction.INJECT_INBOUND
 
 
 def test_an_event_of_another_app_is_not_taken_when_neither_owns_the_socket() -> None:
@@ -262,7 +262,7 @@ def test_an_event_of_another_app_is_not_taken_when_neither_owns_the_socket() -> 
     env.os_owner = 300
     env.connect(200)
     env.connect(100)
-    assert env.route(syn(sport=40003)) is Verdict.HOLD
+    assert env.route(syn(sport=40003)) is PacketAction.HOLD
     env.router.poll(env.now + 1.0)
     assert env.lookups == [(IPPROTO_TCP, 40003)]
     assert [e.pid for e in env.router.connections()] == [300]
@@ -271,8 +271,8 @@ def test_an_event_of_another_app_is_not_taken_when_neither_owns_the_socket() -> 
 def test_held_flows_of_two_apps_are_matched_to_their_own_events() -> None:
     env = Env()
     env.sockets = {100: {40001}, 200: {40002}}
-    assert env.route(syn(sport=40001)) is Verdict.HOLD
-    assert env.route(syn(sport=40002)) is Verdict.HOLD
+    assert env.route(syn(sport=40001)) is PacketAction.HOLD
+    assert env.route(syn(sport=40002)) is PacketAction.HOLD
     env.connect(200)  # the second flow's owner speaks first
     (out,) = env.router.take_outgoing()
     assert view(out.data).src_port == 40002 and not out.inbound
@@ -288,17 +288,17 @@ def test_events_that_came_while_a_batch_was_read_are_pulled_before_claiming() ->
     late = [(IPPROTO_TCP, WEB, 80, 100, 0)]  # still on the handle when pid 100's SYN is read
     env.router.event_source = lambda: [late.pop()] if late else []
     packet = syn(sport=40001)
-    assert env.route(packet) is Verdict.INJECT_INBOUND, "pid 200's event must not be taken for it"
-    assert env.route(syn(sport=40002)) is Verdict.REINJECT
+    assert env.route(packet) is PacketAction.INJECT_INBOUND, "pid 200's event must not be taken for it"
+    assert env.route(syn(sport=40002)) is PacketAction.REINJECT
 
 
 def test_a_held_flow_whose_event_was_pulled_by_another_flow_is_decided_at_the_next_poll() -> None:
     env = Env()
     env.sockets = {100: {40001}, 200: {40002}}
-    assert env.route(syn(sport=40001)) is Verdict.HOLD  # pid 100's event is not in yet
+    assert env.route(syn(sport=40001)) is PacketAction.HOLD  # pid 100's event is not in yet
     late = [(IPPROTO_TCP, WEB, 80, 100, 0), (IPPROTO_TCP, WEB, 80, 200, 0)]
     env.router.event_source = lambda: [late.pop(0) for _ in range(len(late))]
-    assert env.route(syn(sport=40002)) is Verdict.REINJECT  # pid 200: direct, decided at once
+    assert env.route(syn(sport=40002)) is PacketAction.REINJECT  # pid 200: direct, decided at once
     assert env.router.next_deadline() == env.now, "the held flow need not wait for its hold timeout"
     env.router.poll(env.now)
     (out,) = env.router.take_outgoing()
@@ -309,7 +309,7 @@ def test_a_held_flow_whose_event_was_pulled_by_another_flow_is_decided_at_the_ne
 def test_without_event_the_os_tables_are_asked_after_the_hold_timeout() -> None:
     env = Env()
     env.os_owner = 200
-    assert env.route(syn()) is Verdict.HOLD
+    assert env.route(syn()) is PacketAction.HOLD
     env.router.poll(env.now + 0.001)
     assert env.router.take_outgoing() == []
     env.router.poll(env.now + 1.0)
@@ -332,16 +332,16 @@ def test_direct_app_passes_unchanged() -> None:
     env.connect(200)
     packet = syn()
     original = bytes(packet)
-    assert env.route(packet) is Verdict.REINJECT
+    assert env.route(packet) is PacketAction.REINJECT
     assert bytes(packet) == original
     data = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"GET /", tcp_flags=TCP_ACK)
-    assert env.route(data) is Verdict.REINJECT
+    assert env.route(data) is PacketAction.REINJECT
 
 
 def test_drop_app_is_refused_with_a_reset() -> None:
     env = Env()
     env.connect(300)
-    assert env.route(syn()) is Verdict.DROP
+    assert env.route(syn()) is PacketAction.DROP
     (rst,) = env.router.take_outgoing()
     v = view(rst.data)
     assert rst.inbound and v.tcp_flags == TCP_RST | TCP_ACK and v.tcp_ack == 78
@@ -351,15 +351,15 @@ def test_drop_app_is_refused_with_a_reset() -> None:
 def test_own_traffic_always_passes() -> None:
     env = Env(default="socks")
     env.connect(999, dport=1080)
-    assert env.route(syn(dport=1080)) is Verdict.REINJECT
+    assert env.route(syn(dport=1080)) is PacketAction.REINJECT
 
 
 def test_lan_destinations_bypass_tunnels_unless_the_tunnel_says_otherwise() -> None:
     env = Env()
     env.connect(100, dst=NAS)
-    assert env.route(syn(dst=NAS)) is Verdict.REINJECT
+    assert env.route(syn(dst=NAS)) is PacketAction.REINJECT
     env.connect(600, dst=NAS)
-    assert env.route(syn(sport=40001, dst=NAS)) is Verdict.INJECT_INBOUND
+    assert env.route(syn(sport=40001, dst=NAS)) is PacketAction.INJECT_INBOUND
 
 
 @pytest.mark.parametrize(
@@ -392,19 +392,19 @@ def test_block_app_is_dropped_while_its_tunnel_is_down_and_retried_when_up() -> 
     env = Env()
     env.states["socks"] = TunnelState.DOWN
     env.connect(400)
-    assert env.route(syn()) is Verdict.DROP
+    assert env.route(syn()) is PacketAction.DROP
     env.states["socks"] = TunnelState.UP
     env.router.tunnel_state_changed("socks", TunnelState.UP)
     env.router.poll(env.now)
     env.connect(400)
-    assert env.route(syn()) is Verdict.INJECT_INBOUND
+    assert env.route(syn()) is PacketAction.INJECT_INBOUND
 
 
 def test_allow_direct_app_goes_direct_while_its_tunnel_is_down() -> None:
     env = Env()
     env.states["socks"] = TunnelState.CONNECTING
     env.connect(100)
-    assert env.route(syn()) is Verdict.REINJECT
+    assert env.route(syn()) is PacketAction.REINJECT
 
 
 def test_tunnel_down_resets_fail_closed_flows_and_leaves_allow_direct_ones() -> None:
@@ -417,11 +417,11 @@ def test_tunnel_down_resets_fail_closed_flows_and_leaves_allow_direct_ones() -> 
     env.router.tunnel_state_changed("socks", TunnelState.DOWN)
     env.router.poll(env.now)
     blocked = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"more", tcp_flags=TCP_ACK, seq=5, ack=9000)
-    assert env.route(blocked) is Verdict.DROP
+    assert env.route(blocked) is PacketAction.DROP
     (rst,) = env.router.take_outgoing()
     assert view(rst.data).tcp_flags == TCP_RST and view(rst.data).tcp_seq == 9000
     allowed = build_packet(APP, WEB, IPPROTO_TCP, 40001, 80, b"more", tcp_flags=TCP_ACK)
-    assert env.route(allowed) is Verdict.INJECT_INBOUND
+    assert env.route(allowed) is PacketAction.INJECT_INBOUND
 
 
 def test_tunnel_down_resets_a_waiting_app_at_once() -> None:
@@ -442,7 +442,7 @@ def test_tunnel_down_resets_a_waiting_app_at_once() -> None:
 def test_udp_through_a_tunnel_without_udp_is_dropped() -> None:
     env = Env()
     env.connect(500, dport=443, proto=IPPROTO_UDP)
-    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 443, b"quic")) is Verdict.DROP
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 443, b"quic")) is PacketAction.DROP
     assert env.router.stats.unroutable == 1
 
 
@@ -450,10 +450,10 @@ def test_udp_hairpin_and_reply() -> None:
     env = Env()
     env.router.connect_event(IPPROTO_UDP, WEB, 7, 100, env.now, local_port=5000)
     out = build_packet(APP, WEB, IPPROTO_UDP, 5000, 7, b"ping")
-    assert env.route(out) is Verdict.INJECT_INBOUND
+    assert env.route(out) is PacketAction.INJECT_INBOUND
     assert view(out).dst_port == PROXY_UDP and view(out).checksums_valid()
     back = build_packet(APP, WEB, IPPROTO_UDP, PROXY_UDP, 5000, b"pong")
-    assert env.route(back) is Verdict.INJECT_INBOUND
+    assert env.route(back) is PacketAction.INJECT_INBOUND
     v = view(back)
     assert (v.src_addr, v.src_port, v.dst_port) == (WEB, 7, 5000) and v.checksums_valid()
 
@@ -462,7 +462,7 @@ def test_ipv6_flows_are_tunnelled_too() -> None:
     env = Env()
     env.connect(100, dst=WEB6)
     packet = syn(src=APP6, dst=WEB6)
-    assert env.route(packet) is Verdict.INJECT_INBOUND
+    assert env.route(packet) is PacketAction.INJECT_INBOUND
     v = view(packet)
     assert (v.src_addr, v.dst_addr, v.dst_port) == (WEB6, APP6, PROXY_TCP) and v.checksums_valid()
     assert env.router.nat_lookup("tcp", "2001:2::10", 40000) is not None
@@ -474,13 +474,13 @@ def test_fragments_of_tunnelled_udp_are_dropped_all_of_them() -> None:
     env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 7, b"first"))
     first = build_packet(APP, WEB, IPPROTO_UDP, 5000, 7, b"x" * 32)
     first[4:6], first[6:8] = b"\x12\x34", struct.pack("!H", 0x2000)
-    assert env.route(first) is Verdict.DROP
+    assert env.route(first) is PacketAction.DROP
     later = bytearray(first)
     later[6:8] = struct.pack("!H", 4)
-    assert env.route(later) is Verdict.DROP
+    assert env.route(later) is PacketAction.DROP
     unrelated = bytearray(later)
     unrelated[4:6] = b"\x99\x99"
-    assert env.route(unrelated) is Verdict.REINJECT
+    assert env.route(unrelated) is PacketAction.REINJECT
 
 
 def _fragments(sport: int = 5000, ident: bytes = b"\x12\x34") -> tuple[bytearray, bytearray]:
@@ -497,21 +497,21 @@ def test_later_fragments_of_a_dropped_flow_are_dropped_too() -> None:
     env.states["socks"] = TunnelState.DOWN
     env.connect(400, dport=7, proto=IPPROTO_UDP)  # app-block: fail closed while its tunnel is down
     first, later = _fragments()
-    assert env.route(first) is Verdict.DROP
-    assert env.route(later) is Verdict.DROP, "a later fragment of a blocked app left directly"
+    assert env.route(first) is PacketAction.DROP
+    assert env.route(later) is PacketAction.DROP, "a later fragment of a blocked app left directly"
     again, again_later = _fragments(ident=b"\x12\x35")  # the next datagram of the same, known flow
-    assert env.route(again) is Verdict.DROP and env.route(again_later) is Verdict.DROP
+    assert env.route(again) is PacketAction.DROP and env.route(again_later) is PacketAction.DROP
 
 
 def test_later_fragments_wait_with_their_held_first_fragment_and_share_its_fate() -> None:
     env = Env()
     first, later = _fragments()
-    assert env.route(first) is Verdict.HOLD
-    assert env.route(later) is Verdict.HOLD, "passed on before the owner is known, it could leak"
+    assert env.route(first) is PacketAction.HOLD
+    assert env.route(later) is PacketAction.HOLD, "passed on before the owner is known, it could leak"
     env.router.connect_event(IPPROTO_UDP, WEB, 7, 300, env.now)  # app-drop
     assert env.router.take_outgoing() == []
     first, later = _fragments(sport=5001, ident=b"\x22\x22")
-    assert env.route(first) is Verdict.HOLD and env.route(later) is Verdict.HOLD
+    assert env.route(first) is PacketAction.HOLD and env.route(later) is PacketAction.HOLD
     env.router.connect_event(IPPROTO_UDP, WEB, 7, 200, env.now)  # app-direct: both go, in order
     assert [(bytes(o.data), o.inbound) for o in env.router.take_outgoing()] == [
         (bytes(first), False),
@@ -546,7 +546,7 @@ def test_tcp_flow_closes_after_fin_both_ways() -> None:
 def test_mid_stream_packets_of_unknown_connections_pass() -> None:
     env = Env(default="socks")
     packet = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"old", tcp_flags=TCP_ACK)
-    assert env.route(packet) is Verdict.REINJECT
+    assert env.route(packet) is PacketAction.REINJECT
     assert env.router.stats.new_flows == 0
 
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awg_split_tunnel.core.packet_router import PacketRouter, Verdict, router_filter
+from awg_split_tunnel.core.packet_router import PacketAction, PacketRouter, router_filter
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
@@ -71,7 +71,7 @@ class Env:
         self.metas += 1
         return f"if-eth0-{self.metas}"
 
-    def route(self, packet: bytearray) -> Verdict:
+    def route(self, packet: bytearray) -> PacketAction:
         return self.router.route(packet, len(packet), self.now, self.meta)
 
     def connect(self, pid: int, dst: bytes = WEB, dport: int = 80, proto: int = IPPROTO_TCP) -> None:
@@ -121,7 +121,7 @@ def syn(sport: int = 40000, src: bytes = APP, dst: bytes = WEB, mss: int = 1460)
 
 def open_flow(env: Env, pid: int = 100, sport: int = 40000) -> bytes:
     env.connect(pid)
-    assert env.route(syn(sport)) is Verdict.TO_TUNNEL
+    assert env.route(syn(sport)) is PacketAction.TO_TUNNEL
     (sent,) = env.to_device()
     return sent
 
@@ -143,7 +143,7 @@ def test_data_of_an_established_flow_is_rewritten_with_valid_checksums() -> None
     data = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"GET / HTTP/1.1\r\n\r\n", seq=78, ack=5)
     # The stack hands over offloaded packets whose TCP checksum is only partial: the router fixes it.
     struct.pack_into("!H", data, 36, 0x1234)
-    assert env.route(data) is Verdict.TO_TUNNEL
+    assert env.route(data) is PacketAction.TO_TUNNEL
     (sent,) = env.to_device()
     assert sent == build_packet(TUN, WEB, IPPROTO_TCP, 40000, 80, b"GET / HTTP/1.1\r\n\r\n", seq=78, ack=5)
 
@@ -152,7 +152,7 @@ def test_direct_app_is_untouched_and_nothing_reaches_the_device() -> None:
     env = Env()
     env.connect(200)
     packet = syn()
-    assert env.route(packet) is Verdict.REINJECT
+    assert env.route(packet) is PacketAction.REINJECT
     assert packet == syn()
     assert env.to_device() == []
 
@@ -160,7 +160,7 @@ def test_direct_app_is_untouched_and_nothing_reaches_the_device() -> None:
 def test_the_devices_own_datagrams_to_the_endpoint_are_never_held_or_tunnelled() -> None:
     env = Env()
     handshake = build_packet(APP, ip("198.18.0.40"), IPPROTO_UDP, DEVICE_PORT, 51820, b"\x01" + bytes(147))
-    assert env.route(handshake) is Verdict.REINJECT  # no connect event needed, nothing held
+    assert env.route(handshake) is PacketAction.REINJECT  # no connect event needed, nothing held
     assert env.router.stats.held == 0 and env.to_device() == []
 
 
@@ -169,7 +169,7 @@ def test_oversize_tcp_is_cut_into_segments_that_fit_the_tunnel() -> None:
     open_flow(env)
     payload = bytes(range(256)) * 40  # 10,240 bytes: a GSO super-packet
     big = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, payload, tcp_flags=TCP_ACK | TCP_PSH, seq=1000)
-    assert env.route(big) is Verdict.TO_TUNNEL
+    assert env.route(big) is PacketAction.TO_TUNNEL
     segments = env.to_device()
     assert len(segments) == 8 and all(len(s) <= MTU for s in segments)
     views = [parse(s) for s in segments]
@@ -183,7 +183,7 @@ def test_oversize_udp_is_answered_with_fragmentation_needed_and_dropped() -> Non
     env = Env()
     env.connect(100, dport=7, proto=IPPROTO_UDP)
     big = build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, b"x" * 1472)
-    assert env.route(big) is Verdict.DROP
+    assert env.route(big) is PacketAction.DROP
     assert env.to_device() == []
     (error,) = env.router.take_outgoing()
     assert error.inbound and error.meta is not None
@@ -192,7 +192,7 @@ def test_oversize_udp_is_answered_with_fragmentation_needed_and_dropped() -> Non
     assert (icmp[20], icmp[21], struct.unpack_from("!H", icmp, 26)[0]) == (3, 4, MTU)
     assert icmp[28:56] == bytes(big[:28])  # quotes the app's own packet, before any NAT
     small = build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, b"x" * 1000)
-    assert env.route(small) is Verdict.TO_TUNNEL
+    assert env.route(small) is PacketAction.TO_TUNNEL
     assert parse(env.to_device()[0]).src_addr == TUN
 
 
@@ -200,7 +200,7 @@ def test_ipv6_flow_without_a_tunnel_ipv6_address_fails_closed() -> None:
     env = Env()
     env.router.connect_event(IPPROTO_TCP, WEB6, 80, 400, env.now)
     packet = build_packet(APP6, WEB6, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN)
-    assert env.route(packet) is Verdict.DROP
+    assert env.route(packet) is PacketAction.DROP
     assert env.to_device() == [] and env.router.stats.unroutable == 1
 
 
@@ -211,7 +211,7 @@ def test_ipv6_flow_goes_through_a_tunnel_with_an_ipv6_address() -> None:
     env.router.poll(env.now)
     env.router.connect_event(IPPROTO_TCP, WEB6, 80, 400, env.now)
     packet = with_mss(build_packet(APP6, WEB6, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN), 1440)
-    assert env.route(packet) is Verdict.TO_TUNNEL
+    assert env.route(packet) is PacketAction.TO_TUNNEL
     (sent,) = env.to_device()
     assert sent == with_mss(build_packet(tun6, WEB6, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN), MTU - 60)
 
@@ -260,7 +260,8 @@ def test_round_trip_reaches_the_app_at_its_own_address_and_port(
     env.connect(100, dport=dport, proto=proto)
     flags = TCP_ACK if udp else TCP_SYN
     assert (
-        env.route(build_packet(APP, WEB, proto, sport, dport, payload, tcp_flags=flags)) is Verdict.TO_TUNNEL
+        env.route(build_packet(APP, WEB, proto, sport, dport, payload, tcp_flags=flags))
+        is PacketAction.TO_TUNNEL
     )
     (sent,) = env.to_device()
     out_view = parse(sent)
@@ -281,14 +282,14 @@ def test_tunnel_down_resets_block_apps_and_refuses_new_ones() -> None:
     env = Env()
     open_flow(env, pid=300)
     ack = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_ACK, seq=78, ack=6)
-    assert env.route(ack) is Verdict.TO_TUNNEL
+    assert env.route(ack) is PacketAction.TO_TUNNEL
     env.to_device()
     env.set_state(TunnelState.DOWN)
     (rst,) = env.router.take_outgoing()
     rv = parse(rst.data)
     assert rst.inbound and rv.tcp_flags & TCP_RST and rv.ports() == (80, 40000) and rv.tcp_seq == 6
     env.connect(300)
-    assert env.route(syn(40002)) is Verdict.DROP
+    assert env.route(syn(40002)) is PacketAction.DROP
     assert env.to_device() == []
 
 
@@ -296,20 +297,23 @@ def test_tunnel_down_sends_allow_direct_apps_direct() -> None:
     env = Env()
     open_flow(env, pid=100)
     env.connect(100, dport=7, proto=IPPROTO_UDP)
-    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, b"a")) is Verdict.TO_TUNNEL
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, b"a")) is PacketAction.TO_TUNNEL
     assert len(env.to_device()) == 1
     env.set_state(TunnelState.DOWN)
     # The SNATed TCP connection cannot go on directly: reset, so the app reconnects (direct).
-    assert env.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_ACK, ack=1)) is Verdict.DROP
+    assert (
+        env.route(build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_ACK, ack=1))
+        is PacketAction.DROP
+    )
     assert any(parse(o.data).tcp_flags & TCP_RST for o in env.router.take_outgoing())
     env.connect(100)
-    assert env.route(syn(40003)) is Verdict.REINJECT
+    assert env.route(syn(40003)) is PacketAction.REINJECT
     env.connect(100, dport=7, proto=IPPROTO_UDP)
-    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, b"b")) is Verdict.REINJECT
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, b"b")) is PacketAction.REINJECT
     assert env.to_device() == []
     env.set_state(TunnelState.UP)
     env.connect(100)
-    assert env.route(syn(40004)) is Verdict.TO_TUNNEL
+    assert env.route(syn(40004)) is PacketAction.TO_TUNNEL
 
 
 # -- fragments and the capture filter ---------------------------------------------------------------------
@@ -333,8 +337,8 @@ def test_fragments_of_a_tunnelled_datagram_all_go_into_the_tunnel() -> None:
     env = Env()
     env.connect(100, dport=7, proto=IPPROTO_UDP)
     first, second = fragments(b"y" * 1200)
-    assert env.route(first) is Verdict.TO_TUNNEL
-    assert env.route(second) is Verdict.TO_TUNNEL  # no ports, but known by its fragment id
+    assert env.route(first) is PacketAction.TO_TUNNEL
+    assert env.route(second) is PacketAction.TO_TUNNEL  # no ports, but known by its fragment id
     sent = env.to_device()
     assert [parse(p).src_addr for p in sent] == [TUN, TUN]
     assert parse(sent[1]).checksums_valid()

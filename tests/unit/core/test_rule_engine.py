@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awg_split_tunnel.core.policy import Action, FallbackPolicy, TunnelState
+from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.rule_engine import Decision, Rule, RuleEngine, resolve
+from awg_split_tunnel.net.nat import FlowVerdict
 from awg_split_tunnel.process.matcher import Platform, compile_pattern
 
 W = Platform.WINDOWS
@@ -115,7 +116,7 @@ class TestDefault:
     def test_drop_default(self) -> None:
         engine = RuleEngine([], "drop", P)
         assert engine.match("/usr/bin/anything") == Decision("drop", DROP_POLICY, None)
-        assert resolve(engine.match("/usr/bin/anything"), None) is Action.DROP
+        assert resolve(engine.match("/usr/bin/anything"), None) is FlowVerdict.DROP
 
     def test_tunnel_default_with_a_chosen_fallback(self) -> None:
         engine = RuleEngine([], "nl-awg", P, default_fallback=BLOCK)
@@ -162,33 +163,35 @@ class TestResolve:
     @pytest.mark.parametrize(
         ("policy", "state", "action"),
         [
-            (ALLOW, TunnelState.UP, Action.TUNNEL),
-            (ALLOW, TunnelState.DOWN, Action.PASS),
-            (ALLOW, TunnelState.CONNECTING, Action.PASS),
-            (ALLOW, TunnelState.ERROR, Action.PASS),
-            (ALLOW, None, Action.PASS),
-            (BLOCK, TunnelState.UP, Action.TUNNEL),
-            (BLOCK, TunnelState.DOWN, Action.DROP),
-            (BLOCK, TunnelState.CONNECTING, Action.DROP),
-            (BLOCK, None, Action.DROP),
-            (DROP_POLICY, TunnelState.UP, Action.DROP),
-            (DROP_POLICY, TunnelState.DOWN, Action.DROP),
+            (ALLOW, TunnelState.UP, FlowVerdict.TUNNEL),
+            (ALLOW, TunnelState.DOWN, FlowVerdict.PASS),
+            (ALLOW, TunnelState.CONNECTING, FlowVerdict.PASS),
+            (ALLOW, TunnelState.ERROR, FlowVerdict.PASS),
+            (ALLOW, None, FlowVerdict.PASS),
+            (BLOCK, TunnelState.UP, FlowVerdict.TUNNEL),
+            (BLOCK, TunnelState.DOWN, FlowVerdict.DROP),
+            (BLOCK, TunnelState.CONNECTING, FlowVerdict.DROP),
+            (BLOCK, None, FlowVerdict.DROP),
+            (DROP_POLICY, TunnelState.UP, FlowVerdict.DROP),
+            (DROP_POLICY, TunnelState.DOWN, FlowVerdict.DROP),
         ],
     )
-    def test_tunnel_rule(self, policy: FallbackPolicy, state: TunnelState | None, action: Action) -> None:
+    def test_tunnel_rule(
+        self, policy: FallbackPolicy, state: TunnelState | None, action: FlowVerdict
+    ) -> None:
         assert resolve(Decision("nl-awg", policy, 0), state) is action
 
     @pytest.mark.parametrize("policy", list(FallbackPolicy))
     def test_direct_always_passes(self, policy: FallbackPolicy) -> None:
-        assert resolve(Decision("direct", policy, 0), None) is Action.PASS
+        assert resolve(Decision("direct", policy, 0), None) is FlowVerdict.PASS
 
     @pytest.mark.parametrize("state", [*TunnelState, None])
     def test_drop_default_always_drops(self, state: TunnelState | None) -> None:
-        assert resolve(Decision("drop", ALLOW, None), state) is Action.DROP
+        assert resolve(Decision("drop", ALLOW, None), state) is FlowVerdict.DROP
 
     def test_available_on_the_engine(self) -> None:
         engine = RuleEngine(POSIX_RULES, "direct", P)
-        assert engine.resolve(engine.match("/usr/bin/firefox"), TunnelState.DOWN) is Action.DROP
+        assert engine.resolve(engine.match("/usr/bin/firefox"), TunnelState.DOWN) is FlowVerdict.DROP
 
 
 # --- The index agrees with a plain first-match scan -------------------------------------------------

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from awg_split_tunnel.core.packet_router import ConnectEvent, PacketRouter, TunnelRoute, Verdict
+from awg_split_tunnel.core.packet_router import ConnectEvent, PacketAction, PacketRouter, TunnelRoute
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
@@ -370,11 +370,11 @@ class KernelGate:
             return
         proto, key = view.proto, app_key(view)
         verdict = self.router.route(data, len(data), now, lambda: packet)
-        if verdict is Verdict.HOLD:
+        if verdict is PacketAction.HOLD:
             return
-        if verdict is Verdict.REINJECT:
+        if verdict is PacketAction.REINJECT:
             self.release(packet, DIRECT)
-        elif verdict is Verdict.INJECT_INBOUND or verdict is Verdict.TO_TUNNEL:
+        elif verdict is PacketAction.INJECT_INBOUND or verdict is PacketAction.TO_TUNNEL:
             self.release(packet, self._class_of(self.router.table.flows(proto).get(key)))
         else:  # DROP: blocked in the kernel (a TCP reset for the app, retransmits never come here)
             self.release(packet, BLOCK)
