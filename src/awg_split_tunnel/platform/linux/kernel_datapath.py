@@ -416,7 +416,7 @@ TUN_READ_BATCH = 64
 
 
 class KernelIO:
-    """The kernel data path's side of the router process (``packet_tunnel.RouterIO``), on asyncio: the
+    """The kernel data path's side of the router process (``router.service.RouterIO``), on asyncio: the
     queue of first packets, the SOCKET/FLOW event handles, our kernel rules, and one TUN per packet tunnel
     whose device (run by ``RouterService``) encrypts what the kernel routes into it."""
 
