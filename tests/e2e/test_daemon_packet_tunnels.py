@@ -16,7 +16,6 @@ brings the tunnel back UP. Each app does a TCP request, a UDP echo and a checksu
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 from polling import wait_for
 from running_daemon import OPEN_REQUEST, read_line
 from test_awg_interop import PARAMETER_SETS
@@ -57,14 +57,7 @@ from awg_split_tunnel.lab import (
 from awg_split_tunnel.lab.echo_server import pattern_sha256
 from awg_split_tunnel.lab.topology import python_path
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("wireguard-go") is None or shutil.which("wg") is None,
-        reason="needs wireguard-go and wg (Debian packages wireguard-go, wireguard-tools)",
-    ),
-]
+pytestmark = [*NEEDS_ROOT, NEEDS_WIREGUARD_GO]
 
 GENERATIONS = ["1.0", "1.5", "2.0"]
 KILL_GENERATION = "2.0"

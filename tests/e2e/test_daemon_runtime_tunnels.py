@@ -17,7 +17,6 @@ SOCKS5 tunnel only (dante, 198.18.0.20). Then the config file is edited as a use
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 from polling import wait_for
 
 from awg_split_tunnel.lab import (
@@ -48,14 +48,7 @@ from awg_split_tunnel.lab import (
 )
 from awg_split_tunnel.lab.topology import python_path
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("wireguard-go") is None or shutil.which("wg") is None,
-        reason="needs wireguard-go and wg (Debian packages wireguard-go, wireguard-tools)",
-    ),
-]
+pytestmark = [*NEEDS_ROOT, NEEDS_WIREGUARD_GO]
 
 APP = "app-wg"
 OTHER = "app-direct"

@@ -10,7 +10,6 @@ no packet of a block app reaches it — neither a new connection nor its open co
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 from polling import wait_for
 from running_daemon import RunningDaemon, read_line
 
@@ -39,14 +39,7 @@ from awg_split_tunnel.lab import (
 )
 from awg_split_tunnel.lab.topology import python_path
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("wireguard-go") is None or shutil.which("wg") is None,
-        reason="needs wireguard-go and wg (Debian packages wireguard-go, wireguard-tools)",
-    ),
-]
+pytestmark = [*NEEDS_ROOT, NEEDS_WIREGUARD_GO]
 WG_CLIENT_PORT = 51940
 CLIENT_ENDPOINT = f"{CLIENT_IP}:{WG_CLIENT_PORT}"
 BLOCK_APPS = {"app-block": SOCKS_IP, "app-wgblock": TUNNEL_CLIENT_IP}

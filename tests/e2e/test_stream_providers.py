@@ -16,8 +16,8 @@ import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,14 +32,9 @@ from awg_split_tunnel.provider.socks5.provider import Socks5Provider
 from awg_split_tunnel.proxy.tunnel_proxy import Protocol, TunnelProxy
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A flow as the router would answer the proxy's lookup (``proxy.tunnel_proxy.NatTarget``)."""
-
-    orig_dst_ip: str
-    orig_dst_port: int
-    pid: int | None = None
-    exe: str | None = None
+def Target(ip: str, port: int, pid: int | None = None, exe: str | None = None) -> SimpleNamespace:
+    """A flow as the router answers the proxy's lookup (what ``proxy.tunnel_proxy.NatTarget`` asks)."""
+    return SimpleNamespace(orig_dst_ip=ip, orig_dst_port=port, pid=pid, exe=exe)
 
 
 pytestmark = pytest.mark.timeout(60)
@@ -273,9 +268,9 @@ def test_socks5_tunnel_proxy_end_to_end(servers: list[ServerProcess]) -> None:
 
     async def body() -> None:
         target, dst = await echo_server()
-        nat: dict[tuple[str, str, int], Target] = {}
+        nat: dict[tuple[str, str, int], SimpleNamespace] = {}
 
-        def lookup(proto: Protocol, ip: str, port: int) -> Target | None:
+        def lookup(proto: Protocol, ip: str, port: int) -> SimpleNamespace | None:
             return nat.get((proto, ip, port))
 
         proxy = TunnelProxy("office", Socks5Provider(LOOPBACK, server.port), lookup, LOOPBACK)

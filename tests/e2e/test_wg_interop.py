@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 
 from awg_split_tunnel.lab import Lab
 from awg_split_tunnel.lab.echo_server import pattern_sha256
@@ -37,14 +37,7 @@ from awg_split_tunnel.lab.topology import (
     WG,
 )
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("wireguard-go") is None or shutil.which("wg") is None,
-        reason="needs wireguard-go and wg (Debian packages wireguard-go, wireguard-tools)",
-    ),
-]
+pytestmark = [*NEEDS_ROOT, NEEDS_WIREGUARD_GO]
 
 CLIENT_PORT = 51900
 

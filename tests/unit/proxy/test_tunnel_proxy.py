@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,14 +16,9 @@ from awg_split_tunnel.provider.interface import Address, StreamPair, StreamProvi
 from awg_split_tunnel.proxy.tunnel_proxy import Protocol, TunnelProxy
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A flow as the router would answer the proxy's lookup (``proxy.tunnel_proxy.NatTarget``)."""
-
-    orig_dst_ip: str
-    orig_dst_port: int
-    pid: int | None = None
-    exe: str | None = None
+def Target(ip: str, port: int, pid: int | None = None, exe: str | None = None) -> SimpleNamespace:
+    """A flow as the router answers the proxy's lookup (what ``proxy.tunnel_proxy.NatTarget`` asks)."""
+    return SimpleNamespace(orig_dst_ip=ip, orig_dst_port=port, pid=pid, exe=exe)
 
 
 pytestmark = pytest.mark.timeout(30)
@@ -35,10 +30,10 @@ class FakeNat:
     """The router's NAT table: peer (as the proxy sees it) -> original destination."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[str, str, int], Target] = {}
+        self.entries: dict[tuple[str, str, int], SimpleNamespace] = {}
         self.lookups: list[tuple[str, str, int]] = []
 
-    def __call__(self, proto: Protocol, ip: str, port: int) -> Target | None:
+    def __call__(self, proto: Protocol, ip: str, port: int) -> SimpleNamespace | None:
         self.lookups.append((proto, ip, port))
         return self.entries.get((proto, ip, port))
 
