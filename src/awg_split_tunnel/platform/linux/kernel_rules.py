@@ -165,22 +165,26 @@ class KernelRuleset:
                 "  }\n"
             )
         inbound = mark_value(INBOUND)
+        # Every chain lets a direct flow's packets go at its first rule: most packets are theirs.
         return (
             f"table inet {TABLE}\n"
             f"delete table inet {TABLE}\n"
             f"table inet {TABLE} {{\n"
             "  chain inbound {\n"
             f"    type filter hook prerouting priority {PRIORITY_MANGLE}; policy accept;\n"
+            f"    {is_class(DIRECT)} accept\n"
             + "".join(line + "\n" for line in tproxy)
             + f"    ct state new ct mark and {mask} == 0 ct mark set ct mark or 0x{inbound:08x}\n"
             "  }\n"
             f"{gate}"
             "  chain save {\n"
             f"    type filter hook output priority {PRIORITY_MANGLE + 1}; policy accept;\n"
+            f"    ct mark and {mask} != 0 accept\n"
             f"{save}\n"
             "  }\n"
             "  chain reroute {\n"
             f"    type route hook output priority {PRIORITY_MANGLE + 2}; policy accept;\n"
+            f"    {is_class(DIRECT)} accept\n"
             + "".join(line + "\n" for line in reroute)
             + "  }\n"
             "  chain to_proxy {\n"
@@ -189,6 +193,7 @@ class KernelRuleset:
             + "  }\n"
             "  chain packet_tunnels {\n"
             "    type filter hook postrouting priority -1; policy accept;\n"
+            f"    {is_class(DIRECT)} accept\n"
             + "".join(line + "\n" for line in [*guard, *clamp_out])
             + "  }\n"
             "  chain source_nat {\n"
@@ -197,6 +202,7 @@ class KernelRuleset:
             + "  }\n"
             "  chain blocked {\n"
             "    type filter hook output priority 0; policy accept;\n"
+            f"    {is_class(DIRECT)} accept\n"
             # Only the app's own packets: the reset that answers them belongs to the same conntrack entry
             # (reply direction) and must reach the app, which then fails at once ("connection refused").
             f"    ct direction original {is_class(BLOCK)} meta l4proto tcp reject with tcp reset\n"
