@@ -184,9 +184,7 @@ class KernelRuleset:
             "  }\n"
             "  chain reroute {\n"
             f"    type route hook output priority {PRIORITY_MANGLE + 2}; policy accept;\n"
-            f"    {is_class(DIRECT)} accept\n"
-            + "".join(line + "\n" for line in reroute)
-            + "  }\n"
+            f"    {is_class(DIRECT)} accept\n" + "".join(line + "\n" for line in reroute) + "  }\n"
             "  chain to_proxy {\n"
             "    type nat hook output priority -100; policy accept;\n"
             + ("\n".join(redirects) + "\n" if redirects else "")
