@@ -44,6 +44,7 @@ from awg_split_tunnel.provider.wireguard.noise import (
     HandshakeRejected,
     StaticIdentity,
 )
+from awg_split_tunnel.provider.wireguard.ratelimit import HandshakeRateLimiter
 from awg_split_tunnel.provider.wireguard.session import (
     COUNTER,
     REJECT_AFTER_MESSAGES,
@@ -60,8 +61,6 @@ Endpoint = tuple[str, int]
 DEFAULT_MTU = 1420
 QUEUE_STAGED_SIZE = 128  # packets waiting for a handshake, per peer (wireguard-go QueueStagedSize)
 UNDER_LOAD_HANDSHAKES = 128  # handshake messages per second that mean "under load" (1024 / 8)
-RATE_LIMIT_PER_SECOND = 20.0
-RATE_LIMIT_BURST = 5.0
 
 # Module-level so tests can lower it to force a rekey by message count.
 REKEY_AFTER_MESSAGES = _REKEY_AFTER_MESSAGES
@@ -179,12 +178,6 @@ class Peer:
     last_sent_initiation: float | None = None
 
 
-@dataclass(slots=True)
-class _TokenBucket:
-    tokens: float
-    at: float
-
-
 class WireGuardProtocol:
     """A WireGuard device without I/O: one local static key, any number of peers."""
 
@@ -222,7 +215,8 @@ class WireGuardProtocol:
         self._load_window_start = 0.0
         self._load_count = 0
         self._under_load_until: float | None = None
-        self._buckets: dict[str, _TokenBucket] = {}
+        self.rate_limiter = HandshakeRateLimiter()
+        """Answers to handshakes while under load, per source (IPv4 address, IPv6 /64)."""
         self._up = False
 
     # -- configuration -------------------------------------------------------------------------
@@ -691,7 +685,7 @@ class WireGuardProtocol:
                         (self.envelope.wrap_handshake(MessageType.COOKIE_REPLY, reply.pack(), window), source)
                     )
                 return []
-            if not self._rate_allows(source[0], now):
+            if not self.rate_limiter.allow(source[0], now):
                 self.dropped[DropReason.RATE_LIMITED] += 1
                 return []
         try:
@@ -850,19 +844,6 @@ class WireGuardProtocol:
             if self._under_load_until is None or until > self._under_load_until:
                 self._under_load_until = until
         return self._under_load_until is not None and now < self._under_load_until
-
-    def _rate_allows(self, host: str, now: float) -> bool:
-        bucket = self._buckets.get(host)
-        if bucket is None:
-            if len(self._buckets) > 4096:
-                self._buckets.clear()  # bound memory under a spoofed-source flood
-            bucket = self._buckets[host] = _TokenBucket(RATE_LIMIT_BURST, now)
-        bucket.tokens = min(RATE_LIMIT_BURST, bucket.tokens + (now - bucket.at) * RATE_LIMIT_PER_SECOND)
-        bucket.at = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
 
     # -- timers --------------------------------------------------------------------------------
 
