@@ -55,6 +55,8 @@ PORT_ATTEMPTS = 5
 """Tries to find one port number free on every listen host."""
 SPLICE_AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 """TCP relays by ``os.splice`` (platform/linux/splice.py); elsewhere through asyncio streams."""
+FAILURE_SUMMARY_PERIOD = 60.0
+"""Seconds in which one flow failure is logged at info and the others counted (then summed up at info)."""
 UDP_PENDING_LIMIT = 64
 """Datagrams held per association while it is being opened through the tunnel."""
 
@@ -159,6 +161,10 @@ class TunnelProxy:
         self.redirected = redirected
         self.splice = splice
         """Relay TCP with ``os.splice`` where the OS has it (else through asyncio streams)."""
+        self.clock: Callable[[], float] = time.monotonic
+        self._failures_since = -FAILURE_SUMMARY_PERIOD
+        self._failures_quiet = 0
+        self._failures_last = ""
         self.provider = provider
         self.counters = TunnelCounters()
         self._nat_lookup = nat_lookup
@@ -640,7 +646,26 @@ class TunnelProxy:
         return entry
 
     def _flow_failed(self, what: str, dst: Address, exe: str | None, exc: BaseException) -> None:
-        log.info(
+        # The first failure of a minute is logged at info, the rest at debug with a count at info once the
+        # minute is over: an app retrying a dead destination must not flood the log.
+        now = self.clock()
+        if now - self._failures_since >= FAILURE_SUMMARY_PERIOD:
+            if self._failures_quiet:
+                log.info(
+                    "[Proxy] %s: %d more flow failures in %.0f s (the last: %s)",
+                    self.tunnel_id,
+                    self._failures_quiet,
+                    now - self._failures_since,
+                    self._failures_last,
+                )
+            self._failures_since, self._failures_quiet = now, 0
+            level = logging.INFO
+        else:
+            self._failures_quiet += 1
+            level = logging.DEBUG
+        self._failures_last = f"{what} to {format_address(*dst)}: {exc}"
+        log.log(
+            level,
             "[Proxy] %s: %s flow of %s to %s failed: %s",
             self.tunnel_id,
             what,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
@@ -161,6 +162,40 @@ async def test_unreachable_destination_resets_the_app_and_reports_the_failure() 
     assert p.counters.tcp_failed == 1
     assert len(failures) == 1 and isinstance(failures[0], TunnelError)
     assert "Connection refused" in str(failures[0])
+
+
+def test_repeated_flow_failures_are_logged_once_a_minute_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        nat = FakeNat()
+        proxy = TunnelProxy("office", DirectProvider(connect_timeout=2), nat)
+        now = [1000.0]
+        proxy.clock = lambda: now[0]
+        await proxy.start()
+        try:
+            closed = socket.socket()
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+            for _ in range(20):
+                reader, _ = await app_connect(proxy, nat, closed.getsockname())
+                with pytest.raises(ConnectionResetError):
+                    await reader.read(1)
+                now[0] += 1.0
+            now[0] += 60.0
+            reader, _ = await app_connect(proxy, nat, closed.getsockname())
+            with pytest.raises(ConnectionResetError):
+                await reader.read(1)
+            closed.close()
+        finally:
+            await proxy.stop()
+
+    with caplog.at_level(logging.DEBUG, logger="awg_split_tunnel.proxy"):
+        asyncio.run(main())
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "fail" in r.getMessage()]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "flow of" in r.getMessage()]
+    assert len(debug) == 19, "all but the first failure of the minute at debug"
+    assert len(info) == 3, info  # the first failure, the summary, the first failure of the next minute
+    assert "19 more flow failures" in info[1] and "Connection refused" in info[1]
 
 
 @on_proxy
