@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from awg_split_tunnel.errors import AwgSplitTunnelError
 
@@ -49,8 +50,27 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+Part = str | tuple[str, str]
+"""A piece of a printed line: literal text, or (literal text, style)."""
+
+
+def _line(*parts: Part) -> Text:
+    """A line whose text is shown exactly as given: tunnel ids, paths, patterns and messages from
+    configs, users or servers are never read as rich markup (or emoji codes)."""
+    return Text.assemble(*parts)
+
+
+def _say(*parts: Part) -> None:
+    out.print(_line(*parts))
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells shown literally (see `_line`)."""
+    return [Text(str(value)) for value in values]
+
+
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err.print(_line(("error:", "bold red"), " ", message), soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -152,17 +172,17 @@ def check(config: ConfigOption = None) -> None:
         for column in ("id", "type", "server / endpoint", "notes"):
             tunnels.add_column(column)
         for t in cfg.tunnels:
-            tunnels.add_row(t.id, t.type, _tunnel_target(t), _tunnel_notes(t))
+            tunnels.add_row(*_cells(t.id, t.type, _tunnel_target(t), _tunnel_notes(t)))
         rules = Table(title="Rules (first match wins)", title_justify="left")
         for column in ("#", "process", "kind", "tunnel", "fallback"):
             rules.add_column(column)
         for i, r in enumerate(cfg.rules):
             kind = compile_pattern(r.process).kind.value.replace("_", " ")
-            rules.add_row(str(i), r.process, kind, r.tunnel, r.fallback.value)
-        out.print(f"[bold]{manager.path}[/]: OK")
+            rules.add_row(*_cells(i, r.process, kind, r.tunnel, r.fallback.value))
+        _say((str(manager.path), "bold"), ": OK")
         out.print(tunnels)
         out.print(rules)
-        out.print(f"Unmatched processes: [bold]{cfg.default}[/]")
+        _say("Unmatched processes: ", (cfg.default, "bold"))
 
 
 PlatformOption = Annotated[
@@ -207,13 +227,13 @@ def match(
                 )
             )
             return
-        out.print(f"tunnel:   [bold]{decision.tunnel}[/]")
-        out.print(f"fallback: {decision.fallback.value}")
+        _say("tunnel:   ", (decision.tunnel, "bold"))
+        _say(f"fallback: {decision.fallback.value}")
         if decision.rule_index is None:
-            out.print("rule:     none matched; the default applies")
+            _say("rule:     none matched; the default applies")
         else:
             rule = cfg.rules[decision.rule_index]
-            out.print(f"rule:     #{decision.rule_index}  {rule.process!r}")
+            _say(f"rule:     #{decision.rule_index}  {rule.process!r}")
 
 
 # -- config editing ---------------------------------------------------------------------------------------
@@ -229,7 +249,7 @@ def import_conf(
     with _user_errors(), _editing(config, missing_ok=True) as manager:
         new_id = manager.import_conf(file, tunnel_id)
         kind = next(t.type for t in manager.config.tunnels if t.id == new_id)
-    out.print(f"added tunnel [bold]{new_id}[/] ({kind}) to {manager.path}")
+    _say("added tunnel ", (new_id, "bold"), f" ({kind}) to {manager.path}")
 
 
 @rule_app.command("list")
@@ -248,9 +268,9 @@ def rule_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         for column in ("#", "process", "tunnel", "fallback"):
             table.add_column(column)
         for i, r in enumerate(cfg.rules):
-            table.add_row(str(i), r.process, r.tunnel, r.fallback.value)
+            table.add_row(*_cells(i, r.process, r.tunnel, r.fallback.value))
         out.print(table)
-        out.print(f"Unmatched processes: [bold]{cfg.default}[/]")
+        _say("Unmatched processes: ", (cfg.default, "bold"))
 
 
 @rule_app.command("add")
@@ -266,7 +286,7 @@ def rule_add(
     """Add a rule (first match wins, so order matters)."""
     with _user_errors(), _editing(config) as manager:
         at = manager.add_rule({"process": process, "tunnel": tunnel, "fallback": fallback}, index)
-    out.print(f"rule #{at} added: {process!r} → {tunnel} ({fallback})")
+    _say(f"rule #{at} added: {process!r} → {tunnel} ({fallback})")
 
 
 @rule_app.command("remove")
@@ -274,7 +294,7 @@ def rule_remove(index: Annotated[int, typer.Argument()], config: ConfigOption = 
     """Remove the rule at INDEX (see `rule list`)."""
     with _user_errors(), _editing(config) as manager:
         removed = manager.remove_rule(index)
-    out.print(f"rule #{index} removed: {removed.process!r} → {removed.tunnel}")
+    _say(f"rule #{index} removed: {removed.process!r} → {removed.tunnel}")
 
 
 # -- keys ---------------------------------------------------------------------------------------------------
@@ -345,7 +365,7 @@ def cleanup() -> None:
         removed = remove_kernel_state()
     if removed:
         for item in removed:
-            out.print(f"removed {item}")
+            _say(f"removed {item}")
     else:
         out.print("nothing to remove")
 
@@ -406,21 +426,23 @@ def status(as_json: JsonOption = False) -> None:
     colours = {"up": "green", "connecting": "yellow", "down": "red", "error": "red"}
     for t in result.get("tunnels", []):
         state = str(t.get("state", "?"))
-        table.add_row(
-            str(t.get("id")),
-            str(t.get("type")),
-            f"[{colours.get(state, 'white')}]{state}[/]",
+        cells = _cells(
+            t.get("id"),
+            t.get("type"),
+            state,
             _age(t.get("state_age")),
             _age(t.get("handshake_age")) if t.get("type") in ("amneziawg", "wireguard") else "-",
             _human_bytes(t.get("rx_bytes", 0)),
             _human_bytes(t.get("tx_bytes", 0)),
-            str(t.get("flows", 0)),
-            str(t.get("reason") or ""),
+            t.get("flows", 0),
+            t.get("reason") or "",
         )
+        cells[2].stylize(colours.get(state, "white"))
+        table.add_row(*cells)
     out.print(table)
     router = result.get("router") or {}
     if router:
-        out.print("router: " + ", ".join(f"{k} {v}" for k, v in sorted(router.items())))
+        _say("router: " + ", ".join(f"{k} {v}" for k, v in sorted(router.items())))
 
 
 @app.command()
@@ -438,15 +460,17 @@ def connections(as_json: JsonOption = False) -> None:
         table.add_column(column)
     for f in flows:
         table.add_row(
-            str(f.get("proto")),
-            str(f.get("pid") or "?"),
-            str(f.get("exe") or "?"),
-            str(f.get("src")),
-            str(f.get("dst")),
-            str(f.get("route")),
-            str(f.get("tunnel") or "-"),
-            str(f.get("out", "")),
-            str(f.get("in", "")),
+            *_cells(
+                f.get("proto"),
+                f.get("pid") or "?",
+                f.get("exe") or "?",
+                f.get("src"),
+                f.get("dst"),
+                f.get("route"),
+                f.get("tunnel") or "-",
+                f.get("out", ""),
+                f.get("in", ""),
+            )
         )
     out.print(table)
 
@@ -458,7 +482,7 @@ def tunnel_up(tunnel_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
 
     with _user_errors():
         result = request("tunnel", action="up", id=tunnel_id)
-    out.print(f"{tunnel_id}: {result.get('state', 'up')}")
+    _say(f"{tunnel_id}: {result.get('state', 'up')}")
 
 
 @tunnel_app.command("down")
@@ -468,7 +492,7 @@ def tunnel_down(tunnel_id: Annotated[str, typer.Argument(metavar="ID")]) -> None
 
     with _user_errors():
         result = request("tunnel", action="down", id=tunnel_id)
-    out.print(f"{tunnel_id}: {result.get('state', 'down')}")
+    _say(f"{tunnel_id}: {result.get('state', 'down')}")
 
 
 def main() -> None:

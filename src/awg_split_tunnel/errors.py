@@ -46,3 +46,17 @@ class ProtocolError(AwgSplitTunnelError):
 
 class TunnelError(AwgSplitTunnelError):
     """A tunnel could not carry a flow (down, refused, unreachable, authentication failed)."""
+
+
+SHOWN_TEXT_LIMIT = 120
+"""At most this many characters of text a remote party sent go into an error message."""
+
+
+def shown_text(text: str | bytes, limit: int = SHOWN_TEXT_LIMIT) -> str:
+    """Text a server sent, made safe to put into an error message: bytes decoded as Latin-1, every
+    non-printable character (control characters, escape sequences' ESC, line breaks) replaced by "?",
+    and cut to at most `limit` characters (the last one "…" when cut)."""
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text[: limit + 1]).decode("latin-1")
+    cut = text[: limit - 1] + "…" if len(text) > limit else text
+    return "".join(c if c.isprintable() else "?" for c in cut)

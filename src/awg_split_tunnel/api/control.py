@@ -26,6 +26,12 @@ log = logging.getLogger("awg_split_tunnel.api")
 MAX_REQUEST = 64 * 1024
 """A request line longer than this is refused (the API carries small commands only)."""
 
+IDLE_TIMEOUT = 10.0
+"""Seconds a client may stay silent (or stop in the middle of a line) before it is disconnected."""
+
+MAX_CLIENTS = 32
+"""Clients served at once; a connection beyond this is answered with an error and closed."""
+
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
@@ -41,11 +47,27 @@ def default_control_path() -> Path:
 
 
 class ControlServer:
-    """Serves the handlers on the control socket; one task per client, errors answered, never raised."""
+    """Serves the handlers on the control socket; one task per client, errors answered, never raised.
 
-    def __init__(self, handlers: Mapping[str, Handler], path: Path | None = None) -> None:
+    A client that sends nothing for `idle_timeout` seconds (also in the middle of a line) is
+    disconnected; at most `max_clients` are served at once, and a connection beyond them gets one error
+    line and is closed (counted in `refused`, logged once)."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        path: Path | None = None,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
         self.handlers = dict(handlers)
         self.path = path or default_control_path()
+        self.idle_timeout = idle_timeout
+        self.max_clients = max_clients
+        self.clients = 0
+        self.refused = 0
+        self.timed_out = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -74,10 +96,18 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= self.max_clients:
+            await self._refuse(writer)
+            return
+        self.clients += 1
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+                except TimeoutError:
+                    self.timed_out += 1
+                    log.debug("[API] client idle for %g s: disconnected", self.idle_timeout)
+                    return
                 except (ValueError, asyncio.LimitOverrunError):
                     await _send(writer, {"ok": False, "error": "request too long"})
                     return
@@ -86,6 +116,24 @@ class ControlServer:
                 await _send(writer, await self.answer(line))
         except (ConnectionError, OSError):
             return
+        finally:
+            self.clients -= 1
+            writer.close()
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Turn away a connection beyond `max_clients`: one error line, then closed."""
+        self.refused += 1
+        if self.refused == 1:
+            log.warning(
+                "[API] more than %d control clients at once: refusing the extra ones", self.max_clients
+            )
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                await asyncio.wait_for(
+                    _send(writer, {"ok": False, "error": f"too many clients (at most {self.max_clients})"}), 1
+                )
+        except TimeoutError:
+            pass
         finally:
             writer.close()
 

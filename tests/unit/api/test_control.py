@@ -109,3 +109,93 @@ def test_socket_is_private(tmp_path: Path) -> None:
             await server.stop()
 
     assert asyncio.run(main()) & 0o077 == 0
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sent before closing; TimeoutError when it keeps the connection open."""
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"cmd": "sta'])
+def test_a_silent_client_is_disconnected(tmp_path: Path, sent: bytes) -> None:
+    path = tmp_path / "control.sock"
+
+    async def main() -> tuple[bytes, int, float]:
+        server = ControlServer({"status": status}, path, idle_timeout=0.2)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(sent)
+            started = asyncio.get_running_loop().time()
+            got = await _closed_within(reader, 3)
+            took = asyncio.get_running_loop().time() - started
+            writer.close()
+            return got, server.timed_out, took
+        finally:
+            await server.stop()
+
+    got, timed_out, took = asyncio.run(main())
+    assert got == b"" and timed_out == 1 and took < 2
+
+
+def test_a_client_that_keeps_talking_is_not_cut_off(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def main() -> list[bytes]:
+        server = ControlServer({"status": status}, path, idle_timeout=0.3)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            answers = []
+            for _ in range(4):
+                await asyncio.sleep(0.15)
+                writer.write(b'{"cmd": "status"}\n')
+                answers.append(await asyncio.wait_for(reader.readline(), 3))
+            writer.close()
+            return answers
+        finally:
+            await server.stop()
+
+    assert all(b'"ok": true' in a for a in asyncio.run(main()))
+
+
+def test_clients_beyond_the_cap_are_refused_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "control.sock"
+
+    async def main() -> tuple[list[bytes], int, Any]:
+        server = ControlServer({"status": status}, path, max_clients=2)
+        await server.start()
+        try:
+            held = []
+            for _ in range(2):
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                writer.write(b'{"cmd": "status"}\n')
+                assert b'"ok": true' in await asyncio.wait_for(reader.readline(), 3)
+                held.append(writer)
+            refusals = []
+            for _ in range(3):
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                refusals.append(await _closed_within(reader, 3))
+                writer.close()
+            refused = server.refused
+            for writer in held:
+                writer.close()
+                await writer.wait_closed()
+            for _ in range(50):
+                if server.clients == 0:
+                    break
+                await asyncio.sleep(0.02)
+            after = await asyncio.to_thread(request, "status", path=path)
+            return refusals, refused, after
+        finally:
+            await server.stop()
+
+    with caplog.at_level("WARNING", logger="awg_split_tunnel.api"):
+        refusals, refused, after = asyncio.run(main())
+    assert refused == 3
+    for line in refusals:
+        assert line.count(b"\n") == 1 and b'"ok": false' in line and b"too many clients" in line
+    assert len([r for r in caplog.records if "control clients" in r.getMessage()]) == 1
+    assert after["tunnels"][0]["id"] == "office"

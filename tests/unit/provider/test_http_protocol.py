@@ -172,3 +172,40 @@ def test_probe_accepts_any_http_status_line() -> None:
 def test_probe_refuses_a_non_http_server() -> None:
     with pytest.raises(ProtocolError, match="does not answer in HTTP"):
         HttpProbe(SERVER).receive(b"\x05\x00")
+
+
+HOSTILE = (b"\x1b[31mEVIL\x1b[0m\x00\x07\r\x7f\x9b\xff" * 700)[:10_000]
+"""A 10 kB reply text of control characters, ANSI escapes and high bytes (no line break)."""
+
+
+def _assert_shown_safely(message: str, prefix: str) -> None:
+    assert message.startswith(prefix)
+    shown = message[len(prefix) :].strip('"')
+    assert 0 < len(shown) <= 120
+    assert shown.isprintable() and "\x1b" not in shown
+
+
+def test_hostile_reason_phrase_is_cut_and_made_printable() -> None:
+    with pytest.raises(HttpProxyRefused) as caught:
+        client().receive(b"HTTP/1.1 403 " + HOSTILE + b"\r\n\r\n")
+    _assert_shown_safely(str(caught.value), f"HTTP proxy {SERVER} refused CONNECT 198.18.0.10:443: 403 ")
+
+
+def test_hostile_status_line_is_cut_and_made_printable() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        client().receive(b"HTTP/1.1 " + HOSTILE + b"\r\n\r\n")
+    _assert_shown_safely(str(caught.value), f"HTTP proxy {SERVER} sent a malformed status line: ")
+
+
+def test_hostile_header_line_is_cut_and_made_printable() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        client().receive(b"HTTP/1.1 200 OK\r\n" + HOSTILE + b"\r\n\r\n")
+    _assert_shown_safely(str(caught.value), f"HTTP proxy {SERVER} sent a malformed header line: ")
+
+
+def test_hostile_407_reason_is_cut_and_made_printable() -> None:
+    with pytest.raises(HttpProxyRefused) as caught:
+        client().receive(b"HTTP/1.1 407 " + HOSTILE + b"\r\n\r\n")
+    message = str(caught.value)
+    shown = message.split("(407 ", 1)[1].removesuffix(")")
+    assert len(shown) <= 120 and shown.isprintable()

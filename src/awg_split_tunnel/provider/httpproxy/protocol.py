@@ -12,7 +12,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from awg_split_tunnel.errors import ProtocolError, TunnelError
+from awg_split_tunnel.errors import ProtocolError, TunnelError, shown_text
 
 MAX_HEADER_BYTES = 32 * 1024
 """A proxy's response header larger than this is refused (a sane proxy sends a few hundred bytes)."""
@@ -73,8 +73,7 @@ def parse_response_header(block: bytes, server: str) -> Response:
     lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
     match = _STATUS_LINE.fullmatch(lines[0])
     if match is None:
-        shown = lines[0][:60].decode("ascii", "replace")
-        raise ProtocolError(f"HTTP proxy {server} sent a malformed status line: {shown!r}")
+        raise ProtocolError(f'HTTP proxy {server} sent a malformed status line: "{shown_text(lines[0])}"')
     if match.group(1) != b"1":
         raise ProtocolError(f"HTTP proxy {server} answered with unsupported HTTP/{match.group(1).decode()}")
     status = int(match.group(3))
@@ -88,8 +87,7 @@ def parse_response_header(block: bytes, server: str) -> Response:
             raise ProtocolError(f"HTTP proxy {server} sent a folded header line")
         name, sep, value = line.partition(b":")
         if not sep or _TOKEN.fullmatch(name) is None:
-            shown = line[:60].decode("ascii", "replace")
-            raise ProtocolError(f"HTTP proxy {server} sent a malformed header line: {shown!r}")
+            raise ProtocolError(f'HTTP proxy {server} sent a malformed header line: "{shown_text(line)}"')
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
     return Response(status, reason, tuple(headers))
 
@@ -184,7 +182,7 @@ class HttpConnectClient:
         return min(candidates) if candidates else (-1, -1)
 
     def _refused(self, response: Response) -> HttpProxyRefused:
-        status = f"{response.status} {response.reason}".strip()
+        status = f"{response.status} {shown_text(response.reason)}".strip()
         if response.status == 407:
             why = (
                 "rejected the credentials"
