@@ -58,6 +58,9 @@ rule_log = logging.getLogger("awg_split_tunnel.rule")
 WATCH_INTERVAL = 1.0
 """Seconds between looks at the config file's modification time."""
 
+OPEN_FILES_IF_UNLIMITED = 65536
+"""The soft open-file limit asked for when the hard limit is unlimited."""
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
@@ -115,6 +118,32 @@ def check_kernel_dataplane() -> None:
     problem = support_problem()
     if problem is not None:
         raise DaemonError(f"the kernel data path cannot run here: {problem}; or set `dataplane: divert`")
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise the soft limit on open files to the hard limit; the new soft limit, or None when unchanged.
+
+    Every relayed flow holds descriptors (a UDP flow through SOCKS5: its control connection and its
+    relay socket), so the usual default of 1024 runs out at about a thousand concurrent flows. POSIX
+    only; a failure is logged and never stops the daemon.
+    """
+    if sys.platform != "win32":
+        import resource
+
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            # An unlimited hard limit is not a valid soft limit for open files (Linux caps it at
+            # fs.nr_open, macOS at OPEN_MAX): ask for a generous finite number instead.
+            target = OPEN_FILES_IF_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+            if soft == resource.RLIM_INFINITY or soft >= target:
+                return None
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("[Core] could not raise the open-file limit: %s", exc)
+            return None
+        log.debug("[Core] open-file limit raised from %d to %d", soft, target)
+        return target
+    return None
 
 
 def configure_logging(level: str) -> None:
@@ -194,6 +223,7 @@ class Daemon:
         self._file_stamp = self._stamp()
         configure_logging(config.log_level)
         log.info("[Core] starting with %s", self.config_path)
+        raise_open_file_limit()
         self._started = True
         self._event_loop = asyncio.get_running_loop()
         try:

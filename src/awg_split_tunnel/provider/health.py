@@ -9,14 +9,20 @@ Timing (defaults): re-probe every ``interval_up`` (5 s) while UP, every ``interv
 DOWN, and at once after a flow failed to open (``flow_failed``); DOWN after ``failures_to_down`` (2)
 failed probes ``confirm_delay`` (0.2 s) apart, each bounded by ``probe_timeout`` (0.9 s). A server
 killed is reported DOWN well within 2 s; one that comes back is UP within ``interval_down`` plus a probe.
+
+A failure caused by a shortage on this machine (out of descriptors or buffer memory: EMFILE, ENFILE,
+ENOBUFS, ENOMEM anywhere in the exception's chain) says nothing about the server: it neither counts
+toward DOWN nor wakes the loop, and is logged at warning at most once per ``LOCAL_ERROR_LOG_INTERVAL``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from awg_split_tunnel.core.policy import TunnelState
@@ -35,6 +41,26 @@ CONFIRM_DELAY = 0.2
 FAILURES_TO_DOWN = 2
 MIN_PROBE_GAP = 0.5
 """No two probes closer than this, however often flows fail or the server drops the held connection."""
+LOCAL_ERROR_LOG_INTERVAL = 60.0
+"""Seconds between two warnings about failures caused by a local resource shortage."""
+
+LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Errors of this machine running out of something, not of the tunnel's server."""
+
+
+def local_resource_error(exc: BaseException | None) -> OSError | None:
+    """The OSError in ``exc``'s chain (itself, its causes and contexts) that reports a local resource
+    shortage, or None when the failure may be the server's."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in LOCAL_RESOURCE_ERRNOS:
+            return exc
+        if exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            exc = None if exc.__suppress_context__ else exc.__context__
+    return None
 
 
 class _HoldEnded(Exception):
@@ -69,6 +95,9 @@ class HealthMonitor:
         self.reason = ""
         self.probes = 0
         self.failures = 0
+        self.local_failures = 0
+        """Failed probes and flows that were this machine's fault (not counted in ``failures``)."""
+        self._local_logged_at: float | None = None
         self._on_state = on_state
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -86,12 +115,18 @@ class HealthMonitor:
             self._task = None
 
     def flow_failed(self, exc: BaseException | None = None) -> None:
-        """A flow could not be opened through the tunnel: probe now instead of at the next period."""
+        """A flow could not be opened through the tunnel: probe now instead of at the next period.
+
+        Not when the flow failed for want of local resources: a probe would tell nothing new."""
+        local = local_resource_error(exc)
+        if local is not None:
+            self._local_failure(local)
+            return
         self._wake.set()
 
     async def check_once(self) -> bool:
         """One probe, outside the loop; True when the server completed its handshake."""
-        pair, _ = await self._probe()
+        pair, _, _ = await self._probe()
         if pair is not None:
             abort_stream(pair[1])
         return pair is not None
@@ -102,7 +137,12 @@ class HealthMonitor:
         while True:
             started = loop.time()
             self._wake.clear()
-            pair, error = await self._probe()
+            pair, error, local = await self._probe()
+            if local is not None:
+                # Neither a success nor a failure of the server: try again later, state unchanged.
+                self._local_failure(local)
+                await self._sleep(max(self.interval_down, self.min_probe_gap), wakeable=True)
+                continue
             if pair is not None:
                 consecutive = 0
                 self._report(TunnelState.UP, "server completed the handshake")
@@ -124,22 +164,43 @@ class HealthMonitor:
             else:
                 await self._sleep(self.confirm_delay, wakeable=False)
 
-    async def _probe(self) -> tuple[StreamPair | None, str]:
+    async def _probe(self) -> tuple[StreamPair | None, str, OSError | None]:
+        """The open probe connection, or why there is none; the last item is the local resource error
+        when the probe failed for want of resources on this machine (then it is no failure at all)."""
         self.probes += 1
         try:
             async with asyncio.timeout(self.probe_timeout):
                 pair = await self.provider.probe_connection()
         except TimeoutError:
             self.failures += 1
-            return None, f"{self.provider.kind} did not complete a handshake within {self.probe_timeout:g} s"
-        except AwgSplitTunnelError as exc:
+            kind = self.provider.kind
+            return None, f"{kind} did not complete a handshake within {self.probe_timeout:g} s", None
+        except (AwgSplitTunnelError, OSError) as exc:
+            local = local_resource_error(exc)
+            if local is not None:
+                return None, str(exc), local
             self.failures += 1
-            return None, str(exc)
-        except OSError as exc:
-            self.failures += 1
-            return None, f"{self.provider.kind}: {describe_os_error(exc)}"
+            if isinstance(exc, OSError):
+                return None, f"{self.provider.kind}: {describe_os_error(exc)}", None
+            return None, str(exc), None
         _enable_keepalive(pair[1])
-        return pair, ""
+        return pair, "", None
+
+    def _local_failure(self, exc: OSError) -> None:
+        """Count a failure that was this machine's fault; warn at most once per LOCAL_ERROR_LOG_INTERVAL."""
+        self.local_failures += 1
+        now = time.monotonic()
+        if self._local_logged_at is not None and now - self._local_logged_at < LOCAL_ERROR_LOG_INTERVAL:
+            return
+        self._local_logged_at = now
+        log.warning(
+            "[Proxy] %s: a connection failed for want of local resources (%s); not held against the "
+            "server, state stays %s (%d such failures so far)",
+            self.tunnel_id,
+            describe_os_error(exc),
+            self.state.value.upper() if self.state is not None else "unknown",
+            self.local_failures,
+        )
 
     async def _hold(self, pair: StreamPair) -> None:
         """Watch the probe connection until it closes, ``interval_up`` passes, or a flow failure."""
