@@ -333,11 +333,16 @@ def tun(
 
 
 @app.command()
-def run(config: ConfigOption = None) -> None:
+def run(
+    config: ConfigOption = None,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", help="Also log to this file (rotated at 10 MiB, 5 kept).")
+    ] = None,
+) -> None:
     """The daemon, in the foreground (root/Administrator). Ctrl-C or SIGTERM restores everything."""
     from awg_split_tunnel.daemon import run_daemon
 
-    raise typer.Exit(run_daemon(_config_path(config)))
+    raise typer.Exit(run_daemon(_config_path(config), log_file=log_file))
 
 
 @app.command()

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -146,14 +147,32 @@ def raise_open_file_limit() -> int | None:
     return None
 
 
-def configure_logging(level: str) -> None:
-    """Component-prefixed log lines on stderr at the config's ``log_level``."""
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file whose every new file (the first and each after a rotation) is created 0600."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
+LOG_FILE_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 5
+"""``--log-file``: rotated at 10 MiB, five old files kept (FILE.1 … FILE.5)."""
+
+
+def configure_logging(level: str, log_file: Path | None = None) -> None:
+    """Component-prefixed log lines on stderr at the config's ``log_level``, and in ``log_file`` (rotated,
+    created 0600: it names apps and the addresses they reach) when given."""
     root = logging.getLogger("awg_split_tunnel")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.propagate = False
+    if log_file is not None and not any(isinstance(h, PrivateRotatingFileHandler) for h in root.handlers):
+        rotating = PrivateRotatingFileHandler(log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS)
+        rotating.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+        root.addHandler(rotating)
     root.setLevel(LOG_LEVELS.get(level, logging.INFO))
 
 
@@ -176,8 +195,10 @@ class Daemon:
         check_privileges: bool = True,
         handles: Callable[..., Any] | None = None,
         status_out: TextIO | None = None,
+        log_file: Path | None = None,
     ) -> None:
         self.config_path = Path(config_path)
+        self._log_file = log_file
         self.bus = EventBus()
         self.manager = ConfigManager(self.config_path, self.bus)
         self.registry = TunnelRegistry(self.bus)
@@ -221,7 +242,7 @@ class Daemon:
             self._refuse_second_daemon()
         self._config = config
         self._file_stamp = self._stamp()
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, self._log_file)
         log.info("[Core] starting with %s", self.config_path)
         raise_open_file_limit()
         self._started = True
@@ -252,6 +273,7 @@ class Daemon:
             log_level=LOG_LEVELS.get(config.log_level, logging.INFO),
             devices=changes.started,
             dataplane=self.dataplane,
+            log_file=None if self._log_file is None else str(self._log_file),
         )
         router = RouterProcess(settings, handles, serve=self._router_body())
         router.on_exit = self._router_died
@@ -450,7 +472,7 @@ class Daemon:
         self._config = new
         router = self._router
         if new.log_level != old.log_level:
-            configure_logging(new.log_level)
+            configure_logging(new.log_level, self._log_file)
             log.info("[Core] log level %s", new.log_level)
         changes = RouterChanges()
         for tunnel_id in gone:
@@ -619,8 +641,8 @@ def _address(ip: object, port: object) -> str:
     return f"{text}:{port}"
 
 
-async def _run(config_path: Path, control_path: Path | None) -> int:
-    daemon = Daemon(config_path, control_path=control_path)
+async def _run(config_path: Path, control_path: Path | None, log_file: Path | None = None) -> int:
+    daemon = Daemon(config_path, control_path=control_path, log_file=log_file)
     try:
         await daemon.start()
     except AwgSplitTunnelError as exc:
@@ -632,10 +654,12 @@ async def _run(config_path: Path, control_path: Path | None) -> int:
     return await daemon.run_forever()
 
 
-def run_daemon(config_path: Path | str, control_path: Path | None = None) -> int:
+def run_daemon(
+    config_path: Path | str, control_path: Path | None = None, log_file: Path | None = None
+) -> int:
     """``awg-split-tunnel run``: the daemon in the foreground until Ctrl-C/SIGTERM; the exit code."""
     try:
-        return asyncio.run(_run(Path(config_path), control_path))
+        return asyncio.run(_run(Path(config_path), control_path, log_file))
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -647,8 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="awg-split-tunnel run", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", type=Path, default=None, help="config file (YAML)")
     parser.add_argument("--control", type=Path, default=None, help="control socket path")
+    parser.add_argument("--log-file", type=Path, default=None, help="also log here (rotated at 10 MiB)")
     args = parser.parse_args(argv)
-    return run_daemon(args.config or default_config_path(), args.control)
+    return run_daemon(args.config or default_config_path(), args.control, args.log_file)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class RouterSettings:
     in ``tunnels``)."""
     dataplane: str = "divert"
     """``divert`` (every packet through the router) or ``kernel`` (first packets only)."""
+    log_file: str | None = None
+    """Also log to this file (``run --log-file``)."""
 
 
 DeviceFactory = Callable[[], Any]
@@ -150,6 +152,7 @@ class RouterProcess:
             self.settings.log_level,
             dict(self.settings.devices),
             self.settings.dataplane,
+            self.settings.log_file,
         )
         self._process = context.Process(
             target=self._serve,
@@ -326,13 +329,20 @@ def nat_withdrawal(entry: NatEntry, key: bytes | None = None) -> FlowForgotten:
     return FlowForgotten(entry.proto, entry.peer_key if key is None else key)
 
 
-def configure_process_logging(level: int) -> None:
+def configure_process_logging(level: int, log_file: str | None = None) -> None:
     """A router process's log: the control plane's line format (daemon.configure_logging), one log to
-    read; Ctrl-C reaches the whole process group, but the control plane decides when the router stops."""
+    read; Ctrl-C reaches the whole process group, but the control plane decides when the router stops.
+    With ``log_file`` the lines also go there; the control plane rotates that file, this process follows
+    the rename (``WatchedFileHandler``) instead of rotating it a second time."""
+    import logging.handlers
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    if log_file:
+        handler = logging.handlers.WatchedFileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+        logging.getLogger().addHandler(handler)
     # Libraries log every netlink message at debug level: only their warnings belong in our log.
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
@@ -392,7 +402,7 @@ def apply_router_message(
 
 def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, conn: Any) -> None:
     """The router process: build router and loop, report ready, loop until told to stop."""
-    configure_process_logging(settings.log_level)
+    configure_process_logging(settings.log_level, settings.log_file)
     states = dict(settings.states)
     try:
         router = process_router(settings, states, conn)

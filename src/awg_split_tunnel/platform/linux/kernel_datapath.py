@@ -739,7 +739,7 @@ def serve_kernel_gate(settings: RouterSettings, open_events: Callable[..., Any],
     from awg_split_tunnel.core.router_messages import StartFailed
     from awg_split_tunnel.router.service import run_with_devices
 
-    configure_process_logging(settings.log_level)
+    configure_process_logging(settings.log_level, settings.log_file)
     states = dict(settings.states)
     slots = TunnelSlots()
     gate: list[KernelGate] = []
