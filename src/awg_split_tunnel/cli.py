@@ -379,11 +379,13 @@ def cleanup() -> None:
 def systemd_unit(config: ConfigOption = None) -> None:
     """Print a systemd unit that runs the daemon (restart on failure within a second); install it with
     `awg-split-tunnel systemd-unit > /etc/systemd/system/awg-split-tunnel.service`."""
-    import shutil
     from importlib.resources import files
 
     template = files("awg_split_tunnel").joinpath("data/awg-split-tunnel.service").read_text()
-    exe = shutil.which("awg-split-tunnel") or f"{sys.executable} -m awg_split_tunnel"
+    # The installation that prints the unit is the one it runs: its interpreter's own script (a venv's,
+    # not whatever comes first on PATH), else that interpreter with -m.
+    script = Path(sys.executable).parent / "awg-split-tunnel"
+    exe = str(script) if script.is_file() else f"{sys.executable} -m awg_split_tunnel"
     config_path = _config_path(config).resolve()
     sys.stdout.write(template.replace("@EXEC@", exe).replace("@CONFIG@", str(config_path)))
 

@@ -185,3 +185,18 @@ def test_rule_add_to_unknown_tunnel_fails_and_leaves_file(config: Path) -> None:
     code, _, stderr = invoke("rule", "add", "curl", "--tunnel", "nowhere", "-c", str(config))
     assert code == 1 and "nowhere" in stderr
     assert config.read_text() == before
+
+
+def test_the_systemd_unit_runs_this_installation_with_the_config_and_restarts_within_a_second(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    config = tmp_path / "config.yaml"
+    result = runner.invoke(app, ["systemd-unit", "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    [exec_start] = [line for line in result.output.splitlines() if line.startswith("ExecStart=")]
+    script = Path(sys.executable).parent / "awg-split-tunnel"
+    runs = str(script) if script.is_file() else f"{sys.executable} -m awg_split_tunnel"
+    assert exec_start == f"ExecStart={runs} run -c {config.resolve()}"
+    assert "Restart=on-failure" in result.output and "RestartSec=500ms" in result.output
