@@ -423,9 +423,9 @@ class TunnelProxy:
                 # Spliced bytes go straight to the socket: what the stream still buffers must be out first.
                 writer.transport.set_write_buffer_limits(high=0)
                 await writer.drain()
-            app_sock, up_sock = duplicate(app_writer), duplicate(up_writer)
-            sockets = [s for s in (app_sock, up_sock) if s is not None]
-            assert app_sock is not None and up_sock is not None
+            # Both are plain sockets (``_plain_socket``): the duplicates exist.
+            sockets = [duplicate(app_writer), duplicate(up_writer)]
+            app_sock, up_sock = sockets
             for (src, dst, upstream), ended in zip(
                 ((app_sock, up_sock, True), (up_sock, app_sock, False)), ends, strict=True
             ):
@@ -483,7 +483,6 @@ class TunnelProxy:
         upstream: bool,
     ) -> None:
         """Copy one direction; EOF is passed on as a half-close (shutdown SHUT_WR)."""
-        counters = self.counters
         while True:
             data = await reader.read(RELAY_CHUNK)
             if not data:
@@ -491,12 +490,7 @@ class TunnelProxy:
                     writer.write_eof()
                 return
             writer.write(data)
-            if upstream:
-                flow.bytes_up += len(data)
-                counters.bytes_up += len(data)
-            else:
-                flow.bytes_down += len(data)
-                counters.bytes_down += len(data)
+            self._count(flow, len(data), upstream=upstream)
             await writer.drain()
 
     def _reset_flow(self, flow: TcpFlow) -> None:

@@ -34,22 +34,22 @@ class ConntrackTable:
         self._sockets: dict[int, Any] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
 
-    def forget(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> Future[bool]:
-        """Delete the entry of (proto, src:sport → dst:dport); the future says whether there was one."""
-        return self._worker.submit(self._forget, proto, src, sport, dst, dport)
+    def forget(self, proto: int, sport: int, dst: bytes, dport: int) -> Future[bool]:
+        """Delete the entries of (proto, any source:sport → dst:dport); the future says whether there was
+        one. Matched without the source address: a flow routed into a packet tunnel is reported (FLOW
+        DELETED) with its masqueraded source, while its entry's original tuple has the app's."""
+        return self._worker.submit(self._forget, proto, sport, dst, dport)
 
     def forget_marked(self, mark: int, mask: int) -> Future[int]:
         """Delete every entry whose ct mark has ``mark`` in the bits of ``mask``; the future says how
         many. Their flows' next packets are new to the kernel again (queued, decided afresh)."""
         return self._worker.submit(self._forget_marked, mark, mask)
 
-    def _forget(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> bool:
+    def _forget(self, proto: int, sport: int, dst: bytes, dport: int) -> bool:
         from pyroute2.netlink.exceptions import NetlinkError
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
         family = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
-        # Matched without the source address: a flow routed into a packet tunnel is reported (FLOW
-        # DELETED) with its masqueraded source, while its entry's original tuple has the app's.
         wanted = NFCTAttrTuple(
             family=family, daddr=str(ipaddress.ip_address(dst)), proto=proto, sport=sport, dport=dport
         )

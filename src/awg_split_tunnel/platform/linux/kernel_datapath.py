@@ -141,33 +141,42 @@ class KernelFirewall:
     def apply(self, ruleset: KernelRuleset) -> None:
         """Routes first, then our table (one transaction), then the gate: each piece exists before
         anything that leads packets to it."""
-        add_local_route()
+        add_routes(local_route_commands("add"), "the loopback route of stream tunnels")
         self.nft.run(ruleset.table_text())
         if not self.nft_queue:
             for command in self._iptables:
                 _ensure_gate_chain(command, ruleset.queue_num)
 
     def remove(self) -> list[str]:
-        """Remove the gate first (no flow is queued to nobody), then the table, then the routes; what was
-        removed."""
-        removed = remove_gate_chains()
-        if _table_exists(self.nft):
-            self.nft.run(removal_text())
-            removed.append(f"nftables table inet {TABLE}")
-        return removed + remove_routes()
+        """Everything the kernel data path added (``remove_kernel_state``); what was removed."""
+        return remove_kernel_state(self.nft)
 
 
-def add_local_route() -> None:
-    """The policy rule and loopback route that take stream tunnels' TCP to TPROXY; already there is fine
-    (re-adding must not open a gap in which packets route normally)."""
+def add_routes(commands: Iterable[list[str]], what: str) -> None:
+    """Run ``ip`` add commands; one already there is fine (re-adding must not open a gap in which packets
+    route normally). KernelSupportError naming ``what`` on any other refusal."""
     from awg_split_tunnel.platform.linux.tun import ip_command
 
-    for args in local_route_commands("add"):
+    for args in commands:
         try:
             ip_command(*args)
         except TunnelError as exc:
             if "File exists" not in str(exc):
-                raise KernelSupportError(f"cannot add the loopback route of stream tunnels: {exc}") from None
+                raise KernelSupportError(f"cannot add {what}: {exc}") from None
+
+
+def delete_routes(commands: Iterable[list[str]]) -> list[str]:
+    """Run ``ip`` del commands, skipping what is not there; the ones that removed something."""
+    from awg_split_tunnel.platform.linux.tun import ip_command
+
+    removed = []
+    for args in commands:
+        try:
+            ip_command(*args)
+        except TunnelError:
+            continue
+        removed.append("ip " + " ".join(args))
+    return removed
 
 
 def remove_routes() -> list[str]:
@@ -175,15 +184,7 @@ def remove_routes() -> list[str]:
     daemon left too: found by their priority and table numbers), both families."""
     import re
 
-    from awg_split_tunnel.platform.linux.tun import ip_command
-
-    removed = []
-    for args in local_route_commands("del"):
-        try:
-            ip_command(*args)
-        except TunnelError:
-            continue
-        removed.append("ip " + " ".join(args))
+    removed = delete_routes(local_route_commands("del"))
     ip = shutil.which("ip")
     if ip is None:
         return removed
@@ -269,17 +270,18 @@ def remove_gate_chains() -> list[str]:
     return removed
 
 
-def remove_kernel_state() -> list[str]:
-    """Everything the kernel data path adds (gate chains, our table), removed; what was there.
-    ``awg-split-tunnel cleanup`` after a daemon that died (its rules hold every new flow meanwhile)."""
+def remove_kernel_state(nft: Nftables | None = None) -> list[str]:
+    """Everything the kernel data path adds, removed: the gate first (no flow is queued to nobody), then
+    our table, then the routes; what was there. A clean stop, and ``awg-split-tunnel cleanup`` after a
+    daemon that died (its rules hold every new flow meanwhile)."""
     removed = remove_gate_chains()
     try:
-        nft = Nftables()
+        context = contextlib.nullcontext(nft) if nft is not None else Nftables()
     except NftablesError:
         return removed + remove_routes()
-    with nft:
-        if _table_exists(nft):
-            nft.run(removal_text())
+    with context as table:
+        if _table_exists(table):
+            table.run(removal_text())
             removed.append(f"nftables table inet {TABLE}")
     return removed + remove_routes()
 
@@ -357,7 +359,6 @@ class KernelGate:
         self.router = router
         self.slots = slots
         self._view = PacketView()
-        self.released = 0
 
     def packet(self, packet: QueuedPacket, now: float) -> None:
         data = headers_of(packet.get_payload())
@@ -398,7 +399,6 @@ class KernelGate:
     def release(self, packet: QueuedPacket, flow_class: int) -> None:
         packet.set_mark((packet.get_mark() & ~MARK_MASK) | mark_value(flow_class))
         packet.accept()
-        self.released += 1
 
 
 def kernel_peer_key(entry: NatEntry) -> bytes:
@@ -668,18 +668,16 @@ class KernelIO:
     def _socket_closed(self, event: ConnectEventLike) -> None:
         # The verdict lives in the conntrack entry, which outlives the socket: the next socket given
         # this port (maybe another app's) must be decided afresh.
-        self.conntrack.forget(
-            event.proto, event.local_addr, event.local_port, event.remote_addr, event.remote_port
-        )
+        self.conntrack.forget(event.proto, event.local_port, event.remote_addr, event.remote_port)
 
     def _apply_rules(self) -> None:
         streams, packets = self.slots.update(self._routes)
         for slot in sorted(set(packets) - self._route_slots):
-            add_packet_routes(slot)
+            add_routes(packet_route_commands(slot, "add"), f"the routing of packet tunnel slot {slot}")
             self._route_slots.add(slot)
         self.firewall.apply(KernelRuleset(streams, packets, nft_queue=self.firewall.nft_queue))
         for slot in sorted(self._route_slots - set(packets)):
-            remove_packet_routes(slot)
+            delete_routes(packet_route_commands(slot, "del"))
             self._route_slots.discard(slot)
 
 
@@ -705,32 +703,6 @@ def _configure_tun(ifname: str, route: PacketTunnelRoute, slot: int) -> None:
         address = ipaddress.IPv6Address(route.address_v6)
         ip_command("-6", "address", "add", f"{address}/128", "dev", ifname, "nodad")
         ip_command("-6", "route", "replace", "default", "dev", ifname, "table", table)
-
-
-def add_packet_routes(slot: int) -> None:
-    from awg_split_tunnel.platform.linux.tun import ip_command
-
-    for args in packet_route_commands(slot, "add"):
-        try:
-            ip_command(*args)
-        except TunnelError as exc:
-            if "File exists" not in str(exc):
-                raise KernelSupportError(
-                    f"cannot add the routing of packet tunnel slot {slot}: {exc}"
-                ) from None
-
-
-def remove_packet_routes(slot: int) -> list[str]:
-    from awg_split_tunnel.platform.linux.tun import ip_command
-
-    removed = []
-    for args in packet_route_commands(slot, "del"):
-        try:
-            ip_command(*args)
-        except TunnelError:
-            continue
-        removed.append("ip " + " ".join(args))
-    return removed
 
 
 def serve_kernel_gate(settings: RouterSettings, open_events: Callable[..., Any], conn: Any) -> None:

@@ -165,11 +165,9 @@ async def take_buffered(reader: asyncio.StreamReader, transport: asyncio.ReadTra
     return bytes(taken)
 
 
-def duplicate(writer: asyncio.StreamWriter) -> socket.socket | None:
-    """A socket object on a duplicate of the stream's descriptor (None if it has none)."""
+def duplicate(writer: asyncio.StreamWriter) -> socket.socket:
+    """A socket object on a duplicate of the stream's socket descriptor."""
     sock = writer.get_extra_info("socket")
-    if sock is None:
-        return None
     dup = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
     dup.setblocking(False)
     return dup
