@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import struct
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from awg_split_tunnel.net.nat import (
     FlowTable,
     FlowVerdict,
     NatEntry,
+    Tombstones,
     app_key,
     reply_key,
 )
@@ -56,7 +58,13 @@ from awg_split_tunnel.net.packet import (
     build_packet,
     tcp_reset_for,
 )
-from awg_split_tunnel.process.lookup import ConnectEvents, ExeResolver, os_lookup_pid, pid_owns_socket
+from awg_split_tunnel.process.lookup import (
+    OS_LOOKUPS_PER_POLL,
+    ConnectEvents,
+    ExeResolver,
+    os_lookup_pid,
+    pid_owns_socket,
+)
 
 log = logging.getLogger("awg_split_tunnel.router")
 
@@ -69,8 +77,18 @@ HOLD_TIMEOUT = 0.05
 """Seconds a new flow's first packet waits for its connect event before the OS lookup (a few ms usual)."""
 MAX_HELD_PACKETS = 16
 """Packets kept per waiting flow (SYN retransmits, a UDP burst); more are dropped, never leaked."""
-MAX_HELD_FLOWS = 1024
+MAX_HELD_FLOWS = 8192
+"""Flows waiting for their owner at most, all remotes together (memory: ≤ 16 packets each)."""
+MAX_HELD_PER_REMOTE = 256
+"""Flows waiting for their owner at most per remote address. While a flow waits its process is unknown,
+so the cap cannot be per app; a flood from one app goes to one or a few servers (a download, a benchmark,
+a SYN flood), so capping per remote keeps it from filling ``MAX_HELD_FLOWS`` and stopping other apps'
+new flows from being decided. Flows over the cap are dropped (the app retransmits) and counted
+(``RouterStats.held_remote_full``)."""
 EXPIRE_INTERVAL = 1.0
+EXPIRE_PER_POLL = 20000
+"""Flow entries (and, per packet tunnel, NAT mappings) looked at per timer run at most: a burst of
+flows created together expires over a few runs, not in one long stall of the packet loop."""
 
 ROUTER_FILTER = "outbound and !loopback and (tcp or udp or ip.FragOff > 0 or ipv6.NextHdr == 44)"
 """What the NETWORK handle diverts: every outbound TCP/UDP packet not on loopback, and every later IP
@@ -148,6 +166,14 @@ class RouterStats:
     resets_sent: int = 0
     tunnel_orphans: int = 0
     """Decrypted packets from a packet tunnel that belong to no flow (or no tunnel we know): dropped."""
+    held_remote_full: int = 0
+    """New flows dropped because ``MAX_HELD_PER_REMOTE`` flows to their remote already wait."""
+    os_lookups_deferred: int = 0
+    """Timer runs that left held flows for the next one (``os_lookups_per_poll`` spent)."""
+    tombstone_drops: int = 0
+    """Packets of forgotten tunnelled/reset/dropped TCP flows dropped (and answered with an RST)."""
+    tombstone_owners: int = 0
+    """UDP flows whose owner the OS no longer told, given the owner of the flow forgotten on their key."""
     flows_by_action: dict[str, int] = field(default_factory=dict)
 
 
@@ -218,6 +244,7 @@ class PacketRouter:
         on_forgotten: Callable[[NatEntry], None] | None = None,
         on_decided: Callable[[NatEntry, list[object]], None] | None = None,
         carries_packets: bool = True,
+        os_lookups_per_poll: int = OS_LOOKUPS_PER_POLL,
     ) -> None:
         self._rules = rules
         # A data path that only asks for decisions (the kernel's: its held packets are queued in the
@@ -251,11 +278,21 @@ class PacketRouter:
         that came in while the packet batch was read is not missed (another app's event would be taken)."""
         self.hold_timeout = hold_timeout
         self.reject_tcp = reject_tcp
+        self.os_lookups_per_poll = os_lookups_per_poll
         self.table = FlowTable()
+        self.tombstones = Tombstones()
+        """Forgotten flows that were not passed: their later packets never leave directly."""
         self.events = ConnectEvents()
         self.stats = RouterStats()
         self._view = PacketView()
         self._held: dict[bytes, _HeldFlow] = {}
+        # The same held flows by remote (what a connect event names) and per remote address (the cap),
+        # and in arrival order, which is the order of their deadlines (decided ones are skipped).
+        self._held_by_remote: dict[tuple[int, bytes, int], dict[bytes, _HeldFlow]] = {}
+        self._held_per_address: dict[bytes, int] = {}
+        self._held_order: deque[_HeldFlow] = deque()
+        self._pulled_remotes: set[tuple[int, bytes, int]] = set()
+        self._lookups_behind = False
         self._outgoing: list[Outgoing] = []
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._next_expiry = 0.0
@@ -340,7 +377,7 @@ class PacketRouter:
         key = local_addr + remote_addr + local_port.to_bytes(2, "big") + remote_port.to_bytes(2, "big")
         entry = self._udp_flows.get(key)
         if entry is not None:
-            self._forget(entry)
+            self._forget(entry, tombstone=False)  # the port may go to another process: no owner to keep
 
     def _claim(self, held: _HeldFlow, now: float, ambiguous: bool = False) -> int | None:
         """The owner of a new flow from the connect events, confirmed against the OS when more than one
@@ -363,6 +400,7 @@ class PacketRouter:
             return
         for proto, remote_addr, remote_port, pid, local_port in source():
             self._pulled = True  # flows held earlier may be among their owners: ``poll`` looks
+            self._pulled_remotes.add((proto, remote_addr, remote_port))
             self._record_event(proto, remote_addr, remote_port, pid, now, local_port)
 
     def _record_event(
@@ -403,7 +441,7 @@ class PacketRouter:
             ):
                 # Not a retransmit: a new connection from a port the kernel handed out again (a closed
                 # connection's entry lingers). It may belong to another process: decided afresh.
-                self._forget(entry)
+                self._forget(entry, tombstone=False)
                 entry = None
         else:
             if sport in self._udp_proxy_ports:
@@ -469,12 +507,14 @@ class PacketRouter:
     def _tcp_closing(self, entry: NatEntry, flags: int, side: int, now: float) -> None:
         if flags & TCP_RST:
             entry.closed_at = now
+            self.table.deadline_moved(entry)
         else:
             entry.fin |= side
             if entry.fin == FIN_FROM_APP | FIN_FROM_PEER or entry.verdict is FlowVerdict.PASS:
                 # A passed flow's inbound FIN is never seen here; its entry may go early, later packets
                 # of it pass as unknown non-SYN packets.
                 entry.closed_at = now
+                self.table.deadline_moved(entry)
 
     def _first_fragment(self, v: PacketView) -> PacketAction:
         # Only the first fragment carries the ports the proxy NAT needs, and later fragments escaped
@@ -529,6 +569,12 @@ class PacketRouter:
     def _new_flow(self, v: PacketView, now: float, copy_meta: Callable[[], object]) -> PacketAction:
         buf, l4, proto = v.buf, v.l4, v.proto
         if proto == IPPROTO_TCP and (buf[l4 + 13] & (TCP_SYN | TCP_ACK | TCP_RST)) != TCP_SYN:
+            if self.tombstones.get(proto, app_key(v), now) is not None:
+                # A connection we tunnelled, reset or dropped and then forgot (reset, expired, closed):
+                # sent on now it would leave directly, un-NATed. The app is told it is gone.
+                self.stats.tombstone_drops += 1
+                self._reset(v, copy_meta())
+                return PacketAction.DROP
             return PacketAction.REINJECT  # mid-stream packet of a connection older than the router
         key = app_key(v)
         held = self._held.get(key)
@@ -545,6 +591,9 @@ class PacketRouter:
         if len(self._held) >= MAX_HELD_FLOWS:
             self.stats.hold_overflow += 1
             return PacketAction.DROP
+        if self._held_per_address.get(dst_addr, 0) >= MAX_HELD_PER_REMOTE:
+            self.stats.held_remote_full += 1
+            return PacketAction.DROP
         meta = copy_meta()
         held = _HeldFlow(
             key, proto, v.src_addr, src_port, dst_addr, dst_port, now + self.hold_timeout, [], meta
@@ -559,23 +608,46 @@ class PacketRouter:
             entry = self._decide(held, pid, now)
             return self._apply_first(v, entry, copy_meta)
         held.packets.append((bytearray(buf[: v.length]), meta))
-        self._held[key] = held
+        self._hold(held)
         if v.fragment:
             self._held_fragments[self._fragment_id(v)] = key
         self.stats.held += 1
         return PacketAction.HOLD
 
+    def _hold(self, held: _HeldFlow) -> None:
+        self._held[held.key] = held
+        remote = (held.proto, held.dst_addr, held.dst_port)
+        group = self._held_by_remote.get(remote)
+        if group is None:
+            group = self._held_by_remote[remote] = {}
+        group[held.key] = held
+        self._held_per_address[held.dst_addr] = self._held_per_address.get(held.dst_addr, 0) + 1
+        self._held_order.append(held)
+
+    def _unhold(self, held: _HeldFlow) -> None:
+        if self._held.get(held.key) is not held:
+            return
+        del self._held[held.key]
+        remote = (held.proto, held.dst_addr, held.dst_port)
+        group = self._held_by_remote[remote]
+        del group[held.key]
+        if not group:
+            del self._held_by_remote[remote]
+        count = self._held_per_address[held.dst_addr] - 1
+        if count:
+            self._held_per_address[held.dst_addr] = count
+        else:
+            del self._held_per_address[held.dst_addr]
+
     def _held_for(self, proto: int, remote_addr: bytes, remote_port: int) -> list[_HeldFlow]:
         """The held flows waiting for an event of this remote."""
-        return [
-            h
-            for h in self._held.values()
-            if h.proto == proto and h.dst_port == remote_port and h.dst_addr == remote_addr
-        ]
+        group = self._held_by_remote.get((proto, remote_addr, remote_port))
+        return list(group.values()) if group else []
 
     def _others_waiting(self, held: _HeldFlow) -> bool:
         """Whether another held flow waits for an event of the same remote (an event could be either's)."""
-        return any(h is not held for h in self._held_for(held.proto, held.dst_addr, held.dst_port))
+        group = self._held_by_remote.get((held.proto, held.dst_addr, held.dst_port))
+        return group is not None and (len(group) > 1 or held.key not in group)
 
     def _apply_first(self, v: PacketView, entry: NatEntry, copy_meta: Callable[[], object]) -> PacketAction:
         if entry.verdict is FlowVerdict.PASS:
@@ -600,7 +672,7 @@ class PacketRouter:
 
     def _decide_held(self, held: _HeldFlow, pid: int | None, now: float) -> None:
         self._now = now
-        self._held.pop(held.key, None)
+        self._unhold(held)
         entry = self._decide(held, pid, now)
         if self._on_decided is not None:
             self._on_decided(entry, [meta for _, meta in held.packets])
@@ -617,6 +689,12 @@ class PacketRouter:
 
     def _decide(self, held: _HeldFlow, pid: int | None, now: float) -> NatEntry:
         """Owner → exe → rule → the flow's fate (a ``FlowVerdict``); records the flow, returns its entry."""
+        stone = self.tombstones.pop(held.proto, held.key, now)
+        if pid is None and stone is not None and stone.pid is not None and held.proto == IPPROTO_UDP:
+            # The next datagram of a UDP flow we forgot (reset, expired), its socket not closed (that
+            # takes the tombstone away): still that process's, whom the OS no longer names.
+            self.stats.tombstone_owners += 1
+            pid = stone.pid
         exe: str | None = None
         if pid is not None and pid not in self.own_pids:
             exe = self._exe_of(pid)
@@ -679,8 +757,12 @@ class PacketRouter:
             self._on_tunnelled(entry)
         return entry
 
-    def _forget(self, entry: NatEntry) -> None:
+    def _forget(self, entry: NatEntry, *, tombstone: bool = True) -> None:
+        """Remove a flow; unless it was passed (or ``tombstone`` is False: a new flow takes its key, its
+        socket closed), it leaves a tombstone so its later packets cannot leave directly."""
         self.table.remove(entry)
+        if tombstone and entry.verdict is not FlowVerdict.PASS:
+            self.tombstones.add(entry, self._now)
         if self._on_forgotten is not None and entry.proxy_port:
             self._on_forgotten(entry)
 
@@ -795,6 +877,9 @@ class PacketRouter:
         them go their own way)."""
         metas = [meta for held in self._held.values() for _, meta in held.packets]
         self._held.clear()
+        self._held_by_remote.clear()
+        self._held_per_address.clear()
+        self._held_order.clear()
         self._held_fragments.clear()
         return metas
 
@@ -809,15 +894,27 @@ class PacketRouter:
         return out
 
     def next_deadline(self) -> float | None:
-        """When ``poll`` next has work (a held flow's timeout), or None."""
+        """When ``poll`` next has work (a held flow's timeout, work left by the last run), or None."""
+        if self._lookups_behind or self.table.expiry_behind:
+            return self._now  # the last run stopped at its budget: run again soon
         if not self._held:
             return None
         if self._pulled:
             return self._now  # events pulled while routing may decide held flows: poll at once
-        return min(h.deadline for h in self._held.values())
+        order = self._held_order
+        while order and self._held.get(order[0].key) is not order[0]:
+            order.popleft()  # decided already
+        return order[0].deadline if order else None
 
     def poll(self, now: float) -> None:
-        """Apply queued control commands, decide timed-out held flows, expire old flows."""
+        """Apply queued control commands, decide timed-out held flows, expire old flows.
+
+        Costs what is due, not what is kept: held flows are looked at in deadline order, at most
+        ``os_lookups_per_poll`` OS lookups are made (the rest wait for the next run, which
+        ``next_deadline`` asks for at once), and expiry takes the flows of the timer slots that came due,
+        at most ``EXPIRE_PER_POLL``.
+        """
+        self._now = now
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -826,26 +923,26 @@ class PacketRouter:
             command()
         if self._pulled:
             self._pulled = False
-            for held in list(self._held.values()):
-                if held.key in self._held and self.events.waiting(
-                    held.proto, held.src_port, held.dst_addr, held.dst_port
-                ):
-                    owner = self._claim(held, now, ambiguous=self._others_waiting(held))
-                    if owner is not None:
-                        self._decide_held(held, owner, now)
-        for held in [h for h in self._held.values() if h.deadline <= now]:
-            pid = self._claim(held, now, ambiguous=self._others_waiting(held))
-            if pid is None and self._os_lookup is not None:
-                self.stats.os_lookups += 1
-                pid = self._os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
-            self._decide_held(held, pid, now)
-        if now >= self._next_expiry:
+            remotes, self._pulled_remotes = self._pulled_remotes, set()
+            for remote in remotes:
+                for held in self._held_for(*remote):
+                    if self._held.get(held.key) is held and self.events.waiting(
+                        held.proto, held.src_port, held.dst_addr, held.dst_port
+                    ):
+                        owner = self._claim(held, now, ambiguous=self._others_waiting(held))
+                        if owner is not None:
+                            self._decide_held(held, owner, now)
+        self._decide_timed_out(now)
+        if now >= self._next_expiry or self.table.expiry_behind:
             self._next_expiry = now + EXPIRE_INTERVAL
-            for entry in self.table.expire(now):
+            for entry in self.table.expire(now, EXPIRE_PER_POLL):
+                if entry.verdict is not FlowVerdict.PASS:
+                    self.tombstones.add(entry, now)
                 if self._on_forgotten is not None and entry.proxy_port:
                     self._on_forgotten(entry)
+            self.tombstones.expire(now)
             for path in self._paths.values():
-                path.expire(now)
+                path.expire(now, EXPIRE_PER_POLL)
             if self._tunnel_fragments:
                 limit = now - 30.0
                 self._tunnel_fragments = {k: v for k, v in self._tunnel_fragments.items() if v[1] > limit}
@@ -855,6 +952,30 @@ class PacketRouter:
                 self._fragment_ids = {k: t for k, t in self._fragment_ids.items() if t > limit}
             if self._held_fragments:
                 self._held_fragments = {k: h for k, h in self._held_fragments.items() if h in self._held}
+
+    def _decide_timed_out(self, now: float) -> None:
+        """Decide the held flows whose hold timeout passed: by a connect event that came meanwhile, else
+        by an OS lookup while the run's budget lasts."""
+        order, budget = self._held_order, self.os_lookups_per_poll
+        self._lookups_behind = False
+        while order:
+            held = order[0]
+            if self._held.get(held.key) is not held:
+                order.popleft()  # decided already
+                continue
+            if held.deadline > now:
+                break
+            pid = self._claim(held, now, ambiguous=self._others_waiting(held))
+            if pid is None and self._os_lookup is not None:
+                if budget <= 0:
+                    self._lookups_behind = True
+                    self.stats.os_lookups_deferred += 1
+                    break
+                budget -= 1
+                self.stats.os_lookups += 1
+                pid = self._os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
+            order.popleft()
+            self._decide_held(held, pid, now)
 
     # -- control, applied on the router's thread ---------------------------------------------------------
 

@@ -196,8 +196,8 @@ class PacketTunnelPath:
             del data[v.length :]
         return data
 
-    def expire(self, now: float) -> None:
-        self.nat.expire(now)
+    def expire(self, now: float, limit: int | None = None) -> None:
+        self.nat.expire(now, limit)
 
 
 def _too_big(v: PacketView, mtu: int) -> bytearray | None:

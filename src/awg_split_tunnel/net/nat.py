@@ -7,17 +7,23 @@ from the packet, so the hot path builds one ``bytes`` per packet and nothing els
 
 Expiry (time passed in): TCP flows linger ``TCP_CLOSED_LINGER`` after an RST or a FIN from both sides,
 and go after ``TCP_IDLE_TIMEOUT`` without packets (``TCP_SYN_TIMEOUT`` before the first reply); UDP flows
-go after ``UDP_IDLE_TIMEOUT`` without packets.
+go after ``UDP_IDLE_TIMEOUT`` without packets. Deadlines are kept in a ``TimerWheel``, so expiring costs
+what expires, not a scan of the table.
+
+A tunnelled, reset or dropped flow that is forgotten leaves a ``Tombstone`` (``Tombstones``, bounded in
+number and age): its later packets must not leave directly as those of an unknown connection would.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from awg_split_tunnel.net.packet import IPPROTO_TCP, IPPROTO_UDP, PacketView
+from awg_split_tunnel.net.timer_wheel import TimerWheel
 
 TCP_IDLE_TIMEOUT = 7440.0
 """RFC 5382 REQ-5: an established TCP mapping lives at least 2 h 4 min without packets."""
@@ -35,6 +41,17 @@ FIN_FROM_PEER = 2
 PEER_PORTS = range(20000, 32768)
 """Ports a tunnelled flow's peer is translated to when its own is taken: below Linux's ephemeral range,
 so they rarely meet a port the app side uses."""
+PEER_PORT_PROBES = 16
+"""Candidates tried for a free peer port before the flow is refused (a candidate can be taken only by a
+flow whose own app port lies in ``PEER_PORTS``): finding one is O(1), exhaustion too."""
+
+TOMBSTONE_AGE = TCP_IDLE_TIMEOUT
+"""Seconds a forgotten flow's tombstone is kept: as long as an idle flow would have lived. It covers an
+app that keeps retransmitting after a reset it did not take (Linux gives up after ~15 min,
+``tcp_retries2``), and one that speaks again on a connection that expired after 2 h 4 min idle."""
+MAX_TOMBSTONES = 65536
+"""Tombstones kept per protocol at most; the oldest go first (~17 MiB at most for both, measured by
+``benchmarks/scale.py``). A flood of forgotten flows cannot grow memory past it."""
 
 
 class FlowVerdict(enum.IntEnum):
@@ -85,6 +102,8 @@ class NatEntry:
     peer_port: int = 0
     """The port the proxy sees this flow come from when it is not ``app_port`` (0): another tunnelled flow
     of the same app port to the same address (another destination port) holds that peer key."""
+    slot: int = field(default=-1, repr=False)
+    """The ``FlowTable``'s expiry slot (``TimerWheel``)."""
 
     @property
     def to_packet_tunnel(self) -> bool:
@@ -139,12 +158,14 @@ def _proto_index(proto: int) -> int:
 class FlowTable:
     """All known flows, by app-side key and (tunnelled flows) by peer key; plain dicts, one owner."""
 
-    __slots__ = ("_flows", "_next_peer_port", "_peers", "collisions", "exhausted")
+    __slots__ = ("_expiry", "_flows", "_peer_ports", "_peers", "collisions", "exhausted")
 
     def __init__(self) -> None:
         self._flows: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
         self._peers: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
-        self._next_peer_port = PEER_PORTS.start
+        # Per protocol: original destination address → its pool of translated peer ports.
+        self._peer_ports: tuple[dict[bytes, _PeerPortPool], dict[bytes, _PeerPortPool]] = ({}, {})
+        self._expiry: TimerWheel[NatEntry] = TimerWheel()
         self.collisions = 0
         """Tunnelled flows whose peer key was taken: given another peer port."""
         self.exhausted = 0
@@ -179,7 +200,7 @@ class FlowTable:
             other = peers.get(entry.peer_key)
             if other is not None and other is not self._flows[i].get(key):
                 self.collisions += 1
-                port = self._free_peer_port(peers, entry.orig_dst_addr)
+                port = self._take_peer_port(i, entry.orig_dst_addr)
                 if port is None:
                     self.exhausted += 1
                     return False
@@ -188,17 +209,27 @@ class FlowTable:
         old = self._flows[i].get(key)
         if old is not None and old is not entry:
             self._unlink_peer(old)
+            self._expiry.cancel(old)
         self._flows[i][key] = entry
+        self._expiry.schedule(entry, entry.deadline())
         return True
 
-    def _free_peer_port(self, peers: dict[bytes, NatEntry], address: bytes) -> int | None:
-        # A rotating cursor: consecutive collisions get different ports without rescanning from the start.
-        span = len(PEER_PORTS)
-        for step in range(span):
-            port = PEER_PORTS.start + (self._next_peer_port - PEER_PORTS.start + step) % span
+    def _take_peer_port(self, i: int, address: bytes) -> int | None:
+        pools = self._peer_ports[i]
+        pool = pools.get(address)
+        if pool is None:
+            pool = pools[address] = _PeerPortPool()
+        peers = self._peers[i]
+        for _ in range(PEER_PORT_PROBES):
+            port = pool.take()
+            if port is None:
+                break
             if address + port.to_bytes(2, "big") not in peers:
-                self._next_peer_port = port + 1
+                pool.used += 1
                 return port
+            # Held by a flow's own app port (one in PEER_PORTS): left out of the pool until it empties.
+        if not pool.used:
+            del pools[address]
         return None
 
     def remove(self, entry: NatEntry) -> None:
@@ -206,13 +237,21 @@ class FlowTable:
         if self._flows[i].get(entry.key) is entry:
             del self._flows[i][entry.key]
         self._unlink_peer(entry)
+        self._expiry.cancel(entry)
 
     def _unlink_peer(self, entry: NatEntry) -> None:
         if entry.verdict is FlowVerdict.TUNNEL or entry.verdict is FlowVerdict.RESET:
-            peers = self._peers[_proto_index(entry.proto)]
+            i = _proto_index(entry.proto)
+            peers = self._peers[i]
             peer = entry.peer_key
             if peers.get(peer) is entry:
                 del peers[peer]
+                if entry.peer_port:
+                    pools = self._peer_ports[i]
+                    pool = pools[entry.orig_dst_addr]
+                    pool.give_back(entry.peer_port)
+                    if not pool.used:
+                        del pools[entry.orig_dst_addr]
 
     def lookup_peer(self, proto: int, peer_addr: bytes, peer_port: int) -> NatEntry | None:
         """The tunnelled flow a proxy's accepted peer (address, port) stands for."""
@@ -221,9 +260,107 @@ class FlowTable:
     def for_tunnel(self, tunnel_id: str) -> list[NatEntry]:
         return [e for e in self if e.tunnel_id == tunnel_id]
 
-    def expire(self, now: float) -> list[NatEntry]:
-        """Remove and return the flows whose time is up."""
-        gone = [e for e in self if e.deadline() <= now]
-        for entry in gone:
-            self.remove(entry)
+    def deadline_moved(self, entry: NatEntry) -> None:
+        """``entry``'s deadline came earlier (it closed): expire it on time. (A deadline pushed later by
+        traffic needs no call.)"""
+        if self._flows[_proto_index(entry.proto)].get(entry.key) is entry:
+            self._expiry.schedule(entry, entry.deadline())
+
+    def expire(self, now: float, limit: int | None = None) -> list[NatEntry]:
+        """Remove and return the flows whose time is up: those of the expiry slots that came due, at most
+        ``limit`` looked at (``expiry_behind`` then says more are due)."""
+        gone: list[NatEntry] = []
+        wheel = self._expiry
+        for entry in wheel.due(now, limit):
+            deadline = entry.deadline()
+            if deadline <= now:
+                self.remove(entry)
+                gone.append(entry)
+            else:
+                wheel.schedule(entry, deadline)
+        return gone
+
+    @property
+    def expiry_behind(self) -> bool:
+        """Whether flows already due wait for the next ``expire`` (the last one stopped at its limit)."""
+        return self._expiry.behind
+
+
+class _PeerPortPool:
+    """The peer ports handed out for one original destination: given-back ports first, then fresh ones
+    in order. Taking and giving back are O(1)."""
+
+    __slots__ = ("freed", "fresh", "used")
+
+    def __init__(self) -> None:
+        self.freed: list[int] = []
+        self.fresh = PEER_PORTS.start
+        self.used = 0
+
+    def take(self) -> int | None:
+        if self.freed:
+            return self.freed.pop()
+        if self.fresh < PEER_PORTS.stop:
+            self.fresh += 1
+            return self.fresh - 1
+        return None
+
+    def give_back(self, port: int) -> None:
+        self.used -= 1
+        self.freed.append(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What is left of a forgotten flow that was not passed: enough to keep its packets from leaving."""
+
+    pid: int | None
+    """The flow's owner, for a UDP flow's next datagram whose owner the OS no longer tells."""
+    until: float
+
+
+class Tombstones:
+    """Forgotten tunnelled, reset and dropped flows by app-side key, per protocol: at most
+    ``MAX_TOMBSTONES`` each, for ``TOMBSTONE_AGE`` seconds, oldest first out (time passed in)."""
+
+    __slots__ = ("_by_proto", "age", "limit")
+
+    def __init__(self, age: float = TOMBSTONE_AGE, limit: int = MAX_TOMBSTONES) -> None:
+        self.age = age
+        self.limit = limit
+        self._by_proto: tuple[OrderedDict[bytes, Tombstone], OrderedDict[bytes, Tombstone]] = (
+            OrderedDict(),
+            OrderedDict(),
+        )
+
+    def __len__(self) -> int:
+        return len(self._by_proto[0]) + len(self._by_proto[1])
+
+    def add(self, entry: NatEntry, now: float) -> None:
+        """Leave a tombstone for ``entry`` (forgotten now) under its key."""
+        stones = self._by_proto[_proto_index(entry.proto)]
+        stones.pop(entry.key, None)  # re-added: to the end, so the order stays the order of age
+        stones[entry.key] = Tombstone(entry.pid, now + self.age)
+        if len(stones) > self.limit:
+            stones.popitem(last=False)
+
+    def get(self, proto: int, key: bytes, now: float) -> Tombstone | None:
+        stone = self._by_proto[_proto_index(proto)].get(key)
+        return stone if stone is not None and stone.until > now else None
+
+    def pop(self, proto: int, key: bytes, now: float) -> Tombstone | None:
+        """Take the tombstone of ``key`` away (a new flow on it was decided), returning it if still alive."""
+        stone = self._by_proto[_proto_index(proto)].pop(key, None)
+        return stone if stone is not None and stone.until > now else None
+
+    def expire(self, now: float) -> int:
+        """Drop the tombstones whose age is up (O(expired): they are kept in order of age)."""
+        gone = 0
+        for stones in self._by_proto:
+            while stones:
+                key = next(iter(stones))
+                if stones[key].until > now:
+                    break
+                del stones[key]
+                gone += 1
         return gone

@@ -12,14 +12,17 @@ They are found by that quote and rewritten as the app would have received them d
 quoting (A:a → R:r). Without that a tunnelled app would wait for its timeout instead of seeing "connection
 refused", and path MTU discovery inside the tunnel would never reach it.
 
-One ``TunnelNat`` per tunnel, owned by the router's loop; time is passed in.
+One ``TunnelNat`` per tunnel, owned by the router's loop; time is passed in. Mappings expire like the
+router's flows (``net.nat``): TCP after ``TCP_SYN_TIMEOUT`` while nothing came back from inside the tunnel
+(a SYN never answered), ``TCP_IDLE_TIMEOUT`` once something did; deadlines wait in a ``TimerWheel``, so
+expiring costs what expires.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from awg_split_tunnel.net.packet import (
     IPPROTO_ICMPV6,
@@ -35,9 +38,13 @@ from awg_split_tunnel.net.packet import (
     internet_checksum,
     pseudo_header_sum,
 )
+from awg_split_tunnel.net.timer_wheel import TimerWheel
 
 TCP_IDLE_TIMEOUT = 7440.0
 """RFC 5382 REQ-5: an established TCP mapping lives at least 2 h 4 min without packets."""
+TCP_SYN_TIMEOUT = 75.0
+"""A TCP mapping nothing came back to from inside the tunnel (a SYN never answered) goes after this, like
+``net.nat.TCP_SYN_TIMEOUT``: a flood of unanswered SYNs must not stay for 2 h."""
 TCP_CLOSED_LINGER = 10.0
 """After an RST or FINs both ways: room for the last ACKs and retransmitted FINs."""
 UDP_IDLE_TIMEOUT = 120.0
@@ -84,11 +91,17 @@ class TunnelMapping:
     in_key: bytes
     fin: int = 0
     closed_at: float | None = None
+    replied: bool = False
+    """Something came back for it from inside the tunnel."""
+    slot: int = field(default=-1, repr=False)
+    """Its expiry slot (``TimerWheel``)."""
 
     def deadline(self) -> float:
         if self.closed_at is not None:
             return self.closed_at + TCP_CLOSED_LINGER
-        return self.last_seen + (TCP_IDLE_TIMEOUT if self.proto == IPPROTO_TCP else UDP_IDLE_TIMEOUT)
+        if self.proto == IPPROTO_TCP:
+            return self.last_seen + (TCP_IDLE_TIMEOUT if self.replied else TCP_SYN_TIMEOUT)
+        return self.last_seen + UDP_IDLE_TIMEOUT
 
 
 def _outbound_key(view: PacketView) -> bytes:
@@ -105,7 +118,16 @@ def _inbound_key(remote_addr: bytes, remote_port: int, tunnel_port: int) -> byte
 class TunnelNat:
     """The SNAT of one packet tunnel: rewrites packets in place and keeps the flow mappings."""
 
-    __slots__ = ("_app_addrs", "_inbound", "_next_port", "_outbound", "address_v4", "address_v6", "exhausted")
+    __slots__ = (
+        "_app_addrs",
+        "_expiry",
+        "_inbound",
+        "_next_port",
+        "_outbound",
+        "address_v4",
+        "address_v6",
+        "exhausted",
+    )
 
     def __init__(self, address_v4: bytes | None, address_v6: bytes | None) -> None:
         if address_v4 is not None and len(address_v4) != 4:
@@ -120,6 +142,7 @@ class TunnelNat:
         self._next_port = EPHEMERAL_PORTS.start
         # Per IP version: app address → number of its mappings (for reassembling-free fragment replies).
         self._app_addrs: tuple[dict[bytes, int], dict[bytes, int]] = ({}, {})
+        self._expiry: TimerWheel[TunnelMapping] = TimerWheel()
         self.exhausted = 0
         """Packets dropped because no tunnel-side port was free (counted for the status page)."""
 
@@ -181,6 +204,7 @@ class TunnelNat:
         if mapping is None:
             return NatResult.NO_MAPPING
         mapping.last_seen = now
+        mapping.replied = True
         if proto == IPPROTO_TCP:
             self._track_close(mapping, view.tcp_flags, _FIN_IN, now)
         _rewrite(view, off + n, mapping.app_addr, l4 + 2, mapping.app_port)
@@ -237,10 +261,17 @@ class TunnelNat:
             _H.pack_into(buf, icmp + 2, internet_checksum(buf[icmp:end], initial))
         return NatResult.REWRITTEN
 
-    def expire(self, now: float) -> list[TunnelMapping]:
-        """Remove and return the mappings whose time is up."""
-        gone = [m for m in self.mappings() if m.deadline() <= now]
-        for mapping in gone:
+    def expire(self, now: float, limit: int | None = None) -> list[TunnelMapping]:
+        """Remove and return the mappings whose time is up: those of the expiry slots that came due, at
+        most ``limit`` looked at (the rest at the next call)."""
+        gone: list[TunnelMapping] = []
+        wheel = self._expiry
+        for mapping in wheel.due(now, limit):
+            deadline = mapping.deadline()
+            if deadline > now:
+                wheel.schedule(mapping, deadline)
+                continue
+            gone.append(mapping)
             i = 0 if mapping.proto == IPPROTO_TCP else 1
             del self._outbound[i][mapping.out_key]
             del self._inbound[i][mapping.in_key]
@@ -266,6 +297,7 @@ class TunnelNat:
         )
         self._outbound[i][key] = mapping
         inbound[in_key] = mapping
+        self._expiry.schedule(mapping, mapping.deadline())
         addrs = self._app_addrs[0 if len(mapping.app_addr) == 4 else 1]
         addrs[mapping.app_addr] = addrs.get(mapping.app_addr, 0) + 1
         return mapping
@@ -281,18 +313,21 @@ class TunnelNat:
                 return port
         return -1
 
-    @staticmethod
-    def _track_close(mapping: TunnelMapping, flags: int, side: int, now: float) -> None:
+    def _track_close(self, mapping: TunnelMapping, flags: int, side: int, now: float) -> None:
         if flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
             # A new connection on a lingering 4-tuple (TIME_WAIT reuse) revives the mapping.
             mapping.fin = 0
             mapping.closed_at = None
+            mapping.replied = False
+            self._expiry.schedule(mapping, mapping.deadline())
         elif flags & TCP_RST:
             mapping.closed_at = now
+            self._expiry.schedule(mapping, mapping.deadline())
         elif flags & TCP_FIN:
             mapping.fin |= side
             if mapping.fin == _FIN_OUT | _FIN_IN:
                 mapping.closed_at = now
+                self._expiry.schedule(mapping, mapping.deadline())
 
 
 def _rewrite(view: PacketView, addr_off: int, addr: bytes, port_off: int, port: int) -> None:

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awg_split_tunnel.core.packet_router import PacketAction, PacketRouter, TunnelRoute, is_lan_destination
+from awg_split_tunnel.core.packet_router import (
+    MAX_HELD_PER_REMOTE,
+    PacketAction,
+    PacketRouter,
+    TunnelRoute,
+    is_lan_destination,
+)
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import FlowForgotten, FlowTunnelled, FromRouter
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
@@ -327,6 +333,34 @@ def test_unknown_owner_gets_the_default_route_and_is_counted() -> None:
     assert env.router.stats.unknown_owner == 1
 
 
+def test_a_syn_flood_to_one_server_does_not_stop_other_apps_new_flows() -> None:
+    # 3000 SYNs without connect events (raw packets, or events lost) from one app to one server.
+    env = Env()
+    flood = ipaddress.ip_address("198.18.0.66").packed
+    results = [env.route(syn(sport=20000 + n, dst=flood)) for n in range(3000)]
+    assert results.count(PacketAction.HOLD) == MAX_HELD_PER_REMOTE
+    assert env.router.stats.held_remote_full == 3000 - MAX_HELD_PER_REMOTE
+    env.connect(100)
+    assert env.route(syn(sport=40001)) is PacketAction.INJECT_INBOUND, "app-socks decided at once"
+    assert env.route(syn(sport=40002, dport=443)) is PacketAction.HOLD, "an app without event still waits"
+
+
+def test_os_lookups_are_budgeted_per_poll_and_the_rest_follow_at_once() -> None:
+    env = Env()
+    env.os_owner = 200
+    for n in range(40):
+        assert env.route(syn(sport=30000 + n)) is PacketAction.HOLD
+    env.now += 1.0
+    env.router.os_lookups_per_poll = 16
+    env.router.poll(env.now)
+    assert len(env.lookups) == 16 and len(env.router.take_outgoing()) == 16
+    assert env.router.next_deadline() == env.now, "the rest wait for the next run, not for a tick"
+    env.router.poll(env.now)
+    env.router.poll(env.now)
+    assert len(env.lookups) == 40 and env.router.next_deadline() is None
+    assert [view(o.data).src_port for o in env.router.take_outgoing()] == list(range(30016, 30040))
+
+
 def test_direct_app_passes_unchanged() -> None:
     env = Env()
     env.connect(200)
@@ -548,6 +582,91 @@ def test_mid_stream_packets_of_unknown_connections_pass() -> None:
     packet = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"old", tcp_flags=TCP_ACK)
     assert env.route(packet) is PacketAction.REINJECT
     assert env.router.stats.new_flows == 0
+
+
+def _data(sport: int = 40000, payload: bytes = b"secret", flags: int = TCP_ACK) -> bytearray:
+    return build_packet(APP, WEB, IPPROTO_TCP, sport, 80, payload, tcp_flags=flags, seq=78, ack=9000)
+
+
+def test_a_block_apps_flow_never_leaves_directly_after_its_tunnel_went_down() -> None:
+    env = Env()
+    env.connect(400)
+    assert env.route(syn()) is PacketAction.INJECT_INBOUND
+    env.router.tunnel_state_changed("socks", TunnelState.DOWN)
+    env.router.poll(env.now)
+    env.router.take_outgoing()
+    for n in range(3):  # the app goes on sending: the reset packet, then its retransmits
+        assert env.route(_data()) is PacketAction.DROP, f"packet {n} left directly, payload and all"
+        (rst,) = env.router.take_outgoing()
+        assert rst.inbound and view(rst.data).tcp_flags & TCP_RST and view(rst.data).dst_port == 40000
+    assert env.router.stats.tombstone_drops == 2
+
+
+def test_a_tunnelled_flow_idle_until_it_expired_is_dropped_not_sent_directly() -> None:
+    env = Env()
+    env.connect(100)
+    env.route(syn())
+    env.route(build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 40000, tcp_flags=TCP_ACK | TCP_SYN))
+    env.now += 7440 + 4 * 60  # 2 h 4 min idle, and then some
+    env.router.poll(env.now)
+    assert env.router.connections() == []
+    assert env.route(_data()) is PacketAction.DROP
+    (rst,) = env.router.take_outgoing()
+    assert view(rst.data).tcp_flags & TCP_RST
+
+
+def test_a_tunnelled_flow_closed_both_ways_does_not_leak_its_late_packets() -> None:
+    env = Env()
+    env.connect(100)
+    env.route(syn())
+    env.route(_data(flags=TCP_FIN | TCP_ACK, payload=b""))
+    env.route(build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 40000, tcp_flags=TCP_FIN | TCP_ACK))
+    env.now += 10.5
+    env.router.poll(env.now)
+    assert env.router.connections() == []
+    assert env.route(_data(payload=b"late")) is PacketAction.DROP
+
+
+def test_a_new_connection_on_a_forgotten_tunnelled_flows_port_is_decided_afresh() -> None:
+    env = Env()
+    env.connect(400)
+    env.route(syn())
+    env.router.tunnel_state_changed("socks", TunnelState.DOWN)
+    env.router.poll(env.now)
+    assert env.route(_data()) is PacketAction.DROP  # reset and forgotten
+    env.connect(200)  # app-direct gets the same port for the same server
+    again = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, tcp_flags=TCP_SYN, seq=5000)
+    assert env.route(again) is PacketAction.REINJECT
+    assert env.route(_data(payload=b"ok")) is PacketAction.REINJECT, "its own packets pass"
+
+
+def test_tombstones_go_after_their_age() -> None:
+    env = Env()
+    env.connect(100)
+    env.route(syn())
+    env.now += 75
+    env.router.poll(env.now)  # never answered: expired
+    assert env.route(_data()) is PacketAction.DROP
+    env.now += env.router.tombstones.age
+    env.router.poll(env.now)
+    assert len(env.router.tombstones) == 0
+    assert env.route(_data()) is PacketAction.REINJECT, "as old as a connection older than the router"
+
+
+def test_a_block_apps_udp_flow_stays_blocked_when_the_os_no_longer_names_its_owner() -> None:
+    env = Env()  # unknown owners go direct
+    env.router.connect_event(IPPROTO_UDP, WEB, 53, 400, env.now, local_port=5000)
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q1")) is PacketAction.INJECT_INBOUND
+    env.router.tunnel_state_changed("socks", TunnelState.DOWN)
+    env.states["socks"] = TunnelState.DOWN
+    env.router.poll(env.now)
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q2")) is PacketAction.DROP  # reset
+    # The next datagram is a new flow: no connect event (the socket is old), the OS lookup finds nobody.
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q3")) is PacketAction.HOLD
+    env.router.poll(env.now + 1.0)
+    assert env.router.take_outgoing() == [], "went direct with the default route"
+    assert [(e.pid, e.verdict.name) for e in env.router.connections()] == [(400, "DROP")]
+    assert env.router.stats.tombstone_owners == 1
 
 
 @settings(max_examples=150)

@@ -293,6 +293,16 @@ def test_tunnel_down_resets_block_apps_and_refuses_new_ones() -> None:
     assert env.to_device() == []
 
 
+def test_a_block_apps_packet_tunnel_flow_never_leaves_directly_after_the_tunnel_went_down() -> None:
+    env = Env()
+    open_flow(env, pid=300)
+    env.set_state(TunnelState.DOWN)
+    for _ in range(3):
+        data = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"secret", tcp_flags=TCP_ACK, seq=78, ack=6)
+        assert env.route(data) is PacketAction.DROP, "left directly from the app's own address"
+    assert env.to_device() == []
+
+
 def test_tunnel_down_sends_allow_direct_apps_direct() -> None:
     env = Env()
     open_flow(env, pid=100)

@@ -16,6 +16,7 @@ from awg_split_tunnel.net.nat import (
     FlowTable,
     FlowVerdict,
     NatEntry,
+    Tombstones,
     app_key,
     reply_key,
 )
@@ -109,3 +110,97 @@ def test_expiry_follows_protocol_and_state() -> None:
     assert table.expire(TCP_IDLE_TIMEOUT - 1) == []
     assert table.expire(TCP_IDLE_TIMEOUT) == [established]
     assert len(table) == 0 and table.lookup_peer(IPPROTO_TCP, WEB, 2) is None
+
+
+class _CountingEntry(NatEntry):
+    """A flow that counts how often its deadline is looked at."""
+
+    __slots__ = ("looks",)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.looks = 0
+
+    def deadline(self) -> float:
+        self.looks += 1
+        return super().deadline()
+
+
+def test_expiry_looks_only_at_flows_whose_time_may_be_up() -> None:
+    table = FlowTable()
+    flows = [
+        _CountingEntry(IPPROTO_TCP, APP, port, WEB, 80, FlowVerdict.PASS, replied=True)
+        for port in range(1000)
+    ]
+    for e in flows:
+        table.add(key_of(e), e)
+    short = entry(5000)
+    table.add(key_of(short), short)
+    for second in range(1, 120):  # a poll a second, for two minutes
+        table.expire(float(second))
+    assert len(table) == 1000 and table.lookup_peer(IPPROTO_TCP, WEB, 5000) is None
+    assert sum(e.looks for e in flows) == 1000, "each long-lived flow looked at when added, not per poll"
+
+
+def test_a_closing_flow_expires_on_time_although_it_was_scheduled_for_later() -> None:
+    table = FlowTable()
+    e = entry()
+    e.replied = True
+    table.add(key_of(e), e)
+    e.closed_at = 30.0
+    table.deadline_moved(e)
+    assert table.expire(30.0 + TCP_CLOSED_LINGER) == [e]
+
+
+def test_expiry_of_a_burst_is_spread_over_runs_by_its_limit() -> None:
+    table = FlowTable()
+    burst = [entry(port) for port in range(1, 101)]
+    for e in burst:
+        table.add(key_of(e), e)
+    assert len(table.expire(TCP_SYN_TIMEOUT, limit=40)) == 40 and table.expiry_behind
+    assert len(table.expire(TCP_SYN_TIMEOUT, limit=40)) == 40
+    assert len(table.expire(TCP_SYN_TIMEOUT, limit=40)) == 20 and not table.expiry_behind
+
+
+class _CountingPeers(dict[bytes, NatEntry]):
+    looks = 0
+
+    def __contains__(self, key: object) -> bool:
+        _CountingPeers.looks += 1
+        return super().__contains__(key)
+
+
+def test_a_free_peer_port_is_found_without_scanning_and_exhaustion_costs_no_scan() -> None:
+    table = FlowTable()
+    table._peers = (_CountingPeers(), _CountingPeers())  # counts the candidates tried
+    first = entry(40000, dport=1)
+    table.add(key_of(first), first)
+    for dport in range(2, 2 + len(PEER_PORTS)):  # the same app port to every port of WEB
+        e = entry(40000, dport=dport)
+        assert table.add(key_of(e), e)
+    _CountingPeers.looks = 0
+    for dport in range(20000, 20100):
+        refused = entry(40000, dport=dport)
+        assert not table.add(key_of(refused), refused)
+    assert table.exhausted == 100 and _CountingPeers.looks == 0
+    gone = table.lookup_peer(IPPROTO_TCP, WEB, PEER_PORTS.start + 7)
+    assert gone is not None
+    table.remove(gone)
+    again = entry(40000, dport=30000)
+    assert table.add(key_of(again), again) and again.peer_port == PEER_PORTS.start + 7
+    assert _CountingPeers.looks == 1
+
+
+def test_tombstones_are_bounded_in_number_and_age() -> None:
+    stones = Tombstones(age=100.0, limit=3)
+    flows = [entry(port) for port in range(1, 6)]
+    for n, e in enumerate(flows):
+        e.key = key_of(e)
+        stones.add(e, now=float(n))
+    assert len(stones) == 3, "the oldest went first"
+    assert stones.get(IPPROTO_TCP, flows[0].key, 5.0) is None
+    assert stones.get(IPPROTO_TCP, flows[4].key, 5.0) is not None
+    assert stones.get(IPPROTO_UDP, flows[4].key, 5.0) is None
+    assert stones.expire(102.5) == 1 and len(stones) == 2
+    assert stones.get(IPPROTO_TCP, flows[3].key, 103.0) is None, "past its age"
+    assert stones.pop(IPPROTO_TCP, flows[4].key, 103.5) is not None and len(stones) == 1

@@ -256,6 +256,19 @@ def test_tcp_mapping_lingers_after_reset_or_both_fins() -> None:
     assert len(nat) == 0
 
 
+def test_a_tcp_mapping_nothing_came_back_to_goes_after_the_syn_timeout() -> None:
+    nat = TunnelNat(TUN4, None)
+    for port in (40000, 40001):
+        nat.outbound(view_of(packet(APP4, REMOTE4, IPPROTO_TCP, port, 443, flags=SYN)), now=0.0)
+    syn_ack = packet(REMOTE4, TUN4, IPPROTO_TCP, 443, 40001, flags=SYN | ACK)
+    assert nat.inbound(view_of(syn_ack), now=1.0) is NatResult.REWRITTEN
+    assert nat.expire(now=tunnel_nat.TCP_SYN_TIMEOUT - 1) == []
+    gone = nat.expire(now=tunnel_nat.TCP_SYN_TIMEOUT)
+    assert [m.app_port for m in gone] == [40000], "an unanswered SYN's mapping does not stay for 2 h"
+    assert nat.expire(now=1.0 + tunnel_nat.TCP_IDLE_TIMEOUT - 1) == []
+    assert len(nat.expire(now=1.0 + tunnel_nat.TCP_IDLE_TIMEOUT)) == 1
+
+
 def test_a_new_syn_revives_a_closing_mapping() -> None:
     nat = TunnelNat(TUN4, None)
     nat.outbound(view_of(packet(APP4, REMOTE4, IPPROTO_TCP, 40000, 443, flags=SYN)), now=0.0)
