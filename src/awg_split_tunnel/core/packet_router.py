@@ -378,6 +378,7 @@ class PacketRouter:
         entry = self._udp_flows.get(key)
         if entry is not None:
             self._forget(entry, tombstone=False)  # the port may go to another process: no owner to keep
+        self.tombstones.pop(IPPROTO_UDP, key, self._now)  # nor from a flow forgotten before
 
     def _claim(self, held: _HeldFlow, now: float, ambiguous: bool = False) -> int | None:
         """The owner of a new flow from the connect events, confirmed against the OS when more than one
@@ -492,7 +493,9 @@ class PacketRouter:
             self.stats.orphan_replies += 1
             return PacketAction.DROP
         entry.last_seen = now
-        entry.replied = True
+        if not entry.replied:
+            entry.replied = True
+            self.table.reschedule(entry)  # to its idle deadline now, not when its SYN timeout comes
         entry.packets_in += 1
         if v.proto == IPPROTO_TCP:
             flags = v.buf[v.l4 + 13]
@@ -507,14 +510,14 @@ class PacketRouter:
     def _tcp_closing(self, entry: NatEntry, flags: int, side: int, now: float) -> None:
         if flags & TCP_RST:
             entry.closed_at = now
-            self.table.deadline_moved(entry)
+            self.table.reschedule(entry)
         else:
             entry.fin |= side
             if entry.fin == FIN_FROM_APP | FIN_FROM_PEER or entry.verdict is FlowVerdict.PASS:
                 # A passed flow's inbound FIN is never seen here; its entry may go early, later packets
                 # of it pass as unknown non-SYN packets.
                 entry.closed_at = now
-                self.table.deadline_moved(entry)
+                self.table.reschedule(entry)
 
     def _first_fragment(self, v: PacketView) -> PacketAction:
         # Only the first fragment carries the ports the proxy NAT needs, and later fragments escaped
@@ -847,7 +850,9 @@ class PacketRouter:
                     self.stats.tunnel_orphans += 1
                     continue
                 entry.last_seen = now
-                entry.replied = True
+                if not entry.replied:
+                    entry.replied = True
+                    self.table.reschedule(entry)
                 entry.packets_in += 1
                 if view.proto == IPPROTO_TCP:
                     flags = data[l4 + 13]

@@ -1,8 +1,8 @@
 """A timer wheel for expiring table entries in O(due) rather than O(entries) (time passed in).
 
 Entries go into one-second slots by the earliest time they can expire (so at most a second late, as
-with the expiry scan once a second this replaces). The owner moves an entry only when
-its deadline comes *earlier* (a flow closing); a deadline pushed later by traffic (``last_seen``) is left
+with the expiry scan once a second this replaces). The owner moves an entry when its deadline changes
+kind (a flow closing, a flow first answered); a deadline pushed later by traffic (``last_seen``) is left
 where it is, and when its slot comes due the owner looks at the real deadline and either removes the
 entry or schedules it again. An active entry is so moved once per timeout, not once per packet, and a
 poll touches only the entries of the slots that came due — never the whole table.

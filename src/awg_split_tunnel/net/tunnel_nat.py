@@ -204,7 +204,9 @@ class TunnelNat:
         if mapping is None:
             return NatResult.NO_MAPPING
         mapping.last_seen = now
-        mapping.replied = True
+        if not mapping.replied:
+            mapping.replied = True
+            self._expiry.schedule(mapping, mapping.deadline())  # now, not when its SYN timeout comes
         if proto == IPPROTO_TCP:
             self._track_close(mapping, view.tcp_flags, _FIN_IN, now)
         _rewrite(view, off + n, mapping.app_addr, l4 + 2, mapping.app_port)

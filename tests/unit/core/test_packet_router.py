@@ -669,6 +669,19 @@ def test_a_block_apps_udp_flow_stays_blocked_when_the_os_no_longer_names_its_own
     assert env.router.stats.tombstone_owners == 1
 
 
+def test_a_closed_udp_socket_takes_its_forgotten_flows_owner_along() -> None:
+    env = Env()
+    env.router.connect_event(IPPROTO_UDP, WEB, 53, 400, env.now, local_port=5000)  # app-block
+    env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"q1"))
+    env.now += 61
+    env.router.poll(env.now)  # expired: a tombstone naming pid 400
+    env.router.flow_deleted(IPPROTO_UDP, APP, 5000, WEB, 53)  # then its socket closed
+    env.os_owner = None  # the port's next owner is not found by the OS either: the default route
+    assert env.route(build_packet(APP, WEB, IPPROTO_UDP, 5000, 53, b"other app")) is PacketAction.HOLD
+    env.router.poll(env.now + 1.0)
+    assert [(e.pid, e.verdict.name) for e in env.router.connections()] == [(None, "PASS")]
+
+
 @settings(max_examples=150)
 @given(st.binary(max_size=100))
 def test_garbage_never_raises(data: bytes) -> None:

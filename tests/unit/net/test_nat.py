@@ -148,7 +148,7 @@ def test_a_closing_flow_expires_on_time_although_it_was_scheduled_for_later() ->
     e.replied = True
     table.add(key_of(e), e)
     e.closed_at = 30.0
-    table.deadline_moved(e)
+    table.reschedule(e)
     assert table.expire(30.0 + TCP_CLOSED_LINGER) == [e]
 
 
