@@ -28,7 +28,7 @@ import logging
 import os
 import queue
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -86,6 +86,8 @@ a SYN flood), so capping per remote keeps it from filling ``MAX_HELD_FLOWS`` and
 new flows from being decided. Flows over the cap are dropped (the app retransmits) and counted
 (``RouterStats.held_remote_full``)."""
 EXPIRE_INTERVAL = 1.0
+FRAGMENT_MEMORY = 30.0
+"""Seconds a fragmented datagram's id is remembered (its later fragments follow its first one's fate)."""
 EXPIRE_PER_POLL = 20000
 """Flow entries (and, per packet tunnel, NAT mappings) looked at per timer run at most: a burst of
 flows created together expires over a few runs, not in one long stall of the packet loop."""
@@ -265,7 +267,7 @@ class PacketRouter:
         self._device_ports: frozenset[int] = frozenset()
         # First fragments sent into a packet tunnel: (src, dst, id) -> (tunnel id, when), so that the
         # later fragments (no ports) follow them.
-        self._tunnel_fragments: dict[bytes, tuple[str, float]] = {}
+        self._tunnel_fragments: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._apply_tunnels(tunnels)
         self.own_pids = set(own_pids) or {os.getpid()}
         self._exe_of = exe_of or ExeResolver().exe
@@ -296,7 +298,7 @@ class PacketRouter:
         self._outgoing: list[Outgoing] = []
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._next_expiry = 0.0
-        self._fragment_ids: dict[bytes, float] = {}
+        self._fragment_ids: OrderedDict[bytes, float] = OrderedDict()
         """Fragmented datagrams whose later fragments are dropped: (src, dst, id) -> when."""
         self._held_fragments: dict[bytes, bytes] = {}
         """First fragments waiting in a held flow: (src, dst, id) -> the held flow's key. Their later
@@ -529,7 +531,7 @@ class PacketRouter:
 
     def _drop_later_fragments(self, v: PacketView) -> None:
         """The first fragment ``v`` is dropped: so are the later ones (they carry no ports to route by)."""
-        self._fragment_ids[self._fragment_id(v)] = self._now
+        _remember(self._fragment_ids, self._fragment_id(v), self._now)
 
     def _later_fragment(self, v: PacketView, copy_meta: Callable[[], object]) -> PacketAction:
         if self._held_fragments:
@@ -802,14 +804,14 @@ class PacketRouter:
         if path.last_meta is None:
             path.last_meta = entry.meta
         if v.fragment:
-            self._tunnel_fragments[self._fragment_id(v)] = (path.tunnel_id, now)
+            _remember(self._tunnel_fragments, self._fragment_id(v), (path.tunnel_id, now))
         error = path.send(v, now)
         if error is not None:
             self._outgoing.append(Outgoing(error, copy_meta(), inbound=True))
             if v.fragment:
                 # The first fragment did not fit: the later ones must not go anywhere either.
                 del self._tunnel_fragments[self._fragment_id(v)]
-                self._fragment_ids[self._fragment_id(v)] = now
+                _remember(self._fragment_ids, self._fragment_id(v), now)
             return PacketAction.DROP
         return PacketAction.TO_TUNNEL
 
@@ -948,13 +950,14 @@ class PacketRouter:
             self.tombstones.expire(now)
             for path in self._paths.values():
                 path.expire(now, EXPIRE_PER_POLL)
-            if self._tunnel_fragments:
-                limit = now - 30.0
-                self._tunnel_fragments = {k: v for k, v in self._tunnel_fragments.items() if v[1] > limit}
+            limit = now - FRAGMENT_MEMORY
+            tunnelled = self._tunnel_fragments
+            while tunnelled and next(iter(tunnelled.values()))[1] <= limit:
+                tunnelled.popitem(last=False)
             self.events.expire(now)
-            if self._fragment_ids:
-                limit = now - 30.0
-                self._fragment_ids = {k: t for k, t in self._fragment_ids.items() if t > limit}
+            dropped = self._fragment_ids
+            while dropped and next(iter(dropped.values())) <= limit:
+                dropped.popitem(last=False)
             if self._held_fragments:
                 self._held_fragments = {k: h for k, h in self._held_fragments.items() if h in self._held}
 
@@ -1041,6 +1044,12 @@ class PacketRouter:
             )
             self.stats.resets_sent += 1
             self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
+
+
+def _remember(ids: OrderedDict[bytes, Any], key: bytes, value: Any) -> None:
+    """Record ``key`` as the newest: the dict stays in order of time, so expiry pops from the front."""
+    ids[key] = value
+    ids.move_to_end(key)
 
 
 def flow_row(e: NatEntry) -> FlowRow:
