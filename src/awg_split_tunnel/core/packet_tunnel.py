@@ -143,7 +143,8 @@ class PacketTunnelPath:
             if v.proto == IPPROTO_TCP and not v.fragment:
                 return self._send_segmented(v, now)
             if can_fragment(v, self.mtu):
-                return self._send_fragmented(v, now)
+                self._send_fragmented(v, now)
+                return None
             # IPv4 with DF: the app's stack lowers its path MTU on the error and sends smaller datagrams
             # from then on. Quoted before NAT: the app must recognise its own packet.
             stats.too_big += 1
@@ -187,7 +188,7 @@ class PacketTunnelPath:
         stats = self.stats
         if self.nat.outbound(v, now) is not NatResult.REWRITTEN:
             stats.nat_failed += 1
-            return None
+            return
         if v.has_ports and not v.fragment:
             v.compute_checksums()
         self._fragment_id = (self._fragment_id + 1) & 0xFFFFFFFF
@@ -197,7 +198,6 @@ class PacketTunnelPath:
             self.pending.append(bytes(piece))
             stats.bytes_out += len(piece)
         stats.packets_out += len(fragments)
-        return None
 
     def _clamp(self, v: PacketView) -> None:
         if clamp_mss(v, self.mss_v4 if v.version == 4 else self.mss_v6).name == "CLAMPED":
