@@ -327,6 +327,8 @@ def tun(
 ) -> None:
     """Linux, root: run the tunnel of FILE.conf as a standalone userspace client on a TUN interface
     (addresses, MTU and routes for AllowedIPs set up, all removed on Ctrl-C / SIGTERM)."""
+    if sys.platform != "linux":
+        raise _fail("tun needs Linux (a TUN device); on Windows use the tunnel in `run`")
     from awg_split_tunnel.provider.wireguard.tun_client import run_tun_client
 
     raise typer.Exit(run_tun_client(file, ifname))

@@ -163,6 +163,23 @@ def test_each_app_reaches_the_web_server_the_way_its_rule_says(
 
 
 @pytest.mark.parametrize(
+    ("parent", "child", "expected"),
+    [
+        ("app-socks", "app-direct", SOCKS_IP),  # no rule of its own: the parent's tunnel
+        ("app-http", "app-direct", HTTP_IP),
+        ("app-direct", "app-direct", CLIENT_IP),  # no rule anywhere: the default
+        ("app-socks", "app-http", HTTP_IP),  # a rule of its own wins over the parent's
+        ("app-socks", "app-drop", ""),
+    ],
+)
+def test_a_child_without_a_rule_of_its_own_follows_its_parent_s_rule(
+    lab: Lab, daemon: RunningDaemon, parent: str, child: str, expected: str
+) -> None:
+    result = lab.app(child, parent=parent, timeout=3.0)
+    assert result.seen_ip == expected, result.stderr
+
+
+@pytest.mark.parametrize(
     ("app", "expected"), [("app-socks", SOCKS_IP6), ("app-http", HTTP_IP6), ("app-direct", CLIENT_IP6)]
 )
 def test_ipv6_apps_are_routed_the_same_way(lab: Lab, daemon: RunningDaemon, app: str, expected: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,12 @@ def test_the_systemd_unit_runs_this_installation_with_the_config_and_restarts_wi
     runs = str(script) if script.is_file() else f"{sys.executable} -m awg_split_tunnel"
     assert exec_start == f"ExecStart={runs} run -c {config.resolve()}"
     assert "Restart=on-failure" in result.output and "RestartSec=500ms" in result.output
+
+
+def test_tun_on_windows_says_it_needs_linux_instead_of_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "platform", "win32")
+    code, _, stderr = invoke("tun", str(tmp_path / "nl.conf"))
+    assert code == 1
+    assert "tun needs Linux" in stderr

@@ -29,7 +29,7 @@ import os
 import queue
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -165,6 +165,8 @@ class RouterStats:
     orphan_replies: int = 0
     nat_collisions: int = 0
     unroutable: int = 0
+    inherited: int = 0
+    """New flows of processes without a rule of their own that followed an ancestor's rule."""
     resets_sent: int = 0
     tunnel_orphans: int = 0
     """Decrypted packets from a packet tunnel that belong to no flow (or no tunnel we know): dropped."""
@@ -238,6 +240,7 @@ class PacketRouter:
         *,
         own_pids: Collection[int] = (),
         exe_of: Callable[[int], str | None] | None = None,
+        ancestors_of: Callable[[int], Sequence[str]] | None = None,
         os_lookup: Callable[[int, bytes, int, bytes, int], int | None] | None = os_lookup_pid,
         owns: Callable[[int, int, int, bytes, int], bool | None] | None = pid_owns_socket,
         hold_timeout: float = HOLD_TIMEOUT,
@@ -270,7 +273,13 @@ class PacketRouter:
         self._tunnel_fragments: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._apply_tunnels(tunnels)
         self.own_pids = set(own_pids) or {os.getpid()}
-        self._exe_of = exe_of or ExeResolver().exe
+        if exe_of is None:
+            resolver = ExeResolver()
+            exe_of, ancestors_of = resolver.exe, ancestors_of or resolver.ancestors
+        self._exe_of = exe_of
+        self._ancestors_of = ancestors_of
+        """pid → its ancestors' exe paths, nearest first: a process without a rule of its own follows the
+        first ancestor that has one (``ExeResolver.ancestors``). None: no inheritance."""
         self._os_lookup = os_lookup
         self._owns = owns
         self._pulled = False
@@ -713,6 +722,8 @@ class PacketRouter:
                 decision = self._rules.default
             else:
                 decision = self._rules.match(exe)
+                if decision.rule_index is None and self._ancestors_of is not None and pid is not None:
+                    decision = self._inherited(pid, decision)
             fate = self._fate(decision, held.dst_addr)
         entry = NatEntry(
             held.proto,
@@ -761,6 +772,16 @@ class PacketRouter:
         if entry.verdict is FlowVerdict.TUNNEL and entry.proxy_port and self._on_tunnelled is not None:
             self._on_tunnelled(entry)
         return entry
+
+    def _inherited(self, pid: int, own: Decision) -> Decision:
+        """The rule of the nearest ancestor that has one, for a process that has none (else ``own``)."""
+        assert self._ancestors_of is not None
+        for exe in self._ancestors_of(pid):
+            decision = self._rules.match(exe)
+            if decision.rule_index is not None:
+                self.stats.inherited += 1
+                return decision
+        return own
 
     def _forget(self, entry: NatEntry, *, tombstone: bool = True) -> None:
         """Remove a flow; unless it was passed (or ``tombstone`` is False: a new flow takes its key, its

@@ -1,7 +1,8 @@
 """The router's side of a packet tunnel (WireGuard/AmneziaWG): app packets in, tunnel packets out.
 
 As docs/ARCHITECTURE.md says, the router SNATs the app's packets to the tunnel address, clamps TCP MSS to
-the tunnel MTU, segments oversize (offloaded) packets, and injects decrypted replies inbound after DNAT.
+the tunnel MTU, segments oversize (offloaded) packets, fragments oversize datagrams where the sending host
+may (``net/fragment.py``), and injects decrypted replies inbound after DNAT.
 ``PacketTunnelPath`` does exactly that for one tunnel, sans-I/O: ``send`` takes an app's captured packet
 (parsed in a ``PacketView``) and queues what the device must encrypt; ``receive`` takes a decrypted
 packet and returns it rewritten for the app. ``PacketRouter`` owns one path per packet tunnel and does
@@ -13,9 +14,11 @@ tunnels edited while running).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from awg_split_tunnel.net.fragment import can_fragment, fragment
 from awg_split_tunnel.net.icmp import too_big_reply
 from awg_split_tunnel.net.packet import IPPROTO_TCP, TCP_SYN, PacketView
 from awg_split_tunnel.net.segment import Rejected, clamp_mss, mss_for_mtu, segment_tcp
@@ -73,8 +76,10 @@ class PacketTunnelStats:
     segmented: int = 0
     """Oversize TCP packets cut into MTU-sized segments."""
     mss_clamped: int = 0
+    fragmented: int = 0
+    """Oversize datagrams sent as IP fragments (IPv4 without DF, IPv6: ``net/fragment.py``)."""
     too_big: int = 0
-    """Oversize UDP (or unsegmentable) packets answered with ICMP too-big and dropped."""
+    """Oversize packets that may not be fragmented (IPv4 with DF) answered with ICMP too-big and dropped."""
     nat_failed: int = 0
     orphans: int = 0
     """Decrypted packets for no known flow (or not for our tunnel address): dropped."""
@@ -89,6 +94,7 @@ class PacketTunnelPath:
     """
 
     __slots__ = (
+        "_fragment_id",
         "_in_view",
         "_seg_view",
         "last_meta",
@@ -113,6 +119,8 @@ class PacketTunnelPath:
         self.stats = PacketTunnelStats()
         self._in_view = PacketView()
         self._seg_view = PacketView()
+        self._fragment_id = int.from_bytes(os.urandom(4), "big")
+        """The last IPv6 Fragment header identification used (RFC 7739: not predictable from outside)."""
         self.last_meta: object = None
         """The I/O side's address record of a recent flow: where replies without ports (later
         fragments) are injected."""
@@ -134,9 +142,11 @@ class PacketTunnelPath:
         if length > self.mtu:
             if v.proto == IPPROTO_TCP and not v.fragment:
                 return self._send_segmented(v, now)
-            # UDP cannot be cut; the app's stack lowers its path MTU on the error and sends smaller
-            # datagrams (or fragments them itself) from then on. Quoted before NAT: the app must
-            # recognise its own packet.
+            if can_fragment(v, self.mtu):
+                self._send_fragmented(v, now)
+                return None
+            # IPv4 with DF: the app's stack lowers its path MTU on the error and sends smaller datagrams
+            # from then on. Quoted before NAT: the app must recognise its own packet.
             stats.too_big += 1
             return _too_big(v, self.mtu)
         if self.nat.outbound(v, now) is not NatResult.REWRITTEN:
@@ -172,6 +182,22 @@ class PacketTunnelPath:
             stats.bytes_out += len(segment)
         stats.packets_out += len(segments)
         return None
+
+    def _send_fragmented(self, v: PacketView, now: float) -> None:
+        """A datagram over the MTU that may be fragmented (``net/fragment.py``): NAT, checksums, fragments."""
+        stats = self.stats
+        if self.nat.outbound(v, now) is not NatResult.REWRITTEN:
+            stats.nat_failed += 1
+            return
+        if v.has_ports and not v.fragment:
+            v.compute_checksums()
+        self._fragment_id = (self._fragment_id + 1) & 0xFFFFFFFF
+        fragments = fragment(v, self.mtu, self._fragment_id)
+        stats.fragmented += 1
+        for piece in fragments:
+            self.pending.append(bytes(piece))
+            stats.bytes_out += len(piece)
+        stats.packets_out += len(fragments)
 
     def _clamp(self, v: PacketView) -> None:
         if clamp_mss(v, self.mss_v4 if v.version == 4 else self.mss_v6).name == "CLAMPED":

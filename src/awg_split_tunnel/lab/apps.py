@@ -116,9 +116,18 @@ def spawn_app(lab: Lab, name: str, args: Sequence[str] = ()) -> subprocess.Popen
     return process
 
 
-def run_app(lab: Lab, name: str, args: Sequence[str] = (), timeout: float = 10.0) -> AppResult:
-    """Run test app ``name`` in the client namespace and return what the web server saw."""
+SPAWN_CHILD = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+"""What a parent test app runs to start its child and pass on the child's exit code."""
+
+
+def run_app(
+    lab: Lab, name: str, args: Sequence[str] = (), timeout: float = 10.0, parent: str | None = None
+) -> AppResult:
+    """Run test app ``name`` in the client namespace and return what the web server saw; with ``parent``,
+    as the child of test app ``parent`` (which only starts it and waits)."""
     argv = app_argv(lab, name, args)
+    if parent is not None:
+        argv = [str(app_path(lab, parent)), "-c", SPAWN_CHILD, *argv]
     try:
         done = lab.run(CLIENT, argv, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

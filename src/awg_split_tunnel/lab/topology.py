@@ -378,16 +378,18 @@ class Lab:
         host: str | None = None,
         port: int | None = None,
         timeout: float = 5.0,
+        parent: str | None = None,
     ) -> AppResult:
         """Run test app ``name`` (see :func:`~awg_split_tunnel.lab.apps.make_app`) in ns client.
 
         It asks the web server (or ``host``:``port``) over TCP, or the UDP echo with ``udp=True``, and
-        the result says which address the server saw. ``extra`` goes to the app client as it is.
+        the result says which address the server saw. ``extra`` goes to the app client as it is. With
+        ``parent``, the app runs as a child of test app ``parent``.
         """
         from awg_split_tunnel.lab.apps import app_client_args, run_app
 
         args = app_client_args(udp=udp, v6=v6, host=host, port=port, timeout=timeout) + list(extra)
-        return run_app(self, name, args, timeout=timeout + 5.0)
+        return run_app(self, name, args, timeout=timeout + 5.0, parent=parent)
 
     def spawn_app(
         self,

@@ -53,7 +53,8 @@ MAX_PACKET = 65575
 """Largest packet a handle can return (WinDivert's and libebpfdivert's buffer size)."""
 
 # Every handle its own priority: two handles with the same non-zero priority misbehaved (ARCHITECTURE.md).
-# Lower numbers see packets first on Windows; the SOCKET handle observes only.
+# Higher numbers see packets first ("packets are diverted to higher priority handles before lower priority
+# handles", WinDivert's documentation, docs/WINDOWS.md); the SOCKET and FLOW handles only observe.
 PRIORITY_SOCKET = 1040
 PRIORITY_FLOW = 1039
 PRIORITY_NETWORK = 1041
@@ -98,6 +99,37 @@ def address_from_words(words: Any) -> bytes:
     """
     raw = bytes(words)[::-1] if sys.byteorder == "little" else b"".join(bytes(w) for w in reversed(words))
     return raw[12:] if raw.startswith(_V4_MAPPED) else raw
+
+
+OPEN_ERRORS = {
+    2: "the WinDivert driver file (WinDivert64.sys) was not found beside WinDivert.dll: reinstall",
+    5: "opening WinDivert needs Administrator rights: run it elevated (or as the service)",
+    577: "Windows refused the WinDivert driver's signature (Secure Boot / driver signature enforcement)",
+    654: "another program has a different WinDivert version loaded: stop it (or reboot) and try again",
+    1275: "the WinDivert driver was blocked (security software, memory integrity/VBS, or an unsupported VM)",
+    1753: "the Base Filtering Engine service (BFE) is not running: start it ('sc start BFE')",
+}
+"""WinDivertOpen's documented error codes (docs/WINDOWS.md) → what the user can do about each."""
+
+
+def explain_open_error(exc: OSError) -> OSError:
+    """A WinDivertOpen failure as one line a user can act on; other errors unchanged."""
+    code = getattr(exc, "winerror", None)
+    hint = OPEN_ERRORS.get(code) if isinstance(code, int) else None
+    if hint is None:
+        return exc
+    return OSError(exc.errno, f"cannot open WinDivert (error {code}): {hint}")
+
+
+def _open(divert: Any) -> None:
+    """``divert.open()``, with WinDivert's error codes explained (``explain_open_error``)."""
+    try:
+        divert.open()
+    except OSError as exc:
+        explained = explain_open_error(exc)
+        if explained is exc:
+            raise
+        raise explained from exc
 
 
 def _explain_socket_layer_failure(exc: Exception) -> OSError:
@@ -163,7 +195,7 @@ class NetworkHandle(_DivertHandle):
     def open(self) -> None:
         self._interfaces = _interface_names()
         divert = pydivert.Divert(self.filter, layer=Layer.NETWORK, priority=self.priority)
-        divert.open()
+        _open(divert)
         self._divert = divert
         self._handle = getattr(divert._impl, "_handle", None) if _lib is not None else None
 
@@ -270,7 +302,10 @@ class SocketEventHandle(_DivertHandle):
     """
 
     def __init__(
-        self, filter: str = "tcp or udp", priority: int = PRIORITY_SOCKET, layer: Layer = Layer.SOCKET
+        self,
+        filter: str = "!loopback and (tcp or udp)",
+        priority: int = PRIORITY_SOCKET,
+        layer: Layer = Layer.SOCKET,
     ) -> None:
         self.filter = filter
         self.priority = priority
@@ -287,7 +322,7 @@ class SocketEventHandle(_DivertHandle):
             self.filter, layer=self.layer, priority=self.priority, flags=Flag.SNIFF | Flag.RECV_ONLY
         )
         try:
-            divert.open()
+            _open(divert)
         except NotImplementedError as exc:
             raise _explain_socket_layer_failure(exc) from exc
         self._divert = divert
@@ -295,7 +330,7 @@ class SocketEventHandle(_DivertHandle):
 
     @classmethod
     def flows(cls) -> SocketEventHandle:
-        return cls("udp", PRIORITY_FLOW, Layer.FLOW)
+        return cls("!loopback and udp", PRIORITY_FLOW, Layer.FLOW)
 
     def recv(self, timeout_ms: int = 0) -> SocketEvent | None:
         """The next event, or None if none arrives within ``timeout_ms``."""

@@ -10,7 +10,8 @@
 - ``NamespaceFilter``: SOCKET events are host-wide (``scripts/repro/socket_events_host_wide.py``), so
   events of processes in other network namespaces are dropped before they reach the table.
 - ``ExeResolver``: pid → exe path through psutil, cached by (pid, create time) so a reused pid never
-  inherits a dead process's rules.
+  inherits a dead process's rules; and a process's ancestors' exe paths, for children that follow their
+  parent's rule.
 - ``os_lookup_pid``: the fallback when no event came: on Linux the one socket through ``sock_diag``
   (``platform.linux.sock_diag``: µs, and only a socket that exists costs a /proc scan), elsewhere (and
   when netlink cannot answer) the socket tables of this network namespace through psutil (a walk of
@@ -209,48 +210,97 @@ class NamespaceFilter:
         self._cache.pop(pid, None)
 
 
-class ExeResolver:
-    """pid → exe path, cached by (pid, create time): PID reuse never maps a new process to an old path."""
+MAX_ANCESTRY = 32
+"""Parents followed at most when a process has no rule of its own (``ExeResolver.ancestors``)."""
 
-    __slots__ = ("_cache", "misses")
+
+class ExeResolver:
+    """pid → exe path, cached by (pid, create time): PID reuse never maps a new process to an old path.
+
+    ``ancestors`` gives the exe paths of a process's parent, grandparent, ... so that a child without a
+    rule of its own follows its parent's (a browser's helpers, a launcher's game, a shell's commands). A
+    parent is taken only if it started no later than the child: a parent that exited may have had its
+    pid reused by a younger process, which is then not the parent (Windows never updates a child's
+    parent pid; Linux gives the orphan to init or a subreaper, where the walk ends).
+    """
+
+    __slots__ = ("_ancestry", "_cache", "misses")
 
     def __init__(self) -> None:
         self._cache: dict[tuple[int, float], str] = {}
+        self._ancestry: dict[tuple[int, float], tuple[str, ...]] = {}
         self.misses = 0
 
     def exe(self, pid: int) -> str | None:
         """The exe path of ``pid``, or None if the process is gone or cannot be inspected."""
         try:
-            started = _start_ticks(pid)
-            proc = None
-            if started is None:
-                proc = psutil.Process(pid)
-                key = (pid, proc.create_time())
-            else:
-                key = (pid, float(started))
-            path = self._cache.get(key)
-            if path is None:
-                self.misses += 1
-                proc = proc or psutil.Process(pid)
-                path = proc.exe() or proc.name()
-                if len(self._cache) > 16384:
-                    self._cache.clear()
-                self._cache[key] = path
-            return path
+            return self._exe(pid, process_identity(pid)[1])
         except (psutil.Error, OSError):
             return None
 
+    def ancestors(self, pid: int) -> tuple[str, ...]:
+        """The exe paths of ``pid``'s living ancestors, nearest first, up to (not including) init."""
+        try:
+            parent, started = process_identity(pid)
+        except (psutil.Error, OSError):
+            return ()
+        key = (pid, started)
+        known = self._ancestry.get(key)
+        if known is not None:
+            return known
+        chain: list[str] = []
+        child_started = started
+        for _ in range(MAX_ANCESTRY):
+            if parent <= 1 or parent in _ROOT_PIDS:
+                break
+            try:
+                grandparent, parent_started = process_identity(parent)
+                if parent_started > child_started:
+                    break  # a younger process that took a dead parent's pid
+                exe = self._exe(parent, parent_started)
+            except (psutil.Error, OSError):
+                break
+            chain.append(exe)
+            rest = self._ancestry.get((parent, parent_started))
+            if rest is not None:
+                chain.extend(rest)
+                break
+            parent, child_started = grandparent, parent_started
+        if len(self._ancestry) > 16384:
+            self._ancestry.clear()
+        result = self._ancestry[key] = tuple(chain)
+        return result
 
-def _start_ticks(pid: int) -> int | None:
-    """Linux: the process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), read
-    directly — a new flow's first packet waits for this lookup, and psutil builds a whole ``Process`` for
-    it (~4x the time). None elsewhere (then psutil's create time); OSError if the process is gone."""
+    def _exe(self, pid: int, started: float) -> str:
+        key = (pid, started)
+        path = self._cache.get(key)
+        if path is None:
+            self.misses += 1
+            proc = psutil.Process(pid)
+            path = proc.exe() or proc.name()
+            if len(self._cache) > 16384:
+                self._cache.clear()
+            self._cache[key] = path
+        return path
+
+
+_ROOT_PIDS = frozenset({4} if sys.platform == "win32" else ())
+"""Windows' System process (pid 4): the parent of kernel-started processes, never an app."""
+
+
+def process_identity(pid: int) -> tuple[int, float]:
+    """(parent pid, start time) of ``pid``: on Linux read from ``/proc/PID/stat`` directly (fields 4 and
+    22, clock ticks since boot) — a new flow's first packet waits for this lookup, and psutil builds a
+    whole ``Process`` for it (~4x the time); elsewhere psutil's ppid and create time. OSError or
+    psutil.Error if the process is gone."""
     if not sys.platform.startswith("linux"):
-        return None
+        proc = psutil.Process(pid)
+        return proc.ppid(), proc.create_time()
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-    return int(stat[stat.rindex(b")") + 2 :].split(maxsplit=20)[19])
+    fields = stat[stat.rindex(b")") + 2 :].split(maxsplit=20)
+    return int(fields[1]), float(fields[19])
 
 
 def os_lookup_pid(

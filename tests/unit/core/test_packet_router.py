@@ -53,7 +53,7 @@ PIDS = {
 
 
 class Env:
-    def __init__(self, default: str = "direct") -> None:
+    def __init__(self, default: str = "direct", ancestors: dict[int, tuple[str, ...]] | None = None) -> None:
         self.states = {"socks": TunnelState.UP, "web": TunnelState.UP, "lan": TunnelState.UP}
         self.lookups: list[tuple[int, int]] = []
         self.os_owner: int | None = None
@@ -78,6 +78,7 @@ class Env:
             },
             own_pids={999},
             exe_of=PIDS.get,
+            ancestors_of=None if ancestors is None else lambda pid: ancestors.get(pid, ()),
             os_lookup=self._os_lookup,
             owns=self._owns,
         )
@@ -831,3 +832,27 @@ def test_loop_ignores_events_from_other_namespaces() -> None:
     _run_loop(network, FakeEvents([_connect_event(100)]), set())
     ((packet, outbound),) = network.sent
     assert view(bytearray(packet)).dst_port == 80 and outbound
+
+
+def test_a_process_without_a_rule_follows_its_nearest_ancestor_with_one() -> None:
+    PIDS[700] = "/usr/lib/browser/helper"
+    PIDS[701] = "/usr/bin/tool"
+    try:
+        env = Env(
+            default="direct",
+            ancestors={
+                700: ("/usr/bin/launcher", "/usr/bin/app-socks", "/usr/bin/app-http"),
+                701: ("/usr/bin/app-socks",),
+                200: ("/usr/bin/app-socks",),
+            },
+        )
+        env.connect(700)
+        assert env.route(syn(40000)) is PacketAction.INJECT_INBOUND  # app-socks's tunnel, not app-http's
+        assert env.router.nat_lookup("tcp", "198.18.0.10", 40000) is not None
+        env.connect(200)
+        assert env.route(syn(40001)) is PacketAction.REINJECT  # app-direct's own rule wins
+        env.connect(701)
+        assert env.route(syn(40002)) is PacketAction.INJECT_INBOUND
+        assert env.router.stats.inherited == 2
+    finally:
+        del PIDS[700], PIDS[701]

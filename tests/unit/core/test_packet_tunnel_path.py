@@ -24,6 +24,7 @@ from awg_split_tunnel.net.packet import (
     TCP_SYN,
     PacketView,
     build_packet,
+    internet_checksum,
 )
 from awg_split_tunnel.process.matcher import Platform
 from awg_split_tunnel.router.divert_loop import AsyncRouterLoop
@@ -194,6 +195,43 @@ def test_oversize_udp_is_answered_with_fragmentation_needed_and_dropped() -> Non
     small = build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, b"x" * 1000)
     assert env.route(small) is PacketAction.TO_TUNNEL
     assert parse(env.to_device()[0]).src_addr == TUN
+
+
+def test_oversize_udp_without_df_is_sent_as_fragments_of_the_natted_datagram() -> None:
+    # An app whose stack does not set DF (or a datagram seen before the OS fragments it): the tunnel
+    # carries it as IPv4 fragments that the far side reassembles into the SNATed datagram.
+    env = Env()
+    env.connect(100, dport=7, proto=IPPROTO_UDP)
+    payload = bytes(range(256)) * 8
+    big = build_packet(APP, WEB, IPPROTO_UDP, 40001, 7, payload)
+    struct.pack_into("!HH", big, 4, 0x4242, 0)  # identification, flags: DF clear
+    struct.pack_into("!H", big, 10, 0)
+    struct.pack_into("!H", big, 10, internet_checksum(big[:20]))
+    assert env.route(big) is PacketAction.TO_TUNNEL
+    assert env.router.take_outgoing() == []  # no "too big" for the app
+    pieces = env.to_device()
+    assert len(pieces) == 2 and all(len(p) <= MTU for p in pieces)
+    assert all(p[12:16] == TUN and struct.unpack_from("!H", p, 4)[0] == 0x4242 for p in pieces)
+    datagram = bytearray(pieces[0][:20]) + b"".join(p[20:] for p in pieces)
+    struct.pack_into("!HHH", datagram, 2, len(datagram), 0x4242, 0)  # reassembled: one whole datagram
+    struct.pack_into("!H", datagram, 10, 0)
+    struct.pack_into("!H", datagram, 10, internet_checksum(datagram[:20]))
+    assert datagram[28:] == payload
+    assert parse(datagram).checksums_valid()  # the UDP checksum covers the SNATed datagram
+    stats = env.router.packet_tunnel_stats()["wg"]
+    assert stats["fragmented"] == 1 and stats["too_big"] == 0
+
+
+def test_oversize_ipv6_udp_is_sent_as_fragments() -> None:
+    env = Env()
+    tun6 = ip("2001:2:1::2")
+    env.router.set_tunnels({"wg": PacketTunnelRoute(TUN, tun6, MTU)})
+    env.router.poll(env.now)
+    env.connect(400, dst=WEB6, dport=7, proto=IPPROTO_UDP)
+    big = build_packet(APP6, WEB6, IPPROTO_UDP, 40001, 7, b"v" * 2000)
+    assert env.route(big) is PacketAction.TO_TUNNEL
+    pieces = env.to_device()
+    assert len(pieces) == 2 and all(len(p) <= MTU and p[6] == 44 and p[8:24] == tun6 for p in pieces)
 
 
 def test_ipv6_flow_without_a_tunnel_ipv6_address_fails_closed() -> None:

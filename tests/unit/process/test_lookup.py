@@ -159,7 +159,7 @@ def test_os_lookup_finds_connected_tcp_and_bound_udp_sockets() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_process_start_time_is_read_right_whatever_its_name() -> None:
     # The command name may hold spaces and parentheses; the start time must still be field 22.
-    from awg_split_tunnel.process.lookup import _start_ticks
+    from awg_split_tunnel.process.lookup import process_identity
 
     code = (
         "import time; open('/proc/self/comm', 'w').write('a) b (c'); print('ok', flush=True); time.sleep(5)"
@@ -167,11 +167,71 @@ def test_a_process_start_time_is_read_right_whatever_its_name() -> None:
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ok"
-        ticks = _start_ticks(child.pid)
-        assert ticks is not None
+        parent, ticks = process_identity(child.pid)
+        assert parent == os.getpid()
         created = psutil.Process(child.pid).create_time()
         assert abs(ticks / os.sysconf("SC_CLK_TCK") + psutil.boot_time() - created) < 0.05
         assert ExeResolver().exe(child.pid) == psutil.Process(child.pid).exe()
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ancestors_are_the_living_parents_exe_paths_nearest_first() -> None:
+    # This process starts a child interpreter, which starts a grandchild that sleeps.
+    code = (
+        "import subprocess, sys, time; "
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)']); "
+        "print(g.pid, flush=True); g.wait()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        resolver = ExeResolver()
+        chain = resolver.ancestors(grandchild)
+        assert chain[:2] == (psutil.Process(child.pid).exe(), psutil.Process().exe())
+        assert chain[1:] == resolver.ancestors(child.pid)
+        assert resolver.ancestors(grandchild) is chain  # cached by (pid, start time)
+    finally:
+        child.kill()
+        child.wait()
+
+
+class _FakeProcesses(ExeResolver):
+    """An ExeResolver over a made-up process table: pid → (parent pid, start time), pid → exe."""
+
+    def __init__(self, exes: dict[int, str]) -> None:
+        super().__init__()
+        self.exes = exes
+
+    def _exe(self, pid: int, started: float) -> str:
+        return self.exes[pid]
+
+
+def test_a_parent_younger_than_its_child_is_a_reused_pid_and_ends_the_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from awg_split_tunnel.process import lookup
+
+    # pid 30's parent 20 started before it (its real parent); 20's parent pid 10 now belongs to a
+    # process started after 20 (the real parent exited and its pid was reused).
+    identities = {30: (20, 300.0), 20: (10, 200.0), 10: (1, 250.0)}
+
+    def identity(pid: int) -> tuple[int, float]:
+        if pid not in identities:
+            raise ProcessLookupError(pid)
+        return identities[pid]
+
+    monkeypatch.setattr(lookup, "process_identity", identity)
+    exes = {20: "/usr/bin/launcher", 10: "/usr/bin/unrelated"}
+    assert _FakeProcesses(exes).ancestors(30) == ("/usr/bin/launcher",)
+    identities[10] = (1, 100.0)  # had it been older, it would be the grandparent
+    assert _FakeProcesses(exes).ancestors(30) == ("/usr/bin/launcher", "/usr/bin/unrelated")
+
+
+def test_a_gone_process_has_no_ancestors() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert ExeResolver().ancestors(child.pid) == ()
