@@ -16,6 +16,9 @@ Linux a sock_diag request that finds no socket for these made-up flows). For eac
   connect events, against the same decision with no flood (both measured in this run), and how long
   (fake time) app B's flow waits when its event never comes (hold timeout, then an OS lookup).
 
+First, once: what one OS lookup costs (a held flow whose event never came), through sock_diag for a
+socket that does not exist and for one of this process's (loopback), against psutil's table walk.
+
 Machines are shared and noisy: read the ratios, not the absolute figures.
 """
 
@@ -25,7 +28,9 @@ import argparse
 import gc
 import ipaddress
 import os
+import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -41,7 +46,7 @@ from awg_split_tunnel.core.packet_router import (
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.packet import IPPROTO_TCP, TCP_ACK, TCP_SYN, build_packet
-from awg_split_tunnel.process.lookup import os_lookup_pid
+from awg_split_tunnel.process.lookup import os_lookup_pid, psutil_lookup_pid
 from awg_split_tunnel.process.matcher import Platform
 
 APP = ipaddress.ip_address("198.18.0.1").packed
@@ -243,11 +248,39 @@ def run(count: int, flood_seconds: float) -> None:
     )
 
 
+def lookups() -> None:
+    """One OS lookup: sock_diag (no such socket / a socket of ours) against a psutil table walk."""
+    loopback = socket.inet_aton("127.0.0.1")
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()) as c,
+    ):
+        local, remote = c.getsockname()[1], server.getsockname()[1]
+        ours = (IPPROTO_TCP, loopback, local, loopback, remote)
+        absent = (IPPROTO_TCP, loopback, local, loopback, 9)
+
+        def each(fn: Callable[..., object], args: tuple[object, ...], n: int) -> float:
+            return timed(lambda: [fn(*args) for _ in range(n)], repeat=3) / n
+
+        walk = each(psutil_lookup_pid, ours, 20)
+        print("one OS lookup for a held flow whose event never came:")
+        print(f"  psutil table walk (baseline)              {walk * 1e6:9.1f} µs")
+        if sys.platform.startswith("linux"):
+            none, found = each(os_lookup_pid, absent, 2000), each(os_lookup_pid, ours, 50)
+            print(
+                f"  sock_diag, no such socket (a raw SYN)     {none * 1e6:9.1f} µs  ratio {none / walk:.4f}"
+            )
+            print(
+                f"  sock_diag + /proc scan, a socket of ours  {found * 1e6:9.1f} µs  ratio {found / walk:.4f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", default="10000,100000,1000000")
     parser.add_argument("--flood-seconds", type=float, default=2.0)
     args = parser.parse_args()
+    lookups()
     for count in (int(n) for n in args.flows.split(",")):
         run(count, args.flood_seconds)
 
