@@ -38,10 +38,11 @@ EVENT_MAX_AGE = 2.0
 MAX_EVENTS = 4096
 """Unclaimed events kept at most; the oldest go first (a flood must not grow memory)."""
 
-OS_LOOKUPS_PER_POLL = 16 if sys.platform.startswith("linux") else 2
+OS_LOOKUPS_PER_POLL = 8 if sys.platform.startswith("linux") else 2
 """OS lookups the router makes per timer run; held flows beyond wait for the next run (soon after, not a
-tick later). On Linux a lookup is a ``sock_diag`` request (µs; ~1 ms more when the socket exists, for the
-/proc scan); elsewhere a psutil table walk (4–48 ms), so fewer."""
+tick later), so a run stalls the packet loop for tens of ms at worst. On Linux a lookup is a ``sock_diag``
+request (µs when no socket exists; 1–5 ms more when one does, for the /proc scan); elsewhere a psutil
+table walk (4–48 ms), so fewer."""
 
 
 @dataclass(slots=True)
