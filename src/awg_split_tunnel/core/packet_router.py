@@ -78,7 +78,10 @@ HOLD_TIMEOUT = 0.05
 MAX_HELD_PACKETS = 16
 """Packets kept per waiting flow (SYN retransmits, a UDP burst); more are dropped, never leaked."""
 MAX_HELD_FLOWS = 8192
-"""Flows waiting for their owner at most, all remotes together (memory: ≤ 16 packets each)."""
+"""Flows waiting for their owner at most, all remotes together."""
+MAX_HELD_BYTES = 32 * 2**20
+"""Bytes of packets kept for waiting flows at most, all together (``MAX_HELD_FLOWS`` × 16 packets of
+1500 bytes would be 190 MiB)."""
 MAX_HELD_PER_REMOTE = 256
 """Flows waiting for their owner at most per remote address. While a flow waits its process is unknown,
 so the cap cannot be per app; a flood from one app goes to one or a few servers (a download, a benchmark,
@@ -302,6 +305,7 @@ class PacketRouter:
         self._held_by_remote: dict[tuple[int, bytes, int], dict[bytes, _HeldFlow]] = {}
         self._held_per_address: dict[bytes, int] = {}
         self._held_order: deque[_HeldFlow] = deque()
+        self._held_bytes = 0
         self._pulled_remotes: set[tuple[int, bytes, int]] = set()
         self._lookups_behind = False
         self._outgoing: list[Outgoing] = []
@@ -549,11 +553,7 @@ class PacketRouter:
             if held is not None:
                 # Its first fragment waits for the flow's owner: passed on now, it would leave directly
                 # whatever the flow's route turns out to be.
-                if len(held.packets) >= MAX_HELD_PACKETS:
-                    self.stats.hold_overflow += 1
-                    return PacketAction.DROP
-                held.packets.append((bytearray(v.buf[: v.length]), copy_meta()))
-                return PacketAction.HOLD
+                return self._keep(held, v, copy_meta)
         if self._tunnel_fragments:
             tunnelled = self._tunnel_fragments.get(self._fragment_id(v))
             if tunnelled is not None:
@@ -593,16 +593,12 @@ class PacketRouter:
         key = app_key(v)
         held = self._held.get(key)
         if held is not None:
-            if len(held.packets) >= MAX_HELD_PACKETS:
-                self.stats.hold_overflow += 1
-                return PacketAction.DROP
-            held.packets.append((bytearray(buf[: v.length]), copy_meta()))
-            return PacketAction.HOLD
+            return self._keep(held, v, copy_meta)
         src_port, dst_port = v.ports()
         dst_addr = v.dst_addr
         if _is_loopback(dst_addr):
             return PacketAction.REINJECT
-        if len(self._held) >= MAX_HELD_FLOWS:
+        if len(self._held) >= MAX_HELD_FLOWS or self._held_bytes >= MAX_HELD_BYTES:
             self.stats.hold_overflow += 1
             return PacketAction.DROP
         if self._held_per_address.get(dst_addr, 0) >= MAX_HELD_PER_REMOTE:
@@ -622,10 +618,21 @@ class PacketRouter:
             entry = self._decide(held, pid, now)
             return self._apply_first(v, entry, copy_meta)
         held.packets.append((bytearray(buf[: v.length]), meta))
+        self._held_bytes += v.length
         self._hold(held)
         if v.fragment:
             self._held_fragments[self._fragment_id(v)] = key
         self.stats.held += 1
+        return PacketAction.HOLD
+
+    def _keep(self, held: _HeldFlow, v: PacketView, copy_meta: Callable[[], object]) -> PacketAction:
+        """Keep another packet of a held flow (a retransmit, a burst, a later fragment) while the caps
+        allow; else drop it (counted), never let it go before its flow is decided."""
+        if len(held.packets) >= MAX_HELD_PACKETS or self._held_bytes >= MAX_HELD_BYTES:
+            self.stats.hold_overflow += 1
+            return PacketAction.DROP
+        held.packets.append((bytearray(v.buf[: v.length]), copy_meta()))
+        self._held_bytes += v.length
         return PacketAction.HOLD
 
     def _hold(self, held: _HeldFlow) -> None:
@@ -642,6 +649,7 @@ class PacketRouter:
         if self._held.get(held.key) is not held:
             return
         del self._held[held.key]
+        self._held_bytes -= sum(len(data) for data, _ in held.packets)
         remote = (held.proto, held.dst_addr, held.dst_port)
         group = self._held_by_remote[remote]
         del group[held.key]
@@ -905,6 +913,7 @@ class PacketRouter:
         them go their own way)."""
         metas = [meta for held in self._held.values() for _, meta in held.packets]
         self._held.clear()
+        self._held_bytes = 0
         self._held_by_remote.clear()
         self._held_per_address.clear()
         self._held_order.clear()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from awg_split_tunnel.core import packet_router
 from awg_split_tunnel.core.packet_router import (
     MAX_HELD_PER_REMOTE,
     PacketAction,
@@ -344,6 +345,22 @@ def test_a_syn_flood_to_one_server_does_not_stop_other_apps_new_flows() -> None:
     env.connect(100)
     assert env.route(syn(sport=40001)) is PacketAction.INJECT_INBOUND, "app-socks decided at once"
     assert env.route(syn(sport=40002, dport=443)) is PacketAction.HOLD, "an app without event still waits"
+
+
+def test_held_packets_are_bounded_in_bytes_and_freed_when_decided(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packet_router, "MAX_HELD_BYTES", 4000)
+    env = Env()
+
+    def datagram(sport: int, dst: bytes = WEB) -> bytearray:
+        return build_packet(APP, dst, IPPROTO_UDP, sport, 443, b"x" * 1372)  # 1400 bytes
+
+    assert [env.route(datagram(5000 + n)) for n in range(3)] == [PacketAction.HOLD] * 3
+    assert env.route(datagram(5003, dst=NAS)) is PacketAction.DROP, "4200 bytes held already"
+    assert env.route(datagram(5000)) is PacketAction.DROP, "nor more of a held flow"
+    assert env.router.stats.hold_overflow == 2
+    env.router.poll(env.now + 1.0)  # decided (unknown owner: direct), their bytes freed
+    assert len(env.router.take_outgoing()) == 3
+    assert env.route(datagram(5004)) is PacketAction.HOLD
 
 
 def test_os_lookups_are_budgeted_per_poll_and_the_rest_follow_at_once() -> None:
