@@ -113,6 +113,8 @@ class SockDiag:
 def pid_of_socket(found: DiagSocket, proc: str = "/proc") -> int | None:
     """The process holding the socket ``found`` (its inode among a process's descriptors): processes of
     the socket's uid first, then the rest. None if none holds it (closed meanwhile) or they are hidden."""
+    if not found.inode:
+        return None  # a connection in TIME_WAIT (or half open): no process holds it any more
     target = f"socket:[{found.inode}]"
     others: list[str] = []
     for name in os.listdir(proc):
