@@ -75,7 +75,7 @@ class TimerWheel(Generic[T]):
 
     def due(self, now: float, limit: int | None = None) -> list[T]:
         """Take out (``slot`` set to -1) the entries of every slot that came due by ``now``, at most
-        ``limit`` of them (the rest stay for the next call; ``backlog`` tells)."""
+        ``limit`` of them (the rest stay for the next call; ``behind`` tells)."""
         last = math.floor(now)
         start = self._next if self._next is not None else min(self._slots, default=last)
         out: list[T] = []
