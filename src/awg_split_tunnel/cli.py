@@ -450,36 +450,54 @@ def status(as_json: JsonOption = False) -> None:
     router = result.get("router") or {}
     if router:
         _say("router: " + ", ".join(f"{k} {v}" for k, v in sorted(router.items())))
+    if result.get("failed_closed"):
+        out.print(Text(f"failed closed: {result['failed_closed']}", style="bold red"))
 
 
 @app.command()
 def connections(as_json: JsonOption = False) -> None:
     """Live flows of the running daemon: pid, exe, 5-tuple, route, tunnel, traffic."""
-    from awg_split_tunnel.api.control import request
+    from awg_split_tunnel.api.control import request_pages
 
+    columns = ("proto", "pid", "exe", "from", "to", "route", "tunnel", "out", "in")
+    # Page by page (the daemon answers 1000 flows at a time), printed as they come: 200,000 flows are never
+    # held in memory at once. --json writes the one object {"flows": [...]} all the same.
+    first = True
     with _user_errors():
-        flows = request("connections").get("flows", [])
+        for page in request_pages("connections"):
+            flows = page.get("flows", []) if isinstance(page, dict) else []
+            if as_json:
+                for f in flows:
+                    sys.stdout.write(('{"flows": [' if first else ", ") + json.dumps(f))
+                    first = False
+                continue
+            table = Table(show_header=first, box=None, pad_edge=False)
+            for column in columns:
+                table.add_column(column, min_width=_CONNECTION_WIDTHS.get(column, 0))
+            for f in flows:
+                table.add_row(
+                    *_cells(
+                        f.get("proto"),
+                        f.get("pid") or "?",
+                        f.get("exe") or "?",
+                        f.get("src"),
+                        f.get("dst"),
+                        f.get("route"),
+                        f.get("tunnel") or "-",
+                        f.get("out", ""),
+                        f.get("in", ""),
+                    )
+                )
+            if flows or first:
+                out.print(table)
+            first = False
     if as_json:
-        typer.echo(json.dumps({"flows": flows}))
-        return
-    table = Table()
-    for column in ("proto", "pid", "exe", "from", "to", "route", "tunnel", "out", "in"):
-        table.add_column(column)
-    for f in flows:
-        table.add_row(
-            *_cells(
-                f.get("proto"),
-                f.get("pid") or "?",
-                f.get("exe") or "?",
-                f.get("src"),
-                f.get("dst"),
-                f.get("route"),
-                f.get("tunnel") or "-",
-                f.get("out", ""),
-                f.get("in", ""),
-            )
-        )
-    out.print(table)
+        sys.stdout.write('{"flows": []}\n' if first else "]}\n")
+        sys.stdout.flush()
+
+
+_CONNECTION_WIDTHS = {"proto": 5, "pid": 7, "exe": 24, "from": 21, "to": 21, "route": 6, "tunnel": 8}
+"""Each page is its own table: fixed minimum widths keep the columns of consecutive pages in line."""
 
 
 @tunnel_app.command("up")
