@@ -1,12 +1,12 @@
 """Does a second divert handle, opened by a live process that never reads it, hold what a stopped handle
 owner would let pass?
 
-Shows: in ns client a process opens a NETWORK handle on outbound UDP to port 9999 and is stopped (SIGSTOP)
-at once; a sender in the same namespace sends one datagram every 100 ms for 6 s; a capture in ns server
-counts what arrives. Case ``stopped``: nothing else (the stopped handle fails open after ~3 s). Case
-``guard``: 1 s after the stop another live process opens a handle with the same filter at another priority
-and never reads it, then the stopped owner is killed. Run as root:
-python3 scripts/repro/guard_handle_holds.py
+Shows: in ns client a child process opens a NETWORK handle on outbound UDP to port 9999 and never reads it;
+a sender in the same namespace sends one datagram every 100 ms for 6 s; a capture in ns server counts what
+arrives. Case ``alive``: the owner lives (nothing passes). Case ``stopped``: the owner is stopped (SIGSTOP)
+0.5 s after it opened the handle (from ~3 s on, packets pass). Case ``guard``: the same stop, and 1 s later
+the parent (alive) opens a handle with the same filter at another priority, never reads it, and kills the
+stopped owner. Run as root: python3 scripts/repro/guard_handle_holds.py [alive|stopped|guard ...]
 """
 
 from __future__ import annotations

@@ -459,45 +459,51 @@ def connections(as_json: JsonOption = False) -> None:
     """Live flows of the running daemon: pid, exe, 5-tuple, route, tunnel, traffic."""
     from awg_split_tunnel.api.control import request_pages
 
-    columns = ("proto", "pid", "exe", "from", "to", "route", "tunnel", "out", "in")
-    # Page by page (the daemon answers 1000 flows at a time), printed as they come: 200,000 flows are never
-    # held in memory at once. --json writes the one object {"flows": [...]} all the same.
+    # Page by page (the daemon answers 1000 flows at a time), written as they come: 200,000 flows are never
+    # held in memory at once, and plain lines in fixed columns keep that fast (a table would first measure
+    # every row). --json writes the one object {"flows": [...]} all the same.
     first = True
+    write = sys.stdout.write
     with _user_errors():
         for page in request_pages("connections"):
             flows = page.get("flows", []) if isinstance(page, dict) else []
             if as_json:
                 for f in flows:
-                    sys.stdout.write(('{"flows": [' if first else ", ") + json.dumps(f))
+                    write(('{"flows": [' if first else ", ") + json.dumps(f))
                     first = False
                 continue
-            table = Table(show_header=first, box=None, pad_edge=False)
-            for column in columns:
-                table.add_column(column, min_width=_CONNECTION_WIDTHS.get(column, 0))
+            if first:
+                write(_connection_line(CONNECTION_COLUMNS))
+                first = False
             for f in flows:
-                table.add_row(
-                    *_cells(
-                        f.get("proto"),
-                        f.get("pid") or "?",
-                        f.get("exe") or "?",
-                        f.get("src"),
-                        f.get("dst"),
-                        f.get("route"),
-                        f.get("tunnel") or "-",
-                        f.get("out", ""),
-                        f.get("in", ""),
+                write(
+                    _connection_line(
+                        (
+                            f.get("proto"),
+                            f.get("pid") or "?",
+                            f.get("exe") or "?",
+                            f.get("src"),
+                            f.get("dst"),
+                            f.get("route"),
+                            f.get("tunnel") or "-",
+                            f.get("out", ""),
+                            f.get("in", ""),
+                        )
                     )
                 )
-            if flows or first:
-                out.print(table)
-            first = False
     if as_json:
-        sys.stdout.write('{"flows": []}\n' if first else "]}\n")
-        sys.stdout.flush()
+        write('{"flows": []}\n' if first else "]}\n")
+    sys.stdout.flush()
 
 
-_CONNECTION_WIDTHS = {"proto": 5, "pid": 7, "exe": 24, "from": 21, "to": 21, "route": 6, "tunnel": 8}
-"""Each page is its own table: fixed minimum widths keep the columns of consecutive pages in line."""
+CONNECTION_COLUMNS = ("proto", "pid", "exe", "from", "to", "route", "tunnel", "out", "in")
+_CONNECTION_WIDTHS = (5, 7, 30, 23, 23, 6, 10, 8, 8)
+
+
+def _connection_line(values: tuple[object, ...]) -> str:
+    """One row of `connections`, each cell left-aligned in its column (a longer value widens its row)."""
+    cells = ["" if v is None else str(v) for v in values]
+    return " ".join(c.ljust(w) for c, w in zip(cells, _CONNECTION_WIDTHS, strict=True)).rstrip() + "\n"
 
 
 @tunnel_app.command("up")

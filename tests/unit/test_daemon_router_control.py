@@ -4,6 +4,7 @@ never blocks, a watchdog that fails closed, `status` from flow counts and `conne
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pickle
 import signal
@@ -47,15 +48,14 @@ MANY_RULES = "".join(
 )
 
 
-def _router_body(settings: RouterSettings, open_handles: Any, conn: Any) -> None:
-    """A router process body that answers what every data path answers, with 200,000 flows; module-level,
-    so it pickles into the spawned process."""
+def _router_body(settings: RouterSettings, open_handles: Any, conn: Any, flows: int = 200_000) -> None:
+    """A router process body that answers what every data path answers, with ``flows`` flows (a quarter
+    of them through ``wg``); module-level, so it pickles into the spawned process."""
     states: dict[str, TunnelState] = {}
     router = PacketRouter(RuleEngine([], "direct", Platform.POSIX), states.get, {})
-    for i in range(200_000):
-        entry = NatEntry(
-            IPPROTO_TCP if i % 2 else IPPROTO_UDP, APP, 1024 + i % 60000, WEB, 443, FlowVerdict.PASS
-        )
+    for i in range(flows):
+        proto, port = IPPROTO_TCP if i % 2 else IPPROTO_UDP, 443 + i // 50_000
+        entry = NatEntry(proto, APP, 1024 + i % 50_000, WEB, port, FlowVerdict.PASS)
         entry.tunnel_id = "wg" if i % 4 == 0 else None
         router.table.add(i.to_bytes(4, "big"), entry)
     from awg_split_tunnel.router.reports import FlowListings
@@ -66,8 +66,9 @@ def _router_body(settings: RouterSettings, open_handles: Any, conn: Any) -> None
         apply_router_message(router, states, conn, message, listings)
 
 
-def _started_router() -> RouterProcess:
-    router = RouterProcess(RouterSettings((), "direct", {}, {}), tuple, serve=_router_body)
+def _started_router(flows: int = 200_000) -> RouterProcess:
+    body = functools.partial(_router_body, flows=flows)
+    router = RouterProcess(RouterSettings((), "direct", {}, {}), tuple, serve=body)
     router.start(timeout=60)
     return router
 
@@ -124,7 +125,8 @@ def test_a_stopped_router_process_never_blocks_the_daemons_loop_and_the_watchdog
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("awg_split_tunnel.tunnel_runtimes.PACKET_TUNNEL_UP_WAIT", 0.1)
-    router = _started_router()
+    monkeypatch.setattr("awg_split_tunnel.daemon.ROUTER_ANSWER_TIMEOUT", 0.2)  # status gives up sooner
+    router = _started_router(flows=1000)
     held: list[str] = []
 
     class Holding:
@@ -144,7 +146,7 @@ def test_a_stopped_router_process_never_blocks_the_daemons_loop_and_the_watchdog
         daemon._event_loop = loop
         daemon._router = router
         await daemon._apply_config(config(tmp_path), first)
-        assert (await daemon._api_status({}))["router"]["flows"] == 200_000
+        assert (await daemon._api_status({}))["router"]["flows"] == 1000
         longest = 0.0
 
         async def probe() -> None:
@@ -241,3 +243,53 @@ def test_heartbeat_is_answered_and_unknown_listing_gets_an_empty_page() -> None:
     ours.close()
     theirs.close()
     time.sleep(0)
+
+
+def test_cli_connections_retrieves_200k_flows_page_by_page_through_the_control_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from awg_split_tunnel.api.control import ControlServer
+    from awg_split_tunnel.cli import app
+
+    router = _started_router()
+    daemon = Daemon(tmp_path / "config.yaml", serve_api=False, check_privileges=False, handles=tuple)
+    daemon._router = router
+    answers: list[int] = []
+    ready, done = threading.Event(), threading.Event()
+    socket_path = tmp_path / "control.sock"
+
+    async def connections(request: Any) -> Any:
+        result = await daemon._api_connections(request)
+        answers.append(len(json.dumps(result)))
+        return result
+
+    async def serve() -> None:
+        server = ControlServer({"connections": connections}, socket_path)
+        await server.start()
+        ready.set()
+        while not done.is_set():
+            await asyncio.sleep(0.05)
+        await server.stop()
+
+    serving = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    serving.start()
+    try:
+        assert ready.wait(10)
+        monkeypatch.setenv("AWG_SPLIT_TUNNEL_CONTROL", str(socket_path))
+        result = CliRunner().invoke(app, ["connections", "--json"])
+        assert result.exit_code == 0, result.output[-2000:]
+        flows = json.loads(result.output)["flows"]
+        assert len(flows) == 200_000
+        assert len({(f["proto"], f["src"], f["dst"]) for f in flows}) == 200_000, "each flow once"
+        assert max(answers) < 1024 * 1024, "each page is bounded"
+        table = CliRunner().invoke(app, ["connections"])
+        assert table.exit_code == 0, table.output[-2000:]
+        assert table.output.count("198.18.0.10:") == 200_000
+    finally:
+        done.set()
+        serving.join(10)
+        router.stop()
