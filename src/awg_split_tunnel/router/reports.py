@@ -23,6 +23,7 @@ from awg_split_tunnel.core.router_messages import (
     RouterStatus,
 )
 from awg_split_tunnel.net.nat import NatEntry
+from awg_split_tunnel.net.packet import IPPROTO_TCP, IPPROTO_UDP
 
 LISTING_TTL = 30.0
 """Seconds a listing waits for its next page request (the control socket drops idle clients after 10)."""
@@ -52,7 +53,10 @@ class FlowListings:
         listing = request.listing
         if listing == 0:
             listing = next(self._ids)
-            self._open[listing] = (self._router.connections(), now)
+            table = self._router.table
+            # Two C-level copies of the flow dicts' values: a few milliseconds at 200,000 flows.
+            flows = [*table.flows(IPPROTO_TCP).values(), *table.flows(IPPROTO_UDP).values()]
+            self._open[listing] = (flows, now)
             while len(self._open) > MAX_LISTINGS:
                 del self._open[next(iter(self._open))]
         held = self._open.pop(listing, None)
