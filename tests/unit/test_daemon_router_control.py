@@ -293,3 +293,21 @@ def test_cli_connections_retrieves_200k_flows_page_by_page_through_the_control_s
         done.set()
         serving.join(10)
         router.stop()
+
+
+def test_nat_lookup_finds_a_flow_whose_announcement_is_still_in_the_pipe() -> None:
+    from awg_split_tunnel.core.router_messages import FlowTunnelled
+
+    ours, theirs = __import__("multiprocessing").Pipe()
+    process = RouterProcess(RouterSettings((), "direct", {}, {}), tuple)
+    process.heartbeat_interval = 3600
+    process.attach(ours)
+    found = []
+    for port in range(40000, 40050):
+        key = WEB + port.to_bytes(2, "big")
+        theirs.send(FlowTunnelled(IPPROTO_TCP, key, WEB, 443, APP, port, "socks", 7, "/usr/bin/app", True))
+        entry = process.nat_lookup("tcp", "198.18.0.10", port)  # at once, as a proxy that just accepted
+        found.append(entry is not None and entry.orig_dst_port == 443 and entry.app_port == port)
+    process.kill()
+    theirs.close()
+    assert all(found)
