@@ -396,6 +396,8 @@ class RouterProcess:
                 self._received += 1
             try:
                 self._apply(message)
+            except Exception:
+                log.exception("[Router] applying %s from the router process failed", type(message).__name__)
             finally:
                 with self._applied:
                     self._applied_count += 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
 from typing import Any
 
 from awg_split_tunnel.core.packet_router import PacketRouter, flow_row
@@ -46,7 +45,7 @@ class FlowListings:
     def __init__(self, router: PacketRouter) -> None:
         self._router = router
         self._ids = itertools.count(1)
-        self._open: dict[int, tuple[Sequence[NatEntry], float]] = {}
+        self._open: dict[int, tuple[list[NatEntry], float]] = {}
 
     def page(self, request: ConnectionsRequest, now: float) -> ConnectionsPage:
         self._expire(now)
@@ -55,8 +54,10 @@ class FlowListings:
             listing = next(self._ids)
             table = self._router.table
             # Two C-level copies of the flow dicts' values: a few milliseconds at 200,000 flows.
-            flows = [*table.flows(IPPROTO_TCP).values(), *table.flows(IPPROTO_UDP).values()]
-            self._open[listing] = (flows, now)
+            self._open[listing] = (
+                [*table.flows(IPPROTO_TCP).values(), *table.flows(IPPROTO_UDP).values()],
+                now,
+            )
             while len(self._open) > MAX_LISTINGS:
                 del self._open[next(iter(self._open))]
         held = self._open.pop(listing, None)
