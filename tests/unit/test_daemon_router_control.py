@@ -133,8 +133,17 @@ def test_a_stopped_router_process_never_blocks_the_daemons_loop_and_the_watchdog
         def close(self) -> None:
             held.append("released")
 
-    daemon = Daemon(tmp_path / "config.yaml", serve_api=False, check_privileges=False, handles=tuple)
-    daemon._hold_packets = lambda: held.append("held") or Holding()  # type: ignore[func-returns-value]
+    def hold_packets() -> Holding:
+        held.append("held")
+        return Holding()
+
+    daemon = Daemon(
+        tmp_path / "config.yaml",
+        serve_api=False,
+        check_privileges=False,
+        handles=tuple,
+        hold_packets=hold_packets,
+    )
     daemon._started = True
     router.on_unresponsive = daemon._router_unresponsive
     router.on_exit = daemon._router_died
