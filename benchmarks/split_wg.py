@@ -119,9 +119,9 @@ def serve(conf_text: str, tunnel: str, dataplane: str) -> None:
         return
     print("ready", flush=True)
     sys.stdin.read()
-    snapshot = process.snapshot()
+    status = process.status()
     process.stop()
-    stats, _flows = snapshot if snapshot is not None else ({}, [])
+    stats = {} if status is None else status.stats
     print(json.dumps(stats, default=str), flush=True)
 
 

@@ -452,36 +452,60 @@ def status(as_json: JsonOption = False) -> None:
     router = result.get("router") or {}
     if router:
         _say("router: " + ", ".join(f"{k} {v}" for k, v in sorted(router.items())))
+    if result.get("failed_closed"):
+        out.print(Text(f"failed closed: {result['failed_closed']}", style="bold red"))
 
 
 @app.command()
 def connections(as_json: JsonOption = False) -> None:
     """Live flows of the running daemon: pid, exe, 5-tuple, route, tunnel, traffic."""
-    from awg_split_tunnel.api.control import request
+    from awg_split_tunnel.api.control import request_pages
 
+    # Page by page (the daemon answers 1000 flows at a time), written as they come: 200,000 flows are never
+    # held in memory at once, and plain lines in fixed columns keep that fast (a table would first measure
+    # every row). --json writes the one object {"flows": [...]} all the same.
+    first = True
+    write = sys.stdout.write
     with _user_errors():
-        flows = request("connections").get("flows", [])
+        for page in request_pages("connections"):
+            flows = page.get("flows", []) if isinstance(page, dict) else []
+            if as_json:
+                for f in flows:
+                    write(('{"flows": [' if first else ", ") + json.dumps(f))
+                    first = False
+                continue
+            if first:
+                write(_connection_line(CONNECTION_COLUMNS))
+                first = False
+            for f in flows:
+                write(
+                    _connection_line(
+                        (
+                            f.get("proto"),
+                            f.get("pid") or "?",
+                            f.get("exe") or "?",
+                            f.get("src"),
+                            f.get("dst"),
+                            f.get("route"),
+                            f.get("tunnel") or "-",
+                            f.get("out", ""),
+                            f.get("in", ""),
+                        )
+                    )
+                )
     if as_json:
-        typer.echo(json.dumps({"flows": flows}))
-        return
-    table = Table()
-    for column in ("proto", "pid", "exe", "from", "to", "route", "tunnel", "out", "in"):
-        table.add_column(column)
-    for f in flows:
-        table.add_row(
-            *_cells(
-                f.get("proto"),
-                f.get("pid") or "?",
-                f.get("exe") or "?",
-                f.get("src"),
-                f.get("dst"),
-                f.get("route"),
-                f.get("tunnel") or "-",
-                f.get("out", ""),
-                f.get("in", ""),
-            )
-        )
-    out.print(table)
+        write('{"flows": []}\n' if first else "]}\n")
+    sys.stdout.flush()
+
+
+CONNECTION_COLUMNS = ("proto", "pid", "exe", "from", "to", "route", "tunnel", "out", "in")
+_CONNECTION_WIDTHS = (5, 7, 30, 23, 23, 6, 10, 8, 8)
+
+
+def _connection_line(values: tuple[object, ...]) -> str:
+    """One row of `connections`, each cell left-aligned in its column (a longer value widens its row)."""
+    cells = ["" if v is None else str(v) for v in values]
+    return " ".join(c.ljust(w) for c, w in zip(cells, _CONNECTION_WIDTHS, strict=True)).rstrip() + "\n"
 
 
 @tunnel_app.command("up")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
@@ -27,6 +28,7 @@ import logging.handlers
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +60,9 @@ rule_log = logging.getLogger("awg_split_tunnel.rule")
 
 WATCH_INTERVAL = 1.0
 """Seconds between looks at the config file's modification time."""
+
+ROUTER_ANSWER_TIMEOUT = 2.0
+"""Seconds `status` and each page of `connections` wait for the router process."""
 
 OPEN_FILES_IF_UNLIMITED = 65536
 """The soft open-file limit asked for when the hard limit is unlimited."""
@@ -102,6 +107,13 @@ def load_divert(dataplane: str = "divert") -> Callable[..., Any]:
             "(it bundles WinDivert / eBPFDivert) and check that the kernel allows eBPF"
         ) from exc
     return event_handles if dataplane == "kernel" else router_handles
+
+
+def load_hold_every_packet() -> Callable[[], Any]:
+    """``platform.divert.hold_every_packet``: the divert data path's fail-closed state (docs/DATAPATHS.md)."""
+    from awg_split_tunnel.platform.divert import hold_every_packet
+
+    return hold_every_packet
 
 
 def default_dataplane() -> str:
@@ -196,6 +208,7 @@ class Daemon:
         handles: Callable[..., Any] | None = None,
         status_out: TextIO | None = None,
         log_file: Path | None = None,
+        hold_packets: Callable[[], Any] | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._log_file = log_file
@@ -224,6 +237,13 @@ class Daemon:
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self.dataplane = "divert"
         """``divert`` or ``kernel`` (docs/DATAPATHS.md): from the config, else ``default_dataplane()``."""
+        self._hold_packets = hold_packets
+        """Opens what holds every outbound packet when the router process is lost on the divert data path
+        (``platform.divert.hold_every_packet`` with the real handles)."""
+        self._holding: Any = None
+        self._failing = threading.Lock()
+        self.failed_closed: str | None = None
+        """Why the daemon failed closed (its router process stopped answering or ended), else None."""
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -238,6 +258,8 @@ class Daemon:
             check_kernel_dataplane()
         set_own_socket_mark(OWN_TRAFFIC_MARK if self.dataplane == "kernel" else 0)
         handles = self._handles or load_divert(self.dataplane)
+        if self.dataplane != "kernel" and self._hold_packets is None and self._handles is None:
+            self._hold_packets = load_hold_every_packet()
         if self._serve_api:
             self._refuse_second_daemon()
         self._config = config
@@ -277,6 +299,7 @@ class Daemon:
         )
         router = RouterProcess(settings, handles, serve=self._router_body())
         router.on_exit = self._router_died
+        router.on_unresponsive = self._router_unresponsive
         router.on_tunnel_state = self._packet_tunnel_state
         try:
             await asyncio.to_thread(router.start)
@@ -317,6 +340,10 @@ class Daemon:
             await self._control.stop()
             self._control = None
         await self.bus.stop()
+        if self._holding is not None:
+            self._holding.close()
+            self._holding = None
+            log.info("[Core] packets no longer held")
         if self.exit_code == EXIT_OK:
             log.info("[Core] stopped: divert handles closed, network restored")
         else:
@@ -365,10 +392,53 @@ class Daemon:
         self.request_stop()
 
     def _router_died(self) -> None:
-        # Called on the router pipe's reader thread: traffic now flows undiverted, so the daemon ends with an
-        # error rather than pretend to route (the OS firewall is what holds a kill switch across this).
+        # On the router pipe's reader thread.
+        self._fail_closed("the packet router process ended unexpectedly")
+
+    def _router_unresponsive(self, silent: float) -> None:
+        # On the router's watchdog thread.
+        self._fail_closed(f"the packet router process stopped answering ({silent:.1f} s without an answer)")
+
+    def _fail_closed(self, why: str) -> None:
+        """The router process is lost (ended, or stopped answering: docs/DATAPATHS.md, "When the router
+        process stops answering"). Divert: hold every outbound packet first (a stopped divert handle lets
+        packets pass after ~3 s, a closed one at once), then kill the router process; the daemon keeps
+        running, failed closed, until it is stopped. Kernel: kill the router process and stop with an
+        error; the kernel's rules stay and hold every new connection until the next `run` or `cleanup`."""
+        if not self._failing.acquire(blocking=False):
+            return  # already failing closed (the kill ends the pipe too)
+        try:
+            if self.failed_closed is not None:
+                return
+            self.failed_closed = why
+            self.exit_code = EXIT_FAILURE
+            if self.dataplane != "kernel" and self._hold_packets is not None:
+                try:
+                    self._holding = self._hold_packets()
+                except Exception as exc:
+                    log.error("[Core] cannot hold packets: %s: %s", type(exc).__name__, exc)
+            router, self._router = self._router, None
+            if router is not None:
+                router.kill()
+        finally:
+            self._failing.release()
+        stop = True
+        if self.dataplane == "kernel":
+            log.error(
+                "[Core] %s: killed it and stopping; the kernel's rules stay and hold every new connection "
+                "(fail closed) until `run` starts again or `awg-split-tunnel cleanup` removes them",
+                why,
+            )
+        elif self._holding is not None:
+            stop = False
+            log.error(
+                "[Core] %s: killed it; every outbound packet is held (fail closed) until the daemon stops",
+                why,
+            )
+        else:
+            log.error("[Core] %s: traffic is not diverted; stopping", why)
         loop = self._event_loop
-        if loop is not None and not loop.is_closed():
+        if stop and loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.request_stop, EXIT_FAILURE)
 
     # -- tunnel runtimes ---------------------------------------------------------------------------------
@@ -545,26 +615,37 @@ class Daemon:
         router_stats: dict[str, Any] = {}
         report: RouterReport | None = None
         router = self._router
-        if router is not None:
-            snapshot = await asyncio.to_thread(router.snapshot)
-            if snapshot is not None:
-                stats, flows = snapshot
-                report = RouterReport(stats.get("packet_tunnels") or {}, flows)
-                router_stats = {k: v for k, v in stats.items() if isinstance(v, int) and v}
-                router_stats["flows"] = len(flows)
+        status = None if router is None else await _answer(router.request_status())
+        if status is not None:
+            stats = status.stats
+            report = RouterReport(stats.get("packet_tunnels") or {}, status.flows_by_tunnel)
+            router_stats = {k: v for k, v in stats.items() if isinstance(v, int) and v}
+            router_stats["flows"] = status.flows
         for row in tunnels:
             runtime = self.runtimes.get(row["id"])
             if runtime is not None:
                 runtime.report(row, report)
-        return {"tunnels": tunnels, "router": router_stats}
+        result: dict[str, Any] = {"tunnels": tunnels, "router": router_stats}
+        if self.failed_closed is not None:
+            result["failed_closed"] = self.failed_closed
+        return result
 
     async def _api_connections(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """One page of flows: ``{"flows", "total", "next"}``; ``next`` (``listing`` and ``offset``) goes
+        into the request for the following page, None after the last one."""
+        listing, offset = request.get("listing", 0), request.get("offset", 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (listing, offset)):
+            raise TunnelError("connections: listing and offset must be whole numbers >= 0")
         router = self._router
-        snapshot = None if router is None else await asyncio.to_thread(router.snapshot)
-        if snapshot is None:
-            return {"flows": []}
-        _, flows = snapshot
-        return {"flows": [_connection(row) for row in flows]}
+        if router is None:
+            return {"flows": [], "total": 0, "next": None}
+        page = await _answer(router.request_connections(listing, offset))
+        if page is None:
+            raise TunnelError("the packet router process did not answer")
+        if listing and page.listing != listing:
+            raise TunnelError("this connections listing expired (its client was idle too long): ask again")
+        following = None if page.done else {"listing": page.listing, "offset": page.offset + len(page.flows)}
+        return {"flows": [_connection(row) for row in page.flows], "total": page.total, "next": following}
 
     async def _api_tunnel(self, request: Mapping[str, Any]) -> dict[str, Any]:
         tunnel_id, action = str(request.get("id", "")), request.get("action")
@@ -617,8 +698,22 @@ class Daemon:
             sys.stdout.flush()
 
 
+async def _answer(future: concurrent.futures.Future[Any]) -> Any:
+    """The router process's answer to a request, or None after ``ROUTER_ANSWER_TIMEOUT`` (or when it is
+    gone); the event loop waits without blocking."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), ROUTER_ANSWER_TIMEOUT)
+    except TimeoutError:
+        return None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return None  # the router process ended: its requests were cancelled
+
+
 def _connection(row: FlowRow) -> dict[str, Any]:
-    """One flow of the router's ``Snapshot`` as ``connections`` shows it."""
+    """One flow of a router ``ConnectionsPage`` as ``connections`` shows it."""
     proto = row.proto
     return {
         "proto": "tcp" if proto == 6 else "udp" if proto == 17 else str(proto),

@@ -34,7 +34,6 @@ from awg_split_tunnel.core.config import AnyTunnel, HttpTunnel, PacketTunnel, So
 from awg_split_tunnel.core.packet_router import TunnelRoute
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
-from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import ConfigError, TunnelError
 from awg_split_tunnel.packet_tunnels import packet_tunnel_devices
@@ -84,10 +83,11 @@ class RouterChanges:
 
 @dataclass(frozen=True, slots=True)
 class RouterReport:
-    """What the router process reported for ``status``: its devices' counters by tunnel, and its flows."""
+    """What the router process reported for ``status``: its devices' counters by tunnel, and how many flows
+    each tunnel has."""
 
     packet_tunnels: Mapping[str, Any]
-    flows: Sequence[FlowRow]
+    flows_by_tunnel: Mapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +395,6 @@ def report_packet_tunnel(row: dict[str, Any], router: RouterReport) -> None:
         return
     row["rx_bytes"] = stats.get("rx_bytes", 0)
     row["tx_bytes"] = stats.get("tx_bytes", 0)
-    row["flows"] = sum(1 for flow in router.flows if flow.tunnel == row["id"])
+    row["flows"] = router.flows_by_tunnel.get(row["id"], 0)
     if stats.get("handshake_age") is not None:
         row["handshake_age"] = stats["handshake_age"]

@@ -109,9 +109,9 @@ def serve(config: dict[str, object]) -> None:
             router.tunnel_state_changed(tunnel_id, states[tunnel_id])
             print("ok", flush=True)
         if isinstance(router, RouterProcess):
-            snapshot = router.snapshot()
+            status, rows = router.status(), router.connections() or []
             router.stop()
-            stats, rows = snapshot if snapshot else (None, [])
+            stats = None if status is None else status.stats
             flows = [(f.proto, f.app_port, f.dst_ip, f.verdict) for f in rows]
             error = None
         else:

@@ -156,9 +156,9 @@ def serve(config: dict[str, Any]) -> None:
         assert await asyncio.to_thread(up.wait, 10), "the tunnel did not come up"
 
         def report() -> dict[str, Any]:
-            snapshot = process.snapshot()
-            assert snapshot is not None
-            stats, _ = snapshot
+            status = process.status()
+            assert status is not None
+            stats = dict(status.stats)
             return {"state": str(states["wg"]), "router": stats, "tunnels": stats.pop("packet_tunnels")}
 
         await commands(report)

@@ -65,8 +65,10 @@ def fake_request(answers: dict[str, Any]) -> Callable[..., Any]:
 
 
 def invoke(monkeypatch: pytest.MonkeyPatch, answers: dict[str, Any], *args: str) -> Any:
+    request = fake_request(answers)
     with monkeypatch.context() as m:
-        m.setattr(control, "request", fake_request(answers))
+        m.setattr(control, "request", request)
+        m.setattr(control, "request_pages", lambda cmd, **args: iter([request(cmd, **args)]))
         return runner.invoke(app, list(args))
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +163,23 @@ async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, Any]) -> None
     await writer.drain()
 
 
+MAX_ANSWER = 16 * 1024 * 1024
+"""The longest answer line a client reads (a ``connections`` page is far below it)."""
+
+
 def request(cmd: str, *, path: Path | None = None, timeout: float = 5.0, **args: Any) -> Any:
     """Send one command to the running daemon and return its result; TunnelError with a clear
     message when no daemon answers or the daemon refuses."""
+    for result in request_pages(cmd, path=path, timeout=timeout, follow=False, **args):
+        return result
+    raise TunnelError("the daemon sent no answer")  # pragma: no cover - request_pages yields or raises
+
+
+def request_pages(
+    cmd: str, *, path: Path | None = None, timeout: float = 5.0, follow: bool = True, **args: Any
+) -> Iterator[Any]:
+    """Send a command and yield its result, then (``follow``) ask for each following page on the same
+    connection while a result names one in ``next`` (``connections``); TunnelError as ``request``."""
     path = path or default_control_path()
     try:
         if sys.platform == "win32":
@@ -182,12 +196,22 @@ def request(cmd: str, *, path: Path | None = None, timeout: float = 5.0, **args:
     except (OSError, ValueError) as exc:
         raise TunnelError(f"cannot reach the daemon at {path}: {exc}") from None
     with sock, sock.makefile("rwb") as stream:
-        try:
-            stream.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            stream.flush()
-            line = stream.readline(16 * 1024 * 1024)
-        except OSError as exc:
-            raise TunnelError(f"the daemon did not answer: {exc}") from None
+        following: Mapping[str, Any] | None = {}
+        while following is not None:
+            try:
+                stream.write(json.dumps({**args, **following, "cmd": cmd}).encode() + b"\n")
+                stream.flush()
+                line = stream.readline(MAX_ANSWER)
+            except OSError as exc:
+                raise TunnelError(f"the daemon did not answer: {exc}") from None
+            result = _result(line)
+            yield result
+            following = result.get("next") if follow and isinstance(result, dict) else None
+            if following is not None and not isinstance(following, dict):
+                raise TunnelError("the daemon sent an unreadable answer")
+
+
+def _result(line: bytes) -> Any:
     try:
         answer = json.loads(line)
     except ValueError:

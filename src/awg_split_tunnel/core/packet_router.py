@@ -359,8 +359,12 @@ class PacketRouter:
         return dict(self._tunnels)
 
     def connections(self) -> list[NatEntry]:
-        """The live flows (a snapshot for ``connections`` / ``status``)."""
+        """The live flows (what a ``connections`` listing pages through)."""
         return list(self.table)
+
+    def flow_counts(self) -> tuple[int, dict[str, int]]:
+        """(flows in all, flows by tunnel) for ``status``: kept by the flow table, no flow is visited."""
+        return len(self.table), dict(self.table.by_tunnel)
 
     # -- events ------------------------------------------------------------------------------------------
 
@@ -1083,7 +1087,7 @@ def _remember(ids: OrderedDict[bytes, Any], key: bytes, value: Any) -> None:
 
 
 def flow_row(e: NatEntry) -> FlowRow:
-    """One flow for ``status`` and ``connections`` (a ``Snapshot``'s rows)."""
+    """One flow for ``connections`` (a ``ConnectionsPage``'s rows)."""
     return FlowRow(
         proto=e.proto,
         app_ip=e.app_ip,

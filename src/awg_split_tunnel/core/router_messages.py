@@ -5,10 +5,15 @@ dataclasses of plain values, routes, rules, enums and picklable device factories
 with one ``match`` statement over ``ToRouter`` or ``FromRouter``.
 
 Down (``ToRouter``): ``SetTunnelState``, ``SetRoutes``, ``SetRules``, ``ChangeDevices``,
-``SnapshotRequest``, ``Stop``. Up (``FromRouter``): ``Ready`` or ``StartFailed`` first, then
-``FlowTunnelled`` / ``FlowForgotten`` (the NAT mirror ``nat_lookup`` answers from), ``Snapshot`` (the
-answer to ``SnapshotRequest``) and ``DeviceStateChanged`` (a packet tunnel's device, which lives in the
-router process). ``FlowRow`` is one flow of a ``Snapshot``, as ``status`` and ``connections`` show it.
+``StatusRequest``, ``ConnectionsRequest``, ``Heartbeat``, ``Stop``. Up (``FromRouter``): ``Ready`` or
+``StartFailed`` first, then ``FlowTunnelled`` / ``FlowForgotten`` (the NAT mirror ``nat_lookup`` answers
+from), ``RouterStatus`` and ``ConnectionsPage`` (the answers, by ``request_id``), ``Alive`` (the answer to
+``Heartbeat``) and ``DeviceStateChanged`` (a packet tunnel's device, which lives in the router process).
+``FlowRow`` is one flow of a ``ConnectionsPage``, as ``connections`` shows it.
+
+``status`` never lists flows: the router keeps its flow counts as flows come and go, so ``RouterStatus``
+is small whatever the number of flows. ``connections`` goes by pages (``CONNECTIONS_PAGE`` rows at most),
+each built by the router process between two batches of packets.
 """
 
 from __future__ import annotations
@@ -62,9 +67,35 @@ class ChangeDevices:
     stopped: tuple[str, ...]
 
 
+CONNECTIONS_PAGE = 1000
+"""Most flows in one ``ConnectionsPage`` (about 200 KiB pickled, and as JSON on the control socket)."""
+
+
 @dataclass(frozen=True, slots=True)
-class SnapshotRequest:
-    """Ask for the router's counters and flows; answered by ``Snapshot``."""
+class StatusRequest:
+    """Ask for the router's counters and flow counts; answered by ``RouterStatus`` of the same id."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsRequest:
+    """Ask for a page of flows; answered by ``ConnectionsPage`` of the same id. ``listing`` 0 starts a new
+    listing (the flows as they are now); the next pages name the listing a page answered with and ``offset``
+    the number of flows already received."""
+
+    request_id: int
+    listing: int = 0
+    offset: int = 0
+    limit: int = CONNECTIONS_PAGE
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Are you there? Answered by ``Alive`` with the same ``seq`` as soon as the router process's loop
+    reads it (ahead of any control message waiting to be applied): the control plane's watchdog."""
+
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +103,16 @@ class Stop:
     """Close the handles, stop the devices and end the router process."""
 
 
-ToRouter = SetTunnelState | SetRoutes | SetRules | ChangeDevices | SnapshotRequest | Stop
+ToRouter = (
+    SetTunnelState
+    | SetRoutes
+    | SetRules
+    | ChangeDevices
+    | StatusRequest
+    | ConnectionsRequest
+    | Heartbeat
+    | Stop
+)
 """Every message the control plane sends the router process."""
 
 
@@ -118,7 +158,7 @@ class FlowForgotten:
 
 @dataclass(frozen=True, slots=True)
 class FlowRow:
-    """One flow for ``status`` and ``connections``: who sent it, where to, and how it was routed."""
+    """One flow for ``connections``: who sent it, where to, and how it was routed."""
 
     proto: int
     app_ip: str
@@ -135,12 +175,37 @@ class FlowRow:
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The answer to ``SnapshotRequest``: the router's counters (with ``packet_tunnels``, per device, where
-    the router process runs devices) and its flows."""
+class RouterStatus:
+    """The answer to ``StatusRequest``: the router's counters (with ``packet_tunnels``, per device, where
+    the router process runs devices) and how many flows it keeps, in all and by tunnel."""
 
+    request_id: int
     stats: dict[str, Any]
+    flows: int
+    flows_by_tunnel: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsPage:
+    """The answer to ``ConnectionsRequest``: flows ``offset`` to ``offset + len(flows)`` of listing
+    ``listing`` (of ``total``); ``listing`` 0 when the listing asked for is unknown or expired."""
+
+    request_id: int
+    listing: int
+    offset: int
+    total: int
     flows: tuple[FlowRow, ...]
+
+    @property
+    def done(self) -> bool:
+        return self.listing == 0 or self.offset + len(self.flows) >= self.total
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    """The answer to ``Heartbeat``."""
+
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,5 +217,14 @@ class DeviceStateChanged:
     reason: str
 
 
-FromRouter = Ready | StartFailed | FlowTunnelled | FlowForgotten | Snapshot | DeviceStateChanged
+FromRouter = (
+    Ready
+    | StartFailed
+    | FlowTunnelled
+    | FlowForgotten
+    | RouterStatus
+    | ConnectionsPage
+    | Alive
+    | DeviceStateChanged
+)
 """Every message the router process sends the control plane."""

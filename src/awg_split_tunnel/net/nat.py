@@ -158,7 +158,7 @@ def _proto_index(proto: int) -> int:
 class FlowTable:
     """All known flows, by app-side key and (tunnelled flows) by peer key; plain dicts, one owner."""
 
-    __slots__ = ("_expiry", "_flows", "_peer_ports", "_peers", "collisions", "exhausted")
+    __slots__ = ("_expiry", "_flows", "_peer_ports", "_peers", "by_tunnel", "collisions", "exhausted")
 
     def __init__(self) -> None:
         self._flows: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
@@ -170,6 +170,9 @@ class FlowTable:
         """Tunnelled flows whose peer key was taken: given another peer port."""
         self.exhausted = 0
         """Tunnelled flows refused because no peer port was free."""
+        self.by_tunnel: dict[str, int] = {}
+        """How many flows each tunnel has (a flow's ``tunnel_id`` never changes once it is added), kept as
+        flows come and go so that ``status`` never walks the table."""
 
     def __len__(self) -> int:
         return len(self._flows[0]) + len(self._flows[1])
@@ -207,12 +210,23 @@ class FlowTable:
                 entry.peer_port = port
             peers[entry.peer_key] = entry
         old = self._flows[i].get(key)
-        if old is not None and old is not entry:
-            self._unlink_peer(old)
-            self._expiry.cancel(old)
+        if old is not entry:
+            if old is not None:
+                self._unlink_peer(old)
+                self._expiry.cancel(old)
+                self._count(old.tunnel_id, -1)
+            self._count(entry.tunnel_id, 1)
         self._flows[i][key] = entry
         self._expiry.schedule(entry, entry.deadline())
         return True
+
+    def _count(self, tunnel_id: str | None, step: int) -> None:
+        if tunnel_id is not None:
+            left = self.by_tunnel.get(tunnel_id, 0) + step
+            if left:
+                self.by_tunnel[tunnel_id] = left
+            else:
+                del self.by_tunnel[tunnel_id]
 
     def _take_peer_port(self, i: int, address: bytes) -> int | None:
         pools = self._peer_ports[i]
@@ -236,6 +250,7 @@ class FlowTable:
         i = _proto_index(entry.proto)
         if self._flows[i].get(entry.key) is entry:
             del self._flows[i][entry.key]
+            self._count(entry.tunnel_id, -1)
         self._unlink_peer(entry)
         self._expiry.cancel(entry)
 

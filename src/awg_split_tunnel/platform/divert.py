@@ -60,6 +60,8 @@ PRIORITY_FLOW = 1039
 PRIORITY_NETWORK = 1041
 PRIORITY_NETWORK_ALT = 1042
 """Used while a NETWORK handle is reopened, so the old and the new handle never share a priority."""
+PRIORITY_HOLD = 1043
+"""``hold_every_packet``'s handle."""
 
 _EAGAIN = -errno.EAGAIN
 
@@ -416,6 +418,19 @@ def router_handles(
     if sys.platform == "win32":  # pragma: no cover - no network namespaces; pid 4 is the System process
         return network, events, lambda pid: pid > 4
     return network, events, NamespaceFilter().same_namespace
+
+
+def hold_every_packet() -> NetworkHandle:
+    """An open NETWORK handle on everything the router diverts, never read: while its owner lives, every
+    such packet waits in it — also what a stopped router process's handle lets pass ~3 s after the stop,
+    and after that process is killed (``scripts/repro/guard_handle_holds.py``). The daemon's fail-closed
+    state when its router process stops answering on the divert data path (docs/DATAPATHS.md); closing
+    the handle lets traffic flow again."""
+    from awg_split_tunnel.core.packet_router import ROUTER_FILTER
+
+    handle = NetworkHandle(ROUTER_FILTER, PRIORITY_HOLD)
+    handle.open()
+    return handle
 
 
 def event_handles() -> tuple[list[SocketEventHandle], Callable[[int], bool]]:

@@ -10,12 +10,14 @@ or the kernel data path's body (``platform.linux.kernel_datapath.serve_kernel_ga
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+import concurrent.futures
+import itertools
 import logging
 import os
+import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,25 +26,29 @@ from awg_split_tunnel.core.packet_router import (
     HOLD_TIMEOUT,
     AnyTunnelRoute,
     PacketRouter,
-    flow_row,
     packed_address,
     proto_number,
 )
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import (
+    CONNECTIONS_PAGE,
+    Alive,
     ChangeDevices,
+    ConnectionsPage,
+    ConnectionsRequest,
     DeviceStateChanged,
     FlowForgotten,
     FlowRow,
     FlowTunnelled,
     FromRouter,
+    Heartbeat,
     Ready,
+    RouterStatus,
     SetRoutes,
     SetRules,
     SetTunnelState,
-    Snapshot,
-    SnapshotRequest,
     StartFailed,
+    StatusRequest,
     Stop,
     ToRouter,
 )
@@ -50,6 +56,7 @@ from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.nat import FlowVerdict, NatEntry
 from awg_split_tunnel.net.packet import IPPROTO_TCP
 from awg_split_tunnel.router.divert_loop import EventPort, NetworkPort, RouterLoop
+from awg_split_tunnel.router.reports import FlowListings, router_status
 from awg_split_tunnel.router.service import run_with_devices
 
 log = logging.getLogger("awg_split_tunnel.router")
@@ -92,17 +99,30 @@ so it pickles."""
 
 START_TIMEOUT = 20.0
 
+HEARTBEAT_INTERVAL = 0.25
+"""Seconds between two ``Heartbeat`` messages to a running router process."""
+WATCHDOG_DEADLINE = 1.5
+"""Seconds without an ``Alive`` answer after which the router process counts as frozen
+(``RouterProcess.on_unresponsive``). Well below the ~3 s after which a stopped divert handle's owner
+lets packets pass (``scripts/repro/stalled_handle_fails_open.py``): the daemon acts first
+(docs/DATAPATHS.md)."""
+NAT_CATCH_UP = 0.05
+"""Most seconds ``nat_lookup`` waits on a miss for the pipe's reader to apply messages already sent."""
+
 
 class RouterProcess:
     """The divert loop in its own process (docs/DESIGN.md): a busy control plane cannot stall packets.
 
     The child owns the handles, the PacketRouter and its tables; the control plane talks to it over one
-    pipe (``core.router_messages``): rule/state/tunnel/device changes go down (``ToRouter``); every
-    tunnelled flow's NAT entry comes up (``FlowTunnelled``) *before* its first packet is reinjected, so
-    ``nat_lookup`` (called by the proxies when they accept) finds it — on a miss it drains the pipe itself
-    before answering. A reader thread keeps the pipe drained otherwise and applies the other messages
-    coming up (``FlowForgotten``, ``Snapshot``, ``DeviceStateChanged``). The child's first message is
-    ``Ready``, or ``StartFailed`` with the reason.
+    pipe (``core.router_messages``). Down (``ToRouter``): every caller, on any thread, only queues its
+    message; one sender thread writes them to the pipe in order, so no caller ever blocks on the pipe, even
+    when the router process is stopped and the pipe full. Up (``FromRouter``): one reader thread applies
+    what comes — every tunnelled flow's NAT entry (``FlowTunnelled``) *before* its first packet is
+    reinjected, so ``nat_lookup`` (called by the proxies when they accept) finds it (on a miss it waits up
+    to ``NAT_CATCH_UP`` for messages already sent); ``FlowForgotten``; the answers to ``request_status`` and
+    ``request_connections`` (futures); ``DeviceStateChanged``. The child's first message is ``Ready``, or
+    ``StartFailed`` with the reason. A watchdog thread sends a ``Heartbeat`` every ``heartbeat_interval``;
+    when no ``Alive`` came back for ``watchdog_deadline`` seconds it calls ``on_unresponsive`` once.
     """
 
     def __init__(
@@ -113,18 +133,29 @@ class RouterProcess:
         self._serve: ProcessBody = serve or _router_process_main
         self._process: Any = None
         self._conn: Any = None
-        self._lock = threading.Lock()
-        self._reader: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._outbox: queue.SimpleQueue[ToRouter | None] = queue.SimpleQueue()
         self._nat: tuple[dict[bytes, NatEntry], dict[bytes, NatEntry]] = ({}, {})
-        self._snapshot: Snapshot | None = None
-        self._snapshot_ready = threading.Event()
+        self._pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._request_ids = itertools.count(1)
+        self._applied = threading.Condition()
+        self._received = 0
+        self._applied_count = 0
+        self._last_alive = 0.0
         self._stopping = False
+        self._ended = threading.Event()
+        self.heartbeat_interval = HEARTBEAT_INTERVAL
+        self.watchdog_deadline = WATCHDOG_DEADLINE
         self.on_tunnel_state: Callable[[str, TunnelState, str], None] | None = None
         """Called (on the reader thread) when a packet tunnel's device, which lives in the router process,
         changes state: (tunnel id, state, reason); e.g. hop to the daemon's loop and set the registry."""
         self.on_exit: Callable[[], None] | None = None
         """Called (on the reader thread) if the router process ends without being stopped: traffic then
         flows undiverted, so the daemon should restart it or fail closed."""
+        self.on_unresponsive: Callable[[float], None] | None = None
+        """Called once (on the watchdog thread) with the seconds since the router process last answered a
+        ``Heartbeat``, when that exceeds ``watchdog_deadline``: it is stopped or hung, and its packets wait
+        (docs/DATAPATHS.md, "When the router process stops answering")."""
 
     @property
     def alive(self) -> bool:
@@ -163,37 +194,63 @@ class RouterProcess:
         self._process.start()
         child_conn.close()
         if not self._conn.poll(timeout):
-            self._kill()
+            self.kill()
             raise RuntimeError(f"the packet router process did not start within {timeout:.0f}s")
         first: FromRouter = self._conn.recv()
         match first:
             case Ready():
                 pass
             case StartFailed(reason=reason):
-                self._kill()
+                self.kill()
                 raise RuntimeError(f"the packet router process failed: {reason}")
             case _:
-                self._kill()
+                self.kill()
                 raise RuntimeError(f"the packet router process failed: {first!r} before it was ready")
-        self._reader = threading.Thread(target=self._read, name="packet-router-pipe", daemon=True)
-        self._reader.start()
+        self.attach(self._conn)
+
+    def attach(self, conn: Any) -> None:
+        """Start the pipe's reader, sender and watchdog threads on ``conn`` (done by ``start``)."""
+        self._conn = conn
+        self._last_alive = time.monotonic()
+        for target, name in (
+            (self._read, "packet-router-pipe"),
+            (self._write, "packet-router-send"),
+            (self._watch, "packet-router-watchdog"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Ask the router process to stop (it closes its handles and removes what it set up), wait up to
+        ``timeout`` seconds, then kill it."""
         if self._process is None:
             return
         self._stopping = True
-        with contextlib.suppress(OSError):
-            self._conn.send(Stop())
+        self._ended.set()
+        self._outbox.put(Stop())
         self._process.join(timeout)
-        self._kill()
+        self.kill()
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """End the router process now (SIGTERM, then SIGKILL: a stopped process ignores SIGTERM until it
+        is continued) and close the pipe; nothing it held is cleaned up."""
+        self._ended.set()
         process, self._process = self._process, None
         if process is not None and process.is_alive():
             process.terminate()
-            process.join(2.0)
+            process.join(0.5)
+            if process.is_alive():
+                process.kill()
+                process.join(2.0)
+        self._outbox.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(1.0)  # the reader sees the pipe's end once the process is gone
         if self._conn is not None:
             self._conn.close()
+        for future in list(self._pending.values()):
+            future.cancel()
 
     # -- control plane side --------------------------------------------------------------------------------
 
@@ -220,11 +277,41 @@ class RouterProcess:
         The new devices' states come back through ``on_tunnel_state``."""
         self._send(ChangeDevices(dict(tunnels), dict(started), tuple(stopped)))
 
+    def request_status(self) -> concurrent.futures.Future[RouterStatus]:
+        """The router's counters and flow counts, later (a future; cancel it to stop waiting)."""
+        return self._request(StatusRequest)
+
+    def request_connections(
+        self, listing: int = 0, offset: int = 0, limit: int = CONNECTIONS_PAGE
+    ) -> concurrent.futures.Future[ConnectionsPage]:
+        """A page of flows, later (``ConnectionsRequest``; a future, cancel it to stop waiting)."""
+        return self._request(lambda request_id: ConnectionsRequest(request_id, listing, offset, limit))
+
+    def status(self, timeout: float = 2.0) -> RouterStatus | None:
+        """``request_status`` waited for (from a thread that may block); None if no answer in time."""
+        status: RouterStatus | None = self._wait(self.request_status(), timeout)
+        return status
+
+    def connections(self, timeout: float = 2.0) -> list[FlowRow] | None:
+        """Every flow, page after page (from a thread that may block); None if a page did not come."""
+        rows: list[FlowRow] = []
+        listing = 0
+        while True:
+            page = self._wait(self.request_connections(listing, len(rows)), timeout)
+            if page is None or (listing and page.listing != listing):
+                return None
+            rows.extend(page.flows)
+            listing = page.listing
+            if page.done:
+                return rows
+
     def nat_lookup(
         self, proto: int | str, peer_ip: str, peer_port: int, dst: tuple[str, int] | None = None
     ) -> NatEntry | None:
         """Like ``PacketRouter.nat_lookup``, from the control plane's mirror of the router's NAT. ``dst``:
-        the connection's own (original) destination where the proxy knows it (kernel data path, TCP)."""
+        the connection's own (original) destination where the proxy knows it (kernel data path, TCP).
+        Never reads the pipe itself: on a miss it waits (``NAT_CATCH_UP`` at most) while messages already
+        in the pipe are being applied — the flow's announcement may be among them."""
         number = proto_number(proto)
         key = packed_address(peer_ip) + peer_port.to_bytes(2, "big")
         if dst is not None:
@@ -232,32 +319,93 @@ class RouterProcess:
         table = self._nat[0 if number == IPPROTO_TCP else 1]
         entry = table.get(key)
         if entry is None:
-            self._drain()  # its announcement may still sit in the pipe
-            entry = table.get(key)
+            deadline = time.monotonic() + NAT_CATCH_UP
+            with self._applied:
+                while entry is None and self._unread():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._applied.wait(left)
+                    entry = table.get(key)
         return entry
 
-    def snapshot(self, timeout: float = 2.0) -> tuple[dict[str, Any], list[FlowRow]] | None:
-        """(router stats, flows) from the router process (its ``Snapshot``), or None if it did not answer."""
-        self._snapshot_ready.clear()
-        self._send(SnapshotRequest())
-        if not self._snapshot_ready.wait(timeout) or self._snapshot is None:
+    def _unread(self) -> bool:
+        """Messages sent to us that are not applied yet (in the pipe, or being applied)."""
+        if self._received != self._applied_count:
+            return True
+        conn = self._conn
+        try:
+            return conn is not None and bool(conn.poll(0))
+        except (EOFError, OSError, ValueError):
+            return False
+
+    def _request(self, make: Callable[[int], ToRouter]) -> concurrent.futures.Future[Any]:
+        request_id = next(self._request_ids)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._pending[request_id] = future
+        future.add_done_callback(lambda _: self._pending.pop(request_id, None))
+        self._send(make(request_id))
+        return future
+
+    @staticmethod
+    def _wait(future: concurrent.futures.Future[Any], timeout: float) -> Any:
+        try:
+            return future.result(timeout)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            future.cancel()
             return None
-        return self._snapshot.stats, list(self._snapshot.flows)
 
     def _send(self, message: ToRouter) -> None:
-        if self._conn is None:
+        """Queue ``message`` for the sender thread: never blocks, whatever the router process does."""
+        if self._conn is None or self._ended.is_set():
             raise RuntimeError("the packet router process is not running")
-        self._conn.send(message)
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        """The sender thread: the pipe's only writer, in the order messages were queued."""
+        conn = self._conn
+        while (message := self._outbox.get()) is not None:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):
+                return  # the router process is gone: the reader reports it
+
+    def _watch(self) -> None:
+        """The watchdog thread: a ``Heartbeat`` every interval; ``on_unresponsive`` once when no answer
+        came for ``watchdog_deadline`` seconds."""
+        seq = 0
+        while not self._ended.wait(self.heartbeat_interval):
+            silent = time.monotonic() - self._last_alive
+            if silent > self.watchdog_deadline:
+                log.error("[Router] the packet router process has not answered for %.1f s", silent)
+                if self.on_unresponsive is not None:
+                    self.on_unresponsive(silent)
+                return
+            seq += 1
+            self._outbox.put(Heartbeat(seq))
 
     def _read(self) -> None:
+        """The reader thread: the pipe's only reader."""
         conn = self._conn
         while True:
             try:
-                conn.poll(None)
-            except (EOFError, OSError):
+                message = conn.recv()
+            except (EOFError, OSError, ValueError):
                 break
-            if not self._drain():
-                break
+            with self._applied:
+                self._received += 1
+            try:
+                self._apply(message)
+            except Exception:
+                log.exception("[Router] applying %s from the router process failed", type(message).__name__)
+            finally:
+                with self._applied:
+                    self._applied_count += 1
+                    self._applied.notify_all()
+        self._ended.set()
+        self._outbox.put(None)
+        for future in list(self._pending.values()):
+            future.cancel()
         if not self._stopping:
             if self.settings.dataplane == "kernel":
                 log.error(
@@ -268,18 +416,6 @@ class RouterProcess:
                 log.error("[Router] the packet router process ended unexpectedly: traffic is not diverted")
             if self.on_exit is not None:
                 self.on_exit()
-
-    def _drain(self) -> bool:
-        """Apply every message waiting in the pipe; False once it is closed."""
-        if self._conn is None:
-            return False
-        with self._lock:
-            try:
-                while self._conn.poll(0):
-                    self._apply(self._conn.recv())
-            except (EOFError, OSError):
-                return False
-        return True
 
     def _apply(self, message: FromRouter) -> None:
         match message:
@@ -298,9 +434,12 @@ class RouterProcess:
                 )
             case FlowForgotten(proto=proto, key=key):
                 self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
-            case Snapshot():
-                self._snapshot = message
-                self._snapshot_ready.set()
+            case Alive():
+                self._last_alive = time.monotonic()
+            case RouterStatus(request_id=request_id) | ConnectionsPage(request_id=request_id):
+                future = self._pending.get(request_id)
+                if future is not None and future.set_running_or_notify_cancel():
+                    future.set_result(message)
             case DeviceStateChanged(tunnel_id=tunnel_id, state=state, reason=reason):
                 if self.on_tunnel_state is not None:
                     self.on_tunnel_state(tunnel_id, state, reason)
@@ -379,11 +518,15 @@ def process_router(
 
 
 def apply_router_message(
-    router: PacketRouter, states: dict[str, TunnelState], conn: Any, message: ToRouter
+    router: PacketRouter,
+    states: dict[str, TunnelState],
+    conn: Any,
+    message: ToRouter,
+    listings: FlowListings | None = None,
 ) -> bool:
     """The control messages every data path handles the same way (``SetTunnelState``, ``SetRoutes``,
-    ``SetRules``, ``SnapshotRequest``); False for the others (``Stop``, ``ChangeDevices``), which are the
-    data path's own."""
+    ``SetRules``, ``StatusRequest``, ``ConnectionsRequest`` with ``listings``, ``Heartbeat``); False for the
+    others (``Stop``, ``ChangeDevices``), which are the data path's own."""
     match message:
         case SetTunnelState(tunnel_id=tunnel_id, state=state):
             states[tunnel_id] = state
@@ -392,9 +535,12 @@ def apply_router_message(
             router.set_tunnels(routes)
         case SetRules(rules=rules, default=default, default_fallback=default_fallback):
             router.set_rules(RuleEngine(rules, default, default_fallback=default_fallback))
-        case SnapshotRequest():
-            flows = tuple(flow_row(e) for e in router.connections())
-            conn.send(Snapshot(dataclasses.asdict(router.stats), flows))
+        case StatusRequest(request_id=request_id):
+            conn.send(router_status(router, request_id))
+        case ConnectionsRequest() if listings is not None:
+            conn.send(listings.page(message, time.monotonic()))
+        case Heartbeat(seq=seq):
+            conn.send(Alive(seq))
         case _:
             return False
     return True
@@ -418,8 +564,10 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
         conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
         return
 
+    listings = FlowListings(router)
+
     def on_control(message: ToRouter) -> None:
-        if apply_router_message(router, states, conn, message):
+        if apply_router_message(router, states, conn, message, listings):
             return
         match message:
             case Stop():

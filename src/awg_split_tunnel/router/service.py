@@ -13,27 +13,29 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from awg_split_tunnel.core.packet_router import flow_row
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import (
+    Alive,
     ChangeDevices,
+    ConnectionsRequest,
     DeviceStateChanged,
-    FlowRow,
     FromRouter,
+    Heartbeat,
     Ready,
+    RouterStatus,
     SetRoutes,
     SetRules,
     SetTunnelState,
-    Snapshot,
-    SnapshotRequest,
     StartFailed,
+    StatusRequest,
     Stop,
     ToRouter,
 )
 from awg_split_tunnel.core.rule_engine import RuleEngine
 from awg_split_tunnel.errors import AwgSplitTunnelError
 from awg_split_tunnel.router.divert_loop import AsyncRouterLoop, PacketDevice
+from awg_split_tunnel.router.reports import FlowListings, router_status
 
 log = logging.getLogger("awg_split_tunnel.router")
 
@@ -142,6 +144,8 @@ class RouterService:
         self._announce = False
         self._stopping = asyncio.Event()
         self._messages: asyncio.Queue[ToRouter] = asyncio.Queue()
+        self.listings = FlowListings(router)
+        """Open ``connections`` listings (one page per ``ConnectionsRequest``)."""
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -200,7 +204,11 @@ class RouterService:
     def _on_control(self) -> None:
         try:
             while self.conn.poll(0):
-                self._messages.put_nowait(self.conn.recv())
+                message = self.conn.recv()
+                if isinstance(message, Heartbeat):
+                    self._send(Alive(message.seq))  # at once: it tells this loop runs, not what waits
+                else:
+                    self._messages.put_nowait(message)
         except (EOFError, OSError):
             log.error("[Router] control connection lost: stopping")
             if self.io is not None:
@@ -237,9 +245,12 @@ class RouterService:
                 await self.change_devices(routes, started, stopped)
             case SetRules(rules=rules, default=default, default_fallback=default_fallback):
                 self.router.set_rules(RuleEngine(rules, default, default_fallback=default_fallback))
-            case SnapshotRequest():
-                stats, flows = self.snapshot()
-                self._send(Snapshot(stats, tuple(flows)))
+            case StatusRequest(request_id=request_id):
+                self._send(self.status(request_id))
+            case ConnectionsRequest():
+                self._send(self.listings.page(message, time.monotonic()))
+            case Heartbeat(seq=seq):
+                self._send(Alive(seq))
         if self.io is not None and isinstance(message, SetTunnelState | SetRoutes | SetRules):
             self.io.apply_now()
 
@@ -278,13 +289,14 @@ class RouterService:
         running = ", ".join(f"{t} (port {d.port})" for t, d in self.devices.items())
         log.info("[Router] packet tunnels now: %s", running or "none")
 
-    def snapshot(self) -> tuple[dict[str, Any], list[FlowRow]]:
-        """(router stats with per packet tunnel counters, flows as rows) for ``status``/``connections``."""
+    def status(self, request_id: int) -> RouterStatus:
+        """The answer to a ``StatusRequest``: router stats with per packet tunnel counters, and the flow
+        counts the router keeps (no flow is visited)."""
         stats = dataclasses.asdict(self.router.stats)
         stats["packet_tunnels"] = self.router.packet_tunnel_stats()
         for tunnel_id, device in self.devices.items():
             stats["packet_tunnels"].setdefault(tunnel_id, {}).update(device_report(device))
-        return stats, [flow_row(e) for e in self.router.connections()]
+        return router_status(self.router, request_id, stats)
 
     # -- devices -----------------------------------------------------------------------------------------
 

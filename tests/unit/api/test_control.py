@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from awg_split_tunnel.api.control import ControlServer, request
+from awg_split_tunnel.api.control import ControlServer, request, request_pages
 from awg_split_tunnel.errors import TunnelError
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix-socket transport")
@@ -199,3 +199,42 @@ def test_clients_beyond_the_cap_are_refused_and_logged_once(
         assert line.count(b"\n") == 1 and b'"ok": false' in line and b"too many clients" in line
     assert len([r for r in caplog.records if "control clients" in r.getMessage()]) == 1
     assert after["tunnels"][0]["id"] == "office"
+
+
+async def pages(req: Mapping[str, Any]) -> dict[str, Any]:
+    """Five pages of two flows each, as ``connections`` answers: ``next`` names the following one."""
+    offset = req.get("offset", 0)
+    await asyncio.sleep(0.1)
+    following = {"listing": 1, "offset": offset + 2} if offset + 2 < 10 else None
+    return {"flows": [{"n": offset}, {"n": offset + 1}], "total": 10, "next": following}
+
+
+def test_pages_come_over_one_connection_and_a_client_that_stops_paging_is_disconnected(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "control.sock"
+
+    async def main() -> tuple[list[int], int, int, bytes, int]:
+        server = ControlServer({"connections": pages}, path, idle_timeout=0.3, max_clients=1)
+        await server.start()
+        try:
+            # All pages (0.5 s in all, longer than the idle timeout) on one connection: the cap of one
+            # client is never hit.
+            results = await asyncio.to_thread(lambda: list(request_pages("connections", path=path)))
+            flows = [f["n"] for result in results for f in result["flows"]]
+            refused = server.refused
+            # A client that asks for the first page and never for the next is cut off like any idle one,
+            # and its place is free again.
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b'{"cmd": "connections"}\n')
+            await asyncio.wait_for(reader.readline(), 3)
+            closed = await _closed_within(reader, 3)
+            writer.close()
+            after = await asyncio.to_thread(request, "connections", path=path)
+            return flows, refused, server.timed_out, closed, len(after["flows"])
+        finally:
+            await server.stop()
+
+    flows, refused, timed_out, closed, answered_after = asyncio.run(main())
+    assert flows == list(range(10)) and refused == 0
+    assert timed_out == 1 and closed == b"" and answered_after == 2

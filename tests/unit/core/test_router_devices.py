@@ -25,10 +25,10 @@ from awg_split_tunnel.core.router_messages import (
     DeviceStateChanged,
     FromRouter,
     Ready,
+    RouterStatus,
     SetRules,
     SetTunnelState,
-    Snapshot,
-    SnapshotRequest,
+    StatusRequest,
     Stop,
 )
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
@@ -243,9 +243,9 @@ class World:
             await asyncio.sleep(0.01)
         pytest.fail(f"not within {timeout}s: {what}; received {self.received}")
 
-    def snapshot(self) -> Snapshot | None:
-        """The first ``Snapshot`` received."""
-        return next((m for m in self.received if isinstance(m, Snapshot)), None)
+    def snapshot(self) -> RouterStatus | None:
+        """The first ``RouterStatus`` received."""
+        return next((m for m in self.received if isinstance(m, RouterStatus)), None)
 
     def states_told(self, tunnel_id: str) -> list[tuple[TunnelState, str]]:
         self.drain()
@@ -344,7 +344,7 @@ def test_device_that_cannot_start_is_reported_down_with_the_reason_and_the_rest_
             assert world.handles.journal == ["open [] at 1041"], (
                 "no new handle for a device that is not there"
             )
-            world.control.send(SnapshotRequest())
+            world.control.send(StatusRequest(1))
             await world.until(lambda: world.snapshot() is not None, "snapshot answered")
             # The block app stays blocked.
             world.connect(100, 40000)
@@ -442,7 +442,7 @@ def test_state_messages_of_the_control_plane_do_not_override_a_running_devices_o
         async with World({"wg": factory(device)}) as world:
             device.handshake()
             world.control.send(SetTunnelState("wg", TunnelState.DOWN))
-            world.control.send(SnapshotRequest())
+            world.control.send(StatusRequest(1))
             await world.until(lambda: world.snapshot() is not None, "snapshot answered")
             assert world.states["wg"] is TunnelState.UP
             snapshot = world.snapshot()

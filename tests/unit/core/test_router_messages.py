@@ -1,9 +1,10 @@
 """The messages between the control plane and the router process cross a pipe intact, and the flows of a
-``Snapshot`` become the rows ``status`` and ``connections`` show."""
+``ConnectionsPage`` become the rows ``connections`` shows."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import ipaddress
 import multiprocessing
@@ -19,19 +20,23 @@ from awg_split_tunnel.core.packet_router import PacketRouter, TunnelRoute, flow_
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import (
+    Alive,
     ChangeDevices,
+    ConnectionsPage,
+    ConnectionsRequest,
     DeviceStateChanged,
     FlowForgotten,
     FlowRow,
     FlowTunnelled,
     FromRouter,
+    Heartbeat,
     Ready,
+    RouterStatus,
     SetRoutes,
     SetRules,
     SetTunnelState,
-    Snapshot,
-    SnapshotRequest,
     StartFailed,
+    StatusRequest,
     Stop,
     ToRouter,
 )
@@ -60,13 +65,17 @@ MESSAGES: list[Any] = [
     SetRoutes({"socks": TunnelRoute(1080, 1081), "wg": WG}),
     SetRules((Rule("app-socks", "socks", FallbackPolicy.BLOCK),), "direct", FallbackPolicy.ALLOW_DIRECT),
     ChangeDevices({"socks": TunnelRoute(1080), "wg": WG}, {"wg": build_device}, ("old-wg",)),
-    SnapshotRequest(),
+    StatusRequest(1),
+    ConnectionsRequest(2, 7, 1000, 1000),
+    Heartbeat(3),
     Stop(),
     Ready(),
     StartFailed("cannot open the divert handle: permission denied"),
     FlowTunnelled(IPPROTO_UDP, APP + b"\x9c\x40", WEB, 53, APP, 40000, "socks", 100, "/usr/bin/app", True),
     FlowForgotten(IPPROTO_TCP, APP + b"\x9c\x40"),
-    Snapshot({"packets": 12, "packet_tunnels": {"wg": {"rx_bytes": 3}}}, (ROW,)),
+    RouterStatus(1, {"packets": 12, "packet_tunnels": {"wg": {"rx_bytes": 3}}}, 1, {"wg": 1}),
+    ConnectionsPage(2, 7, 1000, 1001, (ROW,)),
+    Alive(3),
     DeviceStateChanged("wg", TunnelState.UP, "handshake completed"),
     ROW,
 ]
@@ -107,8 +116,10 @@ def test_flow_row_names_the_flow_as_the_router_keeps_it() -> None:
 
 
 def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> None:
-    rows = [flow_row(_entry(WEB, FlowVerdict.TUNNEL, "wg")), flow_row(_entry(WEB6, FlowVerdict.PASS, None))]
-    router = SimpleNamespace(snapshot=lambda: ({"packet_tunnels": {}}, rows))
+    rows = (flow_row(_entry(WEB, FlowVerdict.TUNNEL, "wg")), flow_row(_entry(WEB6, FlowVerdict.PASS, None)))
+    page: concurrent.futures.Future[ConnectionsPage] = concurrent.futures.Future()
+    page.set_result(ConnectionsPage(1, 5, 0, 2, rows))
+    router = SimpleNamespace(request_connections=lambda listing, offset: page)
     answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router), {}))  # type: ignore[arg-type]
     assert answer == {
         "flows": [
@@ -134,36 +145,36 @@ def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> No
                 "out": 7,
                 "in": 5,
             },
-        ]
+        ],
+        "total": 2,
+        "next": None,
     }
     status = [{"id": "wg"}, {"id": "socks"}]
-    report = RouterReport({"wg": {"rx_bytes": 3, "tx_bytes": 4}}, rows)
+    report = RouterReport({"wg": {"rx_bytes": 3, "tx_bytes": 4}}, {"wg": 1})
     for row in status:
         report_packet_tunnel(row, report)
     assert status == [{"id": "wg", "rx_bytes": 3, "tx_bytes": 4, "flows": 1}, {"id": "socks"}]
 
 
-def test_snapshot_request_is_answered_with_flow_rows_that_reach_the_control_plane() -> None:
+def test_status_request_is_answered_with_counts_that_reach_the_control_plane() -> None:
     ours, theirs = multiprocessing.Pipe()
     states: dict[str, TunnelState] = {}
     router = PacketRouter(RuleEngine([], "direct", Platform.POSIX), states.get, {})
-    entry = _entry(WEB, FlowVerdict.PASS, None)
-    assert router.table.add(b"flow", entry)
+    assert router.table.add(b"flow", _entry(WEB, FlowVerdict.TUNNEL, "wg"))
     process = RouterProcess(RouterSettings((), "direct", {}, {}), tuple)
-    process._conn = ours
+    process.attach(ours)
 
     def router_process() -> None:
-        request = theirs.recv()
+        while not isinstance(request := theirs.recv(), StatusRequest):
+            pass  # heartbeats
         assert apply_router_message(router, states, theirs, request)
-        process._drain()
 
     answering = threading.Thread(target=router_process)
     answering.start()
-    snapshot = process.snapshot(timeout=5.0)
+    status = process.status(timeout=5.0)
     answering.join()
-    ours.close()
+    process.kill()
     theirs.close()
-    assert snapshot is not None
-    stats, flows = snapshot
-    assert flows == [flow_row(entry)]
-    assert stats == dataclasses.asdict(router.stats)
+    assert status is not None
+    assert (status.flows, status.flows_by_tunnel) == (1, {"wg": 1})
+    assert status.stats == dataclasses.asdict(router.stats)
