@@ -39,6 +39,7 @@ from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
+from awg_split_tunnel.net.nat import NatEntry
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
 from awg_split_tunnel.provider.interface import set_own_socket_mark
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
@@ -278,6 +279,7 @@ class Daemon:
         router = RouterProcess(settings, handles, serve=self._router_body())
         router.on_exit = self._router_died
         router.on_tunnel_state = self._packet_tunnel_state
+        router.on_flow_forgotten = self._flow_forgotten
         try:
             await asyncio.to_thread(router.start)
         except RuntimeError as exc:
@@ -405,6 +407,17 @@ class Daemon:
         loop = self._event_loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._device_state, tunnel_id, state, reason)
+
+    def _flow_forgotten(self, entry: NatEntry) -> None:
+        # On the router pipe's reader thread (or in a nat_lookup): the router forgot a tunnelled flow.
+        loop = self._event_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._withdraw_flow, entry)
+
+    def _withdraw_flow(self, entry: NatEntry) -> None:
+        runtime = None if entry.tunnel_id is None else self.runtimes.get(entry.tunnel_id)
+        if runtime is not None:
+            runtime.flow_forgotten(entry)
 
     def _device_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
         runtime = self.runtimes.get(tunnel_id)

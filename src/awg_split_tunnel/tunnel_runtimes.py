@@ -11,7 +11,8 @@ The daemon drives every tunnel through the same small interface, ``TunnelRuntime
   `tunnel up`, whatever its probes or device report meanwhile);
 - ``report(row, router)``: fill its ``status`` row (bytes, flows, handshake age);
 - ``state_changed(state)`` and ``device_state(state, reason)``: its registry state changed (the router has
-  been told), and its device in the router process reported a state.
+  been told), and its device in the router process reported a state;
+- ``flow_forgotten(entry)``: the router forgot one of its tunnelled flows (``FlowForgotten``).
 
 ``StreamTunnelRuntime`` (SOCKS5, HTTP CONNECT) owns a provider, one TunnelProxy (two for an HTTP tunnel
 with ``udp: direct``) and a HealthMonitor. ``PacketTunnelRuntime`` (WireGuard, AmneziaWG) owns a device
@@ -43,7 +44,7 @@ from awg_split_tunnel.provider.health import HealthMonitor
 from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
 from awg_split_tunnel.provider.interface import StreamProvider
 from awg_split_tunnel.provider.socks5.provider import Socks5Provider
-from awg_split_tunnel.proxy.tunnel_proxy import NatLookup, TunnelProxy
+from awg_split_tunnel.proxy.tunnel_proxy import NatLookup, NatTarget, TunnelProxy
 from awg_split_tunnel.router.process import DeviceFactory
 
 if TYPE_CHECKING:
@@ -140,6 +141,8 @@ class TunnelRuntime(Protocol):
     def state_changed(self, state: TunnelState) -> None: ...
 
     def device_state(self, state: TunnelState, reason: str) -> None: ...
+
+    def flow_forgotten(self, entry: NatTarget) -> None: ...
 
 
 def tunnel_runtime(settings: AnyTunnel, context: RuntimeContext, packets: PacketDevices) -> TunnelRuntime:
@@ -267,24 +270,31 @@ class StreamTunnelRuntime:
         row["flows"] = len(proxy.tcp_flows) + len(proxy.udp_associations)
 
     def state_changed(self, state: TunnelState) -> None:
-        router = self.context.router()
-        if state is not TunnelState.DOWN or self.context.dataplane != "kernel" or router is None:
+        if state is not TunnelState.DOWN:
             return
-        # The divert router resets these flows itself; on the kernel path it never sees their packets, so
-        # the proxy ends the fail-closed ones (`allow_direct` flows carry on as on the divert path).
-        live = router
-
-        def fail_closed(proto: str, peer: tuple[str, int], dst: tuple[str, int]) -> bool:
-            # TCP flows are known by their whole 4-tuple (TPROXY), UDP ones by the app's address.
-            entry = live.nat_lookup(proto, peer[0], peer[1], dst if proto == "tcp" else None)
-            return entry is None or bool(entry.fail_closed)
-
+        # The proxy ends the fail-closed flows (`allow_direct` flows carry on): on the kernel path the router
+        # never sees their packets; on the divert path it resets the app's side itself, but the proxy's
+        # upstream connection would otherwise go on sending what it holds, and stay open. Each flow is
+        # judged by the entry it was accepted with: the router may have forgotten it since (the kernel
+        # path keeps a flow only a while after its first packet).
         for proxy in (self.proxy, self.udp_proxy):
             if proxy is not None:
-                proxy.reset_flows(fail_closed)
+                proxy.reset_flows(lambda entry: entry.fail_closed)
 
     def device_state(self, state: TunnelState, reason: str) -> None:
         """A stream tunnel has no device in the router process: nothing to hear."""
+
+    def flow_forgotten(self, entry: NatTarget) -> None:
+        """On the divert data path the router's flow table is the data path: a flow it forgot (reset when
+        its tunnel went down, expired, its port reused) is routed no more, so its relay is closed. On the
+        kernel path the router keeps a flow only a while after its first packet (docs/DATAPATHS.md) and
+        the conntrack mark goes on routing it: forgetting says nothing about the connection there (its
+        fail-closed flows are reset by ``state_changed``)."""
+        if self.context.dataplane == "kernel":
+            return
+        for proxy in (self.proxy, self.udp_proxy):
+            if proxy is not None and proxy.withdraw(entry):
+                return
 
     def _on_health(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
         registry = self.context.registry
@@ -378,6 +388,9 @@ class PacketTunnelRuntime:
 
     def state_changed(self, state: TunnelState) -> None:
         """Nothing: the router process resets a packet tunnel's flows itself."""
+
+    def flow_forgotten(self, entry: NatTarget) -> None:
+        """Nothing: a packet tunnel's flows have no relay in this process."""
 
     def device_state(self, state: TunnelState, reason: str) -> None:
         if self.down_by_hand:
