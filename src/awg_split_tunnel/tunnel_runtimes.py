@@ -23,6 +23,7 @@ it on a ``devices`` message; the daemon batches one such message per config chan
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import time
@@ -268,6 +269,13 @@ class StreamTunnelRuntime:
         counters = proxy.counters
         row["rx_bytes"], row["tx_bytes"] = counters.bytes_down, counters.bytes_up
         row["flows"] = len(proxy.tcp_flows) + len(proxy.udp_associations)
+        # The proxies' counters that are not zero (refusals over a cap, timeouts, failures...).
+        totals: dict[str, int] = {}
+        for each in (self.proxy, self.udp_proxy):
+            if each is not None:
+                for name, value in dataclasses.asdict(each.counters).items():
+                    totals[name] = totals.get(name, 0) + value
+        row["proxy"] = {name: value for name, value in totals.items() if value}
 
     def state_changed(self, state: TunnelState) -> None:
         if state is not TunnelState.DOWN:

@@ -10,6 +10,7 @@ import multiprocessing
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from awg_split_tunnel.core.router_messages import FlowForgotten, FlowTunnelled
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.net.packet import IPPROTO_TCP
 from awg_split_tunnel.provider.direct import DirectProvider
-from awg_split_tunnel.proxy.tunnel_proxy import TunnelProxy
+from awg_split_tunnel.proxy.tunnel_proxy import ProxyLimits, TunnelProxy
 from awg_split_tunnel.router.process import RouterProcess, RouterSettings
 from awg_split_tunnel.tunnel_runtimes import RuntimeContext, StreamTunnelRuntime
 
@@ -41,7 +42,9 @@ class Tunnel:
     """A stream tunnel's runtime whose proxy relays to a loopback server; its router is a
     ``RouterProcess`` mirror that the test feeds as the router process would."""
 
-    def __init__(self, dataplane: str, tmp_path: Path, server: Address) -> None:
+    def __init__(
+        self, dataplane: str, tmp_path: Path, server: Address, limits: ProxyLimits | None = None
+    ) -> None:
         self.server = server
         self.router = RouterProcess(RouterSettings((), "direct", {}, {}, dataplane=dataplane), tuple)
         self.router._conn, self.router_side = multiprocessing.Pipe()
@@ -53,7 +56,9 @@ class Tunnel:
         self.runtime = StreamTunnelRuntime(socks_settings(tmp_path), context)
         # What the daemon does on its loop when the mirror hears a flow was forgotten.
         self.router.on_flow_forgotten = self.runtime.flow_forgotten
-        self.proxy = TunnelProxy("socks", DirectProvider(connect_timeout=2), self.router.nat_lookup, LOOPBACK)
+        self.proxy = TunnelProxy(
+            "socks", DirectProvider(connect_timeout=2), self.router.nat_lookup, LOOPBACK, limits=limits
+        )
         self.runtime.proxy = self.proxy
 
     async def connect(self, fail_closed: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
@@ -89,7 +94,9 @@ class Tunnel:
 Address = tuple[str, int]
 
 
-def with_tunnel(dataplane: str) -> Callable[[Callable[[Tunnel], Awaitable[None]]], Callable[[Path], None]]:
+def with_tunnel(
+    dataplane: str, limits: ProxyLimits | None = None
+) -> Callable[[Callable[[Tunnel], Awaitable[None]]], Callable[[Path], None]]:
     def decorate(body: Callable[[Tunnel], Awaitable[None]]) -> Callable[[Path], None]:
         def test(tmp_path: Path) -> None:
             async def main() -> None:
@@ -101,7 +108,7 @@ def with_tunnel(dataplane: str) -> Callable[[Callable[[Tunnel], Awaitable[None]]
                     writer.close()
 
                 srv = await asyncio.start_server(echo, LOOPBACK, 0)
-                tunnel = Tunnel(dataplane, tmp_path, srv.sockets[0].getsockname()[:2])
+                tunnel = Tunnel(dataplane, tmp_path, srv.sockets[0].getsockname()[:2], limits)
                 await tunnel.proxy.start()
                 try:
                     await body(tunnel)
@@ -180,3 +187,32 @@ def test_tunnel_down_resets_fail_closed_flows_and_keeps_allow_direct_ones(
             w.close()
 
     body(tmp_path)
+
+
+@with_tunnel(
+    "divert",
+    ProxyLimits(
+        max_tcp_flows=8, max_tcp_flows_per_app=1, max_udp_associations=8, max_udp_associations_per_app=8
+    ),
+)
+async def test_flows_refused_over_a_cap_show_in_status(tunnel: Tunnel) -> None:
+    from typer.testing import CliRunner
+
+    from awg_split_tunnel.api import control
+    from awg_split_tunnel.cli import app
+
+    reader, writer, _ = await tunnel.connect(fail_closed=True)
+    assert await echoes(reader, writer)
+    refused_reader, refused_writer, _ = await tunnel.connect(fail_closed=True)  # the same app again
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(refused_reader.read(1), 5)
+    row: dict[str, Any] = {"id": "socks", "type": "socks5", "state": "up"}
+    tunnel.runtime.report(row, None)
+    assert row["flows"] == 1
+    assert row["proxy"]["tcp_refused"] == 1 and row["proxy"]["tcp_flows"] == 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(control, "request", lambda command, **_: {"tunnels": [row], "router": {}})
+        shown = CliRunner().invoke(app, ["status"], terminal_width=200)
+    assert "socks: refused over the proxy's caps: tcp_refused 1" in shown.output, shown.output
+    for w in (writer, refused_writer):
+        w.close()
