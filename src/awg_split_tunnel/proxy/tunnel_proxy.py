@@ -627,7 +627,9 @@ class TunnelProxy:
                 pump.start()
             waiting = loop.create_task(_all_done([p.done for p in pumps]))
             flow._tasks = [waiting]
-            await waiting
+            await asyncio.wait([waiting])  # a reset cancels ``waiting``: that ends the flow, not this task
+            if flow._reset:
+                return
             failed = [p.done.exception() for p in pumps if not p.done.cancelled() and p.done.exception()]
             if failed:
                 log.debug(

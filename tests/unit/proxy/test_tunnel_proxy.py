@@ -804,3 +804,32 @@ async def test_withdrawing_a_nat_entry_ends_its_udp_association() -> None:
     finally:
         app.close()
         await p.stop()
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "streams"])
+def test_flows_reset_by_the_proxy_end_without_an_error_in_the_log(
+    splice: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reset (tunnel down, a withdrawn entry, a timeout) ends a flow; it is no error of the event loop.
+    async def main() -> None:
+        nat = FakeNat()
+        proxy = TunnelProxy("office", DirectProvider(), nat, "127.0.0.1", splice=splice, limits=limits())
+        await proxy.start()
+        srv, dst = await server(hold)
+        try:
+            apps = [await app_connect(proxy, nat, dst) for _ in range(3)]
+            await _until(lambda: len(proxy.tcp_flows) == 3)
+            for _, writer in apps:
+                writer.write(b"x")
+            await asyncio.sleep(0.1)
+            assert proxy.close_all() == 3
+            for reader, _ in apps:
+                await assert_reset(reader)
+            await asyncio.sleep(0.1)
+        finally:
+            srv.close()
+            await proxy.stop()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
