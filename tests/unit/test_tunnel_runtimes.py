@@ -1,12 +1,11 @@
 """A stream tunnel's runtime between the router process's flow table and its proxy: a flow the router
-forgot, and a tunnel going DOWN, on each data path (the real ``RouterProcess`` mirror, fed through a pipe
-as the router process feeds it; the proxy on loopback with the direct provider)."""
+forgot, and a tunnel going DOWN, on each data path (the real ``RouterProcess`` mirror, given the messages
+the router process sends; the proxy on loopback with the direct provider)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,14 +39,13 @@ def socks_settings(tmp_path: Path) -> Socks5Tunnel:
 
 class Tunnel:
     """A stream tunnel's runtime whose proxy relays to a loopback server; its router is a
-    ``RouterProcess`` mirror that the test feeds as the router process would."""
+    ``RouterProcess`` mirror that applies the messages the test gives it, as its pipe reader would."""
 
     def __init__(
         self, dataplane: str, tmp_path: Path, server: Address, limits: ProxyLimits | None = None
     ) -> None:
         self.server = server
         self.router = RouterProcess(RouterSettings((), "direct", {}, {}, dataplane=dataplane), tuple)
-        self.router._conn, self.router_side = multiprocessing.Pipe()
         registry = TunnelRegistry(EventBus())
         registry.register("socks", "socks5")
         context = RuntimeContext(
@@ -78,16 +76,15 @@ class Tunnel:
             "/usr/bin/app-block" if fail_closed else "/usr/bin/app-fallback",
             fail_closed,
         )
-        self.router_side.send(announced)
+        self.router._apply(announced)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, self.proxy.tcp_address)
         reader, writer = await asyncio.open_connection(sock=sock)
         return reader, writer, key
 
     def forget(self, key: bytes) -> None:
-        """The router process forgot the flow of ``key``; the mirror reads it as its reader thread would."""
-        self.router_side.send(FlowForgotten(IPPROTO_TCP, key))
-        self.router._drain()
+        """The router process forgot the flow of ``key``."""
+        self.router._apply(FlowForgotten(IPPROTO_TCP, key))
         assert self.router.nat_lookup("tcp", LOOPBACK, int.from_bytes(key[-2:], "big")) is None
 
 
@@ -115,7 +112,6 @@ def with_tunnel(
                 finally:
                     await tunnel.proxy.stop()
                     srv.close()
-                    tunnel.router_side.close()
 
             asyncio.run(main())
 
