@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from awg_split_tunnel.core.config import Config, ConfigManager
+from awg_split_tunnel.core.config import Config, ConfigManager, ProxyBounds
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
@@ -383,6 +383,7 @@ class Daemon:
             lambda: self._router,
             self._nat_lookup,
             self._change_devices,
+            self._config.proxy if self._config is not None else ProxyBounds(),
         )
 
     def _tunnel_routes(self) -> dict[str, AnyRoute]:
@@ -487,6 +488,10 @@ class Daemon:
         if new.log_level != old.log_level:
             configure_logging(new.log_level, self._log_file)
             log.info("[Core] log level %s", new.log_level)
+        if new.proxy != old.proxy:
+            for running in self.runtimes.values():
+                running.proxy_bounds_changed(new.proxy)
+            log.info("[Core] stream tunnels' proxy bounds changed: new flows meet them")
         changes = RouterChanges()
         for tunnel_id in gone:
             runtime = self.runtimes.pop(tunnel_id, None)

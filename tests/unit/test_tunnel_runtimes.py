@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,17 +14,18 @@ from typing import Any
 
 import pytest
 
-from awg_split_tunnel.core.config import Socks5Tunnel, parse_config
+from awg_split_tunnel.core.config import ProxyBounds, Socks5Tunnel, parse_config
 from awg_split_tunnel.core.events import EventBus
 from awg_split_tunnel.core.packet_router import packed_address
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowForgotten, FlowTunnelled
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
+from awg_split_tunnel.errors import ConfigError
 from awg_split_tunnel.net.packet import IPPROTO_TCP
 from awg_split_tunnel.provider.direct import DirectProvider
 from awg_split_tunnel.proxy.tunnel_proxy import ProxyLimits, TunnelProxy
 from awg_split_tunnel.router.process import RouterProcess, RouterSettings
-from awg_split_tunnel.tunnel_runtimes import RuntimeContext, StreamTunnelRuntime
+from awg_split_tunnel.tunnel_runtimes import RuntimeContext, StreamTunnelRuntime, proxy_limits
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -210,5 +212,52 @@ async def test_flows_refused_over_a_cap_show_in_status(tunnel: Tunnel) -> None:
         patch.setattr(control, "request", lambda command, **_: {"tunnels": [row], "router": {}})
         shown = CliRunner().invoke(app, ["status"], terminal_width=200)
     assert "socks: refused over the proxy's caps: tcp_refused 1" in shown.output, shown.output
+    for w in (writer, refused_writer):
+        w.close()
+
+
+def bounds_of(tmp_path: Path, block: str) -> ProxyBounds:
+    text = "default: direct\nproxy:\n" + block
+    return parse_config(text, file=str(tmp_path / "config.yaml"), base_dir=tmp_path).proxy
+
+
+def test_the_config_proxy_block_sets_caps_and_timeouts_and_the_rest_follow_the_defaults(
+    tmp_path: Path,
+) -> None:
+    default = ProxyLimits.default()
+    assert proxy_limits(ProxyBounds()) == default
+    limits = proxy_limits(bounds_of(tmp_path, "  max_flows: 100\n  half_close_timeout: 15\n"))
+    assert (limits.max_tcp_flows, limits.max_tcp_flows_per_app, limits.half_close_timeout) == (100, 50, 15.0)
+    assert limits.max_udp_associations == default.max_udp_associations
+    assert limits.tcp_idle_timeout == default.tcp_idle_timeout
+    limits = proxy_limits(bounds_of(tmp_path, "  max_udp_associations_per_app: 3\n"))
+    assert limits.max_udp_associations_per_app == 3
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        ("  max_flows: 0\n", "config.yaml:3, key 'proxy.max_flows': Input should be greater than 0"),
+        ("  udp_idle_timeout: soon\n", "key 'proxy.udp_idle_timeout': Input should be a valid number"),
+        ("  max_flow: 10\n", "key 'proxy.max_flow': unknown key"),
+    ],
+)
+def test_a_bad_proxy_block_is_refused_naming_the_line_and_key(
+    tmp_path: Path, block: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        bounds_of(tmp_path, block)
+
+
+@with_tunnel("divert", ProxyLimits.for_open_files(1 << 20))
+async def test_a_changed_proxy_block_caps_the_next_flows(tunnel: Tunnel) -> None:
+    reader, writer, _ = await tunnel.connect(fail_closed=True)
+    assert await echoes(reader, writer)
+    tunnel.runtime.proxy_bounds_changed(ProxyBounds(max_flows_per_app=1))
+    refused_reader, refused_writer, _ = await tunnel.connect(fail_closed=True)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(refused_reader.read(1), 5)
+    assert await echoes(reader, writer), "the flow already open stays"
+    assert tunnel.proxy.counters.tcp_refused == 1
     for w in (writer, refused_writer):
         w.close()

@@ -277,6 +277,7 @@ class TunnelProxy:
         self.splice = splice
         """Relay TCP with ``os.splice`` where the OS has it (else through asyncio streams)."""
         self.limits = limits or ProxyLimits.default(splice=splice and SPLICE_AVAILABLE)
+        """Caps and timeouts; may be replaced while the proxy runs (flows already open stay)."""
         self.clock: Callable[[], float] = time.monotonic
         self._failures = QuietLog()
         self._refusals = QuietLog()
@@ -810,9 +811,9 @@ class TunnelProxy:
             assoc._task.cancel()
 
     async def _sweep_idle(self) -> None:
-        limits = self.limits
-        shortest = min(limits.tcp_idle_timeout, limits.half_close_timeout, limits.udp_idle_timeout)
         while True:
+            limits = self.limits  # may be replaced while running (a config change)
+            shortest = min(limits.tcp_idle_timeout, limits.half_close_timeout, limits.udp_idle_timeout)
             await asyncio.sleep(max(shortest / 4, 0.05))
             self.sweep(self.clock())
 
