@@ -410,10 +410,12 @@ class Daemon:
             loop.call_soon_threadsafe(self._device_state, tunnel_id, state, reason)
 
     def _flow_forgotten(self, entry: NatEntry) -> None:
-        # On the router pipe's reader thread (or in a nat_lookup): the router forgot a tunnelled flow.
+        # On the router pipe's reader thread (or in a nat_lookup): the router forgot a tunnelled flow. These
+        # come with every flow's end, so one may well meet the loop closing at shutdown: nothing to do then.
         loop = self._event_loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._withdraw_flow, entry)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._withdraw_flow, entry)
 
     def _withdraw_flow(self, entry: NatEntry) -> None:
         runtime = None if entry.tunnel_id is None else self.runtimes.get(entry.tunnel_id)
