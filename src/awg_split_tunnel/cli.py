@@ -449,6 +449,15 @@ def status(as_json: JsonOption = False) -> None:
         cells[2].stylize(colours.get(state, "white"))
         table.add_row(*cells)
     out.print(table)
+    for t in result.get("tunnels", []):
+        proxy = t.get("proxy") or {}
+        refused = {k: v for k, v in proxy.items() if k in ("tcp_refused", "udp_refused")}
+        if refused:
+            # Flows over the proxy's caps (docs/ARCHITECTURE.md, "Proxy bounds").
+            _say(
+                f"{t.get('id')}: refused over the proxy's caps: "
+                + ", ".join(f"{k} {v}" for k, v in refused.items())
+            )
     router = result.get("router") or {}
     if router:
         _say("router: " + ", ".join(f"{k} {v}" for k, v in sorted(router.items())))

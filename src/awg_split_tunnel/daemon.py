@@ -34,13 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from awg_split_tunnel.core.config import Config, ConfigManager
+from awg_split_tunnel.core.config import Config, ConfigManager, ProxyBounds
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
+from awg_split_tunnel.net.nat import NatEntry
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
 from awg_split_tunnel.provider.interface import set_own_socket_mark
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
@@ -301,6 +302,7 @@ class Daemon:
         router.on_exit = self._router_died
         router.on_unresponsive = self._router_unresponsive
         router.on_tunnel_state = self._packet_tunnel_state
+        router.on_flow_forgotten = self._flow_forgotten
         try:
             await asyncio.to_thread(router.start)
         except RuntimeError as exc:
@@ -451,6 +453,7 @@ class Daemon:
             lambda: self._router,
             self._nat_lookup,
             self._change_devices,
+            self._config.proxy if self._config is not None else ProxyBounds(),
         )
 
     def _tunnel_routes(self) -> dict[str, AnyRoute]:
@@ -475,6 +478,19 @@ class Daemon:
         loop = self._event_loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._device_state, tunnel_id, state, reason)
+
+    def _flow_forgotten(self, entry: NatEntry) -> None:
+        # On the router pipe's reader thread (or in a nat_lookup): the router forgot a tunnelled flow. These
+        # come with every flow's end, so one may well meet the loop closing at shutdown: nothing to do then.
+        loop = self._event_loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._withdraw_flow, entry)
+
+    def _withdraw_flow(self, entry: NatEntry) -> None:
+        runtime = None if entry.tunnel_id is None else self.runtimes.get(entry.tunnel_id)
+        if runtime is not None:
+            runtime.flow_forgotten(entry)
 
     def _device_state(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
         runtime = self.runtimes.get(tunnel_id)
@@ -544,6 +560,10 @@ class Daemon:
         if new.log_level != old.log_level:
             configure_logging(new.log_level, self._log_file)
             log.info("[Core] log level %s", new.log_level)
+        if new.proxy != old.proxy:
+            for running in self.runtimes.values():
+                running.proxy_bounds_changed(new.proxy)
+            log.info("[Core] stream tunnels' proxy bounds changed: new flows meet them")
         changes = RouterChanges()
         for tunnel_id in gone:
             runtime = self.runtimes.pop(tunnel_id, None)

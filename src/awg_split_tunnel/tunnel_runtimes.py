@@ -11,7 +11,9 @@ The daemon drives every tunnel through the same small interface, ``TunnelRuntime
   `tunnel up`, whatever its probes or device report meanwhile);
 - ``report(row, router)``: fill its ``status`` row (bytes, flows, handshake age);
 - ``state_changed(state)`` and ``device_state(state, reason)``: its registry state changed (the router has
-  been told), and its device in the router process reported a state.
+  been told), and its device in the router process reported a state;
+- ``flow_forgotten(entry)``: the router forgot one of its tunnelled flows (``FlowForgotten``);
+- ``proxy_bounds_changed(bounds)``: the config's ``proxy:`` block changed.
 
 ``StreamTunnelRuntime`` (SOCKS5, HTTP CONNECT) owns a provider, one TunnelProxy (two for an HTTP tunnel
 with ``udp: direct``) and a HealthMonitor. ``PacketTunnelRuntime`` (WireGuard, AmneziaWG) owns a device
@@ -22,6 +24,7 @@ it on a ``devices`` message; the daemon batches one such message per config chan
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import time
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from awg_split_tunnel.core.config import AnyTunnel, HttpTunnel, PacketTunnel, Socks5Tunnel
+from awg_split_tunnel.core.config import AnyTunnel, HttpTunnel, PacketTunnel, ProxyBounds, Socks5Tunnel
 from awg_split_tunnel.core.packet_router import TunnelRoute
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
@@ -42,7 +45,7 @@ from awg_split_tunnel.provider.health import HealthMonitor
 from awg_split_tunnel.provider.httpproxy.provider import HttpProxyProvider
 from awg_split_tunnel.provider.interface import StreamProvider
 from awg_split_tunnel.provider.socks5.provider import Socks5Provider
-from awg_split_tunnel.proxy.tunnel_proxy import NatLookup, TunnelProxy
+from awg_split_tunnel.proxy.tunnel_proxy import NatLookup, NatTarget, ProxyLimits, TunnelProxy
 from awg_split_tunnel.router.process import DeviceFactory
 
 if TYPE_CHECKING:
@@ -104,6 +107,8 @@ class RuntimeContext:
     nat_lookup: NatLookup
     change_devices: Callable[[Mapping[str, DeviceFactory], Sequence[str]], None]
     """A ``devices`` message (start these, stop those) with the daemon's current routes."""
+    proxy_bounds: ProxyBounds = field(default_factory=ProxyBounds)
+    """The config's ``proxy:`` block: what the stream tunnels' proxies may hold."""
 
 
 class TunnelRuntime(Protocol):
@@ -141,6 +146,10 @@ class TunnelRuntime(Protocol):
 
     def device_state(self, state: TunnelState, reason: str) -> None: ...
 
+    def flow_forgotten(self, entry: NatTarget) -> None: ...
+
+    def proxy_bounds_changed(self, bounds: ProxyBounds) -> None: ...
+
 
 def tunnel_runtime(settings: AnyTunnel, context: RuntimeContext, packets: PacketDevices) -> TunnelRuntime:
     """The runtime for one tunnel's settings, not opened yet; a packet tunnel's route and device factory
@@ -150,6 +159,23 @@ def tunnel_runtime(settings: AnyTunnel, context: RuntimeContext, packets: Packet
         routes, devices = packets
         return PacketTunnelRuntime(settings, routes[settings.id], devices[settings.id], context)
     return StreamTunnelRuntime(settings, context)
+
+
+def proxy_limits(bounds: ProxyBounds) -> ProxyLimits:
+    """A stream tunnel proxy's limits: the config's ``proxy:`` values where it gives them, else caps that
+    follow the open-file limit and the default timeouts; a per-app cap left out is half its tunnel's."""
+    default = ProxyLimits.default()
+    tcp = bounds.max_flows or default.max_tcp_flows
+    udp = bounds.max_udp_associations or default.max_udp_associations
+    return ProxyLimits(
+        tcp,
+        bounds.max_flows_per_app or max(1, tcp // 2),
+        udp,
+        bounds.max_udp_associations_per_app or max(1, udp // 2),
+        bounds.tcp_idle_timeout or default.tcp_idle_timeout,
+        bounds.half_close_timeout or default.half_close_timeout,
+        bounds.udp_idle_timeout or default.udp_idle_timeout,
+    )
 
 
 def make_provider(tunnel: Socks5Tunnel | HttpTunnel) -> StreamProvider:
@@ -193,6 +219,7 @@ class StreamTunnelRuntime:
         settings, context = self._settings, self.context
         carries_udp = isinstance(settings, Socks5Tunnel) and settings.udp
         redirected = context.dataplane == "kernel"
+        limits = proxy_limits(context.proxy_bounds)
         self.proxy = await self._start_proxy(
             lambda hosts: TunnelProxy(
                 settings.id,
@@ -201,6 +228,7 @@ class StreamTunnelRuntime:
                 hosts,
                 udp=carries_udp,
                 on_flow_failed=self.monitor.flow_failed,
+                limits=limits,
                 redirected=redirected,
             )
         )
@@ -208,7 +236,13 @@ class StreamTunnelRuntime:
             # An HTTP proxy cannot carry UDP; with `udp: direct` the apps' datagrams are relayed directly.
             self.udp_proxy = await self._start_proxy(
                 lambda hosts: TunnelProxy(
-                    settings.id, DirectProvider(), context.nat_lookup, hosts, udp=True, redirected=redirected
+                    settings.id,
+                    DirectProvider(),
+                    context.nat_lookup,
+                    hosts,
+                    udp=True,
+                    limits=limits,
+                    redirected=redirected,
                 )
             )
         changes.down.append(settings.id)
@@ -265,26 +299,47 @@ class StreamTunnelRuntime:
         counters = proxy.counters
         row["rx_bytes"], row["tx_bytes"] = counters.bytes_down, counters.bytes_up
         row["flows"] = len(proxy.tcp_flows) + len(proxy.udp_associations)
+        # The proxies' counters that are not zero (refusals over a cap, timeouts, failures...).
+        totals: dict[str, int] = {}
+        for each in (self.proxy, self.udp_proxy):
+            if each is not None:
+                for name, value in dataclasses.asdict(each.counters).items():
+                    totals[name] = totals.get(name, 0) + value
+        row["proxy"] = {name: value for name, value in totals.items() if value}
 
     def state_changed(self, state: TunnelState) -> None:
-        router = self.context.router()
-        if state is not TunnelState.DOWN or self.context.dataplane != "kernel" or router is None:
+        if state is not TunnelState.DOWN:
             return
-        # The divert router resets these flows itself; on the kernel path it never sees their packets, so
-        # the proxy ends the fail-closed ones (`allow_direct` flows carry on as on the divert path).
-        live = router
-
-        def fail_closed(proto: str, peer: tuple[str, int], dst: tuple[str, int]) -> bool:
-            # TCP flows are known by their whole 4-tuple (TPROXY), UDP ones by the app's address.
-            entry = live.nat_lookup(proto, peer[0], peer[1], dst if proto == "tcp" else None)
-            return entry is None or bool(entry.fail_closed)
-
+        # The proxy ends the fail-closed flows (`allow_direct` flows carry on): on the kernel path the router
+        # never sees their packets; on the divert path it resets the app's side itself, but the proxy's
+        # upstream connection would otherwise go on sending what it holds, and stay open. Each flow is
+        # judged by the entry it was accepted with: the router may have forgotten it since (the kernel
+        # path keeps a flow only a while after its first packet).
         for proxy in (self.proxy, self.udp_proxy):
             if proxy is not None:
-                proxy.reset_flows(fail_closed)
+                proxy.reset_flows(lambda entry: entry.fail_closed)
 
     def device_state(self, state: TunnelState, reason: str) -> None:
         """A stream tunnel has no device in the router process: nothing to hear."""
+
+    def flow_forgotten(self, entry: NatTarget) -> None:
+        """On the divert data path the router's flow table is the data path: a flow it forgot (reset when
+        its tunnel went down, expired, its port reused) is routed no more, so its relay is closed. On the
+        kernel path the router keeps a flow only a while after its first packet (docs/DATAPATHS.md) and
+        the conntrack mark goes on routing it: forgetting says nothing about the connection there (its
+        fail-closed flows are reset by ``state_changed``)."""
+        if self.context.dataplane == "kernel":
+            return
+        for proxy in (self.proxy, self.udp_proxy):
+            if proxy is not None and proxy.withdraw(entry):
+                return
+
+    def proxy_bounds_changed(self, bounds: ProxyBounds) -> None:
+        """New caps and timeouts for its proxies, from now on (no open flow is closed for a lower cap)."""
+        limits = proxy_limits(bounds)
+        for proxy in (self.proxy, self.udp_proxy):
+            if proxy is not None:
+                proxy.limits = limits
 
     def _on_health(self, tunnel_id: str, state: TunnelState, reason: str) -> None:
         registry = self.context.registry
@@ -378,6 +433,12 @@ class PacketTunnelRuntime:
 
     def state_changed(self, state: TunnelState) -> None:
         """Nothing: the router process resets a packet tunnel's flows itself."""
+
+    def flow_forgotten(self, entry: NatTarget) -> None:
+        """Nothing: a packet tunnel's flows have no relay in this process."""
+
+    def proxy_bounds_changed(self, bounds: ProxyBounds) -> None:
+        """Nothing: a packet tunnel has no proxy."""
 
     def device_state(self, state: TunnelState, reason: str) -> None:
         if self.down_by_hand:

@@ -31,6 +31,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PositiveFloat,
+    PositiveInt,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
@@ -299,6 +301,19 @@ AnyTunnel = Socks5Tunnel | HttpTunnel | PacketTunnel
 Tunnel = Annotated[AnyTunnel, Field(discriminator="type")]
 
 
+class ProxyBounds(_Model):
+    """`proxy:`: what each stream tunnel's proxy may hold (docs/ARCHITECTURE.md, "Proxy bounds"); a value
+    left out follows the daemon's open-file limit (caps) or keeps its default (timeouts, in seconds)."""
+
+    max_flows: PositiveInt | None = None
+    max_flows_per_app: PositiveInt | None = None
+    max_udp_associations: PositiveInt | None = None
+    max_udp_associations_per_app: PositiveInt | None = None
+    tcp_idle_timeout: PositiveFloat | None = None
+    half_close_timeout: PositiveFloat | None = None
+    udp_idle_timeout: PositiveFloat | None = None
+
+
 class Config(_Model):
     """The whole validated configuration."""
 
@@ -310,6 +325,7 @@ class Config(_Model):
     default: str = DIRECT
     tunnels: tuple[Tunnel, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
+    proxy: ProxyBounds = ProxyBounds()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -11,6 +11,13 @@ connection by TPROXY to the transparent listener, so the peer is the app's own a
 connection's local address is the original destination; a UDP datagram by ``redirect`` (NAT), so the
 peer is the app and ``nat_lookup`` gives the destination. Either way ``nat_lookup`` must know the flow:
 a connection the data path did not send here is refused.
+
+Bounds (``ProxyLimits``; docs/ARCHITECTURE.md, "Proxy bounds"): at most so many TCP flows and UDP
+associations per proxy and per app (an executable, else a pid, as the NAT entry names it) — beyond
+them a TCP connection is reset and a datagram dropped, counted and logged once a minute; a TCP flow
+idle for ``tcp_idle_timeout`` is reset, one that a side has half-closed once the other side has been
+silent for ``half_close_timeout``; a UDP association ends after ``udp_idle_timeout`` without datagrams.
+``withdraw`` closes the flow of a NAT entry the router forgot (the divert data path's flows).
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import socket
 import sys
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
+from awg_split_tunnel.net.nat import TCP_IDLE_TIMEOUT, UDP_IDLE_TIMEOUT
 from awg_split_tunnel.provider.interface import (
     STREAM_LIMIT,
     Address,
@@ -48,7 +57,9 @@ RELAY_CHUNK = 256 * 1024
 CLOSE_TIMEOUT = 10.0
 """How long a finished flow may take to flush its last bytes before it is reset."""
 
-UDP_IDLE_TIMEOUT = 60.0
+HALF_CLOSE_TIMEOUT = 60.0
+"""After one side of a TCP flow ended its half (FIN), how long the other side may stay silent before the
+flow is reset: Linux's own ``tcp_fin_timeout`` (FIN-WAIT-2) is 60 s. Bytes still moving keep the flow."""
 UDP_RETRY_AFTER = 1.0
 """After a failed open, an app address's datagrams are dropped this long before the tunnel is tried again."""
 PORT_ATTEMPTS = 5
@@ -56,16 +67,103 @@ PORT_ATTEMPTS = 5
 SPLICE_AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 """TCP relays by ``os.splice`` (platform/linux/splice.py); elsewhere through asyncio streams."""
 FAILURE_SUMMARY_PERIOD = 60.0
-"""Seconds in which one flow failure is logged at info and the others counted (then summed up at info)."""
+"""Seconds in which one flow failure (or refusal) is logged at info and the others counted (then summed
+up at info)."""
 UDP_PENDING_LIMIT = 64
 """Datagrams held per association while it is being opened through the tunnel."""
 
 Protocol = Literal["tcp", "udp"]
 
+RESERVED_DESCRIPTORS = 256
+"""Open files kept for everything but relayed flows: listeners, health probes, the control socket, the
+router process's pipe, log files."""
+TCP_FLOW_DESCRIPTORS = 2
+"""A TCP flow relayed through asyncio streams holds the app's socket and the upstream one."""
+SPLICED_TCP_FLOW_DESCRIPTORS = 8
+"""A spliced flow holds, besides those two, a duplicate of each (platform/linux/splice.py ``duplicate``)
+and one pipe (two descriptors) per direction."""
+UDP_ASSOCIATION_DESCRIPTORS = 2
+"""A SOCKS5 association holds its control connection and its relay socket (a direct one: one socket)."""
+MAX_TCP_FLOWS = 8192
+"""The most TCP flows one proxy relays however many open files the process may have: a flow costs
+memory too (8000 idle flows took 104 MiB)."""
+MAX_UDP_ASSOCIATIONS = 4096
+WINDOWS_OPEN_FILES = 16384
+"""Windows has no per-process open-file limit like POSIX's: the budget the caps are derived from."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """How much one proxy may hold at once, and how long a quiet flow is kept.
+
+    ``for_open_files`` derives the caps from the process's open-file limit; the timeouts are
+    docs/ARCHITECTURE.md's "Proxy bounds".
+    """
+
+    max_tcp_flows: int
+    max_tcp_flows_per_app: int
+    max_udp_associations: int
+    max_udp_associations_per_app: int
+    tcp_idle_timeout: float = TCP_IDLE_TIMEOUT
+    half_close_timeout: float = HALF_CLOSE_TIMEOUT
+    udp_idle_timeout: float = UDP_IDLE_TIMEOUT
+
+    @classmethod
+    def for_open_files(cls, open_files: int, *, splice: bool = SPLICE_AVAILABLE) -> ProxyLimits:
+        """Caps for a process allowed ``open_files`` descriptors: one proxy may take half of what is left
+        after ``RESERVED_DESCRIPTORS`` (three quarters of that for TCP, a quarter for UDP), one app half
+        of its proxy's; never below 16 flows and 8 associations, never above ``MAX_TCP_FLOWS`` /
+        ``MAX_UDP_ASSOCIATIONS``."""
+        budget = max(0, open_files - RESERVED_DESCRIPTORS) // 2
+        per_flow = SPLICED_TCP_FLOW_DESCRIPTORS if splice else TCP_FLOW_DESCRIPTORS
+        tcp = min(MAX_TCP_FLOWS, max(16, budget * 3 // 4 // per_flow))
+        udp = min(MAX_UDP_ASSOCIATIONS, max(8, budget // 4 // UDP_ASSOCIATION_DESCRIPTORS))
+        return cls(tcp, max(1, tcp // 2), udp, max(1, udp // 2))
+
+    @classmethod
+    def default(cls, *, splice: bool = SPLICE_AVAILABLE) -> ProxyLimits:
+        """``for_open_files`` of this process's current (soft) open-file limit."""
+        return cls.for_open_files(open_file_limit(), splice=splice)
+
+
+def open_file_limit() -> int:
+    """The process's soft limit on open files (``WINDOWS_OPEN_FILES`` where there is none)."""
+    if sys.platform == "win32":
+        return WINDOWS_OPEN_FILES
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return WINDOWS_OPEN_FILES * 4 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+class QuietLog:
+    """Once-a-minute logging of something that may happen per flow (failures, refusals): the first of a
+    ``period`` at info, the rest at debug and counted; the count is then summed up at info with the first
+    of the next period. Time is passed in."""
+
+    def __init__(self, period: float = FAILURE_SUMMARY_PERIOD) -> None:
+        self.period = period
+        self._since = -period
+        self._quiet = 0
+        self._last = ""
+
+    def log(self, now: float, message: str, summary: str) -> None:
+        """Log ``message``; ``summary`` % (count, seconds, last message) sums up a period's quiet ones."""
+        if now - self._since >= self.period:
+            if self._quiet:
+                log.info(summary, self._quiet, now - self._since, self._last)
+            self._since, self._quiet = now, 0
+            level = logging.INFO
+        else:
+            self._quiet += 1
+            level = logging.DEBUG
+        self._last = message
+        log.log(level, "%s", message)
+
 
 class NatTarget(typing.Protocol):
     """What the proxy needs of the router's entry for a flow (``net.nat.NatEntry``, which carries more):
-    where the app meant to go, and who the app is."""
+    where the app meant to go, who the app is, and whether its rule fails closed."""
 
     @property
     def orig_dst_ip(self) -> str: ...
@@ -75,6 +173,8 @@ class NatTarget(typing.Protocol):
     def pid(self) -> int | None: ...
     @property
     def exe(self) -> str | None: ...
+    @property
+    def fail_closed(self) -> bool: ...
 
 
 NatLookup = Callable[..., NatTarget | None]
@@ -99,6 +199,15 @@ class TunnelCounters:
     datagrams_down: int = 0
     datagrams_dropped: int = 0
     resets: int = 0
+    tcp_refused: int = 0
+    """TCP connections reset at once: the proxy's or the app's flow cap was reached."""
+    udp_refused: int = 0
+    """Datagrams dropped because a new association would pass the proxy's or the app's cap."""
+    tcp_idle_closed: int = 0
+    """Flows reset after ``tcp_idle_timeout`` without a byte, or ``half_close_timeout`` after a FIN."""
+    udp_idle_closed: int = 0
+    withdrawn: int = 0
+    """Flows and associations closed because the router forgot their NAT entry (``withdraw``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -113,6 +222,11 @@ class TcpFlow:
     started: float
     bytes_up: int = 0
     bytes_down: int = 0
+    last_active: float = 0.0
+    """When a byte last moved either way (the proxy's clock)."""
+    half_closed: bool = False
+    """One side has ended its half (FIN): the other gets ``half_close_timeout`` of silence at most."""
+    entry: NatTarget | None = field(default=None, repr=False)
     _app: asyncio.StreamWriter | None = field(default=None, repr=False)
     _upstream: asyncio.StreamWriter | None = field(default=None, repr=False)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -135,6 +249,7 @@ class UdpAssociation:
     bytes_down: int = 0
     dropped: int = 0
     failed_until: float = 0.0
+    entry: NatTarget | None = field(default=None, repr=False)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
     _reply_via: asyncio.DatagramTransport | None = field(default=None, repr=False)
 
@@ -153,7 +268,7 @@ class TunnelProxy:
         udp_port: int = 0,
         udp: bool = True,
         on_flow_failed: FlowFailed | None = None,
-        udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
+        limits: ProxyLimits | None = None,
         redirected: bool = False,
         splice: bool = True,
     ) -> None:
@@ -161,10 +276,11 @@ class TunnelProxy:
         self.redirected = redirected
         self.splice = splice
         """Relay TCP with ``os.splice`` where the OS has it (else through asyncio streams)."""
+        self.limits = limits or ProxyLimits.default(splice=splice and SPLICE_AVAILABLE)
+        """Caps and timeouts; may be replaced while the proxy runs (flows already open stay)."""
         self.clock: Callable[[], float] = time.monotonic
-        self._failures_since = -FAILURE_SUMMARY_PERIOD
-        self._failures_quiet = 0
-        self._failures_last = ""
+        self._failures = QuietLog()
+        self._refusals = QuietLog()
         self.provider = provider
         self.counters = TunnelCounters()
         self._nat_lookup = nat_lookup
@@ -174,12 +290,14 @@ class TunnelProxy:
         self._udp_port = udp_port
         self._udp_enabled = udp
         self._on_flow_failed = on_flow_failed
-        self._udp_idle_timeout = udp_idle_timeout
         self._server: asyncio.Server | None = None
         self._udp_transports: list[asyncio.DatagramTransport] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._flows: dict[int, TcpFlow] = {}
         self._associations: dict[Address, UdpAssociation] = {}
+        self._by_entry: dict[int, TcpFlow | UdpAssociation] = {}
+        """``id()`` of a flow's NAT entry → the flow (the flow holds the entry, so the id stays its own)."""
+        self._per_app: Counter[tuple[Protocol, Hashable]] = Counter()
         self._ids = itertools.count(1)
         self._udp_unsupported_logged = False
 
@@ -196,8 +314,7 @@ class TunnelProxy:
                 await self._unbind()
                 if exc.errno != errno.EADDRINUSE or attempt == PORT_ATTEMPTS - 1:
                     raise
-        if self._udp_enabled:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
         log.info(
             "[Proxy] %s listening on %s",
             self.tunnel_id,
@@ -280,16 +397,30 @@ class TunnelProxy:
     def udp_associations(self) -> list[UdpAssociation]:
         return list(self._associations.values())
 
-    def reset_flows(self, select: Callable[[Protocol, Address, Address], bool]) -> int:
-        """Reset the TCP flows and end the UDP associations that ``select(proto, app peer, destination)``
-        picks (e.g. those of fail-closed rules when the tunnel goes DOWN); returns how many."""
-        flows = [f for f in self._flows.values() if select("tcp", f.peer, f.dst)]
-        associations = [a for a in self._associations.values() if select("udp", a.peer, a.dst)]
+    def reset_flows(self, select: Callable[[NatTarget], bool]) -> int:
+        """Reset the TCP flows and end the UDP associations whose NAT entry (as the router gave it when the
+        flow began) ``select`` picks, e.g. those of fail-closed rules when the tunnel goes DOWN; returns
+        how many."""
+        flows = [f for f in self._flows.values() if f.entry is not None and select(f.entry)]
+        associations = [a for a in self._associations.values() if a.entry is not None and select(a.entry)]
         for flow in flows:
             self._reset_flow(flow)
         for assoc in associations:
             self._end_association(assoc)
         return len(flows) + len(associations)
+
+    def withdraw(self, entry: NatTarget) -> bool:
+        """Close the flow (reset) or end the association the router's NAT entry ``entry`` stands for — the
+        router forgot it, so nothing may go on being sent for it; False when no flow has that entry."""
+        flow = self._by_entry.get(id(entry))
+        if flow is None or flow.entry is not entry:
+            return False
+        self.counters.withdrawn += 1
+        if isinstance(flow, TcpFlow):
+            self._reset_flow(flow)
+        else:
+            self._end_association(flow)
+        return True
 
     def close_all(self) -> int:
         """Reset every flow of the tunnel (apps see a connection reset); returns how many were open.
@@ -322,6 +453,9 @@ class TunnelProxy:
         if entry is None or dst is None:
             abort_stream(app_writer, reset=True)
             return
+        if self._refused("tcp", entry, dst):
+            abort_stream(app_writer, reset=True)
+            return
         flow = TcpFlow(
             next(self._ids),
             peer,
@@ -329,13 +463,62 @@ class TunnelProxy:
             entry.pid,
             entry.exe,
             time.time(),
+            last_active=self.clock(),
+            entry=entry,
             _app=app_writer,
         )
-        self._flows[flow.flow_id] = flow
+        self._add_flow(flow)
         try:
             await self._relay_tcp(flow, app_reader, app_writer)
         finally:
-            self._flows.pop(flow.flow_id, None)
+            self._remove_flow(flow)
+
+    def _add_flow(self, flow: TcpFlow) -> None:
+        self._flows[flow.flow_id] = flow
+        self._track(flow, "tcp", +1)
+
+    def _remove_flow(self, flow: TcpFlow) -> None:
+        if self._flows.pop(flow.flow_id, None) is flow:
+            self._track(flow, "tcp", -1)
+
+    def _track(self, flow: TcpFlow | UdpAssociation, proto: Protocol, change: int) -> None:
+        """Keep the per-app counts and the index by NAT entry as a flow comes and goes."""
+        app = (proto, _app_of(flow.exe, flow.pid))
+        self._per_app[app] += change
+        if self._per_app[app] <= 0:
+            del self._per_app[app]
+        if flow.entry is not None:
+            if change > 0:
+                self._by_entry[id(flow.entry)] = flow
+            elif self._by_entry.get(id(flow.entry)) is flow:
+                del self._by_entry[id(flow.entry)]
+
+    def _refused(self, proto: Protocol, entry: NatTarget, dst: Address) -> bool:
+        """Whether a new flow of ``entry``'s app would pass the proxy's or the app's cap (counted and
+        logged once a minute if so)."""
+        limits = self.limits
+        if proto == "tcp":
+            total, cap, per_app = len(self._flows), limits.max_tcp_flows, limits.max_tcp_flows_per_app
+        else:
+            total = len(self._associations)
+            cap, per_app = limits.max_udp_associations, limits.max_udp_associations_per_app
+        app_count = self._per_app[(proto, _app_of(entry.exe, entry.pid))]
+        if total < cap and app_count < per_app:
+            return False
+        if proto == "tcp":
+            self.counters.tcp_refused += 1
+        else:
+            self.counters.udp_refused += 1
+            self.counters.datagrams_dropped += 1
+        which = f"the tunnel's {cap}" if total >= cap else f"the app's {per_app}"
+        what = "flows" if proto == "tcp" else "UDP associations"
+        self._refusals.log(
+            self.clock(),
+            f"[Proxy] {self.tunnel_id}: {proto.upper()} flow of {entry.exe or '?'} (pid {entry.pid}) to "
+            f"{format_address(*dst)} refused: {which} {what} are open",
+            f"[Proxy] {self.tunnel_id}: %d more flows refused over a cap in %.0f s (the last: %s)",
+        )
+        return True
 
     async def _relay_tcp(
         self, flow: TcpFlow, app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter
@@ -432,6 +615,7 @@ class TunnelProxy:
                 if ended:
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
+                    self._half_closed(flow)
                     continue
                 pump = SplicePump(
                     loop,
@@ -439,11 +623,14 @@ class TunnelProxy:
                     dst,
                     lambda n, up=upstream: self._count(flow, n, upstream=up),  # type: ignore[misc]
                 )
+                pump.done.add_done_callback(lambda _: self._half_closed(flow))
                 pumps.append(pump)
                 pump.start()
             waiting = loop.create_task(_all_done([p.done for p in pumps]))
             flow._tasks = [waiting]
-            await waiting
+            await asyncio.wait([waiting])  # a reset cancels ``waiting``: that ends the flow, not this task
+            if flow._reset:
+                return
             failed = [p.done.exception() for p in pumps if not p.done.cancelled() and p.done.exception()]
             if failed:
                 log.debug(
@@ -467,6 +654,7 @@ class TunnelProxy:
             writer.transport.abort()  # both sides were shut down for writing and read to EOF
 
     def _count(self, flow: TcpFlow, n: int, *, upstream: bool) -> None:
+        flow.last_active = self.clock()
         if upstream:
             flow.bytes_up += n
             self.counters.bytes_up += n
@@ -488,10 +676,17 @@ class TunnelProxy:
             if not data:
                 if writer.can_write_eof() and not writer.transport.is_closing():
                     writer.write_eof()
+                self._half_closed(flow)
                 return
             writer.write(data)
             self._count(flow, len(data), upstream=upstream)
             await writer.drain()
+
+    def _half_closed(self, flow: TcpFlow) -> None:
+        """One direction ended: from now on the flow's silence is measured against ``half_close_timeout``."""
+        if not flow.half_closed:
+            flow.half_closed = True
+            flow.last_active = self.clock()
 
     def _reset_flow(self, flow: TcpFlow) -> None:
         if flow._reset:
@@ -504,7 +699,7 @@ class TunnelProxy:
             abort_stream(flow._upstream)
         for task in flow._tasks:
             task.cancel()
-        self._flows.pop(flow.flow_id, None)
+        self._remove_flow(flow)
 
     # --- UDP ---------------------------------------------------------------------------------------
 
@@ -512,12 +707,13 @@ class TunnelProxy:
         """One datagram from an app (as the router hairpinned it), received on ``transport``."""
         peer = (normalize_ip(addr[0]), addr[1])
         loop = asyncio.get_running_loop()
+        now = self.clock()
         assoc = self._associations.get(peer)
         if assoc is not None and assoc.failed_until:
-            if loop.time() < assoc.failed_until:
+            if now < assoc.failed_until:
                 self.counters.datagrams_dropped += 1
                 return
-            del self._associations[peer]
+            self._remove_association(assoc)
             assoc = None
         if assoc is None:
             if not self.provider.supports_udp:
@@ -530,20 +726,17 @@ class TunnelProxy:
             if entry is None:
                 self.counters.datagrams_dropped += 1
                 return
-            now = loop.time()
+            dst = (entry.orig_dst_ip, entry.orig_dst_port)
+            if self._refused("udp", entry, dst):
+                return
             assoc = UdpAssociation(
-                peer,
-                (entry.orig_dst_ip, entry.orig_dst_port),
-                entry.pid,
-                entry.exe,
-                time.time(),
-                now,
-                _reply_via=transport,
+                peer, dst, entry.pid, entry.exe, time.time(), now, entry=entry, _reply_via=transport
             )
             self._associations[peer] = assoc
+            self._track(assoc, "udp", +1)
             self.counters.udp_associations += 1
             assoc._task = loop.create_task(self._run_association(assoc))
-        assoc.last_active = loop.time()
+        assoc.last_active = now
         if assoc.channel is None:
             if len(assoc.pending) < UDP_PENDING_LIMIT:
                 assoc.pending.append(data)
@@ -575,7 +768,7 @@ class TunnelProxy:
             self.counters.datagrams_dropped += len(assoc.pending)
             assoc.pending.clear()
             # Remember the failure for a moment: a UDP burst must not become a burst of tunnel handshakes.
-            assoc.failed_until = asyncio.get_running_loop().time() + UDP_RETRY_AFTER
+            assoc.failed_until = self.clock() + UDP_RETRY_AFTER
             self._flow_failed("UDP", assoc.dst, assoc.exe, exc)
             return
         if self._associations.get(assoc.peer) is not assoc:  # ended while opening
@@ -594,7 +787,7 @@ class TunnelProxy:
                     assoc.dropped += 1
                     self.counters.datagrams_dropped += 1
                     continue
-                assoc.last_active = asyncio.get_running_loop().time()
+                assoc.last_active = self.clock()
                 assoc.bytes_down += len(data)
                 self.counters.bytes_down += len(data)
                 self.counters.datagrams_down += 1
@@ -603,25 +796,46 @@ class TunnelProxy:
             log.debug("[Proxy] %s: UDP association of %s ended: %s", self.tunnel_id, assoc.peer, exc)
         finally:
             channel.close()
-            if self._associations.get(assoc.peer) is assoc:
-                del self._associations[assoc.peer]
+            self._remove_association(assoc)
+
+    def _remove_association(self, assoc: UdpAssociation) -> None:
+        if self._associations.get(assoc.peer) is assoc:
+            del self._associations[assoc.peer]
+            self._track(assoc, "udp", -1)
 
     def _end_association(self, assoc: UdpAssociation) -> None:
-        self._associations.pop(assoc.peer, None)
+        self._remove_association(assoc)
         if assoc.channel is not None:
             assoc.channel.close()
         if assoc._task is not None:
             assoc._task.cancel()
 
     async def _sweep_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        period = max(self._udp_idle_timeout / 4, 0.05)
         while True:
-            await asyncio.sleep(period)
-            deadline = loop.time() - self._udp_idle_timeout
-            for assoc in list(self._associations.values()):
-                if assoc.last_active < deadline:
-                    self._end_association(assoc)
+            limits = self.limits  # may be replaced while running (a config change)
+            shortest = min(limits.tcp_idle_timeout, limits.half_close_timeout, limits.udp_idle_timeout)
+            await asyncio.sleep(max(shortest / 4, 0.05))
+            self.sweep(self.clock())
+
+    def sweep(self, now: float) -> None:
+        """Reset the TCP flows and end the associations that have been quiet too long (by ``now``)."""
+        limits = self.limits
+        for flow in list(self._flows.values()):
+            timeout = limits.half_close_timeout if flow.half_closed else limits.tcp_idle_timeout
+            if now - flow.last_active >= timeout:
+                log.debug(
+                    "[Proxy] %s: flow to %s reset after %.0f s without traffic%s",
+                    self.tunnel_id,
+                    format_address(*flow.dst),
+                    now - flow.last_active,
+                    " (half-closed)" if flow.half_closed else "",
+                )
+                self.counters.tcp_idle_closed += 1
+                self._reset_flow(flow)
+        for assoc in list(self._associations.values()):
+            if now - assoc.last_active >= limits.udp_idle_timeout:
+                self.counters.udp_idle_closed += 1
+                self._end_association(assoc)
 
     # --- shared ------------------------------------------------------------------------------------
 
@@ -640,32 +854,11 @@ class TunnelProxy:
         return entry
 
     def _flow_failed(self, what: str, dst: Address, exe: str | None, exc: BaseException) -> None:
-        # The first failure of a minute is logged at info, the rest at debug with a count at info once the
-        # minute is over: an app retrying a dead destination must not flood the log.
-        now = self.clock()
-        if now - self._failures_since >= FAILURE_SUMMARY_PERIOD:
-            if self._failures_quiet:
-                log.info(
-                    "[Proxy] %s: %d more flow failures in %.0f s (the last: %s)",
-                    self.tunnel_id,
-                    self._failures_quiet,
-                    now - self._failures_since,
-                    self._failures_last,
-                )
-            self._failures_since, self._failures_quiet = now, 0
-            level = logging.INFO
-        else:
-            self._failures_quiet += 1
-            level = logging.DEBUG
-        self._failures_last = f"{what} to {format_address(*dst)}: {exc}"
-        log.log(
-            level,
-            "[Proxy] %s: %s flow of %s to %s failed: %s",
-            self.tunnel_id,
-            what,
-            exe or "?",
-            format_address(*dst),
-            exc,
+        # An app retrying a dead destination must not flood the log.
+        self._failures.log(
+            self.clock(),
+            f"[Proxy] {self.tunnel_id}: {what} flow of {exe or '?'} to {format_address(*dst)} failed: {exc}",
+            f"[Proxy] {self.tunnel_id}: %d more flow failures in %.0f s (the last: %s)",
         )
         if self._on_flow_failed is not None:
             try:
@@ -689,6 +882,11 @@ class _UdpRelayProtocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("[Proxy] %s: UDP socket: %s", self._proxy.tunnel_id, exc)
+
+
+def _app_of(exe: str | None, pid: int | None) -> Hashable:
+    """Whom a per-app cap counts a flow against: its executable, else its pid (else one shared bucket)."""
+    return exe if exe is not None else pid
 
 
 IP_TRANSPARENT = 19

@@ -149,6 +149,9 @@ class RouterProcess:
         self.on_tunnel_state: Callable[[str, TunnelState, str], None] | None = None
         """Called (on the reader thread) when a packet tunnel's device, which lives in the router process,
         changes state: (tunnel id, state, reason); e.g. hop to the daemon's loop and set the registry."""
+        self.on_flow_forgotten: Callable[[NatEntry], None] | None = None
+        """Called (on the reader thread, or on the thread of a ``nat_lookup`` that drained the pipe) with
+        the mirror's entry of a tunnelled flow the router forgot."""
         self.on_exit: Callable[[], None] | None = None
         """Called (on the reader thread) if the router process ends without being stopped: traffic then
         flows undiverted, so the daemon should restart it or fail closed."""
@@ -433,7 +436,9 @@ class RouterProcess:
                     fail_closed=message.fail_closed,
                 )
             case FlowForgotten(proto=proto, key=key):
-                self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
+                entry = self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
+                if entry is not None and self.on_flow_forgotten is not None:
+                    self.on_flow_forgotten(entry)
             case Alive():
                 self._last_alive = time.monotonic()
             case RouterStatus(request_id=request_id) | ConnectionsPage(request_id=request_id):

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from awg_split_tunnel.errors import TunnelError
 from awg_split_tunnel.provider.direct import DirectProvider
 from awg_split_tunnel.provider.interface import Address, StreamPair, StreamProvider, UdpChannel
-from awg_split_tunnel.proxy.tunnel_proxy import Protocol, TunnelProxy
+from awg_split_tunnel.proxy.tunnel_proxy import Protocol, ProxyLimits, TunnelProxy
 
 
 def Target(ip: str, port: int, pid: int | None = None, exe: str | None = None) -> SimpleNamespace:
     """A flow as the router answers the proxy's lookup (what ``proxy.tunnel_proxy.NatTarget`` asks)."""
-    return SimpleNamespace(orig_dst_ip=ip, orig_dst_port=port, pid=pid, exe=exe)
+    return SimpleNamespace(orig_dst_ip=ip, orig_dst_port=port, pid=pid, exe=exe, fail_closed=False)
 
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def limits(**changes: Any) -> ProxyLimits:
+    """Generous caps (as for a large open-file limit), with ``changes`` applied."""
+    return dataclasses.replace(ProxyLimits.for_open_files(1 << 20), **changes)
+
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -461,7 +469,7 @@ async def test_udp_replies_from_another_source_are_dropped() -> None:
 async def test_idle_udp_association_is_closed() -> None:
     nat = FakeNat()
     provider = FakeUdpProvider()
-    p = TunnelProxy("office", provider, nat, udp_idle_timeout=0.2)
+    p = TunnelProxy("office", provider, nat, limits=limits(udp_idle_timeout=0.2))
     await p.start()
     app = udp_app(nat, ("198.18.0.10", 53))
     try:
@@ -537,3 +545,291 @@ async def test_v4_and_v6_listeners_share_one_port_per_protocol() -> None:
         assert len(p.udp_addresses) == 2 and len({port for _, port in p.udp_addresses}) == 1
     finally:
         await p.stop()
+
+
+# -- bounds: caps, timeouts, withdrawn flows -------------------------------------------------------------
+
+
+def test_default_caps_follow_the_open_file_limit() -> None:
+    # 1024 open files: (1024 - 256) / 2 = 384 for one proxy; TCP gets 3/4 of it at 8 descriptors a spliced
+    # flow (2 through streams), UDP 1/4 at 2 an association; one app half of its proxy's.
+    assert caps(ProxyLimits.for_open_files(1024, splice=True)) == (36, 18, 48, 24)
+    assert caps(ProxyLimits.for_open_files(1024, splice=False)) == (144, 72, 48, 24)
+    assert caps(ProxyLimits.for_open_files(1 << 20, splice=True)) == (8192, 4096, 4096, 2048)
+    assert caps(ProxyLimits.for_open_files(64, splice=True)) == (16, 8, 8, 4), "never below a usable floor"
+    assert ProxyLimits.default().tcp_idle_timeout == 7440.0, "the router's established-flow timeout"
+
+
+def caps(limits: ProxyLimits) -> tuple[int, int, int, int]:
+    return (
+        limits.max_tcp_flows,
+        limits.max_tcp_flows_per_app,
+        limits.max_udp_associations,
+        limits.max_udp_associations_per_app,
+    )
+
+
+async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A server that reads until the connection ends, never answering."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+    writer.close()
+
+
+async def assert_reset(reader: asyncio.StreamReader, timeout: float = 5.0) -> None:
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(1), timeout)
+
+
+def with_limits(
+    **changes: Any,
+) -> Callable[[Callable[[TunnelProxy, FakeNat], Awaitable[None]]], Callable[[bool], None]]:
+    """Like ``on_proxy``, the proxy built with ``limits(**changes)``."""
+
+    def decorate(body: Callable[[TunnelProxy, FakeNat], Awaitable[None]]) -> Callable[[bool], None]:
+        @pytest.mark.parametrize("splice", [True, False], ids=["splice", "streams"])
+        def test(splice: bool) -> None:
+            async def main() -> None:
+                nat = FakeNat()
+                provider = DirectProvider(connect_timeout=2)
+                proxy = TunnelProxy(
+                    "office", provider, nat, "127.0.0.1", splice=splice, limits=limits(**changes)
+                )
+                await proxy.start()
+                try:
+                    await body(proxy, nat)
+                finally:
+                    await proxy.stop()
+
+            asyncio.run(main())
+
+        test.__name__ = body.__name__
+        return test
+
+    return decorate
+
+
+@with_limits(max_tcp_flows=3, max_tcp_flows_per_app=2)
+async def test_flows_beyond_the_app_cap_and_the_tunnel_cap_are_reset_and_counted(
+    proxy: TunnelProxy, nat: FakeNat
+) -> None:
+    srv, dst = await server(hold)
+    async with srv:
+        browser = [await app_connect(proxy, nat, dst, pid=10, exe="/usr/bin/browser") for _ in range(2)]
+        await _until(lambda: len(proxy.tcp_flows) == 2)
+        reader, _ = await app_connect(proxy, nat, dst, pid=10, exe="/usr/bin/browser")
+        await assert_reset(reader)
+        assert proxy.counters.tcp_refused == 1, "the app's third flow: over its cap of 2"
+        mail, mail_writer = await app_connect(proxy, nat, dst, pid=11, exe="/usr/bin/mail")
+        mail_writer.write(b"still carried")
+        await _until(lambda: len(proxy.tcp_flows) == 3)
+        reader, _ = await app_connect(proxy, nat, dst, pid=12, exe="/usr/bin/chat")
+        await assert_reset(reader)
+        assert proxy.counters.tcp_refused == 2, "a fourth flow of the tunnel: over its cap of 3"
+        _, writer = browser[0]
+        writer.close()
+        await _until(lambda: len(proxy.tcp_flows) == 2)
+        reader, writer = await app_connect(proxy, nat, dst, pid=10, exe="/usr/bin/browser")
+        await _until(lambda: len(proxy.tcp_flows) == 3)
+        assert proxy.counters.tcp_refused == 2, "a closed flow frees its place"
+        for _, w in [*browser[1:], (mail, mail_writer), (reader, writer)]:
+            w.close()
+
+
+def test_refusals_are_logged_once_a_minute_not_per_flow(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        nat = FakeNat()
+        proxy = TunnelProxy("office", DirectProvider(), nat, limits=limits(max_tcp_flows=1))
+        now = [1000.0]
+        proxy.clock = lambda: now[0]
+        await proxy.start()
+        srv, dst = await server(hold)
+        try:
+            _, held = await app_connect(proxy, nat, dst, exe="app-socks")
+            await _until(lambda: len(proxy.tcp_flows) == 1)
+            for _ in range(10):
+                reader, _ = await app_connect(proxy, nat, dst, exe="app-socks")
+                await assert_reset(reader)
+            now[0] += 61.0
+            reader, _ = await app_connect(proxy, nat, dst, exe="app-socks")
+            await assert_reset(reader)
+            held.close()
+        finally:
+            srv.close()
+            await proxy.stop()
+        assert proxy.counters.tcp_refused == 11
+
+    with caplog.at_level(logging.DEBUG, logger="awg_split_tunnel.proxy"):
+        asyncio.run(main())
+    info = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "refused" in r.getMessage()
+    ]
+    assert len(info) == 3, info  # the first refusal, the summary of the minute, the next minute's first
+    assert "the tunnel's 1 flows are open" in info[0] and "app-socks" in info[0]
+    assert "9 more flows refused" in info[1]
+
+
+@in_loop
+async def test_udp_associations_beyond_the_app_cap_are_dropped_and_counted() -> None:
+    nat = FakeNat()
+    provider = FakeUdpProvider()
+    p = TunnelProxy("office", provider, nat, limits=limits(max_udp_associations_per_app=2))
+    await p.start()
+    apps = [udp_app(nat, ("198.18.0.10", 53)) for _ in range(3)]
+    other = udp_app(nat, ("198.18.0.10", 53))
+    nat.entries[("udp", *other.getsockname())].exe = "other-app"
+    for app in apps:
+        nat.entries[("udp", *app.getsockname())].exe = "dns-flooder"
+    try:
+        udp_address = p.udp_address
+        assert udp_address is not None
+        for app in apps:
+            app.sendto(b"query", udp_address)
+        await _until(lambda: p.counters.udp_refused == 1)
+        assert len(p.udp_associations) == 2 and len(provider.opened) == 2
+        other.sendto(b"query", udp_address)
+        await _until(lambda: len(p.udp_associations) == 3)
+        assert p.counters.udp_refused == 1 and p.counters.datagrams_dropped == 1
+    finally:
+        for app in [*apps, other]:
+            app.close()
+        await p.stop()
+
+
+@with_limits(tcp_idle_timeout=0.5)
+async def test_an_idle_flow_is_reset_and_one_with_traffic_is_kept(proxy: TunnelProxy, nat: FakeNat) -> None:
+    srv, dst = await server(echo_upper)
+    async with srv:
+        idle_reader, idle_writer = await app_connect(proxy, nat, dst)
+        busy_reader, busy_writer = await app_connect(proxy, nat, dst)
+        started = asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - started < 1.5:  # three idle timeouts
+            busy_writer.write(b"ping")
+            assert await asyncio.wait_for(busy_reader.readexactly(4), 5) == b"PING"
+            await asyncio.sleep(0.1)
+        await assert_reset(idle_reader, timeout=0.1)
+        assert proxy.counters.tcp_idle_closed == 1
+        [flow] = proxy.tcp_flows
+        assert flow.bytes_up == flow.bytes_down > 0, "the busy flow is still relayed"
+        for writer in (idle_writer, busy_writer):
+            writer.close()
+
+
+@with_limits(half_close_timeout=0.5)
+async def test_a_half_closed_flow_whose_server_never_answers_is_reset(
+    proxy: TunnelProxy, nat: FakeNat
+) -> None:
+    got_request = asyncio.get_running_loop().create_future()
+
+    async def never_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got_request.set_result(await reader.readexactly(7))
+        await reader.read()  # up to the app's EOF; then silence, the connection left open
+        await asyncio.Event().wait()
+
+    srv, dst = await server(never_close)
+    async with srv:
+        reader, writer = await app_connect(proxy, nat, dst)
+        writer.write(b"request")
+        await asyncio.wait_for(got_request, 5)
+        writer.write_eof()  # once the relay runs: its own end of the direction, not the opening's
+        await _until(lambda: bool(proxy.tcp_flows) and proxy.tcp_flows[0].half_closed)
+        await assert_reset(reader, timeout=3.0)
+        assert proxy.counters.tcp_idle_closed == 1 and proxy.tcp_flows == []
+        writer.close()
+
+
+@with_limits(half_close_timeout=0.5)
+async def test_a_half_closed_flow_is_kept_while_the_reply_still_streams(
+    proxy: TunnelProxy, nat: FakeNat
+) -> None:
+    async def slow_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the request, up to the app's EOF
+        for _ in range(10):  # 2 s of reply, each piece well within the half-close timeout
+            writer.write(b"piece ")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        writer.close()
+
+    srv, dst = await server(slow_reply)
+    async with srv:
+        reader, writer = await app_connect(proxy, nat, dst)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b"piece " * 10
+        assert proxy.counters.tcp_idle_closed == 0
+        writer.close()
+
+
+@on_proxy
+async def test_withdrawing_a_nat_entry_resets_its_flow_only(proxy: TunnelProxy, nat: FakeNat) -> None:
+    upstream_closed = asyncio.get_running_loop().create_future()
+
+    async def report_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await hold(reader, writer)
+        if not upstream_closed.done():
+            upstream_closed.set_result(True)
+
+    srv, dst = await server(report_close)
+    async with srv:
+        gone_reader, gone_writer = await app_connect(proxy, nat, dst)
+        kept_reader, kept_writer = await app_connect(proxy, nat, dst)
+        await _until(lambda: len(proxy.tcp_flows) == 2)
+        gone = proxy.tcp_flows[0]
+        assert gone.entry is not None
+        assert proxy.withdraw(gone.entry)
+        first = gone_reader if gone.peer[1] == gone_writer.get_extra_info("sockname")[1] else kept_reader
+        await assert_reset(first)
+        assert await asyncio.wait_for(upstream_closed, 5), "the upstream connection is closed too"
+        assert len(proxy.tcp_flows) == 1 and proxy.counters.withdrawn == 1
+        assert not proxy.withdraw(gone.entry), "withdrawn once"
+        assert not proxy.withdraw(Target(*dst)), "an entry no flow has"
+        for writer in (gone_writer, kept_writer):
+            writer.close()
+
+
+@in_loop
+async def test_withdrawing_a_nat_entry_ends_its_udp_association() -> None:
+    nat = FakeNat()
+    provider = FakeUdpProvider()
+    p = TunnelProxy("office", provider, nat)
+    await p.start()
+    app = udp_app(nat, ("198.18.0.10", 53))
+    try:
+        udp_address = p.udp_address
+        assert udp_address is not None
+        app.sendto(b"query", udp_address)
+        await _until(lambda: bool(provider.opened) and bool(provider.opened[0].sent))
+        assert p.withdraw(nat.entries[("udp", *app.getsockname())])
+        assert p.udp_associations == [] and provider.opened[0].closed
+    finally:
+        app.close()
+        await p.stop()
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "streams"])
+def test_flows_reset_by_the_proxy_end_without_an_error_in_the_log(
+    splice: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reset (tunnel down, a withdrawn entry, a timeout) ends a flow; it is no error of the event loop.
+    async def main() -> None:
+        nat = FakeNat()
+        proxy = TunnelProxy("office", DirectProvider(), nat, "127.0.0.1", splice=splice, limits=limits())
+        await proxy.start()
+        srv, dst = await server(hold)
+        try:
+            apps = [await app_connect(proxy, nat, dst) for _ in range(3)]
+            await _until(lambda: len(proxy.tcp_flows) == 3)
+            for _, writer in apps:
+                writer.write(b"x")
+            await asyncio.sleep(0.1)
+            assert proxy.close_all() == 3
+            for reader, _ in apps:
+                await assert_reset(reader)
+            await asyncio.sleep(0.1)
+        finally:
+            srv.close()
+            await proxy.stop()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
