@@ -193,8 +193,8 @@ def format_endpoint(endpoint: Endpoint) -> str:
 def _split_time(wall: float | None) -> tuple[int, int]:
     if wall is None or wall <= 0:
         return 0, 0
-    nanoseconds = int(wall * 1e9)
-    return nanoseconds // 1_000_000_000, nanoseconds % 1_000_000_000
+    seconds = int(wall)
+    return seconds, min(round((wall - seconds) * 1e9), 999_999_999)
 
 
 def _amnezia_lines(params: AmneziaParams) -> list[str]:
