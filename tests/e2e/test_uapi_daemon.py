@@ -4,7 +4,9 @@ The daemon (``python -m awg_split_tunnel.daemon`` in ns client) runs a WireGuard
 wireguard-go and an AmneziaWG tunnel ``awg`` to our own AmneziaWG server (the ``tun`` command), both in
 ns wg; ``app-wg`` and ``app-awg`` are sent into them with ``fallback: block``. Each device's control
 socket is named after its TUN (``awgstN``) on the kernel data path and after its tunnel id on the divert
-path (docs/UAPI.md); the test finds the name in the daemon's log line announcing the socket.
+path (docs/UAPI.md); the test finds the name in the daemon's log line announcing the socket. The kernel
+path's names are the same for every daemon: run this module while no other daemon with packet tunnels
+runs on the machine.
 """
 
 from __future__ import annotations
@@ -53,20 +55,23 @@ AWG_CLIENT_PORT = 51931
 AWG_PARAMS = PARAMETER_SETS["2.0"]
 
 
-def config(dataplane: str) -> str:
+def config(dataplane: str, wg_id: str, awg_id: str) -> str:
     return (
         f"dataplane: {dataplane}\nlog_level: info\ndefault: direct\ntunnels:\n"
-        f"  - id: wg\n    type: wireguard\n    config_file: wg.conf\n"
-        f"  - id: awg\n    type: amneziawg\n    config_file: awg.conf\n"
+        f"  - id: {wg_id}\n    type: wireguard\n    config_file: wg.conf\n"
+        f"  - id: {awg_id}\n    type: amneziawg\n    config_file: awg.conf\n"
         "rules:\n"
-        f"  - process: {APP_WG}\n    tunnel: wg\n    fallback: block\n"
-        f"  - process: {APP_AWG}\n    tunnel: awg\n    fallback: block\n"
+        f"  - process: {APP_WG}\n    tunnel: {wg_id}\n    fallback: block\n"
+        f"  - process: {APP_AWG}\n    tunnel: {awg_id}\n    fallback: block\n"
     )
 
 
 class World:
     def __init__(self, lab: Lab, wg_peer: WireGuardServer, awg_peer: OurAmneziaWGServer, keys: str) -> None:
         self.lab, self.wg_peer, self.awg_peer = lab, wg_peer, awg_peer
+        # Tunnel ids unique to the lab: on the divert path they name the control sockets, which all
+        # network namespaces share (and a crashed run's are removed with the lab's leftovers).
+        self.wg_id, self.awg_id = lab.new_ifname("w"), lab.new_ifname("a")
         (lab.tmpdir / "wg.conf").write_text(client_conf(keys, wg_peer, WG_CLIENT_PORT, 1420))
         awg_text = our_amneziawg_client_conf(awg_peer, keys, listen_port=AWG_CLIENT_PORT)
         (lab.tmpdir / "awg.conf").write_text(awg_text)
@@ -141,15 +146,15 @@ def awg_tool() -> str | None:
 def test_wg_and_awg_show_and_set_the_daemons_devices(world: World, dataplane: str) -> None:
     lab = world.lab
     config_file = lab.tmpdir / "config.yaml"
-    config_file.write_text(config(dataplane))
+    config_file.write_text(config(dataplane, world.wg_id, world.awg_id))
     config_file.chmod(0o600)
     daemon = RunningDaemon(lab, config_file)
     tool: str | None = None
     try:
         daemon.wait_running()
-        wg_socket = socket_path(daemon, "wg")
-        awg_socket = socket_path(daemon, "awg")
-        expected_names = ("wg", "awg") if dataplane == "divert" else ("awgst", "awgst")
+        wg_socket = socket_path(daemon, world.wg_id)
+        awg_socket = socket_path(daemon, world.awg_id)
+        expected_names = (world.wg_id, world.awg_id) if dataplane == "divert" else ("awgst", "awgst")
         assert wg_socket.parent.name == "wireguard" and wg_socket.stem.startswith(expected_names[0])
         assert awg_socket.parent.name == "amneziawg" and awg_socket.stem.startswith(expected_names[1])
         name = wg_socket.stem
