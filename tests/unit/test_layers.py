@@ -24,6 +24,7 @@ ADAPTERS = (
     "awg_split_tunnel.provider.httpproxy.provider",
     "awg_split_tunnel.provider.wireguard.device",
     "awg_split_tunnel.provider.wireguard.tun_client",
+    "awg_split_tunnel.provider.wireguard.uapi_socket",
 )
 
 PROTOCOL_CORES = (

@@ -373,6 +373,10 @@ class AsyncRouterLoop:
         if device is not None:
             device.on_packets = _discard
 
+    def device_ifname(self, tunnel_id: str) -> str | None:
+        """None: on this data path a device has no interface of its own."""
+        return None
+
     def routes_changed(self, routes: Mapping[str, Any]) -> None:
         """Nothing to do: the router holds the routes."""
 

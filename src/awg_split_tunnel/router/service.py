@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
@@ -34,6 +35,8 @@ from awg_split_tunnel.core.router_messages import (
 )
 from awg_split_tunnel.core.rule_engine import RuleEngine
 from awg_split_tunnel.errors import AwgSplitTunnelError
+from awg_split_tunnel.provider.wireguard.device import WireGuardDevice
+from awg_split_tunnel.provider.wireguard.uapi_socket import UapiSocket, serve_uapi
 from awg_split_tunnel.router.divert_loop import AsyncRouterLoop, PacketDevice
 from awg_split_tunnel.router.reports import FlowListings, router_status
 
@@ -48,6 +51,9 @@ class RouterIO(Protocol):
     async def stop(self) -> None: ...
     def attach_device(self, tunnel_id: str, device: Any) -> None: ...
     def detach_device(self, tunnel_id: str) -> None: ...
+    def device_ifname(self, tunnel_id: str) -> str | None:
+        """The interface the tunnel's device is attached to, if the data path gives it one."""
+
     def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None: ...
     def apply_now(self) -> None: ...
     def routes_changed(self, routes: Mapping[str, Any]) -> None:
@@ -100,6 +106,19 @@ RETRY_INTERVAL_MAX = 5.0
 """REKEY_TIMEOUT: the core never sends initiations to a peer more often than this anyway."""
 
 
+UapiServe = Callable[[Any, str], Awaitable[Any]]
+"""Starts answering `wg`/`awg` for a device under a name; returns what to ``await .stop()`` later, or None
+(``serve_device_uapi``)."""
+
+
+async def serve_device_uapi(device: Any, name: str) -> UapiSocket | None:
+    """The control socket of a daemon device (docs/UAPI.md): named after its TUN on the kernel data path,
+    after its tunnel id on the divert path; `awg`'s directory for a device with AmneziaWG parameters."""
+    if sys.platform == "win32" or not isinstance(device, WireGuardDevice):
+        return None
+    return await serve_uapi(device, name, amnezia=device.settings.amnezia is not None)
+
+
 DeviceFactories = Mapping[str, Callable[[], Any]]
 """Tunnel id → a picklable callable building its ``ManagedDevice`` (``router.process.DeviceFactory``)."""
 
@@ -126,6 +145,7 @@ class RouterService:
         open_handles: Callable[..., Any],
         conn: Any,
         make_io: Callable[[Any, list[int]], RouterIO] | None = None,
+        serve_uapi: UapiServe | None = None,
     ) -> None:
         self.router = router
         self.states = states
@@ -146,6 +166,9 @@ class RouterService:
         self._messages: asyncio.Queue[ToRouter] = asyncio.Queue()
         self.listings = FlowListings(router)
         """Open ``connections`` listings (one page per ``ConnectionsRequest``)."""
+        self._serve_uapi = serve_uapi
+        """Gives each running device its `wg`/`awg` control socket; None: none (tests)."""
+        self._uapi: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -171,7 +194,8 @@ class RouterService:
         except BaseException:
             await self.close()
             raise
-        for device in self.devices.values():
+        for tunnel_id, device in self.devices.items():
+            await self._start_uapi(tunnel_id)
             device.connect()
 
     async def close(self) -> None:
@@ -283,6 +307,7 @@ class RouterService:
             device = self.devices[tunnel_id]
             if io is not None:
                 io.attach_device(tunnel_id, device)
+            await self._start_uapi(tunnel_id)
             device.connect()
         if io is not None:
             io.apply_now()
@@ -322,6 +347,7 @@ class RouterService:
 
     async def _stop_device(self, tunnel_id: str, reason: str) -> None:
         """Detach and report DOWN first (its flows are reset, nothing of it goes direct), then stop."""
+        await self._stop_uapi(tunnel_id)
         device = self.devices.pop(tunnel_id)
         if self.io is not None:
             self.io.detach_device(tunnel_id)
@@ -339,6 +365,26 @@ class RouterService:
             await device.stop()
         except Exception:
             log.exception("[Router] stopping packet tunnel %s failed", tunnel_id)
+
+    async def _start_uapi(self, tunnel_id: str) -> None:
+        if self._serve_uapi is None:
+            return
+        name = (self.io.device_ifname(tunnel_id) if self.io is not None else None) or tunnel_id
+        try:
+            uapi = await self._serve_uapi(self.devices[tunnel_id], name)
+        except Exception:
+            log.exception("[Router] packet tunnel %s: its control socket failed", tunnel_id)
+            return
+        if uapi is not None:
+            self._uapi[tunnel_id] = uapi
+
+    async def _stop_uapi(self, tunnel_id: str) -> None:
+        uapi = self._uapi.pop(tunnel_id, None)
+        if uapi is not None:
+            try:
+                await uapi.stop()
+            except Exception:
+                log.exception("[Router] packet tunnel %s: closing its control socket failed", tunnel_id)
 
     def _device_ports(self) -> frozenset[int]:
         return frozenset(device.port for device in self.devices.values() if device.port)
@@ -424,7 +470,7 @@ async def _serve(
     conn: Any,
     make_io: Callable[[Any, list[int]], RouterIO] | None,
 ) -> None:
-    service = RouterService(router, states, open_handles, conn, make_io)
+    service = RouterService(router, states, open_handles, conn, make_io, serve_device_uapi)
     try:
         await service.open(factories)
     except Exception as exc:

@@ -194,7 +194,7 @@ class World:
     """A running ``RouterService`` (no packet tunnel at start, a SOCKS5 route), the control plane's end
     of its pipe, and what it received."""
 
-    def __init__(self, factories: dict[str, Callable[[], Any]] | None = None) -> None:
+    def __init__(self, factories: dict[str, Callable[[], Any]] | None = None, serve_uapi: Any = None) -> None:
         self.control, child = multiprocessing.Pipe()
         self.states: dict[str, TunnelState] = {"socks": TunnelState.UP}
         rules = [
@@ -213,7 +213,7 @@ class World:
             os_lookup=lambda *a: None,
         )
         self.handles = Handles()
-        self.service = RouterService(self.router, self.states, self.handles, child)
+        self.service = RouterService(self.router, self.states, self.handles, child, serve_uapi=serve_uapi)
         self.factories = factories or {}
         self.received: list[FromRouter] = []
         self._task: asyncio.Task[None] | None = None
@@ -432,6 +432,41 @@ def test_changed_tunnel_replaces_its_device_and_new_connections_use_the_new_addr
             assert len(old.sent) == 2
             assert app_packets_sent_out(world.handles, 40000) == []
             assert app_packets_sent_out(world.handles, 40001) == []
+
+    run(scenario)
+
+
+class ControlSockets:
+    """Stands in for ``serve_device_uapi``: which devices got a control socket, under which name, and
+    which sockets were closed."""
+
+    def __init__(self) -> None:
+        self.served: list[tuple[Any, str]] = []
+        self.stopped: list[str] = []
+
+    async def __call__(self, device: Any, name: str) -> Any:
+        self.served.append((device, name))
+        sockets = self
+
+        class Socket:
+            async def stop(self) -> None:
+                sockets.stopped.append(name)
+
+        return Socket()
+
+
+def test_each_device_answers_wg_under_its_tunnel_id_until_it_stops() -> None:
+    async def scenario() -> None:
+        sockets = ControlSockets()
+        first = FakeDevice(51900)
+        async with World({"wg": factory(first)}, serve_uapi=sockets) as world:
+            assert sockets.served == [(first, "wg")]  # the divert path: no interface, the tunnel id
+            second = FakeDevice(51901)
+            await add_wg(world, second)
+            assert sockets.served == [(first, "wg"), (second, "wg")] and sockets.stopped == ["wg"]
+            world.control.send(ChangeDevices({"socks": SOCKS}, {}, ("wg",)))
+            await world.until(lambda: second.stopped, "the device stopped")
+            assert sockets.stopped == ["wg", "wg"]
 
     run(scenario)
 

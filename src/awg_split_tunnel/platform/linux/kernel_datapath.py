@@ -571,6 +571,11 @@ class KernelIO:
         self._loop.add_reader(tun.fd, read)
         log.info("[Router] packet tunnel %s on %s (table %d)", tunnel_id, ifname, packet_table(slot))
 
+    def device_ifname(self, tunnel_id: str) -> str | None:
+        """The name of the TUN the tunnel's device reads (``awgstN``), while it has one."""
+        entry = self._tuns.get(tunnel_id)
+        return packet_ifname(entry[1]) if entry is not None else None
+
     def detach_device(self, tunnel_id: str) -> None:
         """The TUN goes (its routes with it; the unreachable route behind stays), and the flows the kernel
         routed into it are forgotten, so their next packets are decided again (reset, or direct)."""

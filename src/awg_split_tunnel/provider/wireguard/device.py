@@ -14,6 +14,7 @@ return a whole run from a GSO sender, where the kernel supports them: with the T
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -27,9 +28,15 @@ from typing import Any
 
 from awg_split_tunnel.core.events import EventBus, TunnelStateChanged
 from awg_split_tunnel.core.policy import TunnelState
-from awg_split_tunnel.errors import ConfigError
+from awg_split_tunnel.errors import ConfigError, ProtocolError
 from awg_split_tunnel.provider.amneziawg.envelope import envelope_for
-from awg_split_tunnel.provider.amneziawg.params import AmneziaParams, timer_overrides
+from awg_split_tunnel.provider.amneziawg.params import (
+    PARAM_NAMES,
+    TIMER_KEYS,
+    UNSET,
+    AmneziaParams,
+    timer_overrides,
+)
 from awg_split_tunnel.provider.wireguard.allowed_ips import AllowedIPs, Network
 from awg_split_tunnel.provider.wireguard.conf import WgConf, awg_params
 from awg_split_tunnel.provider.wireguard.envelope import Envelope, PlainEnvelope
@@ -45,6 +52,14 @@ from awg_split_tunnel.provider.wireguard.protocol import (
     WireGuardProtocol,
 )
 from awg_split_tunnel.provider.wireguard.timers import TimerSettings
+from awg_split_tunnel.provider.wireguard.uapi import (
+    ERRNO_INVALID,
+    DeviceState,
+    PeerChange,
+    PeerState,
+    SetRequest,
+    UapiError,
+)
 from awg_split_tunnel.provider.wireguard.value_range import Range
 
 log = logging.getLogger("awg_split_tunnel.wireguard")
@@ -543,6 +558,133 @@ class WireGuardDevice:
         for listener in self.state_listeners:
             listener(state, reason)
 
+    # -- UAPI (`wg show` / `wg set`; docs/UAPI.md) ----------------------------------------------------
+
+    def uapi_state(self) -> DeviceState:
+        """The device as a UAPI get reports it: keys, port, fwmark, AmneziaWG parameters, and each peer's
+        endpoint, last handshake, transfer counters, keepalive and allowed IPs."""
+        peers = []
+        networks: dict[bytes, list[Network]] = {}
+        for network, key in self.allowed_ips.items():
+            networks.setdefault(key, []).append(network)
+        for key, peer in self.core.peers.items():
+            entry = self.stats.peers.get(key)
+            preshared = peer.handshake.preshared_key
+            peers.append(
+                PeerState(
+                    public_key=key,
+                    preshared_key=preshared if any(preshared) else None,
+                    endpoint=peer.endpoint,
+                    last_handshake=entry.last_handshake if entry is not None else None,
+                    rx_bytes=peer.stats.rx_bytes,
+                    tx_bytes=peer.stats.tx_bytes,
+                    persistent_keepalive=peer.persistent_keepalive,
+                    allowed_ips=tuple(networks.get(key, ())),
+                )
+            )
+        return DeviceState(
+            private_key=self.core.identity.private,
+            listen_port=self.port,
+            fwmark=self.settings.fwmark,
+            amnezia=self.settings.amnezia,
+            peers=tuple(peers),
+        )
+
+    def apply_uapi(self, request: SetRequest) -> None:
+        """Apply a UAPI set to the running device, in the request's order; `UapiError` (with the errno to
+        answer) for what it cannot take: another listen port or fwmark (both fixed while the device runs),
+        AmneziaWG keys on a WireGuard device, timer keys, parameters that do not make a working set."""
+        if request.listen_port is not None and request.listen_port != self.port:
+            raise UapiError(ERRNO_INVALID, "the listen port is fixed while the device runs")
+        if request.fwmark is not None and request.fwmark != self.settings.fwmark:
+            raise UapiError(ERRNO_INVALID, "the fwmark is fixed while the device runs")
+        params = self._amnezia_after(request.amnezia)
+        now = self.clock()
+        if request.private_key is not None:
+            self.core.set_private_key(request.private_key, now)
+            self.settings = dataclasses.replace(self.settings, private_key=request.private_key)
+            for key in [k for k in self.stats.peers if k not in self.core.peers]:
+                self._forget_peer(key)
+        current = self.settings.amnezia
+        if params is not None and current is not None and _differ(params, current):
+            self.core.envelope = envelope_for(params)
+            self.core.disable_cookies = params.disable_cookies
+            self.settings = dataclasses.replace(self.settings, amnezia=params)
+        if request.replace_peers:
+            for key in list(self.core.peers):
+                self._forget_peer(key)
+        for change in request.peers:
+            self._apply_peer_change(change, now)
+        if not self._peers_up and self.state is TunnelState.UP:
+            self._set_state(TunnelState.DOWN, "its peers were removed")
+        self._flush()
+        self._rearm_timer()
+
+    def _amnezia_after(self, changes: Sequence[tuple[str, str]]) -> AmneziaParams | None:
+        current = self.settings.amnezia
+        if not changes:
+            return current
+        if current is None:
+            raise UapiError(ERRNO_INVALID, "AmneziaWG keys given to a WireGuard device")
+        values: dict[str, object] = {name: getattr(current, name) for name in PARAM_NAMES}
+        values.update(changes)
+        try:
+            params = AmneziaParams.from_mapping(values)
+            params.check()
+        except ConfigError as exc:
+            raise UapiError(ERRNO_INVALID, exc.reason) from None
+        for key in TIMER_KEYS:
+            if getattr(params, key) != getattr(current, key):
+                raise UapiError(ERRNO_INVALID, "the timer keys are fixed while the device runs")
+        return params
+
+    def _apply_peer_change(self, change: PeerChange, now: float) -> None:
+        key = change.public_key
+        if key == self.core.public_key:
+            return  # our own key: ignored, as wireguard-go does
+        if change.remove:
+            self._forget_peer(key)
+            return
+        keepalive = change.persistent_keepalive
+        if key not in self.core.peers:
+            if change.update_only:
+                return
+            try:
+                self.core.add_peer(
+                    PeerConfig(
+                        key, change.preshared_key, change.endpoint, None if keepalive == UNSET else keepalive
+                    ),
+                    now,
+                )
+            except ProtocolError as exc:
+                raise UapiError(ERRNO_INVALID, f"cannot add the peer: {exc}") from None
+            self.stats.peers[key] = PeerStatistics(key, change.endpoint)
+            log.info("%s %s: peer added through UAPI", self.log_tag, self.tunnel_id)
+        else:
+            self.core.update_peer(
+                key,
+                now,
+                preshared_key=change.preshared_key,
+                endpoint=change.endpoint,
+                persistent_keepalive=keepalive,
+                keepalive_off=keepalive == UNSET,
+            )
+        if change.replace_allowed_ips:
+            self.allowed_ips.remove_value(key)
+        for add, network in change.allowed_ips:
+            if add:
+                self.allowed_ips.insert(network, key)
+            elif network in self.allowed_ips.networks_of(key):
+                self.allowed_ips.remove(network)
+
+    def _forget_peer(self, key: bytes) -> None:
+        if key in self.core.peers:
+            self.core.remove_peer(key)
+            log.info("%s %s: peer removed through UAPI", self.log_tag, self.tunnel_id)
+        self.allowed_ips.remove_value(key)
+        self.stats.peers.pop(key, None)
+        self._peers_up.discard(key)
+
     # -- status --------------------------------------------------------------------------------------
 
     def statistics(self) -> DeviceStatistics:
@@ -572,6 +714,10 @@ class WireGuardDevice:
             if value:
                 counts[name.removeprefix("dropped_")] = value
         return counts
+
+
+def _differ(left: AmneziaParams, right: AmneziaParams) -> bool:
+    return any(getattr(left, name) != getattr(right, name) for name in PARAM_NAMES)
 
 
 def _discard(packets: list[bytes]) -> None:

@@ -207,6 +207,7 @@ class WireGuardProtocol:
         self.allowed_source = allowed_source
         self.under_load_handshakes = under_load_handshakes
         self.disable_cookies = disable_cookies
+        self._random_bytes = random_bytes
         self.cookie_checker = CookieChecker.for_public_key(self.identity.public, random_bytes)
         self.peers: dict[bytes, Peer] = {}
         self.dropped: Counter[str] = Counter()
@@ -249,6 +250,54 @@ class WireGuardProtocol:
         if peer is not None:
             self._zero_key_material(peer)
             peer.timers.stop_all()
+
+    def update_peer(
+        self,
+        public_key: bytes,
+        now: float,
+        *,
+        preshared_key: bytes | None = None,
+        endpoint: Endpoint | None = None,
+        persistent_keepalive: Range | None = None,
+        keepalive_off: bool = False,
+    ) -> None:
+        """Change a running peer (what `wg set ... peer` does): a new pre-shared key applies from the next
+        handshake, a new endpoint to the next datagram; a persistent keepalive turned on sends one now."""
+        peer = self.peers.get(public_key)
+        if peer is None:
+            raise ProtocolError("no such peer")
+        if preshared_key is not None:
+            peer.handshake.preshared_key = preshared_key
+        if endpoint is not None:
+            peer.endpoint = endpoint
+            peer.stats.endpoint = endpoint
+        if keepalive_off:
+            peer.persistent_keepalive = None
+            peer.timers.persistent_keepalive = None
+        elif persistent_keepalive is not None:
+            was_off = peer.persistent_keepalive is None
+            peer.persistent_keepalive = persistent_keepalive
+            if was_off and self._up:
+                self._send_keepalive(peer, now)
+
+    def set_private_key(self, private_key: bytes, now: float) -> None:
+        """A new static key (`wg set ... private-key`): every peer's sessions and handshake start over
+        under it (their counters and settings stay); a peer whose key is the new public key is removed,
+        as wireguard-go does."""
+        identity = StaticIdentity.from_private(private_key)
+        if identity.public == self.identity.public:
+            return
+        kept = [
+            (PeerConfig(p.public_key, p.handshake.preshared_key, p.endpoint, p.persistent_keepalive), p.stats)
+            for p in self.peers.values()
+            if p.public_key != identity.public
+        ]
+        for key in list(self.peers):
+            self.remove_peer(key)
+        self.identity = identity
+        self.cookie_checker = CookieChecker.for_public_key(identity.public, self._random_bytes)
+        for config, stats in kept:
+            self.add_peer(config, now).stats = stats
 
     def start(self, now: float) -> None:
         """The interface came up: peers with a persistent keepalive send one at once."""

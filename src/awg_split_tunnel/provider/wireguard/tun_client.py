@@ -4,8 +4,10 @@ wireguard-go + wg-quick.
 It creates the interface, sets its addresses and MTU, adds a route for every AllowedIPs prefix (a
 default route the way wg-quick does it: a separate table, a fwmark on our own UDP socket and two policy
 rules, so the encrypted datagrams themselves do not loop into the tunnel), runs until SIGINT/SIGTERM and
-then removes everything it added. `Table = off` skips routes; `Table = N` puts them in table N. DNS and
-the Pre/PostUp hooks are not applied (the daemon handles DNS; hooks are never executed).
+then removes everything it added. While it runs, `wg` (`awg` for an AmneziaWG device) shows and changes
+the device through its control socket named after the interface (docs/UAPI.md). `Table = off` skips
+routes; `Table = N` puts them in table N. DNS and the Pre/PostUp hooks are not applied (the daemon
+handles DNS; hooks are never executed).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from awg_split_tunnel.platform.linux import tun as linux_tun
 from awg_split_tunnel.provider.wireguard.conf import WgConf, parse_conf
 from awg_split_tunnel.provider.wireguard.device import WireGuardDevice, settings_from_conf
 from awg_split_tunnel.provider.wireguard.timers import TimerSettings
+from awg_split_tunnel.provider.wireguard.uapi_socket import UapiSocket, serve_uapi
 
 log = logging.getLogger("awg_split_tunnel.wireguard")
 
@@ -93,6 +96,7 @@ class TunClient:
         self.plan = plan_routes(conf)
         self.device: WireGuardDevice | None = None
         self.tun: linux_tun.Tun | None = None
+        self.uapi: UapiSocket | None = None
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._stop: asyncio.Event | None = None
 
@@ -121,6 +125,7 @@ class TunClient:
                 linux_tun.add_address(tun.name, address)
             self._add_routes()
             await device.start()
+            self.uapi = await serve_uapi(device, tun.name, amnezia=settings.amnezia is not None)
             loop.add_reader(tun.fd, self._on_tun_readable)
             self._undo.append(("stop reading the TUN", functools.partial(_remove_reader, loop, tun.fd)))
             log.info(
@@ -135,6 +140,9 @@ class TunClient:
                 ready(self)
             await self._stop.wait()
         finally:
+            if self.uapi is not None:
+                await self.uapi.stop()
+                self.uapi = None
             if self.device is not None:
                 await self.device.stop()
             self._teardown()
