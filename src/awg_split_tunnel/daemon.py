@@ -196,6 +196,7 @@ class Daemon:
         handles: Callable[..., Any] | None = None,
         status_out: TextIO | None = None,
         log_file: Path | None = None,
+        serve_ui: bool | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._log_file = log_file
@@ -207,6 +208,8 @@ class Daemon:
         self.exit_code = EXIT_OK
         self._control_path = control_path
         self._serve_api = serve_api
+        self._serve_ui = serve_api if serve_ui is None else serve_ui
+        self._dashboard: Any = None
         self._watch_interval = watch_interval
         self._check_privileges = check_privileges
         self._handles = handles
@@ -290,6 +293,8 @@ class Daemon:
             runtime.start()
         if self._serve_api:
             await self._start_control()
+        if self._serve_ui:
+            await self._start_dashboard(config)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="config-watch")
         await self._wait_first_probes()
         self._print_status(config)
@@ -316,6 +321,10 @@ class Daemon:
         if self._control is not None:
             await self._control.stop()
             self._control = None
+        if self._dashboard is not None:
+            await self._dashboard.stop()
+            logging.getLogger("awg_split_tunnel").removeHandler(self._dashboard.log_tail)
+            self._dashboard = None
         await self.bus.stop()
         if self.exit_code == EXIT_OK:
             log.info("[Core] stopped: divert handles closed, network restored")
@@ -530,15 +539,46 @@ class Daemon:
     async def _start_control(self) -> None:
         from awg_split_tunnel.api.control import ControlServer
 
-        self._control = ControlServer(
-            {"status": self._api_status, "connections": self._api_connections, "tunnel": self._api_tunnel},
-            self._control_path,
-        )
+        self._control = ControlServer({**self._api_handlers(), "ui": self._api_ui}, self._control_path)
         try:
             await self._control.start()
         except OSError as exc:
             log.warning("[API] control socket unavailable (%s): status/connections will not answer", exc)
             self._control = None
+
+    def _api_handlers(self) -> dict[str, Any]:
+        """What the control socket and the dashboard both ask the daemon."""
+        return {"status": self._api_status, "connections": self._api_connections, "tunnel": self._api_tunnel}
+
+    async def _start_dashboard(self, config: Config) -> None:
+        """The web dashboard (docs/DASHBOARD.md) on the config's loopback address; a taken port is logged,
+        the daemon runs on without it."""
+        listen = config.ui.host_port
+        if listen is None:
+            return
+        from awg_split_tunnel.ui.log_tail import LogTail
+        from awg_split_tunnel.ui.server import DashboardServer
+
+        tail = LogTail()
+        logging.getLogger("awg_split_tunnel").addHandler(tail)
+        dashboard = DashboardServer(self._api_handlers(), self.config_path, *listen, tail)
+        try:
+            await dashboard.start()
+        except OSError as exc:
+            logging.getLogger("awg_split_tunnel").removeHandler(tail)
+            log.warning(
+                "[UI] dashboard unavailable on %s (%s); set ui: listen in the config", config.ui.listen, exc
+            )
+            return
+        self._dashboard = dashboard
+
+    async def _api_ui(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        dashboard = self._dashboard
+        if dashboard is None:
+            raise DaemonError(
+                "the dashboard is off (`ui: off` in the config, or its address was taken: see the log)"
+            )
+        return {"url": dashboard.url}
 
     async def _api_status(self, request: Mapping[str, Any]) -> dict[str, Any]:
         tunnels = self.registry.snapshot()

@@ -1230,7 +1230,9 @@ class ConfigManager:
         except ConfigError as exc:
             if exc.file != file:
                 raise  # a .conf file's own error keeps its file and line
-            raise ConfigError(f"change rejected: {exc.reason}", file=file, key=exc.key) from None
+            raise ConfigError(
+                f"change rejected: {exc.reason}", file=file, line=exc.line, key=exc.key
+            ) from None
         self._write_config(text, config)
         self._doc, self._config, self._preamble = doc, config, "" if doc else text
         self._publish(what, detail)
