@@ -440,11 +440,15 @@ def service_status() -> None:
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    ui: Annotated[
+        bool, typer.Option("--ui", help="Keep it running with the apps live in the dashboard until Ctrl-C.")
+    ] = False,
+) -> None:
     """Linux, root: a self-contained lab in network namespaces showing the main job end to end."""
     from awg_split_tunnel.demo import run_demo
 
-    raise typer.Exit(run_demo(out))
+    raise typer.Exit(run_demo(out, ui=ui))
 
 
 # -- the running daemon ----------------------------------------------------------------------------------

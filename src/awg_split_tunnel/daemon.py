@@ -210,6 +210,7 @@ class Daemon:
         self._serve_api = serve_api
         self._serve_ui = serve_api if serve_ui is None else serve_ui
         self._dashboard: Any = None
+        self._log_tail: logging.Handler | None = None
         self._watch_interval = watch_interval
         self._check_privileges = check_privileges
         self._handles = handles
@@ -246,6 +247,8 @@ class Daemon:
         self._config = config
         self._file_stamp = self._stamp()
         configure_logging(config.log_level, self._log_file)
+        if self._serve_ui and config.ui.listen is not None:
+            self._keep_log_tail()
         log.info("[Core] starting with %s", self.config_path)
         raise_open_file_limit()
         self._started = True
@@ -323,8 +326,10 @@ class Daemon:
             self._control = None
         if self._dashboard is not None:
             await self._dashboard.stop()
-            logging.getLogger("awg_split_tunnel").removeHandler(self._dashboard.log_tail)
             self._dashboard = None
+        if self._log_tail is not None:
+            logging.getLogger("awg_split_tunnel").removeHandler(self._log_tail)
+            self._log_tail = None
         await self.bus.stop()
         if self.exit_code == EXIT_OK:
             log.info("[Core] stopped: divert handles closed, network restored")
@@ -556,21 +561,26 @@ class Daemon:
         listen = config.ui.host_port
         if listen is None:
             return
-        from awg_split_tunnel.ui.log_tail import LogTail
         from awg_split_tunnel.ui.server import DashboardServer
 
-        tail = LogTail()
-        logging.getLogger("awg_split_tunnel").addHandler(tail)
-        dashboard = DashboardServer(self._api_handlers(), self.config_path, *listen, tail)
+        dashboard = DashboardServer(self._api_handlers(), self.config_path, *listen, self._keep_log_tail())
         try:
             await dashboard.start()
         except OSError as exc:
-            logging.getLogger("awg_split_tunnel").removeHandler(tail)
             log.warning(
                 "[UI] dashboard unavailable on %s (%s); set ui: listen in the config", config.ui.listen, exc
             )
             return
         self._dashboard = dashboard
+
+    def _keep_log_tail(self) -> Any:
+        """The daemon's last log lines, kept from the start for the dashboard's log view."""
+        if self._log_tail is None:
+            from awg_split_tunnel.ui.log_tail import LogTail
+
+            self._log_tail = LogTail()
+            logging.getLogger("awg_split_tunnel").addHandler(self._log_tail)
+        return self._log_tail
 
     async def _api_ui(self, request: Mapping[str, Any]) -> dict[str, Any]:
         dashboard = self._dashboard

@@ -86,7 +86,7 @@ function tunnelCard(t) {
   ];
   for (const [name, value] of rows) facts.append(el("dt", { text: name }), el("dd", { text: value }));
   const chart = el("div", { class: "chart" });
-  const card = el("div", { class: "tunnel", id: `tunnel-${t.id}`, "data-state": t.state },
+  const card = el("div", { class: "tunnel-card", id: `tunnel-${t.id}`, "data-state": t.state },
     el("div", { class: "head" },
       el("span", { class: "id", text: t.id }),
       el("span", { class: "type", text: t.type }),
@@ -111,13 +111,13 @@ function updateChart(t, holder) {
     if (entry.times.length > HISTORY) { entry.times.shift(); entry.rx.shift(); entry.tx.shift(); }
   }
   entry.last = { time: now, rx: t.rx_bytes || 0, tx: t.tx_bytes || 0 };
-  const width = Math.max(holder.clientWidth, 240);
+  const width = Math.max(holder.clientWidth, 200);
   const data = [entry.times, entry.rx, entry.tx];
   if (!entry.plot || entry.plot.root.parentNode !== holder) {
     entry.plot = new uPlot({
-      width, height: 90, legend: { show: true }, cursor: { show: false },
+      width, height: 90, legend: { show: true, live: false }, cursor: { show: false },
       scales: { x: { time: true } },
-      axes: [{ show: false }, { size: 56, values: (u, ticks) => ticks.map((v) => bytes(v) + "/s"), font: "10px sans-serif" }],
+      axes: [{ show: false }, { size: 72, values: (u, ticks) => ticks.map((v) => bytes(v) + "/s"), font: "10px sans-serif" }],
       series: [{}, { label: "rx", stroke: "#2563eb", width: 1.5, value: (u, v) => v == null ? "-" : bytes(v) + "/s" },
                { label: "tx", stroke: "#15803d", width: 1.5, value: (u, v) => v == null ? "-" : bytes(v) + "/s" }],
     }, data, holder);
@@ -166,21 +166,31 @@ function renderConnections(state) {
   const rows = state.flows.filter((f) =>
     (!appFilter || f.app.toLowerCase().includes(appFilter) || f.path.toLowerCase().includes(appFilter)) &&
     (!routeFilter || f.tunnel === routeFilter || f.route === routeFilter));
+  // Flows of one app to one destination that went the same way are one row, with their count.
+  const groups = new Map();
+  for (const f of rows) {
+    const key = [f.app, f.pid, f.proto, f.dst, f.route, f.tunnel, f.reason].join("|");
+    const group = groups.get(key);
+    if (group) { group.count += 1; group.out += f.out; group.in += f.in; }
+    else groups.set(key, { ...f, count: 1 });
+  }
+  const shown = [...groups.values()].sort((a, b) => a.app.localeCompare(b.app) || String(a.dst).localeCompare(String(b.dst)));
   const body = document.querySelector("#connections tbody");
-  body.replaceChildren(...rows.map((f) => el("tr", { "data-app": f.app },
+  body.replaceChildren(...shown.map((f) => el("tr", { "data-app": f.app, "data-route": f.route },
     el("td", { title: f.path, text: f.app }),
     el("td", { text: f.pid ?? "?" }),
     el("td", { text: f.proto }),
     el("td", { text: f.dst }),
     el("td", { class: `route ${f.route}`, text: f.route === "tunnel" ? `tunnel ${f.tunnel}` : f.route }),
     el("td", { text: f.reason }),
+    el("td", { class: "num", text: f.count }),
     el("td", { class: "num", text: `${f.out} / ${f.in}` }))));
-  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "no live connections" })));
+  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 8, class: "muted", text: "no live connections" })));
   document.getElementById("flow-count").textContent = `${state.flows_total} live`;
   const more = document.getElementById("flows-more");
   const hidden = state.flows_total - state.flows.length;
   more.hidden = hidden <= 0;
-  more.textContent = hidden > 0 ? `and ${hidden} more not shown` : "";
+  more.textContent = hidden > 0 ? `the first ${state.flows.length} flows are listed; ${hidden} more are not` : "";
 }
 
 // -- rules ---------------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""The dashboard in a real browser (Debian's headless Chromium, driven by Selenium) against the real
+daemon in the lab: what a user sees and clicks, and what a hostile page cannot do."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from polling import wait_for
+from running_daemon import OPEN_REQUEST, RunningDaemon, read_line
+
+from awg_split_tunnel.lab import (
+    CLIENT,
+    SOCKS_IP,
+    SOCKS_PORT,
+    WEB_IP,
+    Lab,
+    call_in_netns,
+    start_dante,
+    start_web,
+)
+from awg_split_tunnel.lab.browser import LabBrowser, browser_problem
+from awg_split_tunnel.lab.topology import python_path
+from awg_split_tunnel.ui.access import COOKIE, CSRF_HEADER
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(
+        sys.platform != "linux" or os.geteuid() != 0, reason="needs root for network namespaces"
+    ),
+    pytest.mark.skipif(browser_problem() is not None, reason=f"a real browser {browser_problem()}"),
+]
+
+UI_PORT = 7799
+PAGE_TIMEOUT = 15.0
+"""Seconds for the page to show what the daemon knows (state is pushed once a second)."""
+
+
+def config_text(dataplane: str) -> str:
+    return f"""\
+# dashboard test: one SOCKS5 tunnel
+dataplane: {dataplane}
+default: direct
+ui:
+  listen: 127.0.0.1:{UI_PORT}   # the client namespace's loopback
+tunnels:
+  - id: socks   # dante in ns socks
+    type: socks5
+    server: {SOCKS_IP}:{SOCKS_PORT}
+rules:
+  # blocked when the tunnel is down
+  - process: app-block
+    tunnel: socks
+    fallback: block
+  # the end of the rules
+"""
+
+
+@pytest.fixture(params=["kernel", "divert"])
+def dataplane(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def start_daemon(lab: Lab, dataplane: str) -> RunningDaemon:
+    start_web(lab)
+    start_dante(lab)
+    config = lab.tmpdir / "config.yaml"
+    config.write_text(config_text(dataplane))
+    daemon = RunningDaemon(lab, config)
+    daemon.wait_running()
+    wait_for(lambda: "socks is UP" in daemon.output(), 15, "the SOCKS5 tunnel UP", daemon.output)
+    return daemon
+
+
+def cli(daemon: RunningDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """`awg-split-tunnel ARGS` as a user runs it, talking to this daemon's control socket."""
+    env = {**os.environ, "PYTHONPATH": python_path(), "AWG_SPLIT_TUNNEL_CONTROL": str(daemon.control)}
+    return subprocess.run(
+        [sys.executable, "-m", "awg_split_tunnel", *args], capture_output=True, text=True, env=env, timeout=30
+    )
+
+
+def dashboard_url(daemon: RunningDaemon) -> str:
+    done = cli(daemon, "ui", "--url")
+    assert done.returncode == 0, done.stderr
+    url = done.stdout.strip()
+    assert url.startswith(f"http://127.0.0.1:{UI_PORT}/?token=")
+    return url
+
+
+@pytest.fixture
+def browser(lab: Lab) -> Iterator[LabBrowser]:
+    with LabBrowser(lab.ns_name(CLIENT)) as instance:
+        yield instance
+
+
+def wait_page(browser: LabBrowser, script: str, what: str) -> Any:
+    """Poll a JavaScript expression in the page until it is truthy; its value."""
+    found: list[Any] = []
+
+    def check() -> bool:
+        value = browser.call(lambda driver: driver.execute_script(f"return {script}"))
+        found[:] = [value]
+        return bool(value)
+
+    wait_for(check, PAGE_TIMEOUT, what, lambda: str(found))
+    return found[0]
+
+
+def text_of(selector: str) -> str:
+    return f"(document.querySelector({selector!r}) || {{}}).textContent"
+
+
+def test_the_page_lists_the_tunnels_and_an_apps_live_connection_with_its_route(
+    lab: Lab, dataplane: str, browser: LabBrowser
+) -> None:
+    daemon = start_daemon(lab, dataplane)
+    url = dashboard_url(daemon)
+    app = lab.spawn(
+        CLIENT, [lab.apps.get("app-block") or _app(lab, "app-block"), "-c", OPEN_REQUEST, WEB_IP],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert read_line(app, 10.0) == "connected"
+        browser.call(lambda driver: driver.get(url))
+        card = wait_page(browser, text_of("#tunnel-socks"), "the socks tunnel's card")
+        assert "socks5" in card and "up" in card.lower()
+        row = wait_page(
+            browser, text_of('#connections tr[data-app="app-block"]'), "app-block's connection listed"
+        )
+        assert f"{WEB_IP}:80" in row and "tunnel socks" in row and "rule #0" in row
+        path = browser.call(
+            lambda driver: driver.execute_script(
+                "return document.querySelector('#connections tr[data-app=\"app-block\"] td').title"
+            )
+        )
+        assert path == str(lab.apps["app-block"])
+        # The page is where the browser was sent: the token left the address bar for a cookie.
+        assert "token=" not in browser.call(lambda driver: driver.current_url)
+    finally:
+        app.kill()
+        app.wait()
+
+
+def _app(lab: Lab, name: str) -> Path:
+    from awg_split_tunnel.lab import make_app
+
+    return make_app(lab, name)
+
+
+def test_clicking_down_takes_the_tunnel_down_and_blocks_its_block_app(lab: Lab, browser: LabBrowser) -> None:
+    daemon = start_daemon(lab, "kernel")
+    _app(lab, "app-block")
+    assert lab.app("app-block").seen_ip == SOCKS_IP
+    browser.call(lambda driver: driver.get(dashboard_url(daemon)))
+    wait_page(
+        browser, "document.querySelector('#tunnel-socks button[data-action=\"down\"]')", "a Down button"
+    )
+    browser.call(lambda driver: driver.execute_script(
+        "document.querySelector('#tunnel-socks button[data-action=\"down\"]').click()"
+    ))  # fmt: skip
+    wait_for(lambda: "down" in cli(daemon, "status").stdout, 10, "`status` to say DOWN", daemon.output)
+    blocked = lab.app("app-block", timeout=2.0)
+    assert not blocked.ok and blocked.seen_ip == ""
+    card = wait_page(
+        browser, "document.querySelector('#tunnel-socks[data-state=\"down\"]')?.textContent", "the card DOWN"
+    )
+    assert "by hand" in card or "down" in card.lower()
+    browser.call(lambda driver: driver.execute_script(
+        "document.querySelector('#tunnel-socks button[data-action=\"up\"]').click()"
+    ))  # fmt: skip
+    wait_for(lambda: "up" in cli(daemon, "status").stdout, 15, "`status` to say UP again", daemon.output)
+    wait_for(lambda: lab.app("app-block").seen_ip == SOCKS_IP, 10, "app-block through socks again")
+
+
+def test_a_rule_added_in_the_page_is_in_the_yaml_with_its_comments(lab: Lab, browser: LabBrowser) -> None:
+    daemon = start_daemon(lab, "kernel")
+    browser.call(lambda driver: driver.get(dashboard_url(daemon)))
+    wait_page(browser, "document.querySelectorAll('#rules tbody tr').length === 1", "the rule listed")
+
+    def add_rule(driver: Any) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
+
+        driver.find_element(By.ID, "rule-process").send_keys("app-new")
+        Select(driver.find_element(By.ID, "rule-tunnel")).select_by_value("socks")
+        Select(driver.find_element(By.ID, "rule-fallback")).select_by_value("drop")
+        driver.find_element(By.ID, "rule-submit").click()
+
+    browser.call(add_rule)
+    wait_page(browser, "document.querySelectorAll('#rules tbody tr').length === 2", "the new rule listed")
+    text = daemon.config.read_text()
+    for line in config_text("kernel").splitlines():
+        if "#" in line:
+            assert line in text
+    assert "  - process: app-new\n    tunnel: socks\n    fallback: drop\n" in text
+    # The daemon applies it like any edit of the file: the new app is dropped.
+    wait_for(lambda: "2 rules, default direct" in daemon.output(), 10, "the new rule applied", daemon.output)
+    _app(lab, "app-new")
+    assert not lab.app("app-new", timeout=2.0).ok
+
+    def test_match(driver: Any) -> str:
+        from selenium.webdriver.common.by import By
+
+        driver.find_element(By.ID, "match-process").send_keys("/opt/bin/app-new")
+        driver.find_element(By.CSS_SELECTOR, "#match-form button").click()
+        return ""
+
+    browser.call(test_match)
+    result = wait_page(browser, text_of("#match-result"), "the match result")
+    assert "socks" in result and "drop" in result and "rule #1" in result
+
+    # An invalid rule is refused with the file's line, and the file stays as it was.
+    def bad_rule(driver: Any) -> None:
+        from selenium.webdriver.common.by import By
+
+        driver.find_element(By.ID, "rule-process").send_keys("re:(")
+        driver.find_element(By.ID, "rule-submit").click()
+
+    before = daemon.config.read_text()
+    browser.call(bad_rule)
+    error = wait_page(browser, text_of("#action-error"), "the refusal shown")
+    assert "rules[2].process" in error and "config.yaml:" in error
+    assert daemon.config.read_text() == before
+
+
+def request_in_client(lab: Lab, method: str, path: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+    def send() -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection("127.0.0.1", UI_PORT, timeout=5)
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        return response
+
+    return call_in_netns(lab.ns_name(CLIENT), send)
+
+
+def test_requests_without_the_token_from_a_foreign_host_or_without_csrf_are_refused(
+    lab: Lab, dataplane: str
+) -> None:
+    daemon = start_daemon(lab, dataplane)
+    token = dashboard_url(daemon).split("token=", 1)[1]
+    own = f"127.0.0.1:{UI_PORT}"
+    signed_in = request_in_client(lab, "GET", f"/?token={token}", {"Host": own})
+    assert signed_in.status == 303
+    cookie = f"{COOKIE}={token}"
+    assert request_in_client(lab, "GET", "/api/state", {"Host": own, "Cookie": cookie}).status == 200
+    assert request_in_client(lab, "GET", "/api/state", {"Host": own}).status == 401
+    assert (
+        request_in_client(lab, "GET", "/api/state", {"Host": "evil.example", "Cookie": cookie}).status == 403
+    )
+    down = request_in_client(lab, "POST", "/api/tunnels/socks/down", {"Host": own, "Cookie": cookie})
+    assert down.status == 403
+    assert "up" in cli(daemon, "status").stdout
+    page = request_in_client(lab, "GET", "/", {"Host": own, "Cookie": cookie})
+    assert page.status == 200
+    assert not [h for h, _ in page.getheaders() if h.lower().startswith("access-control-")]
+    assert CSRF_HEADER  # the page's own requests carry it: tested through the browser above
