@@ -551,6 +551,12 @@ def ui(
     if not _has_browser_display():
         err.print("no graphical session here: open the address above in a browser on this machine")
         return
+    if sys.platform != "win32":
+        import os
+
+        if os.geteuid() == 0:
+            err.print("not starting a browser as root: open the address above in your browser")
+            return
     import webbrowser
 
     if not webbrowser.open(url):
