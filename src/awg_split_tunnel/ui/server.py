@@ -194,7 +194,7 @@ class DashboardServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **SECURITY_HEADERS})
         await response.prepare(request)
         seen = 0
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+        with contextlib.suppress(ConnectionError):  # the page was closed
             while not self._closing.is_set():
                 state = await self.state()
                 lines = self.log_tail.since(seen)
