@@ -276,3 +276,62 @@ def test_requests_without_the_token_from_a_foreign_host_or_without_csrf_are_refu
         lab, "POST", "/api/tunnels/socks/down", {"Host": own, "Cookie": cookie, CSRF_HEADER: "0" * 64}
     )
     assert with_csrf.status == 403 and socks_state(daemon) == "up"  # a guessed token is no better
+
+
+def test_demo_ui_keeps_the_five_apps_live_in_the_dashboard_until_ctrl_c() -> None:
+    import re
+    import signal
+    import time
+
+    from awg_split_tunnel.lab.netns import list_netns
+
+    env = {**os.environ, "PYTHONPATH": python_path()}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "awg_split_tunnel", "demo", "--ui"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert demo.stdout is not None
+    try:
+        seen: list[str] = []
+        for line in demo.stdout:
+            seen.append(line)
+            if line.startswith("dashboard:"):
+                break
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)", "".join(seen))
+        assert found, "".join(seen)[-3000:]
+        prefix = re.search(r"/tmp/([a-z0-9]+)-[^/]+/config\.yaml", "".join(seen))
+        assert prefix is not None
+        port, token = int(found.group(1)), found.group(2)
+        own = f"127.0.0.1:{port}"
+
+        def get(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+            # this machine's loopback: the demo forwards it to the dashboard in its client namespace
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            connection.close()
+            return response.status, body
+
+        assert get(f"/?token={token}", {"Host": own})[0] == 303
+        cookie = {"Host": own, "Cookie": f"{COOKIE}={token}"}
+        apps = {"app-awg", "app-socks", "app-http", "app-direct", "app-drop"}
+        listed: set[str] = set()
+
+        def every_app_listed() -> bool:
+            status, body = get("/api/state", cookie)
+            assert status == 200
+            listed.update(flow["app"] for flow in json.loads(body)["flows"])
+            return apps <= listed
+
+        wait_for(every_app_listed, 20, "the five apps' connections in the dashboard", lambda: str(listed))
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0
+        deadline = time.monotonic() + 5
+        while any(ns.startswith(prefix.group(1)) for ns in list_netns()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [ns for ns in list_netns() if ns.startswith(prefix.group(1))]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
