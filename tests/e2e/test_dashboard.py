@@ -226,6 +226,33 @@ def test_a_rule_added_in_the_page_is_in_the_yaml_with_its_comments(lab: Lab, bro
     result = wait_page(browser, text_of("#match-result"), "the match result")
     assert "socks" in result and "drop" in result and "rule #1" in result
 
+    # Moved up and edited in the page: the file follows, its comments stay.
+    browser.call(lambda driver: driver.execute_script(
+        "document.querySelector('#rules tr[data-index=\"1\"] button[title=\"move up\"]').click()"
+    ))  # fmt: skip
+    wait_page(
+        browser, text_of('#rules tr[data-index="0"] td:nth-child(2)') + " === 'app-new'", "the rule moved up"
+    )
+
+    def edit_first(driver: Any) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
+
+        driver.find_element(
+            By.CSS_SELECTOR, '#rules tr[data-index="0"] td.actions button:nth-child(3)'
+        ).click()
+        Select(driver.find_element(By.ID, "rule-fallback")).select_by_value("block")
+        driver.find_element(By.ID, "rule-submit").click()
+
+    browser.call(edit_first)
+    wait_page(
+        browser, text_of('#rules tr[data-index="0"] td:nth-child(4)') + " === 'block'", "the rule edited"
+    )
+    text = daemon.config.read_text()
+    assert text.index("process: app-new") < text.index("# blocked when the tunnel is down")
+    assert "  - process: app-new\n    tunnel: socks\n    fallback: block\n" in text
+    assert text.rstrip().endswith("# the end of the rules")
+
     # An invalid rule is refused with the file's line, and the file stays as it was.
     def bad_rule(driver: Any) -> None:
         from selenium.webdriver.common.by import By

@@ -1100,8 +1100,7 @@ class ConfigManager:
 
     def move_rule(self, index: int, to: int) -> None:
         """Move the rule at `index` so that it becomes rule `to` (first match wins: this changes which rule
-        decides). The comment lines above it go with it, except above the first rule, where they stay
-        as the list's heading."""
+        decides). The comment lines above each rule go with it."""
         self._rule(index)
         count = len(self.config.rules)
         if not 0 <= to < count:
@@ -1366,16 +1365,43 @@ def _remove(doc: CommentedMap, key: str, index: int) -> None:
 
 
 def _move(doc: CommentedMap, key: str, index: int, to: int) -> None:
-    """Move `doc[key][index]` to position `to`, with the comment lines above it (see `_remove`)."""
+    """Move `doc[key][index]` to position `to`; every item keeps the comment lines above it (the first
+    item's hang on the list's key) and the lines below the list stay below it."""
     seq = doc[key]
-    above = _take_following_comment(seq[index - 1]) if index > 0 else ""
-    node = seq[index]
-    _remove(doc, key, index)
-    _insert(seq, to, node)
-    if to > 0:
-        _give_following_comment(seq[to - 1], above)
-    elif above:
-        _give_list_heading(doc, key, above)
+    above = [_take_above(doc, key, i) for i in range(len(seq))]
+    below = _take_following_comment(seq[-1])
+    seq.insert(to, seq.pop(index))
+    above.insert(to, above.pop(index))
+    for i, lines in enumerate(above):
+        if i > 0:
+            _give_following_comment(seq[i - 1], lines)
+        elif lines:
+            _give_list_heading(doc, key, lines)
+    _give_following_comment(seq[-1], below)
+
+
+def _take_above(doc: CommentedMap, key: str, index: int) -> str:
+    """Detach the comment lines above `doc[key][index]` and return them."""
+    if index > 0:
+        return _take_following_comment(doc[key][index - 1])
+    entry = doc.ca.items.get(key)
+    if not entry:
+        return ""
+    lines = ""
+    token = entry[2]
+    if isinstance(token, CommentToken) and "\n" in token.value:
+        eol, lines = token.value.split("\n", 1)
+        if eol:
+            kept = copy.copy(token)
+            kept.value = eol + "\n"
+            entry[2] = kept
+        else:
+            entry[2] = None
+    # Without a comment on the key's own line, ruamel keeps the lines as separate tokens.
+    if len(entry) > 3 and isinstance(entry[3], list):
+        lines += "".join(" " * t.column + t.value for t in entry[3] if isinstance(t, CommentToken))
+        entry[3] = None
+    return lines
 
 
 def _give_list_heading(doc: CommentedMap, key: str, lines: str) -> None:

@@ -1019,15 +1019,23 @@ def test_moving_a_rule_reorders_the_rules_and_keeps_every_comment(
     assert text.index("# end of rules") > text.index("tunnel: direct")
 
 
-@pytest.mark.parametrize(("index", "to"), [(2, 1), (1, 2)])
-def test_a_moved_rule_takes_its_comment_line_along(manager: ConfigManager, index: int, to: int) -> None:
-    original = manager.path.read_text()
+@pytest.mark.parametrize(("index", "to"), [(2, 1), (1, 2), (2, 0), (0, 2), (1, 0), (0, 1)])
+@pytest.mark.parametrize("heading", ["rules:    # first match wins", "rules:"])
+def test_a_moved_rule_takes_its_comment_line_along(tmp_path: Path, index: int, to: int, heading: str) -> None:
+    path = write(tmp_path, BASE.replace("rules:    # first match wins", heading))
+    manager = ConfigManager(path)
+    manager.load()
+    original = path.read_text()
     manager.move_rule(index, to)
-    lines = [line.strip() for line in manager.path.read_text().splitlines()]
+    text = path.read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[lines.index("# browsers") + 1] == "- process: firefox"
     assert lines[lines.index("# build tools") + 1] == '- process: "/opt/tools/*/bin/curl"'
     assert lines[lines.index("# games last") + 1] == "- process: steam"
+    assert text.splitlines()[-1] == "# end of rules" and heading in text
+    assert load_config(path).rules == manager.config.rules
     manager.move_rule(to, index)
-    assert manager.path.read_text() == original
+    assert path.read_text() == original
 
 
 def test_a_bad_edit_or_move_is_refused_with_the_key_and_changes_nothing(manager: ConfigManager) -> None:
