@@ -200,30 +200,3 @@ def test_the_systemd_unit_runs_this_installation_with_the_config_and_restarts_wi
     runs = str(script) if script.is_file() else f"{sys.executable} -m awg_split_tunnel"
     assert exec_start == f"ExecStart={runs} run -c {config.resolve()}"
     assert "Restart=on-failure" in result.output and "RestartSec=500ms" in result.output
-
-
-def test_ui_prints_the_dashboards_sign_in_address(monkeypatch: pytest.MonkeyPatch) -> None:
-    from awg_split_tunnel.api import control
-
-    url = "http://127.0.0.1:7799/?token=abc"
-    asked: list[str] = []
-    monkeypatch.setattr(control, "request", lambda cmd, **_: asked.append(cmd) or {"url": url})
-    opened: list[str] = []
-    monkeypatch.setattr("webbrowser.open", lambda target: opened.append(target) or True)
-    result = runner.invoke(app, ["ui", "--url"])
-    assert result.exit_code == 0 and result.output.strip() == url and asked == ["ui"]
-    monkeypatch.delenv("DISPLAY", raising=False)
-    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    result = runner.invoke(app, ["ui"])
-    assert result.exit_code == 0 and url in result.output and "no graphical session" in result.output
-    assert opened == []
-
-
-def test_ui_without_a_daemon_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("AWG_SPLIT_TUNNEL_CONTROL", str(tmp_path / "none.sock"))
-    result = runner.invoke(app, ["ui", "--url"])
-    assert result.exit_code == 1
-    assert (
-        result.output.strip()
-        == f"error: the daemon is not running (no control socket at {tmp_path}/none.sock)"
-    )
