@@ -14,7 +14,7 @@ import aiohttp
 from awg_split_tunnel.errors import TunnelError
 from awg_split_tunnel.ui.access import COOKIE, CSRF_HEADER
 from awg_split_tunnel.ui.log_tail import LogTail
-from awg_split_tunnel.ui.server import DashboardServer
+from awg_split_tunnel.ui.server import MAX_FLOWS, DashboardServer
 
 CONFIG = """\
 # dashboard test config
@@ -348,5 +348,20 @@ def test_unknown_tunnel_action_is_answered_with_the_daemons_error(tmp_path: Path
         await browser.sign_in()
         status, answer, _ = await browser.send("POST", "/api/tunnels/ghost/down")
         assert status == 400 and "no tunnel 'ghost'" in answer["error"]
+
+    run(tmp_path, scenario)
+
+
+def test_a_long_connection_list_is_cut_to_the_first_flows_with_the_total(tmp_path: Path) -> None:
+    async def scenario(browser: Browser, daemon: FakeDaemon, path: Path) -> None:
+        flow = {"proto": "tcp", "pid": 1, "exe": "/usr/bin/curl", "dst": "198.18.0.10:80", "route": "pass"}
+
+        async def many(request: Mapping[str, Any]) -> dict[str, Any]:
+            return {"flows": [flow] * 1000, "total": 5000, "next": {"listing": 1, "offset": 1000}}
+
+        browser.server.handlers = {**browser.server.handlers, "connections": many}
+        await browser.sign_in()
+        status, state, _ = await browser.send("GET", "/api/state")
+        assert status == 200 and len(state["flows"]) == MAX_FLOWS and state["flows_total"] == 5000
 
     run(tmp_path, scenario)
