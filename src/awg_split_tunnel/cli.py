@@ -22,6 +22,7 @@ from awg_split_tunnel.errors import AwgSplitTunnelError
 
 if TYPE_CHECKING:
     from awg_split_tunnel.core.config import ConfigManager
+    from awg_split_tunnel.platform.linux.systemd import SystemdService
 
 app = typer.Typer(
     name="awg-split-tunnel",
@@ -34,6 +35,10 @@ rule_app = typer.Typer(help="Edit the rules (saved to the YAML, comments kept)."
 app.add_typer(rule_app, name="rule")
 tunnel_app = typer.Typer(help="Manual control of the running daemon's tunnels.", no_args_is_help=True)
 app.add_typer(tunnel_app, name="tunnel")
+service_app = typer.Typer(
+    help="Linux: run the daemon as a systemd service (restarted on failure).", no_args_is_help=True
+)
+app.add_typer(service_app, name="service")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -379,25 +384,73 @@ def cleanup() -> None:
 
 @app.command("systemd-unit")
 def systemd_unit(config: ConfigOption = None) -> None:
-    """Print a systemd unit that runs the daemon (restart on failure within a second); install it with
-    `awg-split-tunnel systemd-unit > /etc/systemd/system/awg-split-tunnel.service`."""
-    from importlib.resources import files
+    """Print a systemd unit that runs the daemon (restart on failure within a second); `service install`
+    installs it."""
+    from awg_split_tunnel.platform.linux.systemd import unit_text
 
-    template = files("awg_split_tunnel").joinpath("data/awg-split-tunnel.service").read_text()
-    # The installation that prints the unit is the one it runs: its interpreter's own script (a venv's,
-    # not whatever comes first on PATH), else that interpreter with -m.
-    script = Path(sys.executable).parent / "awg-split-tunnel"
-    exe = str(script) if script.is_file() else f"{sys.executable} -m awg_split_tunnel"
-    config_path = _config_path(config).resolve()
-    sys.stdout.write(template.replace("@EXEC@", exe).replace("@CONFIG@", str(config_path)))
+    sys.stdout.write(unit_text(_config_path(config).resolve()))
+
+
+def _service() -> SystemdService:
+    """The systemd service of this installation (a seam: tests replace it with one on a fake systemctl)."""
+    from awg_split_tunnel.platform.linux.systemd import SystemdService
+
+    return SystemdService()
+
+
+def _service_root_check(action: str) -> None:
+    if sys.platform != "linux":
+        raise _fail(
+            "service is for Linux with systemd (on Windows, run the daemon as a service with your tools)"
+        )
+    import os
+
+    if os.geteuid() != 0:
+        raise _fail(f"service {action} needs root (it writes /etc/systemd/system): run it with sudo")
+
+
+@service_app.command("install")
+def service_install(config: ConfigOption = None) -> None:
+    """Install the unit, enable it at boot and start it now (with the default config, or -c)."""
+    from awg_split_tunnel.platform.linux.systemd import unit_text
+
+    _service_root_check("install")
+    with _user_errors():
+        manager = _manager(config)  # a unit that cannot start would only restart in a loop
+        for line in _service().install(unit_text(manager.path.resolve())):
+            _say(line)
+    _say("status: ", ("awg-split-tunnel service status", "bold"), "; logs: journalctl -u awg-split-tunnel")
+
+
+@service_app.command("uninstall")
+def service_uninstall() -> None:
+    """Stop and disable the service and remove its unit (the config stays)."""
+    _service_root_check("uninstall")
+    with _user_errors():
+        for line in _service().uninstall():
+            _say(line)
+
+
+@service_app.command("status")
+def service_status() -> None:
+    """Whether the unit is installed, enabled and running."""
+    if sys.platform != "linux":
+        raise _fail("service is for Linux with systemd")
+    with _user_errors():
+        for line in _service().status():
+            _say(line)
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    ui: Annotated[
+        bool, typer.Option("--ui", help="Keep it running with the apps live in the dashboard until Ctrl-C.")
+    ] = False,
+) -> None:
     """Linux, root: a self-contained lab in network namespaces showing the main job end to end."""
     from awg_split_tunnel.demo import run_demo
 
-    raise typer.Exit(run_demo(out))
+    raise typer.Exit(run_demo(out, ui=ui))
 
 
 # -- the running daemon ----------------------------------------------------------------------------------
@@ -515,6 +568,44 @@ def _connection_line(values: tuple[object, ...]) -> str:
     """One row of `connections`, each cell left-aligned in its column (a longer value widens its row)."""
     cells = ["" if v is None else str(v) for v in values]
     return " ".join(c.ljust(w) for c, w in zip(cells, _CONNECTION_WIDTHS, strict=True)).rstrip() + "\n"
+
+
+@app.command()
+def ui(
+    url_only: Annotated[bool, typer.Option("--url", help="Only print the address; open no browser.")] = False,
+) -> None:
+    """Open the running daemon's dashboard: prints its address (it carries this start's secret token,
+    which signs the browser in) and opens a browser where there is one."""
+    from awg_split_tunnel.api.control import request
+
+    with _user_errors():
+        url = str(request("ui")["url"])
+    typer.echo(url)
+    if url_only:
+        return
+    if not _has_browser_display():
+        err.print("no graphical session here: open the address above in a browser on this machine")
+        return
+    if sys.platform != "win32":
+        import os
+
+        if os.geteuid() == 0:
+            err.print("not starting a browser as root: open the address above in your browser")
+            return
+    import webbrowser
+
+    if not webbrowser.open(url):
+        err.print("no browser found: open the address above in a browser on this machine")
+
+
+def _has_browser_display() -> bool:
+    """A graphical browser can open: always on Windows and macOS, with an X or Wayland display elsewhere
+    (without one, Python's webbrowser would start a text browser in this terminal)."""
+    import os
+
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 @tunnel_app.command("up")

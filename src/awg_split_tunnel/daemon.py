@@ -210,6 +210,7 @@ class Daemon:
         status_out: TextIO | None = None,
         log_file: Path | None = None,
         hold_packets: Callable[[], Any] | None = None,
+        serve_ui: bool | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._log_file = log_file
@@ -221,6 +222,9 @@ class Daemon:
         self.exit_code = EXIT_OK
         self._control_path = control_path
         self._serve_api = serve_api
+        self._serve_ui = serve_api if serve_ui is None else serve_ui
+        self._dashboard: Any = None
+        self._log_tail: logging.Handler | None = None
         self._watch_interval = watch_interval
         self._check_privileges = check_privileges
         self._handles = handles
@@ -266,6 +270,8 @@ class Daemon:
         self._config = config
         self._file_stamp = self._stamp()
         configure_logging(config.log_level, self._log_file)
+        if self._serve_ui and config.ui.listen is not None:
+            self._keep_log_tail()
         log.info("[Core] starting with %s", self.config_path)
         raise_open_file_limit()
         self._started = True
@@ -315,6 +321,8 @@ class Daemon:
             runtime.start()
         if self._serve_api:
             await self._start_control()
+        if self._serve_ui:
+            await self._start_dashboard(config)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="config-watch")
         await self._wait_first_probes()
         self._print_status(config)
@@ -341,6 +349,12 @@ class Daemon:
         if self._control is not None:
             await self._control.stop()
             self._control = None
+        if self._dashboard is not None:
+            await self._dashboard.stop()
+            self._dashboard = None
+        if self._log_tail is not None:
+            logging.getLogger("awg_split_tunnel").removeHandler(self._log_tail)
+            self._log_tail = None
         await self.bus.stop()
         if self._holding is not None:
             self._holding.close()
@@ -620,15 +634,51 @@ class Daemon:
     async def _start_control(self) -> None:
         from awg_split_tunnel.api.control import ControlServer
 
-        self._control = ControlServer(
-            {"status": self._api_status, "connections": self._api_connections, "tunnel": self._api_tunnel},
-            self._control_path,
-        )
+        self._control = ControlServer({**self._api_handlers(), "ui": self._api_ui}, self._control_path)
         try:
             await self._control.start()
         except OSError as exc:
             log.warning("[API] control socket unavailable (%s): status/connections will not answer", exc)
             self._control = None
+
+    def _api_handlers(self) -> dict[str, Any]:
+        """What the control socket and the dashboard both ask the daemon."""
+        return {"status": self._api_status, "connections": self._api_connections, "tunnel": self._api_tunnel}
+
+    async def _start_dashboard(self, config: Config) -> None:
+        """The web dashboard (docs/DASHBOARD.md) on the config's loopback address; a taken port is logged,
+        the daemon runs on without it."""
+        listen = config.ui.host_port
+        if listen is None:
+            return
+        from awg_split_tunnel.ui.server import DashboardServer
+
+        dashboard = DashboardServer(self._api_handlers(), self.config_path, *listen, self._keep_log_tail())
+        try:
+            await dashboard.start()
+        except OSError as exc:
+            log.warning(
+                "[UI] dashboard unavailable on %s (%s); set ui: listen in the config", config.ui.listen, exc
+            )
+            return
+        self._dashboard = dashboard
+
+    def _keep_log_tail(self) -> Any:
+        """The daemon's last log lines, kept from the start for the dashboard's log view."""
+        if self._log_tail is None:
+            from awg_split_tunnel.ui.log_tail import LogTail
+
+            self._log_tail = LogTail()
+            logging.getLogger("awg_split_tunnel").addHandler(self._log_tail)
+        return self._log_tail
+
+    async def _api_ui(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        dashboard = self._dashboard
+        if dashboard is None:
+            raise DaemonError(
+                "the dashboard is off (`ui: off` in the config, or its address was taken: see the log)"
+            )
+        return {"url": dashboard.url}
 
     async def _api_status(self, request: Mapping[str, Any]) -> dict[str, Any]:
         tunnels = self.registry.snapshot()

@@ -7,14 +7,21 @@ AmneziaWG, SOCKS5, the HTTP proxy, direct and drop, starts the real daemon in th
 until every tunnel is UP (the AmneziaWG one after its handshake), runs the apps and shows which address
 the web server saw for each. Everything is removed at the end. Exit 0 only when every app went the
 predicted way.
+
+With ``--ui`` the lab and the daemon keep running afterwards, the five apps keep making requests, and the
+dashboard (docs/DASHBOARD.md) is reachable from this machine: a port on its loopback is forwarded, byte
+for byte, to the dashboard's port on the client namespace's loopback. Ctrl-C removes everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,25 @@ AWG_PARAMS: dict[str, str] = {
     "I1": "<b 0xc0ffee><r 5><t>",
 }  # fmt: skip
 """An AmneziaWG 2.0 parameter set: junk packets, padded messages of all four kinds, header ranges, I1."""
+DEMO_UI_PORT = 7799
+"""The dashboard's port (on this machine's loopback, forwarded into the lab); another if it is taken."""
+LIVE_TRAFFIC = r"""
+import socket, sys, time
+host, size = sys.argv[1], int(sys.argv[2])
+request = ("GET /bytes/%d HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n" % size).encode()
+while True:
+    try:
+        with socket.create_connection((host, 80), timeout=3) as s:
+            s.sendall(request)
+            while s.recv(65536):
+                pass
+        time.sleep(1)
+    except OSError:
+        time.sleep(5)
+"""
+"""What each app runs while the dashboard shows them: a new connection fetching a few tens of kilobytes
+every second (5 s after a failure), so each app always has flows to show (on the kernel data path a flow
+is listed for 75 s after its first packet, docs/DATAPATHS.md) and the charts move."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +95,16 @@ def demo_apps() -> list[DemoApp]:
     ]
 
 
-def demo_config() -> str:
+def demo_config(ui_port: int | None = None) -> str:
+    """The demo's config; with `ui_port` the dashboard listens there (on the client's loopback)."""
     from awg_split_tunnel.lab import HTTP_IP, HTTP_PROXY_PORT, SOCKS_IP, SOCKS_PORT
 
+    ui = "off" if ui_port is None else f"{{listen: 127.0.0.1:{ui_port}}}"
     return f"""\
 # awg-split-tunnel demo: five apps, five routes
 log_level: info
 default: direct
+ui: {ui}
 tunnels:
   - id: {AWG_TUNNEL_ID}
     type: amneziawg
@@ -100,8 +129,9 @@ rules:
 """
 
 
-def run_demo(console: Console | None = None) -> int:
-    """Run the demo; 0 when every app went the predicted way, 1 otherwise or when the lab cannot run."""
+def run_demo(console: Console | None = None, *, ui: bool = False) -> int:
+    """Run the demo; 0 when every app went the predicted way, 1 otherwise or when the lab cannot run.
+    With `ui`, keep it running with the dashboard open to this machine until Ctrl-C."""
     console = console or Console()
     if not sys.platform.startswith("linux"):
         console.print("[red]demo needs Linux (network namespaces)[/]")
@@ -113,13 +143,13 @@ def run_demo(console: Console | None = None) -> int:
 
     try:
         with Lab() as lab:
-            return _run_in_lab(lab, console)
+            return _run_in_lab(lab, console, ui)
     except (LabError, LabUnavailable) as exc:
         console.print(f"[red]the lab could not be built: {exc}[/]")
         return 1
 
 
-def _run_in_lab(lab: Any, console: Console) -> int:
+def _run_in_lab(lab: Any, console: Console, ui: bool = False) -> int:
     from awg_split_tunnel.lab import (
         CLIENT,
         generate_keypair,
@@ -141,15 +171,17 @@ def _run_in_lab(lab: Any, console: Console) -> int:
         start_tinyproxy(lab)
         for app in apps:
             make_app(lab, app.name)
+    forward = DashboardForward(lab) if ui else None
     config = lab.tmpdir / "config.yaml"
-    config.write_text(demo_config())
+    text = demo_config(None if forward is None else forward.port)
+    config.write_text(text)
     awg_conf = lab.tmpdir / AWG_CONF
     awg_conf.touch(mode=0o600)  # it holds a private key: never readable by others, not even briefly
     awg_conf.write_text(our_amneziawg_client_conf(peer, client_private))
     control = lab.tmpdir / "control.sock"
     log_path = lab.tmpdir / "daemon.log"
     console.print(f"[bold]config[/] ({config}):")
-    console.print(demo_config(), markup=False, highlight=False)
+    console.print(text, markup=False, highlight=False)
     console.print(
         f"[bold]{AWG_CONF}[/] (0600): AmneziaWG 2.0, our own peer in ns wg at {peer.endpoint}",
         highlight=False,
@@ -174,15 +206,96 @@ def _run_in_lab(lab: Any, console: Console) -> int:
             return 1
         with console.status("running the apps"):
             results = [_run_app(lab, app) for app in apps]
+        console.print(_table(results))
+        if forward is not None:
+            _show_dashboard(lab, apps, forward, control, console)
     finally:
+        if forward is not None:
+            forward.close()
         exit_code = _stop_daemon(daemon)
-    console.print(_table(results))
     if exit_code != 0:
         console.print(f"[red]the daemon exited with {exit_code}[/]")
     passed = all(r.ok for r in results) and exit_code == 0
     verdict = "[green]every app went the predicted way[/]" if passed else "[red]some app did not[/]"
     console.print(verdict)
     return 0 if passed else 1
+
+
+def _show_dashboard(
+    lab: Any, apps: list[DemoApp], forward: DashboardForward, control: Path, console: Console
+) -> None:
+    """Keep the apps talking and the dashboard reachable until Ctrl-C."""
+    from awg_split_tunnel.api.control import request
+    from awg_split_tunnel.lab import CLIENT, WEB_IP
+    from awg_split_tunnel.lab.apps import app_path
+
+    url = str(request("ui", path=control, timeout=5.0)["url"])
+    for number, app in enumerate(apps):
+        argv = [str(app_path(lab, app.name)), "-c", LIVE_TRAFFIC, WEB_IP, str(20_000 * (number + 1))]
+        lab.spawn(CLIENT, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    forward.start()
+    console.print(f"\n[bold]dashboard[/]: {url}", highlight=False, soft_wrap=True)
+    console.print("the apps keep running; Ctrl-C stops the daemon and removes the lab")
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(1)
+
+
+class DashboardForward:
+    """This machine's loopback `port` → the same port on the client namespace's loopback, bytes as they
+    are (the browser's Host header names the port the dashboard expects)."""
+
+    def __init__(self, lab: Any, port: int = DEMO_UI_PORT) -> None:
+        self._lab = lab
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(("127.0.0.1", port))
+        except OSError:
+            self._listener.bind(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._listener.listen(16)
+        self._listener.settimeout(0.5)
+        self._closing = threading.Event()
+        self._sockets: list[socket.socket] = []
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept, name="dashboard-forward", daemon=True).start()
+
+    def close(self) -> None:
+        self._closing.set()
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        from awg_split_tunnel.lab import CLIENT
+
+        while not self._closing.is_set():
+            try:
+                browser, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            dashboard = self._lab.socket(CLIENT, socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                dashboard.connect(("127.0.0.1", self.port))
+            except OSError:
+                browser.close()
+                dashboard.close()
+                continue
+            self._sockets += [browser, dashboard]
+            for source, sink in ((browser, dashboard), (dashboard, browser)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    for sock in (source, sink):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _wait_daemon(daemon: subprocess.Popen[bytes], control: Path, log_path: Path) -> str:
@@ -247,7 +360,7 @@ def _table(results: list[DemoResult]) -> Table:
 
 
 def main() -> int:
-    return run_demo()
+    return run_demo(ui="--ui" in sys.argv[1:])
 
 
 if __name__ == "__main__":

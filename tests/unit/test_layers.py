@@ -18,6 +18,7 @@ ADAPTERS = (
     "awg_split_tunnel.lab",
     "awg_split_tunnel.router",
     "awg_split_tunnel.api",
+    "awg_split_tunnel.ui",
     "awg_split_tunnel.provider.direct",
     "awg_split_tunnel.provider.health",
     "awg_split_tunnel.provider.socks5.provider",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import ipaddress
 import itertools
 import logging
 import os
@@ -296,6 +297,53 @@ class PacketTunnel(_TunnelBase):
         return self._conf_path
 
 
+DEFAULT_UI_LISTEN = "127.0.0.1:7799"
+"""Where the dashboard listens unless the config says otherwise (loopback only)."""
+
+
+def _ui_setting(value: object) -> object:
+    """``ui: off`` (or false) turns the dashboard off; ``ui: on`` (or true) is the default listener."""
+    if value is False or (isinstance(value, str) and value.lower() == "off"):
+        return {"listen": None}
+    if value is True or (isinstance(value, str) and value.lower() == "on"):
+        return {}
+    return value
+
+
+class UiConfig(_Model):
+    """The local web dashboard (docs/DASHBOARD.md): ``listen`` is a loopback ``IP:PORT``; None: off."""
+
+    listen: str | None = DEFAULT_UI_LISTEN
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _, port = value.rpartition(":")
+        try:
+            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+            number = int(port)
+        except ValueError:
+            address, number = None, -1
+        if address is None or not 0 <= number <= 65535:
+            raise ValueError(f"expected a loopback IP:PORT such as {DEFAULT_UI_LISTEN}, got {value!r}")
+        if not address.is_loopback:
+            raise ValueError(
+                f"{value!r} is not a loopback address: the dashboard is only served on this machine "
+                "(127.0.0.1 or [::1])"
+            )
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        """The address and port to listen on; None when the dashboard is off."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 AnyTunnel = Socks5Tunnel | HttpTunnel | PacketTunnel
 """Any tunnel model (for annotations and isinstance checks)."""
 Tunnel = Annotated[AnyTunnel, Field(discriminator="type")]
@@ -326,6 +374,8 @@ class Config(_Model):
     tunnels: tuple[Tunnel, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
     proxy: ProxyBounds = ProxyBounds()
+    ui: Annotated[UiConfig, BeforeValidator(_ui_setting)] = UiConfig()
+    """The dashboard: ``ui: {listen: 127.0.0.1:7799}`` (the default) or ``ui: off``."""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -1040,16 +1090,50 @@ class ConfigManager:
 
     def remove_rule(self, index: int) -> RuleConfig:
         """Remove and return the rule at `index`."""
+        removed = self._rule(index)
+        self._apply(
+            lambda d: _remove(d, "rules", index), "rule.remove", {"index": index, "process": removed.process}
+        )
+        return removed
+
+    def update_rule(self, index: int, rule: Mapping[str, Any]) -> RuleConfig:
+        """Replace the rule at `index` with `rule` (its keys; None or absent: the default), in place: the
+        comment lines around it stay. Returns the new rule."""
+        self._rule(index)
+
+        def change(doc: CommentedMap) -> None:
+            node = doc["rules"][index]
+            following = _take_following_comment(node)
+            for key in [k for k in node if rule.get(k) is None]:
+                del node[key]
+            for key, value in rule.items():
+                if value is not None:
+                    node[str(key)] = _to_node(value)
+            _give_following_comment(node, following)
+
+        self._apply(change, "rule.update", {"index": index, "process": str(rule.get("process", ""))})
+        return self.config.rules[index]
+
+    def move_rule(self, index: int, to: int) -> None:
+        """Move the rule at `index` so that it becomes rule `to` (first match wins: this changes which rule
+        decides). The comment lines above each rule go with it."""
+        self._rule(index)
+        count = len(self.config.rules)
+        if not 0 <= to < count:
+            raise ConfigError(
+                f"rule position {to} is out of range (0-{count - 1})", file=str(self.path), key="rules"
+            )
+        if to == index:
+            return
+        self._apply(lambda d: _move(d, "rules", index, to), "rule.move", {"index": index, "to": to})
+
+    def _rule(self, index: int) -> RuleConfig:
         rules = self.config.rules
         if not 0 <= index < len(rules):
             raise ConfigError(
                 f"no rule {index} (there are {len(rules)})", file=str(self.path), key=f"rules[{index}]"
             )
-        removed = rules[index]
-        self._apply(
-            lambda d: _remove(d, "rules", index), "rule.remove", {"index": index, "process": removed.process}
-        )
-        return removed
+        return rules[index]
 
     def import_conf(self, conf_path: Path, tunnel_id: str | None = None, *, copy: bool = True) -> str:
         """Add a tunnel from a WireGuard/AmneziaWG `.conf`: type amneziawg when it sets AmneziaWG parameters,
@@ -1161,7 +1245,9 @@ class ConfigManager:
         except ConfigError as exc:
             if exc.file != file:
                 raise  # a .conf file's own error keeps its file and line
-            raise ConfigError(f"change rejected: {exc.reason}", file=file, key=exc.key) from None
+            raise ConfigError(
+                f"change rejected: {exc.reason}", file=file, line=exc.line, key=exc.key
+            ) from None
         self._write_config(text, config)
         self._doc, self._config, self._preamble = doc, config, "" if doc else text
         self._publish(what, detail)
@@ -1291,13 +1377,57 @@ def _remove(doc: CommentedMap, key: str, index: int) -> None:
     if index > 0:
         _give_following_comment(seq[index - 1], following)
     elif following:
-        # The lines above the first item hang on the list's key.
-        entry = doc.ca.items.setdefault(key, [None, None, None, None])
-        token = entry[2]
-        if isinstance(token, CommentToken):
-            token.value = token.value.rstrip("\n") + "\n" + following
+        _give_list_heading(doc, key, following)
+
+
+def _move(doc: CommentedMap, key: str, index: int, to: int) -> None:
+    """Move `doc[key][index]` to position `to`; every item keeps the comment lines above it (the first
+    item's hang on the list's key) and the lines below the list stay below it."""
+    seq = doc[key]
+    above = [_take_above(doc, key, i) for i in range(len(seq))]
+    below = _take_following_comment(seq[-1])
+    seq.insert(to, seq.pop(index))
+    above.insert(to, above.pop(index))
+    for i, lines in enumerate(above):
+        if i > 0:
+            _give_following_comment(seq[i - 1], lines)
+        elif lines:
+            _give_list_heading(doc, key, lines)
+    _give_following_comment(seq[-1], below)
+
+
+def _take_above(doc: CommentedMap, key: str, index: int) -> str:
+    """Detach the comment lines above `doc[key][index]` and return them."""
+    if index > 0:
+        return _take_following_comment(doc[key][index - 1])
+    entry = doc.ca.items.get(key)
+    if not entry:
+        return ""
+    lines = ""
+    token = entry[2]
+    if isinstance(token, CommentToken) and "\n" in token.value:
+        eol, lines = token.value.split("\n", 1)
+        if eol:
+            kept = copy.copy(token)
+            kept.value = eol + "\n"
+            entry[2] = kept
         else:
-            entry[2] = CommentToken("\n" + following, CommentMark(0), None)
+            entry[2] = None
+    # Without a comment on the key's own line, ruamel keeps the lines as separate tokens.
+    if len(entry) > 3 and isinstance(entry[3], list):
+        lines += "".join(" " * t.column + t.value for t in entry[3] if isinstance(t, CommentToken))
+        entry[3] = None
+    return lines
+
+
+def _give_list_heading(doc: CommentedMap, key: str, lines: str) -> None:
+    """Attach comment lines above the first item of `doc[key]` (ruamel hangs them on the list's key)."""
+    entry = doc.ca.items.setdefault(key, [None, None, None, None])
+    token = entry[2]
+    if isinstance(token, CommentToken):
+        token.value = token.value.rstrip("\n") + "\n" + lines
+    else:
+        entry[2] = CommentToken("\n" + lines, CommentMark(0), None)
 
 
 def _same_file(a: Path, b: Path) -> bool:

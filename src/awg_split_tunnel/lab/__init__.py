@@ -20,7 +20,14 @@ the host's name. See ``docs/LAB.md`` for the rules.
 """
 
 from awg_split_tunnel.lab.apps import make_app, run_app, spawn_app
-from awg_split_tunnel.lab.netns import LabError, LabUnavailable, PacketCapture, call_in_netns, cleanup_stale
+from awg_split_tunnel.lab.netns import (
+    LabError,
+    LabUnavailable,
+    PacketCapture,
+    call_in_netns,
+    cleanup_stale,
+    enter_netns,
+)
 from awg_split_tunnel.lab.servers import (
     LabInternet,
     LabServer,
@@ -138,6 +145,7 @@ __all__ = [
     "WireGuardServer",
     "call_in_netns",
     "cleanup_stale",
+    "enter_netns",
     "generate_keypair",
     "make_app",
     "our_amneziawg_client_conf",

@@ -179,6 +179,15 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
+def enter_netns(name: str) -> None:
+    """Move the calling thread into namespace ``name`` for good (a worker thread's initializer: what it
+    runs afterwards, the threads and processes it starts, are all in ``name``)."""
+    with open(ns_path(name), "rb") as handle:
+        if _libc().setns(handle.fileno(), _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+
+
 def call_in_netns(name: str, function: Callable[[], T]) -> T:
     """Call ``function`` on a helper thread that has entered namespace ``name``; return its result.
 
@@ -190,10 +199,7 @@ def call_in_netns(name: str, function: Callable[[], T]) -> T:
 
     def enter_and_call() -> None:
         try:
-            with open(ns_path(name), "rb") as handle:
-                if _libc().setns(handle.fileno(), _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            enter_netns(name)
             result.append(function())
         except BaseException as exc:
             error.append(exc)

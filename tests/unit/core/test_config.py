@@ -983,3 +983,102 @@ def test_amneziawg_conf_with_overlapping_headers_names_the_conf_file(tmp_path: P
     error = config_error(tmp_path, "tunnels:\n  - id: nl\n    type: amneziawg\n    config_file: nl.conf\n")
     assert error.file == str(tmp_path / "nl.conf")
     assert "overlap" in error.reason and "nl" in error.reason
+
+
+# -- editing rules in place and moving them (the dashboard's rule editor) -----------------------------
+
+
+def test_editing_a_rule_changes_only_that_rule_and_keeps_every_comment(manager: ConfigManager) -> None:
+    manager.update_rule(1, {"process": "wget", "tunnel": "office", "fallback": "drop"})
+    text = manager.path.read_text()
+    comments = [line.strip() for line in BASE.splitlines() if "#" in line]
+    assert [line.strip() for line in text.splitlines() if "#" in line] == comments
+    assert manager.list_rules()[1] == RuleConfig(
+        process="wget", tunnel="office", fallback=FallbackPolicy.DROP
+    )
+    assert text.index("# build tools") < text.index("wget") < text.index("# games last")
+    # A key left out returns to its default: the line goes.
+    manager.update_rule(0, {"process": "firefox", "tunnel": "office"})
+    assert "fallback: block" not in manager.path.read_text()
+    assert manager.list_rules()[0].fallback is FallbackPolicy.ALLOW_DIRECT
+
+
+@pytest.mark.parametrize(("index", "to"), [(2, 1), (1, 2), (2, 0), (0, 2)])
+def test_moving_a_rule_reorders_the_rules_and_keeps_every_comment(
+    manager: ConfigManager, index: int, to: int
+) -> None:
+    processes = [r.process for r in manager.list_rules()]
+    manager.move_rule(index, to)
+    processes.insert(to, processes.pop(index))
+    assert [r.process for r in manager.list_rules()] == processes
+    assert [r.process for r in load_config(manager.path).rules] == processes
+    text = manager.path.read_text()
+    assert sorted(line.strip() for line in text.splitlines() if "#" in line) == sorted(
+        line.strip() for line in BASE.splitlines() if "#" in line
+    )
+    assert text.index("# end of rules") > text.index("tunnel: direct")
+
+
+@pytest.mark.parametrize(("index", "to"), [(2, 1), (1, 2), (2, 0), (0, 2), (1, 0), (0, 1)])
+@pytest.mark.parametrize("heading", ["rules:    # first match wins", "rules:"])
+def test_a_moved_rule_takes_its_comment_line_along(tmp_path: Path, index: int, to: int, heading: str) -> None:
+    path = write(tmp_path, BASE.replace("rules:    # first match wins", heading))
+    manager = ConfigManager(path)
+    manager.load()
+    original = path.read_text()
+    manager.move_rule(index, to)
+    text = path.read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[lines.index("# browsers") + 1] == "- process: firefox"
+    assert lines[lines.index("# build tools") + 1] == '- process: "/opt/tools/*/bin/curl"'
+    assert lines[lines.index("# games last") + 1] == "- process: steam"
+    assert text.splitlines()[-1] == "# end of rules" and heading in text
+    assert load_config(path).rules == manager.config.rules
+    manager.move_rule(to, index)
+    assert path.read_text() == original
+
+
+def test_a_bad_edit_or_move_is_refused_with_the_key_and_changes_nothing(manager: ConfigManager) -> None:
+    before = snapshot(manager)
+    for attempt, key in [
+        (lambda: manager.update_rule(0, {"process": "x", "tunnel": "nowhere"}), "rules[0].tunnel"),
+        (lambda: manager.update_rule(5, {"process": "x", "tunnel": "direct"}), "rules[5]"),
+        (lambda: manager.move_rule(0, 3), "rules"),
+        (lambda: manager.move_rule(-1, 0), "rules[-1]"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            attempt()
+        assert caught.value.key == key
+        assert snapshot(manager) == before
+
+
+# -- the dashboard's `ui:` block --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "listen"),
+    [
+        ("", "127.0.0.1:7799"),
+        ("ui: off\n", None),
+        ("ui: false\n", None),
+        ("ui: on\n", "127.0.0.1:7799"),
+        ("ui: {listen: 127.0.0.1:8080}\n", "127.0.0.1:8080"),
+        ('ui: {listen: "[::1]:8080"}\n', "[::1]:8080"),
+    ],
+)
+def test_ui_block_is_on_by_default_on_loopback_or_off(tmp_path: Path, text: str, listen: str | None) -> None:
+    assert load_config(write(tmp_path, text)).ui.listen == listen
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("0.0.0.0:7799", "not a loopback address"),
+        ("198.18.0.1:80", "not a loopback"),
+        ("localhost", "IP:PORT"),
+    ],
+)
+def test_ui_listen_off_loopback_is_refused_with_its_line(tmp_path: Path, listen: str, message: str) -> None:
+    error = config_error(tmp_path, f"default: direct\nui:\n  listen: {listen}\n")
+    assert error.line == 3 and error.key == "ui.listen"
+    assert message in error.reason
