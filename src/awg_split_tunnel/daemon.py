@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from awg_split_tunnel.core.config import Config, ConfigManager, ProxyBounds
+from awg_split_tunnel.core.config import Config, ConfigManager, ConfigUnsettled, ProxyBounds
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
@@ -537,6 +537,11 @@ class Daemon:
             self._file_stamp = stamp
             try:
                 changed = self.manager.reload()
+            except ConfigUnsettled as exc:
+                # Still being written: read it again at the next look, whatever its stamp says then.
+                self._file_stamp = None
+                log.info("[Core] %s", exc)
+                continue
             except ConfigError as exc:
                 log.error("[Core] config change ignored, the running config stays: %s", exc)
                 continue

@@ -155,3 +155,28 @@ def test_packet_tunnel_down_by_hand_stays_down_and_its_removal_stops_no_device(t
     asyncio.run(scenario())
     assert [c[0] for c in router.calls] == ["rules", "tunnels"], "its device is stopped already"
     assert daemon.runtimes == {} and "wg" not in daemon.registry
+
+
+def test_a_config_caught_while_being_written_is_read_again_once_it_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watcher saw the file mid-write (ConfigUnsettled); the writer then finished within the same
+    # modification-time tick and size, so the file's stamp does not change again: it must still be read.
+    from awg_split_tunnel.core.config import ConfigUnsettled
+
+    path = tmp_path / "config.yaml"
+    path.write_text("log_level: info\n")
+    daemon = Daemon(path, serve_api=False, check_privileges=False, handles=tuple, watch_interval=0.01)
+    daemon._file_stamp = None
+    reloads: list[str] = []
+
+    def reload() -> bool:
+        reloads.append("read")
+        if len(reloads) == 1:
+            raise ConfigUnsettled("the file changed while it was read", file=str(path))
+        raise asyncio.CancelledError  # read a second time: the watcher did not wait for a new stamp
+
+    monkeypatch.setattr(daemon.manager, "reload", reload)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(asyncio.wait_for(daemon._watch_config(), 5.0))
+    assert reloads == ["read", "read"]

@@ -81,6 +81,11 @@ LOCK_SUFFIX = ".lock"
 """The edit lock of `config.yaml` is the file `config.yaml.lock` beside it."""
 
 
+class ConfigUnsettled(ConfigError):
+    """The config file changed while it was read (it is being written): not an error in the file; the
+    reader tries again once it settles."""
+
+
 def default_config_path() -> Path:
     """`%ProgramData%\\awg-split-tunnel\\config.yaml` on Windows, `/etc/awg-split-tunnel/config.yaml`
     elsewhere; the environment variable `AWG_SPLIT_TUNNEL_CONFIG` overrides both."""
@@ -972,8 +977,9 @@ class ConfigManager:
 
         The running config changes only for a complete, valid file. An editor may be writing it right now,
         or may have truncated it and be about to write it again: the file must read the same twice,
-        `RELOAD_SETTLE` apart, and a file without any settings (empty, or only comments) never replaces a
-        config that has some. Otherwise ConfigError, and the current config stays.
+        `RELOAD_SETTLE` apart (else ``ConfigUnsettled``: read it again shortly), and a file without any
+        settings (empty, or only comments) never replaces a config that has some. Otherwise ConfigError,
+        and the current config stays.
         """
         old = self._config
         text = self._read_settled()
@@ -1204,7 +1210,7 @@ class ConfigManager:
         time.sleep(RELOAD_SETTLE)
         second = _read_text(self.path)
         if second != first or _file_stamp(self.path) != before:
-            raise ConfigError(
+            raise ConfigUnsettled(
                 "the file changed while it was read (is it still being written?); the running config "
                 "stays until it is complete",
                 file=str(self.path),
