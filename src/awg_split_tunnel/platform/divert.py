@@ -31,10 +31,13 @@ import socket
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import pydivert
 from pydivert import Flag, Layer
+
+if TYPE_CHECKING:
+    from awg_split_tunnel.platform.windows.handles import WindowsEventHandle, WindowsNetworkHandle
 
 log = logging.getLogger("awg_split_tunnel.router")
 
@@ -353,20 +356,25 @@ class SocketEventHandle(_DivertHandle):
                 addr = self._divert.recv(timeout=timeout_ms / 1000).wd_addr
             except TimeoutError:
                 return None
-        s = addr.Socket if self.layer == Layer.SOCKET else addr.Flow
-        try:
-            kind = SocketEventKind(addr.Event)
-        except ValueError:
-            return None
-        return SocketEvent(
-            kind,
-            int(s.ProcessId),
-            int(s.Protocol),
-            address_from_words(s.LocalAddr),
-            int(s.LocalPort),
-            address_from_words(s.RemoteAddr),
-            int(s.RemotePort),
-        )
+        return socket_event(addr, self.layer)
+
+
+def socket_event(addr: Any, layer: Layer) -> SocketEvent | None:
+    """The SOCKET- or FLOW-layer event a WINDIVERT_ADDRESS describes; None for an unknown event kind."""
+    s = addr.Socket if layer == Layer.SOCKET else addr.Flow
+    try:
+        kind = SocketEventKind(addr.Event)
+    except ValueError:
+        return None
+    return SocketEvent(
+        kind,
+        int(s.ProcessId),
+        int(s.Protocol),
+        address_from_words(s.LocalAddr),
+        int(s.LocalPort),
+        address_from_words(s.RemoteAddr),
+        int(s.RemotePort),
+    )
 
 
 def new_packet_buffer() -> tuple[bytearray, Any, Any]:
@@ -399,7 +407,11 @@ def _interface_names() -> frozenset[str]:
 
 def router_handles(
     exclude_udp_ports: Iterable[int] = (),
-) -> tuple[NetworkHandle, list[SocketEventHandle], Callable[[int], bool]]:
+) -> tuple[
+    NetworkHandle | WindowsNetworkHandle,
+    list[SocketEventHandle] | list[WindowsEventHandle],
+    Callable[[int], bool],
+]:
     """The router's unopened handles and its namespace filter: a ``router.process.HandleFactory``
     (bind ``exclude_udp_ports`` with ``functools.partial``, which pickles).
 
@@ -411,11 +423,23 @@ def router_handles(
     from awg_split_tunnel.core.packet_router import router_filter
     from awg_split_tunnel.process.lookup import NamespaceFilter
 
+    if sys.platform == "win32":  # pragma: no cover - the Windows handles' own tests use a fake WinDivert
+        from awg_split_tunnel.platform.windows.handles import windows_router_handles
+        from awg_split_tunnel.platform.windows.windivert import NativeWinDivert
+
+        return windows_router_handles(NativeWinDivert(), open_with_pydivert, router_filter(exclude_udp_ports))
     events = [SocketEventHandle(), SocketEventHandle.flows()]
     network = NetworkHandle(router_filter(exclude_udp_ports))
-    if sys.platform == "win32":  # pragma: no cover - no network namespaces; pid 4 is the System process
-        return network, events, lambda pid: pid > 4
     return network, events, NamespaceFilter().same_namespace
+
+
+def open_with_pydivert(filter: str, layer: Layer, priority: int, flags: Flag) -> tuple[Any, int]:
+    """Open a WinDivert handle through pydivert (it installs the driver and knows its errors, explained
+    by ``explain_open_error``): (the ``pydivert.Divert`` to close it with, the raw HANDLE) for the batch
+    calls of ``platform.windows``."""
+    divert = pydivert.Divert(filter, layer=layer, priority=priority, flags=flags)
+    _open(divert)
+    return divert, int(divert._impl._handle)
 
 
 def event_handles() -> tuple[list[SocketEventHandle], Callable[[int], bool]]:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from awg_split_tunnel.core.packet_router import ConnectEvent, PacketAction, PacketRouter
 from awg_split_tunnel.core.policy import TunnelState
@@ -43,6 +43,15 @@ class NetworkPort(Protocol):
     def copy_address(self, addr: Any) -> Any: ...
     def set_inbound(self, addr: Any, inbound: bool = True) -> None: ...
     def c_buffer(self, data: bytearray) -> Any: ...
+
+
+@runtime_checkable
+class FedPort(Protocol):
+    """A handle that is no descriptor (Windows: ``platform.windows.handles``): a thread of its own reads it
+    and calls ``on_ready`` on the loop whenever packets or events wait."""
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_ready: Callable[[], None]) -> None: ...
+    def unwatch(self) -> None: ...
 
 
 class ConnectEventLike(Protocol):
@@ -311,10 +320,11 @@ TICK = 0.2
 class AsyncRouterLoop:
     """The router's I/O adapter on an asyncio loop, with packet tunnels' devices on the same loop.
 
-    Divert handles are read in ``add_reader`` callbacks; packets a route sends to a packet tunnel go to its
-    device after each batch; the device's decrypted packets come back through ``on_packets``, are DNATed
-    and injected inbound on the interface the flow left by. One thread does it all: no locks, and no
-    second thread competing for the GIL. Linux only (the handles must be pollable descriptors).
+    Divert handles are read in ``add_reader`` callbacks (Linux: they are descriptors) or, on Windows, in
+    callbacks their reader threads schedule after each batch (``FedPort``); packets a route sends to a
+    packet tunnel go to its device after each batch; the device's decrypted packets come back through
+    ``on_packets``, are DNATed and injected inbound on the interface the flow left by. One thread routes
+    it all: no locks; on Windows the reader threads only wait in WinDivertRecvEx (no GIL held there).
     """
 
     def __init__(
@@ -333,6 +343,7 @@ class AsyncRouterLoop:
         self._devices: dict[str, PacketDevice] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: list[int] = []
+        self._fed: list[FedPort] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._next_refresh = 0.0
@@ -405,24 +416,33 @@ class AsyncRouterLoop:
         await self.stop()
 
     def _watch(self) -> None:
+        """Read every handle when it has something: by its descriptor (Linux), or fed by its own reader
+        thread where it has none (Windows: ``FedPort``)."""
         loop = self._loop
         assert loop is not None
-        fd = self.network.fileno()
-        if fd is None:
-            raise OSError("the divert handle has no pollable descriptor on this platform")
-        loop.add_reader(fd, self._on_network)
-        self._fds = [fd]
-        for handle in self._io.events:
-            efd = handle.fileno()
-            if efd is not None:
-                loop.add_reader(efd, self._on_events)
-                self._fds.append(efd)
+        self._fds = []
+        self._fed = []
+        handles: list[tuple[Any, Callable[[], None]]] = [(self.network, self._on_network)]
+        handles += [(handle, self._on_events) for handle in self._io.events]
+        for handle, on_ready in handles:
+            fd = handle.fileno()
+            if fd is not None:
+                loop.add_reader(fd, on_ready)
+                self._fds.append(fd)
+            elif isinstance(handle, FedPort):
+                handle.watch(loop, on_ready)
+                self._fed.append(handle)
+            elif handle is self.network:
+                raise OSError("the divert handle can neither be polled nor read by a thread of its own")
 
     def _unwatch(self) -> None:
         if self._loop is not None:
             for fd in self._fds:
                 self._loop.remove_reader(fd)
+        for handle in self._fed:
+            handle.unwatch()
         self._fds = []
+        self._fed = []
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from awg_split_tunnel.core.router_messages import (
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.nat import FlowVerdict, NatEntry
 from awg_split_tunnel.net.packet import IPPROTO_TCP
-from awg_split_tunnel.router.divert_loop import EventPort, NetworkPort, RouterLoop
+from awg_split_tunnel.router.divert_loop import EventPort, NetworkPort
 from awg_split_tunnel.router.service import run_with_devices
 
 log = logging.getLogger("awg_split_tunnel.router")
@@ -406,36 +405,10 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
     states = dict(settings.states)
     try:
         router = process_router(settings, states, conn)
-        if settings.devices or sys.platform != "win32":
-            # The asyncio loop whether packet tunnels run at start or not: one may be added at any time,
-            # and its device needs that loop. Stream tunnels lose nothing to it: benchmarks/split_tcp.py
-            # gave the same ratios and connect latencies with this loop and the synchronous one (two
-            # alternating runs each). Windows handles are not pollable descriptors: RouterLoop there.
-            run_with_devices(router, states, open_handles, settings.devices, conn)
-            return
-        network, events, accept_pid = open_handles()
+        # The asyncio loop whether packet tunnels run at start or not: one may be added at any time, and
+        # its device needs that loop. Stream tunnels lose nothing to it: benchmarks/split_tcp.py gave the
+        # same ratios and connect latencies with this loop and the synchronous one (two alternating runs
+        # each). On Windows reader threads feed it the WinDivert handles and the pipe (docs/WINDOWS.md).
+        run_with_devices(router, states, open_handles, settings.devices, conn)
     except Exception as exc:
         conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
-        return
-
-    def on_control(message: ToRouter) -> None:
-        if apply_router_message(router, states, conn, message):
-            return
-        match message:
-            case Stop():
-                loop.request_stop()
-            case ChangeDevices(routes=routes, started=started):
-                router.set_tunnels(routes)
-                for tunnel_id in started:
-                    reason = "packet tunnels need the asyncio router loop (pollable divert handles)"
-                    log.error("[Router] packet tunnel %s not started: %s", tunnel_id, reason)
-                    conn.send(DeviceStateChanged(tunnel_id, TunnelState.DOWN, reason))
-
-    loop = RouterLoop(router, network, events, accept_pid=accept_pid, control=conn, on_control=on_control)
-    try:
-        loop.open()
-    except Exception as exc:
-        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(Ready())
-    loop.run()
