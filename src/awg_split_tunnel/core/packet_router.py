@@ -67,6 +67,12 @@ ConnectEvent = tuple[int, bytes, int, int, int]
 
 HOLD_TIMEOUT = 0.05
 """Seconds a new flow's first packet waits for its connect event before the OS lookup (a few ms usual)."""
+OWNER_PENDING = -1
+"""What an ``os_lookup`` returns when it answers later, off the packet loop, as a connect event with the
+flow's local port (Windows: ``platform.windows.owners``): the flow then waits up to ``LOOKUP_TIMEOUT``
+more for it, once."""
+LOOKUP_TIMEOUT = 1.0
+"""Seconds a held flow waits for an owner lookup that answers later; then its owner is unknown."""
 MAX_HELD_PACKETS = 16
 """Packets kept per waiting flow (SYN retransmits, a UDP burst); more are dropped, never leaked."""
 MAX_HELD_FLOWS = 1024
@@ -174,6 +180,7 @@ class _HeldFlow:
     packets: list[tuple[bytearray, object]]
     meta: object = None
     syn_seq: int = -1
+    looked_up: bool = False
 
 
 _LOOPBACK6 = bytes(15) + b"\x01"
@@ -251,7 +258,9 @@ class PacketRouter:
         self._ancestors_of = ancestors_of
         """pid → its ancestors' exe paths, nearest first: a process without a rule of its own follows the
         first ancestor that has one (``ExeResolver.ancestors``). None: no inheritance."""
-        self._os_lookup = os_lookup
+        self.os_lookup = os_lookup
+        """Who owns a flow no event named (proto, local addr, port, remote addr, port → pid, None, or
+        ``OWNER_PENDING``). The I/O adapter may set its data path's own (``router.divert_loop``)."""
         self._owns = owns
         self._pulled = False
         self.event_source: Callable[[], Iterable[ConnectEvent]] | None = None
@@ -856,9 +865,13 @@ class PacketRouter:
                         self._decide_held(held, owner, now)
         for held in [h for h in self._held.values() if h.deadline <= now]:
             pid = self._claim(held, now, ambiguous=self._others_waiting(held))
-            if pid is None and self._os_lookup is not None:
+            if pid is None and self.os_lookup is not None and not held.looked_up:
                 self.stats.os_lookups += 1
-                pid = self._os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
+                held.looked_up = True
+                pid = self.os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
+                if pid == OWNER_PENDING:
+                    held.deadline = now + LOOKUP_TIMEOUT  # its answer comes through connect_event
+                    continue
             self._decide_held(held, pid, now)
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRE_INTERVAL

@@ -38,6 +38,7 @@ from pydivert import Flag, Layer
 
 if TYPE_CHECKING:
     from awg_split_tunnel.platform.windows.handles import WindowsEventHandle, WindowsNetworkHandle
+    from awg_split_tunnel.platform.windows.owners import SocketOwners
 
 log = logging.getLogger("awg_split_tunnel.router")
 
@@ -409,7 +410,7 @@ def router_handles(
     exclude_udp_ports: Iterable[int] = (),
 ) -> tuple[
     NetworkHandle | WindowsNetworkHandle,
-    list[SocketEventHandle] | list[WindowsEventHandle],
+    list[SocketEventHandle] | list[WindowsEventHandle | SocketOwners],
     Callable[[int], bool],
 ]:
     """The router's unopened handles and its namespace filter: a ``router.process.HandleFactory``

@@ -54,6 +54,16 @@ class FedPort(Protocol):
     def unwatch(self) -> None: ...
 
 
+@runtime_checkable
+class OwnerLookup(Protocol):
+    """An event handle that also finds a flow's owner when no event named it (Windows:
+    ``platform.windows.owners.SocketOwners``): the router's ``os_lookup``; its answers come as events."""
+
+    def lookup(
+        self, proto: int, local_addr: bytes, local_port: int, remote_addr: bytes, remote_port: int
+    ) -> int | None: ...
+
+
 class ConnectEventLike(Protocol):
     kind: int
     pid: int
@@ -143,6 +153,9 @@ class RouterLoop:
         self._opened = False
         self.error: BaseException | None = None
         router.event_source = self._pending_events
+        for handle in self.events:
+            if isinstance(handle, OwnerLookup):
+                router.os_lookup = handle.lookup  # the data path's own, off the packet loop
 
     def open(self) -> None:
         """Open the handles: event handles first, so no SYN can arrive before its CONNECT could."""

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 from pydivert import Flag, Layer
 
 from awg_split_tunnel.platform.divert import (
@@ -28,6 +29,7 @@ from awg_split_tunnel.platform.divert import (
     SocketEvent,
     socket_event,
 )
+from awg_split_tunnel.platform.windows.owners import SocketOwners, SocketTable
 from awg_split_tunnel.platform.windows.reader import BATCH_BYTES, Batch, BatchReader, read_batch
 from awg_split_tunnel.platform.windows.windivert import (
     ADDRESS_SIZE,
@@ -309,13 +311,15 @@ class WindowsEventHandle(_WindowsHandle):
 
 
 def windows_router_handles(
-    api: WinDivertApi, opener: Opener, network_filter: str
-) -> tuple[WindowsNetworkHandle, list[WindowsEventHandle], Callable[[int], bool]]:
+    api: WinDivertApi, opener: Opener, network_filter: str, socket_table: SocketTable = psutil.net_connections
+) -> tuple[WindowsNetworkHandle, list[WindowsEventHandle | SocketOwners], Callable[[int], bool]]:
     """The router's unopened handles on Windows (``platform.divert.router_handles`` there): the NETWORK
-    handle, SOCKET CONNECT events (TCP, and UDP: one per new remote, with the local port) and FLOW events
-    of UDP (DELETED ends a flow), and the filter that leaves out the System process's events."""
-    events = [
+    handle; SOCKET CONNECT events (TCP, and UDP: one per new remote, with the local port), FLOW events of
+    UDP (DELETED ends a flow) and the owners found for flows no event named (``SocketOwners``, read from
+    ``socket_table`` off the loop); and the filter that leaves out the System process's events."""
+    events: list[WindowsEventHandle | SocketOwners] = [
         WindowsEventHandle(api, opener, "!loopback and (tcp or udp)", PRIORITY_SOCKET, Layer.SOCKET),
         WindowsEventHandle(api, opener, "!loopback and udp", PRIORITY_FLOW, Layer.FLOW),
+        SocketOwners(socket_table),
     ]
     return WindowsNetworkHandle(api, opener, network_filter, PRIORITY_NETWORK), events, is_app_pid

@@ -41,13 +41,32 @@ CONNECT = int(SocketEventKind.CONNECT)
 T = TypeVar("T")
 
 
+class SocketTable:
+    """The IP Helper tables as psutil returns them (``net_connections``), recording who read them."""
+
+    def __init__(self) -> None:
+        self.rows: list[SimpleNamespace] = []
+        self.reads: list[tuple[str, str]] = []
+
+    def add(self, kind: str, pid: int, local_port: int, remote: str = "", remote_port: int = 0) -> None:
+        raddr = SimpleNamespace(ip=remote, port=remote_port) if remote else ()
+        self.rows.append(
+            SimpleNamespace(
+                kind=kind, pid=pid, laddr=SimpleNamespace(ip="0.0.0.0", port=local_port), raddr=raddr
+            )
+        )
+
+    def __call__(self, kind: str) -> list[SimpleNamespace]:
+        self.reads.append((kind, threading.current_thread().name))
+        return [row for row in self.rows if row.kind == kind]
+
+
 class Env:
     """A PacketRouter (app-socks → a SOCKS5 tunnel's proxy, app-direct → direct) on Windows' handles."""
 
     def __init__(self, hold_timeout: float = 0.05) -> None:
         self.fake = FakeWinDivert()
-        self.os_owner: int | None = None
-        self.lookups: list[tuple[int, int]] = []
+        self.table = SocketTable()
         rules = [Rule("app-socks", "socks"), Rule("app-direct", "direct")]
         self.router = PacketRouter(
             RuleEngine(rules, "direct", Platform.WINDOWS),
@@ -56,17 +75,15 @@ class Env:
             own_pids={999},
             exe_of=PIDS.get,
             ancestors_of=None,
-            os_lookup=self._os_lookup,
             owns=None,
             hold_timeout=hold_timeout,
         )
-        network, events, accept_pid = windows_router_handles(self.fake, self.fake.opener, ROUTER_FILTER)
+        network, events, accept_pid = self.handles()
         self.network = network
         self.loop = AsyncRouterLoop(self.router, network, events, accept_pid=accept_pid)
 
-    def _os_lookup(self, proto: int, src: bytes, sport: int, dst: bytes, dport: int) -> int | None:
-        self.lookups.append((proto, sport))
-        return self.os_owner
+    def handles(self, ports: Sequence[int] = ()) -> Any:
+        return windows_router_handles(self.fake, self.fake.opener, ROUTER_FILTER, self.table)
 
     def packets(self, *items: bytearray) -> None:
         self.fake.queue(Layer.NETWORK, [(bytes(p), network_address()) for p in items])
@@ -127,7 +144,7 @@ def test_a_syn_whose_connect_event_comes_after_it_waits_then_goes_to_its_tunnel(
     # Hairpinned to the SOCKS5 tunnel's proxy, injected inbound, checksums valid.
     assert inbound and (packet.dst_port, packet.src_addr, packet.dst_addr) == (PROXY_TCP, WEB, APP)
     assert packet.checksums_valid()
-    assert env.lookups == []
+    assert env.table.reads == []
 
 
 def test_one_udp_socket_to_two_remotes_has_one_connect_each_with_its_local_port() -> None:
@@ -147,12 +164,12 @@ def test_one_udp_socket_to_two_remotes_has_one_connect_each_with_its_local_port(
     sent = run(env, scenario)
     assert [(p.dst_port, inbound) for p, inbound in sent] == [(PROXY_UDP, True)] * 3
     assert [p.src_addr for p, _ in sent] == [DNS, DNS, WEB]  # the proxy sees each original remote
-    assert env.lookups == []
+    assert env.table.reads == []
 
 
-def test_a_flow_without_any_event_is_decided_by_the_owner_lookup_after_the_hold() -> None:
+def test_a_flow_without_any_event_is_decided_by_a_lookup_off_the_packet_loop() -> None:
     env = Env()
-    env.os_owner = 100
+    env.table.add("tcp", 100, 40001, "198.18.0.10", 443)
 
     async def scenario() -> list[tuple[PacketView, bool]]:
         env.packets(syn(40001))
@@ -160,12 +177,26 @@ def test_a_flow_without_any_event_is_decided_by_the_owner_lookup_after_the_hold(
 
     ((packet, inbound),) = run(env, scenario)
     assert inbound and packet.dst_port == PROXY_TCP
-    assert env.lookups == [(IPPROTO_TCP, 40001)]
+    # One read of the TCP table, by the lookup's own thread: the packet loop never scans it.
+    assert env.table.reads == [("tcp", "socket-owners")]
+    assert env.router.stats.os_lookups == 1
+
+
+def test_a_flow_whose_owner_no_lookup_finds_goes_by_the_default_after_the_lookup_timeout() -> None:
+    env = Env()
+
+    async def scenario() -> list[tuple[PacketView, bool]]:
+        env.packets(syn(40005, dport=8443))
+        return await env.sent(1)
+
+    ((packet, inbound),) = run(env, scenario)
+    assert not inbound and packet.dst_port == 8443  # default: direct, passed back unchanged
+    assert env.table.reads == [("tcp", "socket-owners")]
 
 
 def test_an_event_of_the_system_process_never_names_a_flows_owner() -> None:
     env = Env()
-    env.os_owner = 100
+    env.table.add("tcp", 100, 40002, "198.18.0.10", 443)
 
     async def scenario() -> list[tuple[PacketView, bool]]:
         # pid 4 (System) reports the flow's exact tuple; the app's own event never comes.
@@ -177,7 +208,7 @@ def test_an_event_of_the_system_process_never_names_a_flows_owner() -> None:
     # Taken for the System process's, the flow would have gone direct (no rule, no exe); it went to the
     # app's tunnel, whose owner the lookup found.
     assert inbound and packet.dst_port == PROXY_TCP
-    assert env.lookups == [(IPPROTO_TCP, 40002)]
+    assert env.table.reads == [("tcp", "socket-owners")]
 
 
 def test_a_packet_read_while_its_read_was_being_cancelled_is_routed_not_lost() -> None:
@@ -191,7 +222,7 @@ def test_a_packet_read_while_its_read_was_being_cancelled_is_routed_not_lost() -
         # The NETWORK handle is replaced (as when a device's port is to be left out): the old handle's
         # reader cancels its pending read — and the SYN completes that read in the same instant.
         env.fake.arrive_on_cancel.append((Layer.NETWORK, bytes(syn(40003)), network_address()))
-        env.loop.replace_network(windows_router_handles(env.fake, env.fake.opener, ROUTER_FILTER)[0])
+        env.loop.replace_network(env.handles()[0])
         assert env.fake.cancels[0] == (Layer.NETWORK, "completed")
         return old.sent
 
@@ -235,11 +266,8 @@ def test_the_router_process_body_runs_on_windows_loop_fed_by_its_threads(
     parent, child = multiprocessing.Pipe()
     states = {"socks": TunnelState.UP}
 
-    def handles(ports: Sequence[int] = ()) -> Any:
-        return windows_router_handles(env.fake, env.fake.opener, ROUTER_FILTER)
-
     body = threading.Thread(
-        target=service.run_with_devices, args=(env.router, states, handles, {}, child), daemon=True
+        target=service.run_with_devices, args=(env.router, states, env.handles, {}, child), daemon=True
     )
     body.start()
     try:
