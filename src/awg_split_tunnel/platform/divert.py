@@ -3,7 +3,9 @@
 On Linux (eBPFDivert) packets are received into and sent from one preallocated buffer through
 libebpfdivert's ctypes functions with a reused address struct — no ``pydivert.Packet`` per packet
 (docs/ARCHITECTURE.md, pydivert costs: ~7 µs per packet this way against ~15 µs through ``Packet``). On
-Windows the same class goes through pydivert's own ``recv``/``send`` (WinDivert; slower, same semantics).
+Windows ``router_handles`` gives ``platform.windows.handles`` instead: WinDivertRecvEx/SendEx batches read
+by threads that feed the router's loop (docs/WINDOWS.md); pydivert there only opens the handles
+(``open_with_pydivert``).
 
 Backend misbehaviour is handled here, each workaround in one named place with the script in
 ``scripts/repro/`` that shows it:
@@ -214,17 +216,7 @@ class NetworkHandle(_DivertHandle):
                     return 0
                 raise OSError(-ret, "divert receive failed")
             return int(self._recv_len.value)
-        if self._divert is None:
-            return 0  # closed (a stop racing the packet loop): nothing more will arrive
-        try:  # pragma: no cover - the generic (Windows) path
-            packet = self._divert.recv(timeout=timeout_ms / 1000)
-        except TimeoutError:
-            return 0
-        raw = packet.raw
-        n = len(raw)
-        buf[:n] = raw
-        ctypes.memmove(ctypes.addressof(addr), ctypes.addressof(packet.wd_addr), ctypes.sizeof(addr))
-        return n
+        return 0  # closed (a stop racing the packet loop): nothing more will arrive
 
     def send(self, c_buf: Any, length: int, addr: Any) -> bool:
         """Inject ``length`` bytes from ``c_buf`` as ``addr`` says; False (counted) when the backend refuses.
@@ -245,13 +237,8 @@ class NetworkHandle(_DivertHandle):
                     self.send_errors += 1
                 return False
             return True
-        try:  # pragma: no cover - the generic (Windows) path
-            packet = pydivert.Packet(memoryview(bytearray(ctypes.string_at(c_buf, length))), wd_addr=addr)
-            self._divert.send(packet, recalculate_checksum=False)
-        except OSError:
-            self.send_errors += 1
-            return False
-        return True
+        self.send_errors += 1  # closed
+        return False
 
     # -- buffers and addresses, so callers never touch ctypes --------------------------------------------
 
@@ -339,24 +326,20 @@ class SocketEventHandle(_DivertHandle):
     def recv(self, timeout_ms: int = 0) -> SocketEvent | None:
         """The next event, or None if none arrives within ``timeout_ms``."""
         addr = self._addr
-        if self._handle is not None:
-            ret = _lib.ebpfdivert_recv(
-                self._handle,
-                self._c_buf,
-                len(self._buf),
-                ctypes.byref(self._recv_len),
-                ctypes.byref(addr),
-                timeout_ms,
-            )
-            if ret < 0:
-                if ret == _EAGAIN:
-                    return None
-                raise OSError(-ret, "divert receive failed")
-        else:  # pragma: no cover - the generic (Windows) path
-            try:
-                addr = self._divert.recv(timeout=timeout_ms / 1000).wd_addr
-            except TimeoutError:
+        if self._handle is None:
+            return None  # closed
+        ret = _lib.ebpfdivert_recv(
+            self._handle,
+            self._c_buf,
+            len(self._buf),
+            ctypes.byref(self._recv_len),
+            ctypes.byref(addr),
+            timeout_ms,
+        )
+        if ret < 0:
+            if ret == _EAGAIN:
                 return None
+            raise OSError(-ret, "divert receive failed")
         return socket_event(addr, self.layer)
 
 

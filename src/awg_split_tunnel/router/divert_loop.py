@@ -1,7 +1,8 @@
 """The divert data path's I/O loops: divert handles → ``PacketRouter`` → reinjection.
 
-``RouterLoop`` runs the handles on one thread (a blocking poll); ``AsyncRouterLoop`` reads them in an
-asyncio loop's reader callbacks, with the packet tunnels' devices on the same loop. Both are thin: the
+``RouterLoop`` runs the handles on one thread (a blocking poll; Linux); ``AsyncRouterLoop`` reads them in
+an asyncio loop's callbacks — reader callbacks of their descriptors on Linux, callbacks their reader threads
+schedule on Windows (``FedPort``) — with the packet tunnels' devices on the same loop. Both are thin: the
 router decides (``core.packet_router``), they receive, send what it says and run its timers.
 
 Where a packet tunnel's device runs: in the router's process, on the router's own thread and event loop.
@@ -230,7 +231,8 @@ class RouterLoop:
 
     def _poller(self) -> Any:
         """A poll object over every handle, or None where there is none (Windows: no poll(), and WinDivert
-        handles are not descriptors) — the loop then blocks briefly in the NETWORK handle's receive."""
+        handles are not descriptors; the router process there runs ``AsyncRouterLoop``) — the loop then
+        blocks briefly in the NETWORK handle's receive."""
         if sys.platform == "win32":
             return None
         handles: list[EventPort | NetworkPort] = [self.network, *self.events]

@@ -4,8 +4,8 @@ and the process's body (``RouterSettings`` in, ``router_messages`` both ways).
 The divert loop runs in its own process, as a busy Python thread in the control plane would otherwise
 stall it by the GIL switch interval (docs/ARCHITECTURE.md). The child builds its ``PacketRouter``
 (``process_router``), applies the control messages every data path shares (``apply_router_message``) and
-runs the divert data path (``RouterService`` on asyncio, or ``RouterLoop`` where handles are not pollable)
-or the kernel data path's body (``platform.linux.kernel_datapath.serve_kernel_gate``).
+runs the divert data path (``RouterService`` on asyncio; on Windows reader threads feed its loop) or the
+kernel data path's body (``platform.linux.kernel_datapath.serve_kernel_gate``).
 """
 
 from __future__ import annotations
