@@ -95,6 +95,7 @@ class _WindowsHandle:
         self._loop: Any = None
         self._on_ready: Callable[[], None] | None = None
         self._spare: Batch | None = None
+        self._error: OSError | None = None
         self._overlapped: Overlapped | None = None
         self._recv_len = ctypes.c_uint(0)
         self._addr_len = ctypes.c_uint(0)
@@ -135,7 +136,12 @@ class _WindowsHandle:
             return
         self._loop, self._on_ready = loop, on_ready
         self._reader = BatchReader(
-            self._api, self._raw, self._delivered, packets=self.packets, name=f"windivert-{self.layer.name}"
+            self._api,
+            self._raw,
+            self._delivered,
+            packets=self.packets,
+            name=f"windivert-{self.layer.name}",
+            failed=self._reader_failed,
         )
         self._reader.start()
 
@@ -154,8 +160,18 @@ class _WindowsHandle:
             with contextlib.suppress(RuntimeError):  # a closed loop: the batch waits here
                 loop.call_soon_threadsafe(on_ready)
 
+    def _reader_failed(self, error: OSError) -> None:
+        # On the reader thread, which has ended: the loop hears of it at its next read (the packet loop
+        # must not stop silently: traffic would wait in the driver's queue).
+        self._error = error
+        loop, on_ready = self._loop, self._on_ready
+        if loop is not None and on_ready is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_ready)
+
     def _next(self) -> tuple[Batch, int, int] | None:
-        """The next packet's (batch, index, offset), or None when nothing waits; consumes it."""
+        """The next packet's (batch, index, offset), or None when nothing waits; consumes it. Raises what
+        ended the reader thread, once everything it read was taken."""
         batch = self._batch
         if batch is None:
             if self._ready:
@@ -165,6 +181,9 @@ class _WindowsHandle:
                 if batch is None:
                     return None
             else:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
                 return None
             self._batch, self._index, self._offset = batch, 0, 0
         index, offset = self._index, self._offset

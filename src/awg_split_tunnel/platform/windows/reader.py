@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -31,8 +30,6 @@ from awg_split_tunnel.platform.windows.windivert import (
     WinDivertAddress,
     WinDivertApi,
 )
-
-log = logging.getLogger("awg_split_tunnel.router")
 
 BATCH_PACKETS = 64
 """Packets (or events) asked of one WinDivertRecvEx: as many as the loop routes per wake-up."""
@@ -63,7 +60,8 @@ class BatchReader:
 
     ``stop()`` wakes the thread and waits for it: a read still pending is cancelled, and if it completed
     meanwhile its packets are delivered all the same. The thread also ends when the handle was shut down
-    and its queue is empty (``ERROR_NO_DATA``); ``error`` then tells any other failure.
+    and its queue is empty (``ERROR_NO_DATA``); on any other failure it ends too, and ``failed(error)`` is
+    called on it.
     """
 
     def __init__(
@@ -75,10 +73,12 @@ class BatchReader:
         packets: bool = True,
         batch: int = BATCH_PACKETS,
         name: str = "windivert-reader",
+        failed: Callable[[OSError], None] | None = None,
     ) -> None:
         self._api = api
         self._handle = handle
         self._deliver = deliver
+        self._on_failure = failed
         self._free: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._batches = [Batch(BATCH_BYTES if packets else 0, batch) for _ in range(SLOTS)]
         for slot in self._batches:
@@ -134,7 +134,8 @@ class BatchReader:
     def _failed(self, error: int) -> None:
         if error not in (ERROR_OPERATION_ABORTED, ERROR_NO_DATA):
             self.error = OSError(f"reading a divert handle failed: Windows error {error}")
-            log.error("[Router] %s", self.error)
+            if self._on_failure is not None:
+                self._on_failure(self.error)
 
 
 def read_batch(

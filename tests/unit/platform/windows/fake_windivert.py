@@ -168,6 +168,14 @@ class FakeWinDivert:
         with self._cond:
             assert self._cond.wait_for(lambda: self.handle(layer).pending is not None, timeout)
 
+    def fail_reading(self, layer: Layer, code: int) -> None:
+        """The pending read of ``layer``'s handle fails with ``code`` (e.g. the handle went away)."""
+        with self._cond:
+            handle = self.handle(layer)
+            read, handle.pending = handle.pending, None
+            assert read is not None
+            self._complete(read, code)
+
     # -- WinDivertApi --------------------------------------------------------------------------------
 
     def recv_ex(

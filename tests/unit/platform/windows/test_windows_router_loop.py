@@ -232,6 +232,19 @@ def test_a_packet_read_while_its_read_was_being_cancelled_is_routed_not_lost() -
     assert inbound and packet.dst_port == PROXY_TCP and packet.src_port == 40003
 
 
+def test_a_reader_that_fails_stops_the_loop_loudly_not_silently() -> None:
+    env = Env()
+
+    async def scenario() -> BaseException | None:
+        env.fake.wait_reading(Layer.NETWORK)
+        env.fake.fail_reading(Layer.NETWORK, 6)  # ERROR_INVALID_HANDLE
+        await until(lambda: env.loop.error is not None)
+        return env.loop.error
+
+    error = run(env, scenario)
+    assert isinstance(error, OSError) and "Windows error 6" in str(error)
+
+
 def test_64_packets_are_read_in_one_call_and_sent_back_in_one() -> None:
     env = Env(hold_timeout=5.0)
 
