@@ -90,6 +90,7 @@ class _WindowsHandle:
         self._reader: BatchReader | None = None
         self._ready: collections.deque[Batch] = collections.deque()
         self._batch: Batch | None = None
+        self._used: Batch | None = None
         self._index = 0
         self._offset = 0
         self._loop: Any = None
@@ -171,7 +172,13 @@ class _WindowsHandle:
 
     def _next(self) -> tuple[Batch, int, int] | None:
         """The next packet's (batch, index, offset), or None when nothing waits; consumes it. Raises what
-        ended the reader thread, once everything it read was taken."""
+        ended the reader thread, once everything it read was taken.
+
+        The batch of the previous packet goes back to the reader only now: the caller has copied that
+        packet out, and the reader may read into its batch again."""
+        used, self._used = self._used, None
+        if used is not None:
+            self._give_back(used)
         batch = self._batch
         if batch is None:
             if self._ready:
@@ -189,8 +196,7 @@ class _WindowsHandle:
         index, offset = self._index, self._offset
         length = packet_length(batch.data, offset, batch.length - offset) if self.packets else 0
         if index + 1 >= batch.count or (self.packets and offset + length >= batch.length):
-            self._batch = None
-            self._give_back(batch)
+            self._batch, self._used = None, batch
         else:
             self._index, self._offset = index + 1, offset + length
         return batch, index, offset
