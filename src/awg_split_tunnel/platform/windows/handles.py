@@ -30,7 +30,13 @@ from awg_split_tunnel.platform.divert import (
     socket_event,
 )
 from awg_split_tunnel.platform.windows.owners import SocketOwners, SocketTable
-from awg_split_tunnel.platform.windows.reader import BATCH_BYTES, Batch, BatchReader, read_batch
+from awg_split_tunnel.platform.windows.reader import (
+    BATCH_BYTES,
+    BATCH_PACKETS,
+    Batch,
+    BatchReader,
+    read_batch,
+)
 from awg_split_tunnel.platform.windows.windivert import (
     ADDRESS_SIZE,
     ERROR_NO_DATA,
@@ -79,6 +85,8 @@ class _WindowsHandle:
     layer = Layer.NETWORK
     flags = Flag.DEFAULT
     packets = True
+    read_batch = BATCH_PACKETS
+    """Packets (or events) asked of one WinDivertRecvEx."""
 
     def __init__(self, api: WinDivertApi, opener: Opener, filter: str, priority: int) -> None:
         self.filter = filter
@@ -141,6 +149,7 @@ class _WindowsHandle:
             self._raw,
             self._delivered,
             packets=self.packets,
+            batch=self.read_batch,
             name=f"windivert-{self.layer.name}",
             failed=self._reader_failed,
         )
@@ -226,11 +235,14 @@ class _WindowsHandle:
 class WindowsNetworkHandle(_WindowsHandle):
     """The NETWORK handle on Windows (``router.divert_loop.NetworkPort``), batched both ways."""
 
+    send_batch = SEND_BATCH
+    """Packets gathered for one WinDivertSendEx at most."""
+
     def __init__(self, api: WinDivertApi, opener: Opener, filter: str, priority: int) -> None:
         super().__init__(api, opener, filter, priority)
         self._send_buf = bytearray(BATCH_BYTES)
         self._c_send = (ctypes.c_char * BATCH_BYTES).from_buffer(self._send_buf)
-        self._send_addrs = (WinDivertAddress * SEND_BATCH)()
+        self._send_addrs = (WinDivertAddress * self.send_batch)()
         self._send_count = 0
         self._send_bytes = 0
         self._send_len = ctypes.c_uint(0)
@@ -259,7 +271,7 @@ class WindowsNetworkHandle(_WindowsHandle):
         the batch is full. False if the handle is closed."""
         if self._raw is None:
             return False
-        if self._send_count == SEND_BATCH or self._send_bytes + length > BATCH_BYTES:
+        if self._send_count >= self.send_batch or self._send_bytes + length > BATCH_BYTES:
             self.flush()
         base = ctypes.addressof(self._c_send)
         ctypes.memmove(base + self._send_bytes, c_buf, length)
