@@ -75,6 +75,12 @@ ConnectEvent = tuple[int, bytes, int, int, int]
 
 HOLD_TIMEOUT = 0.05
 """Seconds a new flow's first packet waits for its connect event before the OS lookup (a few ms usual)."""
+OWNER_PENDING = -1
+"""What an ``os_lookup`` returns when it answers later, off the packet loop, as a connect event with the
+flow's local port (Windows: ``platform.windows.owners``): the flow then waits up to ``LOOKUP_TIMEOUT``
+more for it, once."""
+LOOKUP_TIMEOUT = 1.0
+"""Seconds a held flow waits for an owner lookup that answers later; then its owner is unknown."""
 MAX_HELD_PACKETS = 16
 """Packets kept per waiting flow (SYN retransmits, a UDP burst); more are dropped, never leaked."""
 MAX_HELD_FLOWS = 8192
@@ -205,6 +211,7 @@ class _HeldFlow:
     packets: list[tuple[bytearray, object]]
     meta: object = None
     syn_seq: int = -1
+    looked_up: bool = False
 
 
 _LOOPBACK6 = bytes(15) + b"\x01"
@@ -283,7 +290,9 @@ class PacketRouter:
         self._ancestors_of = ancestors_of
         """pid → its ancestors' exe paths, nearest first: a process without a rule of its own follows the
         first ancestor that has one (``ExeResolver.ancestors``). None: no inheritance."""
-        self._os_lookup = os_lookup
+        self.os_lookup = os_lookup
+        """Who owns a flow no event named (proto, local addr, port, remote addr, port → pid, None, or
+        ``OWNER_PENDING``). The I/O adapter may set its data path's own (``router.divert_loop``)."""
         self._owns = owns
         self._pulled = False
         self.event_source: Callable[[], Iterable[ConnectEvent]] | None = None
@@ -305,6 +314,8 @@ class PacketRouter:
         self._held_by_remote: dict[tuple[int, bytes, int], dict[bytes, _HeldFlow]] = {}
         self._held_per_address: dict[bytes, int] = {}
         self._held_order: deque[_HeldFlow] = deque()
+        self._lookup_order: deque[_HeldFlow] = deque()
+        """Held flows whose owner lookup answers later (``OWNER_PENDING``), oldest first."""
         self._held_bytes = 0
         self._pulled_remotes: set[tuple[int, bytes, int]] = set()
         self._lookups_behind = False
@@ -921,6 +932,7 @@ class PacketRouter:
         self._held_by_remote.clear()
         self._held_per_address.clear()
         self._held_order.clear()
+        self._lookup_order.clear()
         self._held_fragments.clear()
         return metas
 
@@ -942,10 +954,13 @@ class PacketRouter:
             return None
         if self._pulled:
             return self._now  # events pulled while routing may decide held flows: poll at once
-        order = self._held_order
-        while order and self._held.get(order[0].key) is not order[0]:
-            order.popleft()  # decided already
-        return order[0].deadline if order else None
+        deadlines = []
+        for order in (self._held_order, self._lookup_order):
+            while order and self._held.get(order[0].key) is not order[0]:
+                order.popleft()  # decided already
+            if order:
+                deadlines.append(order[0].deadline)
+        return min(deadlines) if deadlines else None
 
     def poll(self, now: float) -> None:
         """Apply queued control commands, decide timed-out held flows, expire old flows.
@@ -1008,16 +1023,34 @@ class PacketRouter:
             if held.deadline > now:
                 break
             pid = self._claim(held, now, ambiguous=self._others_waiting(held))
-            if pid is None and self._os_lookup is not None:
+            if pid is None and self.os_lookup is not None and not held.looked_up:
                 if budget <= 0:
                     self._lookups_behind = True
                     self.stats.os_lookups_deferred += 1
                     break
                 budget -= 1
                 self.stats.os_lookups += 1
-                pid = self._os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
+                held.looked_up = True
+                pid = self.os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
+                if pid == OWNER_PENDING:
+                    # Its answer comes through connect_event; until LOOKUP_TIMEOUT it waits in a queue of
+                    # its own (all of the same timeout, so in deadline order too).
+                    order.popleft()
+                    held.deadline = now + LOOKUP_TIMEOUT
+                    self._lookup_order.append(held)
+                    continue
             order.popleft()
             self._decide_held(held, pid, now)
+        pending = self._lookup_order
+        while pending:
+            held = pending[0]
+            if self._held.get(held.key) is not held:
+                pending.popleft()  # decided by the lookup's answer
+                continue
+            if held.deadline > now:
+                break
+            pending.popleft()
+            self._decide_held(held, self._claim(held, now, ambiguous=self._others_waiting(held)), now)
 
     # -- control, applied on the router's thread ---------------------------------------------------------
 

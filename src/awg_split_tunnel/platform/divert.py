@@ -3,7 +3,9 @@
 On Linux (eBPFDivert) packets are received into and sent from one preallocated buffer through
 libebpfdivert's ctypes functions with a reused address struct — no ``pydivert.Packet`` per packet
 (docs/ARCHITECTURE.md, pydivert costs: ~7 µs per packet this way against ~15 µs through ``Packet``). On
-Windows the same class goes through pydivert's own ``recv``/``send`` (WinDivert; slower, same semantics).
+Windows ``router_handles`` gives ``platform.windows.handles`` instead: WinDivertRecvEx/SendEx batches read
+by threads that feed the router's loop (docs/WINDOWS.md); pydivert there only opens the handles
+(``open_with_pydivert``).
 
 Backend misbehaviour is handled here, each workaround in one named place with the script in
 ``scripts/repro/`` that shows it:
@@ -31,10 +33,14 @@ import socket
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import pydivert
 from pydivert import Flag, Layer
+
+if TYPE_CHECKING:
+    from awg_split_tunnel.platform.windows.handles import WindowsEventHandle, WindowsNetworkHandle
+    from awg_split_tunnel.platform.windows.owners import SocketOwners
 
 log = logging.getLogger("awg_split_tunnel.router")
 
@@ -212,17 +218,7 @@ class NetworkHandle(_DivertHandle):
                     return 0
                 raise OSError(-ret, "divert receive failed")
             return int(self._recv_len.value)
-        if self._divert is None:
-            return 0  # closed (a stop racing the packet loop): nothing more will arrive
-        try:  # pragma: no cover - the generic (Windows) path
-            packet = self._divert.recv(timeout=timeout_ms / 1000)
-        except TimeoutError:
-            return 0
-        raw = packet.raw
-        n = len(raw)
-        buf[:n] = raw
-        ctypes.memmove(ctypes.addressof(addr), ctypes.addressof(packet.wd_addr), ctypes.sizeof(addr))
-        return n
+        return 0  # closed (a stop racing the packet loop): nothing more will arrive
 
     def send(self, c_buf: Any, length: int, addr: Any) -> bool:
         """Inject ``length`` bytes from ``c_buf`` as ``addr`` says; False (counted) when the backend refuses.
@@ -243,13 +239,8 @@ class NetworkHandle(_DivertHandle):
                     self.send_errors += 1
                 return False
             return True
-        try:  # pragma: no cover - the generic (Windows) path
-            packet = pydivert.Packet(memoryview(bytearray(ctypes.string_at(c_buf, length))), wd_addr=addr)
-            self._divert.send(packet, recalculate_checksum=False)
-        except OSError:
-            self.send_errors += 1
-            return False
-        return True
+        self.send_errors += 1  # closed
+        return False
 
     # -- buffers and addresses, so callers never touch ctypes --------------------------------------------
 
@@ -337,38 +328,39 @@ class SocketEventHandle(_DivertHandle):
     def recv(self, timeout_ms: int = 0) -> SocketEvent | None:
         """The next event, or None if none arrives within ``timeout_ms``."""
         addr = self._addr
-        if self._handle is not None:
-            ret = _lib.ebpfdivert_recv(
-                self._handle,
-                self._c_buf,
-                len(self._buf),
-                ctypes.byref(self._recv_len),
-                ctypes.byref(addr),
-                timeout_ms,
-            )
-            if ret < 0:
-                if ret == _EAGAIN:
-                    return None
-                raise OSError(-ret, "divert receive failed")
-        else:  # pragma: no cover - the generic (Windows) path
-            try:
-                addr = self._divert.recv(timeout=timeout_ms / 1000).wd_addr
-            except TimeoutError:
-                return None
-        s = addr.Socket if self.layer == Layer.SOCKET else addr.Flow
-        try:
-            kind = SocketEventKind(addr.Event)
-        except ValueError:
-            return None
-        return SocketEvent(
-            kind,
-            int(s.ProcessId),
-            int(s.Protocol),
-            address_from_words(s.LocalAddr),
-            int(s.LocalPort),
-            address_from_words(s.RemoteAddr),
-            int(s.RemotePort),
+        if self._handle is None:
+            return None  # closed
+        ret = _lib.ebpfdivert_recv(
+            self._handle,
+            self._c_buf,
+            len(self._buf),
+            ctypes.byref(self._recv_len),
+            ctypes.byref(addr),
+            timeout_ms,
         )
+        if ret < 0:
+            if ret == _EAGAIN:
+                return None
+            raise OSError(-ret, "divert receive failed")
+        return socket_event(addr, self.layer)
+
+
+def socket_event(addr: Any, layer: Layer) -> SocketEvent | None:
+    """The SOCKET- or FLOW-layer event a WINDIVERT_ADDRESS describes; None for an unknown event kind."""
+    s = addr.Socket if layer == Layer.SOCKET else addr.Flow
+    try:
+        kind = SocketEventKind(addr.Event)
+    except ValueError:
+        return None
+    return SocketEvent(
+        kind,
+        int(s.ProcessId),
+        int(s.Protocol),
+        address_from_words(s.LocalAddr),
+        int(s.LocalPort),
+        address_from_words(s.RemoteAddr),
+        int(s.RemotePort),
+    )
 
 
 def new_packet_buffer() -> tuple[bytearray, Any, Any]:
@@ -401,7 +393,11 @@ def _interface_names() -> frozenset[str]:
 
 def router_handles(
     exclude_udp_ports: Iterable[int] = (),
-) -> tuple[NetworkHandle, list[SocketEventHandle], Callable[[int], bool]]:
+) -> tuple[
+    NetworkHandle | WindowsNetworkHandle,
+    list[SocketEventHandle] | list[WindowsEventHandle | SocketOwners],
+    Callable[[int], bool],
+]:
     """The router's unopened handles and its namespace filter: a ``router.process.HandleFactory``
     (bind ``exclude_udp_ports`` with ``functools.partial``, which pickles).
 
@@ -413,10 +409,13 @@ def router_handles(
     from awg_split_tunnel.core.packet_router import router_filter
     from awg_split_tunnel.process.lookup import NamespaceFilter
 
+    if sys.platform == "win32":  # pragma: no cover - the Windows handles' own tests use a fake WinDivert
+        from awg_split_tunnel.platform.windows.handles import windows_router_handles
+        from awg_split_tunnel.platform.windows.windivert import NativeWinDivert
+
+        return windows_router_handles(NativeWinDivert(), open_with_pydivert, router_filter(exclude_udp_ports))
     events = [SocketEventHandle(), SocketEventHandle.flows()]
     network = NetworkHandle(router_filter(exclude_udp_ports))
-    if sys.platform == "win32":  # pragma: no cover - no network namespaces; pid 4 is the System process
-        return network, events, lambda pid: pid > 4
     return network, events, NamespaceFilter().same_namespace
 
 
@@ -431,6 +430,15 @@ def hold_every_packet() -> NetworkHandle:
     handle = NetworkHandle(ROUTER_FILTER, PRIORITY_HOLD)
     handle.open()
     return handle
+
+
+def open_with_pydivert(filter: str, layer: Layer, priority: int, flags: Flag) -> tuple[Any, int]:
+    """Open a WinDivert handle through pydivert (it installs the driver and knows its errors, explained
+    by ``explain_open_error``): (the ``pydivert.Divert`` to close it with, the raw HANDLE) for the batch
+    calls of ``platform.windows``."""
+    divert = pydivert.Divert(filter, layer=layer, priority=priority, flags=flags)
+    _open(divert)
+    return divert, int(divert._impl._handle)
 
 
 def event_handles() -> tuple[list[SocketEventHandle], Callable[[int], bool]]:

@@ -24,8 +24,9 @@ import ipaddress
 import os
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -351,22 +352,29 @@ def psutil_lookup_pid(
     Prefers the socket connected to exactly this remote; falls back to one bound to the local port
     (unconnected UDP). None if no process owns it (it closed already) or pids are hidden.
     """
-    kind = "tcp" if proto == IPPROTO_TCP else "udp"
+    try:
+        connections = psutil.net_connections(kind="tcp" if proto == IPPROTO_TCP else "udp")
+    except (psutil.Error, OSError):
+        return None
+    return socket_owner(connections, local_addr, local_port, remote_addr, remote_port)
+
+
+def socket_owner(
+    connections: Iterable[Any], local_addr: bytes, local_port: int, remote_addr: bytes, remote_port: int
+) -> int | None:
+    """The pid owning the socket in ``connections`` (``psutil.net_connections`` rows of the flow's protocol):
+    the socket connected to exactly this remote, else one bound to the local port (unconnected UDP)."""
     local_ip = str(ipaddress.ip_address(local_addr))
     remote_ip = str(ipaddress.ip_address(remote_addr))
     bound: int | None = None
-    try:
-        connections = psutil.net_connections(kind=kind)
-    except (psutil.Error, OSError):
-        return None
     for conn in connections:
         if not conn.laddr or conn.laddr.port != local_port or conn.pid is None:
             continue
         if conn.raddr:
             if conn.raddr.port == remote_port and _same_ip(conn.raddr.ip, remote_ip):
-                return conn.pid
+                return int(conn.pid)
         elif _same_ip(conn.laddr.ip, local_ip) or conn.laddr.ip in ("0.0.0.0", "::"):
-            bound = conn.pid
+            bound = int(conn.pid)
     return bound
 
 

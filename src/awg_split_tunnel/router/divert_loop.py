@@ -1,7 +1,8 @@
 """The divert data path's I/O loops: divert handles → ``PacketRouter`` → reinjection.
 
-``RouterLoop`` runs the handles on one thread (a blocking poll); ``AsyncRouterLoop`` reads them in an
-asyncio loop's reader callbacks, with the packet tunnels' devices on the same loop. Both are thin: the
+``RouterLoop`` runs the handles on one thread (a blocking poll; Linux); ``AsyncRouterLoop`` reads them in
+an asyncio loop's callbacks — reader callbacks of their descriptors on Linux, callbacks their reader threads
+schedule on Windows (``FedPort``) — with the packet tunnels' devices on the same loop. Both are thin: the
 router decides (``core.packet_router``), they receive, send what it says and run its timers.
 
 Where a packet tunnel's device runs: in the router's process, on the router's own thread and event loop.
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from awg_split_tunnel.core.packet_router import ConnectEvent, PacketAction, PacketRouter
 from awg_split_tunnel.core.policy import TunnelState
@@ -43,6 +44,25 @@ class NetworkPort(Protocol):
     def copy_address(self, addr: Any) -> Any: ...
     def set_inbound(self, addr: Any, inbound: bool = True) -> None: ...
     def c_buffer(self, data: bytearray) -> Any: ...
+
+
+@runtime_checkable
+class FedPort(Protocol):
+    """A handle that is no descriptor (Windows: ``platform.windows.handles``): a thread of its own reads it
+    and calls ``on_ready`` on the loop whenever packets or events wait."""
+
+    def watch(self, loop: asyncio.AbstractEventLoop, on_ready: Callable[[], None]) -> None: ...
+    def unwatch(self) -> None: ...
+
+
+@runtime_checkable
+class OwnerLookup(Protocol):
+    """An event handle that also finds a flow's owner when no event named it (Windows:
+    ``platform.windows.owners.SocketOwners``): the router's ``os_lookup``; its answers come as events."""
+
+    def lookup(
+        self, proto: int, local_addr: bytes, local_port: int, remote_addr: bytes, remote_port: int
+    ) -> int | None: ...
 
 
 class ConnectEventLike(Protocol):
@@ -134,6 +154,9 @@ class RouterLoop:
         self._opened = False
         self.error: BaseException | None = None
         router.event_source = self._pending_events
+        for handle in self.events:
+            if isinstance(handle, OwnerLookup):
+                router.os_lookup = handle.lookup  # the data path's own, off the packet loop
 
     def open(self) -> None:
         """Open the handles: event handles first, so no SYN can arrive before its CONNECT could."""
@@ -208,7 +231,8 @@ class RouterLoop:
 
     def _poller(self) -> Any:
         """A poll object over every handle, or None where there is none (Windows: no poll(), and WinDivert
-        handles are not descriptors) — the loop then blocks briefly in the NETWORK handle's receive."""
+        handles are not descriptors; the router process there runs ``AsyncRouterLoop``) — the loop then
+        blocks briefly in the NETWORK handle's receive."""
         if sys.platform == "win32":
             return None
         handles: list[EventPort | NetworkPort] = [self.network, *self.events]
@@ -311,10 +335,11 @@ TICK = 0.2
 class AsyncRouterLoop:
     """The router's I/O adapter on an asyncio loop, with packet tunnels' devices on the same loop.
 
-    Divert handles are read in ``add_reader`` callbacks; packets a route sends to a packet tunnel go to its
-    device after each batch; the device's decrypted packets come back through ``on_packets``, are DNATed
-    and injected inbound on the interface the flow left by. One thread does it all: no locks, and no
-    second thread competing for the GIL. Linux only (the handles must be pollable descriptors).
+    Divert handles are read in ``add_reader`` callbacks (Linux: they are descriptors) or, on Windows, in
+    callbacks their reader threads schedule after each batch (``FedPort``); packets a route sends to a
+    packet tunnel go to its device after each batch; the device's decrypted packets come back through
+    ``on_packets``, are DNATed and injected inbound on the interface the flow left by. One thread routes
+    it all: no locks; on Windows the reader threads only wait in WinDivertRecvEx (no GIL held there).
     """
 
     def __init__(
@@ -333,6 +358,7 @@ class AsyncRouterLoop:
         self._devices: dict[str, PacketDevice] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: list[int] = []
+        self._fed: list[FedPort] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._next_refresh = 0.0
@@ -409,24 +435,33 @@ class AsyncRouterLoop:
         await self.stop()
 
     def _watch(self) -> None:
+        """Read every handle when it has something: by its descriptor (Linux), or fed by its own reader
+        thread where it has none (Windows: ``FedPort``)."""
         loop = self._loop
         assert loop is not None
-        fd = self.network.fileno()
-        if fd is None:
-            raise OSError("the divert handle has no pollable descriptor on this platform")
-        loop.add_reader(fd, self._on_network)
-        self._fds = [fd]
-        for handle in self._io.events:
-            efd = handle.fileno()
-            if efd is not None:
-                loop.add_reader(efd, self._on_events)
-                self._fds.append(efd)
+        self._fds = []
+        self._fed = []
+        handles: list[tuple[Any, Callable[[], None]]] = [(self.network, self._on_network)]
+        handles += [(handle, self._on_events) for handle in self._io.events]
+        for handle, on_ready in handles:
+            fd = handle.fileno()
+            if fd is not None:
+                loop.add_reader(fd, on_ready)
+                self._fds.append(fd)
+            elif isinstance(handle, FedPort):
+                handle.watch(loop, on_ready)
+                self._fed.append(handle)
+            elif handle is self.network:
+                raise OSError("the divert handle can neither be polled nor read by a thread of its own")
 
     def _unwatch(self) -> None:
         if self._loop is not None:
             for fd in self._fds:
                 self._loop.remove_reader(fd)
+        for handle in self._fed:
+            handle.unwatch()
         self._fds = []
+        self._fed = []
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:

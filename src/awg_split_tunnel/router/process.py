@@ -4,8 +4,8 @@ and the process's body (``RouterSettings`` in, ``router_messages`` both ways).
 The divert loop runs in its own process, as a busy Python thread in the control plane would otherwise
 stall it by the GIL switch interval (docs/ARCHITECTURE.md). The child builds its ``PacketRouter``
 (``process_router``), applies the control messages every data path shares (``apply_router_message``) and
-runs the divert data path (``RouterService`` on asyncio, or ``RouterLoop`` where handles are not pollable)
-or the kernel data path's body (``platform.linux.kernel_datapath.serve_kernel_gate``).
+runs the divert data path (``RouterService`` on asyncio; on Windows reader threads feed its loop) or the
+kernel data path's body (``platform.linux.kernel_datapath.serve_kernel_gate``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,7 +54,7 @@ from awg_split_tunnel.core.router_messages import (
 from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.net.nat import FlowVerdict, NatEntry
 from awg_split_tunnel.net.packet import IPPROTO_TCP
-from awg_split_tunnel.router.divert_loop import EventPort, NetworkPort, RouterLoop
+from awg_split_tunnel.router.divert_loop import EventPort, NetworkPort
 from awg_split_tunnel.router.reports import FlowListings, router_status
 from awg_split_tunnel.router.service import run_with_devices
 
@@ -557,38 +556,10 @@ def _router_process_main(settings: RouterSettings, open_handles: HandleFactory, 
     states = dict(settings.states)
     try:
         router = process_router(settings, states, conn)
-        if settings.devices or sys.platform != "win32":
-            # The asyncio loop whether packet tunnels run at start or not: one may be added at any time,
-            # and its device needs that loop. Stream tunnels lose nothing to it: benchmarks/split_tcp.py
-            # gave the same ratios and connect latencies with this loop and the synchronous one (two
-            # alternating runs each). Windows handles are not pollable descriptors: RouterLoop there.
-            run_with_devices(router, states, open_handles, settings.devices, conn)
-            return
-        network, events, accept_pid = open_handles()
+        # The asyncio loop whether packet tunnels run at start or not: one may be added at any time, and
+        # its device needs that loop. Stream tunnels lose nothing to it: benchmarks/split_tcp.py gave the
+        # same ratios and connect latencies with this loop and the synchronous one (two alternating runs
+        # each). On Windows reader threads feed it the WinDivert handles and the pipe (docs/WINDOWS.md).
+        run_with_devices(router, states, open_handles, settings.devices, conn)
     except Exception as exc:
         conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
-        return
-
-    listings = FlowListings(router)
-
-    def on_control(message: ToRouter) -> None:
-        if apply_router_message(router, states, conn, message, listings):
-            return
-        match message:
-            case Stop():
-                loop.request_stop()
-            case ChangeDevices(routes=routes, started=started):
-                router.set_tunnels(routes)
-                for tunnel_id in started:
-                    reason = "packet tunnels need the asyncio router loop (pollable divert handles)"
-                    log.error("[Router] packet tunnel %s not started: %s", tunnel_id, reason)
-                    conn.send(DeviceStateChanged(tunnel_id, TunnelState.DOWN, reason))
-
-    loop = RouterLoop(router, network, events, accept_pid=accept_pid, control=conn, on_control=on_control)
-    try:
-        loop.open()
-    except Exception as exc:
-        conn.send(StartFailed(f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(Ready())
-    loop.run()

@@ -214,15 +214,14 @@ class RouterService:
         self._announce = True  # Ready must be the first message; states are told from here on
         for tunnel_id, device in self.devices.items():
             self._send(DeviceStateChanged(tunnel_id, device.state, "router process started"))
-        fd = self.conn.fileno()
-        loop.add_reader(fd, self._on_control)
+        unwatch = watch_connection(loop, self.conn, self._on_control)
         tasks = [loop.create_task(self._apply_messages()), loop.create_task(self._retry())]
         try:
             await self._stopping.wait()
         finally:
             for task in tasks:
                 task.cancel()
-            loop.remove_reader(fd)
+            unwatch()
             await self.close()
 
     def _on_control(self) -> None:
@@ -458,8 +457,33 @@ def run_with_devices(
     make_io: Callable[[Any, list[int]], RouterIO] | None = None,
 ) -> None:
     """The router process on asyncio (``RouterService``) until told to stop over ``conn``; an
-    ``StartFailed`` message instead of ``Ready`` when it cannot start."""
-    asyncio.run(_serve(router, states, open_handles, factories, conn, make_io))
+    ``StartFailed`` message instead of ``Ready`` when it cannot start.
+
+    The loop is a selector loop on every platform: the devices' UDP sockets are read with ``add_reader``,
+    which Windows' default (proactor) loop does not have. What a selector cannot wait on there — WinDivert
+    handles, the pipe — is read by threads that feed the loop (docs/WINDOWS.md, "The router's event
+    loop")."""
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(_serve(router, states, open_handles, factories, conn, make_io))
+
+
+def watch_connection(
+    loop: asyncio.AbstractEventLoop, conn: Any, on_readable: Callable[[], None]
+) -> Callable[[], None]:
+    """Call ``on_readable`` on ``loop`` whenever the pipe ``conn`` has something to read; returns the
+    function that stops it. Linux: the pipe is a socket, ``add_reader``. Windows: a named pipe, which no
+    selector can wait on: a thread waits for it (``platform.windows.reader.ConnectionWatcher``)."""
+    if sys.platform == "win32":
+        from awg_split_tunnel.platform.windows.reader import ConnectionWatcher
+
+        return ConnectionWatcher(loop, conn, on_readable).stop
+    fd = conn.fileno()
+    loop.add_reader(fd, on_readable)
+
+    def unwatch() -> None:
+        loop.remove_reader(fd)
+
+    return unwatch
 
 
 async def _serve(

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from awg_split_tunnel.core import packet_router
 from awg_split_tunnel.core.packet_router import (
+    LOOKUP_TIMEOUT,
     MAX_HELD_PER_REMOTE,
+    OWNER_PENDING,
     PacketAction,
     PacketRouter,
     TunnelRoute,
@@ -324,6 +326,27 @@ def test_without_event_the_os_tables_are_asked_after_the_hold_timeout() -> None:
     out = env.router.take_outgoing()
     assert env.lookups == [(IPPROTO_TCP, 40000)]
     assert len(out) == 1 and not out[0].inbound and view(out[0].data).dst_port == 80
+
+
+def test_a_lookup_answering_later_keeps_the_flow_held_until_its_answer_or_the_lookup_timeout() -> None:
+    env = Env(default="socks")
+    env.os_owner = OWNER_PENDING  # the lookup answers later, as a connect event with the local port
+    assert env.route(syn()) is PacketAction.HOLD
+    env.router.poll(env.now + 0.1)
+    assert env.router.take_outgoing() == [] and env.lookups == [(IPPROTO_TCP, 40000)]
+    env.router.connect_event(IPPROTO_TCP, WEB, 80, 200, env.now + 0.2, local_port=40000)
+    (out,) = env.router.take_outgoing()
+    assert not out.inbound and view(out.data).dst_port == 80  # app-direct's, not the default tunnel
+
+    env.route(syn(40001))  # no answer comes: after LOOKUP_TIMEOUT the owner is unknown, asked once
+    env.router.poll(env.now + 0.1)
+    env.router.poll(env.now + 0.1 + LOOKUP_TIMEOUT / 2)
+    assert env.router.take_outgoing() == []
+    env.router.poll(env.now + 0.2 + LOOKUP_TIMEOUT)
+    (out,) = env.router.take_outgoing()
+    assert out.inbound and view(out.data).dst_port == PROXY_TCP
+    assert env.lookups == [(IPPROTO_TCP, 40000), (IPPROTO_TCP, 40001)]
+    assert env.router.stats.unknown_owner == 1
 
 
 def test_unknown_owner_gets_the_default_route_and_is_counted() -> None:

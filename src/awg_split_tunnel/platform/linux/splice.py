@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 CHUNK = 1 << 20
@@ -22,6 +23,16 @@ CHUNK = 1 << 20
 FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 F_SETPIPE_SZ = 1031
 """fcntl to size a pipe (linux/fcntl.h)."""
+
+
+def _pipe() -> tuple[int, int]:
+    """A non-blocking pipe of CHUNK bytes (smaller if the kernel refuses: that only means more splices)."""
+    if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+        raise OSError("os.splice needs Linux")
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, CHUNK)
+    return read_end, write_end
 
 
 class SplicePump:
@@ -39,9 +50,7 @@ class SplicePump:
         self._loop = loop
         self._src, self._dst = src, dst
         self._counted = counted
-        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a smaller pipe only means more splices
-            fcntl.fcntl(self._pipe_w, F_SETPIPE_SZ, CHUNK)
+        self._pipe_r, self._pipe_w = _pipe()
         self._in_pipe = 0
         self._eof = False
         self._reading = False
@@ -63,6 +72,8 @@ class SplicePump:
             self.done.cancel()
 
     def _readable(self) -> None:
+        if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+            raise OSError("os.splice needs Linux")
         try:
             n = os.splice(
                 self._src.fileno(), self._pipe_w, CHUNK, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -84,6 +95,8 @@ class SplicePump:
         self._flush()
 
     def _flush(self) -> None:
+        if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+            raise OSError("os.splice needs Linux")
         while self._in_pipe:
             try:
                 n = os.splice(

@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from awg_split_tunnel.errors import TunnelError
@@ -81,6 +82,8 @@ class Tun:
         coalesced TCP super-packets to the kernel. `read_offload` (with `vnet_hdr`) also lets the kernel
         give us TSO super-packets to read, which we must then cut up ourselves; without it reads stay
         MTU-size packets."""
+        if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+            raise TunnelError("TUN devices need Linux")
         if len(name.encode()) >= IFNAMSIZ:
             raise TunnelError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
         try:
@@ -112,6 +115,8 @@ class Tun:
 
     def read_packets(self, batch: int = 64) -> list[bytes]:
         """Up to `batch` reads' worth of IP packets (super-packets already segmented); [] when none wait."""
+        if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+            raise TunnelError("TUN devices need Linux")
         packets: list[bytes] = []
         fd, buf, view, stats = self.fd, self._buf, self._view, self.stats
         if not self.vnet_hdr:
@@ -154,6 +159,8 @@ class Tun:
 
     def write_packet(self, packet: bytes | bytearray | memoryview) -> None:
         """Hand one IP packet to the kernel. A full queue drops it, as a NIC would."""
+        if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+            raise TunnelError("TUN devices need Linux")
         try:
             if self.vnet_hdr:
                 os.writev(self.fd, [_NO_VNET_HDR, packet])
@@ -172,6 +179,8 @@ class Tun:
     def write_packets(self, packets: list[bytes]) -> None:
         """Hand IP packets to the kernel; with a vnet header, consecutive segments of one TCP flow go
         as one super-packet (GRO done here: one write and one pass through the stack instead of many)."""
+        if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+            raise TunnelError("TUN devices need Linux")
         if not self.vnet_hdr:
             for packet in packets:
                 self.write_packet(packet)
