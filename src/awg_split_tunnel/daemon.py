@@ -519,12 +519,10 @@ class Daemon:
         from awg_split_tunnel.api.control import default_control_path, request
 
         path = self._control_path or default_control_path()
-        if not path.exists():
-            return
         try:
             request("status", path=path, timeout=1.0)
         except AwgSplitTunnelError:
-            return  # a socket left behind by a daemon that died: ours replaces it
+            return  # nothing listens, or a socket left behind by a daemon that died: ours replaces it
         raise DaemonError(f"another daemon is already running (it answers on {path}); stop it first")
 
     async def _start_control(self) -> None:

@@ -1,7 +1,8 @@
 """The daemon's local control API: `status`, `connections`, `tunnel up|down`.
 
-One JSON object per line each way over a local stream socket: a Unix socket only root can open on
-POSIX, loopback TCP on Windows (its port written to a file only Administrators can read). Requests are
+One JSON object per line each way over a local transport (`ControlTransport`): a Unix socket only root
+can open on POSIX, a named pipe only SYSTEM and Administrators can open on Windows
+(platform/windows/pipe.py, docs/WINDOWS.md). Requests are
 ``{"cmd": NAME, ...args}``; answers are ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TEXT}``.
 A malformed request gets an error answer; it never reaches a handler or breaks the server.
 """
@@ -17,7 +18,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
 
@@ -36,14 +37,119 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
 def default_control_path() -> Path:
-    """Where the daemon listens: env `AWG_SPLIT_TUNNEL_CONTROL`, else the platform's run directory."""
+    """Where the daemon listens: env `AWG_SPLIT_TUNNEL_CONTROL`, else the platform's: a Unix socket in the
+    run directory, the named pipe `\\\\.\\pipe\\awg-split-tunnel` on Windows."""
     override = os.environ.get("AWG_SPLIT_TUNNEL_CONTROL")
     if override:
         return Path(override)
     if sys.platform == "win32":
-        base = Path(os.environ.get("PROGRAMDATA", r"C:\ProgramData"))
-        return base / "awg-split-tunnel" / "control.port"
+        return Path("\\\\.\\pipe\\awg-split-tunnel")
     return Path("/run/awg-split-tunnel/control.sock")
+
+
+class LineWriter(Protocol):
+    """The writing half of a client connection (asyncio.StreamWriter is one)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ClientHandler = Callable[[asyncio.StreamReader, Any], Awaitable[None]]
+
+
+class Listener(Protocol):
+    async def close(self) -> None: ...
+
+
+class Connection(Protocol):
+    """A client's end, blocking (the CLI)."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def receive_line(self, limit: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class ControlTransport(Protocol):
+    """How the control API's bytes travel: who may connect is the transport's business."""
+
+    async def listen(self, address: Path, serve: ClientHandler, limit: int) -> Listener: ...
+
+    def connect(self, address: Path, timeout: float) -> Connection:
+        """FileNotFoundError when nothing listens at `address`, PermissionError when refused."""
+        ...
+
+
+class UnixSocketTransport:
+    """POSIX: a Unix socket created under umask 077 (only its owner, root, can connect)."""
+
+    async def listen(self, address: Path, serve: ClientHandler, limit: int) -> Listener:
+        if sys.platform == "win32":
+            raise OSError("Unix sockets are not the control transport on Windows")
+        address.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            address.unlink()
+        old_umask = os.umask(0o077)
+        try:
+            server = await asyncio.start_unix_server(serve, str(address), limit=limit)
+        finally:
+            os.umask(old_umask)
+        return _UnixListener(server, address)
+
+    def connect(self, address: Path, timeout: float) -> Connection:
+        if sys.platform == "win32":
+            raise OSError("Unix sockets are not the control transport on Windows")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(address))
+        except BaseException:
+            sock.close()
+            raise
+        return _SocketConnection(sock)
+
+
+class _UnixListener:
+    def __init__(self, server: asyncio.Server, address: Path) -> None:
+        self._server = server
+        self._address = address
+
+    async def close(self) -> None:
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+        with contextlib.suppress(OSError):
+            self._address.unlink()
+
+
+class _SocketConnection:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._stream = sock.makefile("rwb")
+
+    def send(self, data: bytes) -> None:
+        self._stream.write(data)
+        self._stream.flush()
+
+    def receive_line(self, limit: int) -> bytes:
+        return self._stream.readline(limit)
+
+    def close(self) -> None:
+        self._stream.close()
+        self._sock.close()
+
+
+def default_transport() -> ControlTransport:
+    """The platform's control transport."""
+    if sys.platform == "win32":
+        from awg_split_tunnel.platform.windows.pipe import NamedPipeTransport
+
+        return NamedPipeTransport()
+    return UnixSocketTransport()
 
 
 class ControlServer:
@@ -60,42 +166,28 @@ class ControlServer:
         *,
         idle_timeout: float = IDLE_TIMEOUT,
         max_clients: int = MAX_CLIENTS,
+        transport: ControlTransport | None = None,
     ) -> None:
         self.handlers = dict(handlers)
         self.path = path or default_control_path()
+        self.transport = transport or default_transport()
         self.idle_timeout = idle_timeout
         self.max_clients = max_clients
         self.clients = 0
         self.refused = 0
         self.timed_out = 0
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if sys.platform == "win32":
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_REQUEST)
-            port = self._server.sockets[0].getsockname()[1]
-            self.path.write_text(str(port))
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            old_umask = os.umask(0o077)
-            try:
-                self._server = await asyncio.start_unix_server(self._serve, str(self.path), limit=MAX_REQUEST)
-            finally:
-                os.umask(old_umask)
+        self._listener = await self.transport.listen(self.path, self._serve, MAX_REQUEST)
         log.debug("[API] listening on %s", self.path)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: LineWriter) -> None:
         if self.clients >= self.max_clients:
             await self._refuse(writer)
             return
@@ -120,7 +212,7 @@ class ControlServer:
             self.clients -= 1
             writer.close()
 
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+    async def _refuse(self, writer: LineWriter) -> None:
         """Turn away a connection beyond `max_clients`: one error line, then closed."""
         self.refused += 1
         if self.refused == 1:
@@ -158,36 +250,37 @@ class ControlServer:
             return {"ok": False, "error": f"{request['cmd']} failed: {exc}"}
 
 
-async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, Any]) -> None:
+async def _send(writer: LineWriter, answer: Mapping[str, Any]) -> None:
     writer.write(json.dumps(answer, default=str).encode() + b"\n")
     await writer.drain()
 
 
-def request(cmd: str, *, path: Path | None = None, timeout: float = 5.0, **args: Any) -> Any:
+def request(
+    cmd: str,
+    *,
+    path: Path | None = None,
+    timeout: float = 5.0,
+    transport: ControlTransport | None = None,
+    **args: Any,
+) -> Any:
     """Send one command to the running daemon and return its result; TunnelError with a clear
     message when no daemon answers or the daemon refuses."""
     path = path or default_control_path()
     try:
-        if sys.platform == "win32":
-            port = int(path.read_text().strip())
-            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(str(path))
+        connection = (transport or default_transport()).connect(path, timeout)
     except FileNotFoundError:
-        raise TunnelError(f"the daemon is not running (no control socket at {path})") from None
+        raise TunnelError(f"the daemon is not running (nothing listens at {path})") from None
     except PermissionError:
         raise TunnelError(f"permission denied on {path}: run as root/Administrator") from None
     except (OSError, ValueError) as exc:
         raise TunnelError(f"cannot reach the daemon at {path}: {exc}") from None
-    with sock, sock.makefile("rwb") as stream:
-        try:
-            stream.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            stream.flush()
-            line = stream.readline(16 * 1024 * 1024)
-        except OSError as exc:
-            raise TunnelError(f"the daemon did not answer: {exc}") from None
+    try:
+        connection.send(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        line = connection.receive_line(16 * 1024 * 1024)
+    except OSError as exc:
+        raise TunnelError(f"the daemon did not answer: {exc}") from None
+    finally:
+        connection.close()
     try:
         answer = json.loads(line)
     except ValueError:
