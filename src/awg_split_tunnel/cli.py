@@ -93,8 +93,9 @@ def _config_path(config: Path | None) -> Path:
 
 def _manager(config: Path | None, *, missing_ok: bool = False) -> ConfigManager:
     from awg_split_tunnel.core.config import ConfigManager
+    from awg_split_tunnel.platform.data_folder import data_folder
 
-    manager = ConfigManager(_config_path(config))
+    manager = ConfigManager(_config_path(config), folder=data_folder())
     manager.load(missing_ok=missing_ok)
     return manager
 
@@ -104,8 +105,9 @@ def _editing(config: Path | None, *, missing_ok: bool = False) -> Iterator[Confi
     """The config loaded under its edit lock, held until the change is written: two edits at once (two
     `rule add`s) wait for each other instead of the second being refused as changed on disk."""
     from awg_split_tunnel.core.config import ConfigManager
+    from awg_split_tunnel.platform.data_folder import data_folder
 
-    manager = ConfigManager(_config_path(config))
+    manager = ConfigManager(_config_path(config), folder=data_folder())
     with manager.locked():
         manager.load(missing_ok=missing_ok)
         yield manager

@@ -40,6 +40,7 @@ from awg_split_tunnel.core.routing import default_fallback, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
+from awg_split_tunnel.platform.data_folder import check_data_folder, data_folder
 from awg_split_tunnel.provider.interface import set_own_socket_mark
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
 from awg_split_tunnel.router.process import DeviceFactory, RouterProcess, RouterSettings
@@ -200,7 +201,7 @@ class Daemon:
         self.config_path = Path(config_path)
         self._log_file = log_file
         self.bus = EventBus()
-        self.manager = ConfigManager(self.config_path, self.bus)
+        self.manager = ConfigManager(self.config_path, self.bus, folder=data_folder())
         self.registry = TunnelRegistry(self.bus)
         self.runtimes: dict[str, TunnelRuntime] = {}
         """The running tunnels by id, in the order the router heard of them."""
@@ -232,6 +233,7 @@ class Daemon:
         ConfigError (then everything already started is stopped again)."""
         if self._check_privileges:
             require_privileges()
+        check_data_folder(self.config_path.parent)
         config = self.manager.load()
         self.dataplane = config.dataplane or default_dataplane()
         if self.dataplane == "kernel" and self._handles is None:
