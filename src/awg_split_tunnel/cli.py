@@ -351,23 +351,30 @@ def run(
 
 @app.command()
 def cleanup() -> None:
-    """Linux, root: remove what a daemon that died left in the kernel (its nftables table, the first-packet
-    gate, its routes). Until then — or until `run` starts again — new connections wait and `block` apps
-    stay blocked."""
-    if sys.platform != "linux":
-        raise _fail("cleanup is for the Linux kernel data path")
-    import os
-
+    """Remove what a daemon that died left: on Linux (root) its nftables table, first-packet gate and
+    routes; on Windows (Administrator) its kill-switch filters. Until then — or until `run` starts again —
+    `block` apps stay blocked (on Linux new connections wait too)."""
+    if sys.platform not in ("linux", "win32"):
+        raise _fail("cleanup is for the Linux kernel data path and the Windows kill switch")
     from awg_split_tunnel.api.control import default_control_path, request
 
-    if os.geteuid() != 0:
-        raise _fail("cleanup needs root (it changes the firewall and routes): run it with sudo")
     try:
         request("status", path=default_control_path(), timeout=1.0)
     except (AwgSplitTunnelError, OSError):
         pass
     else:
         raise _fail("a daemon is running: stop it (Ctrl-C or SIGTERM), it removes its rules itself")
+    if sys.platform == "win32":
+        from awg_split_tunnel.platform.windows.kill_switch import cleanup_kill_switch
+
+        with _user_errors():
+            count = cleanup_kill_switch()
+        out.print(f"removed {count} kill-switch filters" if count else "nothing to remove")
+        return
+    import os
+
+    if os.geteuid() != 0:
+        raise _fail("cleanup needs root (it changes the firewall and routes): run it with sudo")
     from awg_split_tunnel.platform.linux.kernel_datapath import remove_kernel_state
 
     with _user_errors():

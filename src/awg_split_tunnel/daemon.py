@@ -30,13 +30,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from awg_split_tunnel.core.config import Config, ConfigManager
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
-from awg_split_tunnel.core.routing import default_fallback, engine_rules
+from awg_split_tunnel.core.routing import default_fallback, engine_from_config, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
@@ -53,6 +53,10 @@ from awg_split_tunnel.tunnel_runtimes import (
     TunnelRuntime,
     tunnel_runtime,
 )
+
+if TYPE_CHECKING:
+    from awg_split_tunnel.platform.windows.kill_switch import RunningKillSwitch
+    from awg_split_tunnel.platform.windows.wfp import FilterEngine
 
 log = logging.getLogger("awg_split_tunnel.core")
 rule_log = logging.getLogger("awg_split_tunnel.rule")
@@ -197,6 +201,7 @@ class Daemon:
         handles: Callable[..., Any] | None = None,
         status_out: TextIO | None = None,
         log_file: Path | None = None,
+        filter_engine: FilterEngine | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._log_file = log_file
@@ -212,6 +217,8 @@ class Daemon:
         self._check_privileges = check_privileges
         self._handles = handles
         self._status_out = status_out
+        self._filter_engine = filter_engine
+        self._kill_switch: RunningKillSwitch | None = None
         self._router: RouterProcess | None = None
         self._routes: dict[str, AnyRoute] = {}
         """The tunnels' routes as the router process last heard them."""
@@ -256,6 +263,7 @@ class Daemon:
             raise
 
     async def _start(self, config: Config, handles: Callable[..., Any]) -> None:
+        await self._start_kill_switch(config)
         packets = packet_tunnel_devices(config.tunnels, self.config_path.parent, self.dataplane)
         context = self._runtime_context()
         changes = RouterChanges()
@@ -319,10 +327,35 @@ class Daemon:
             await self._control.stop()
             self._control = None
         await self.bus.stop()
+        if self._kill_switch is not None:
+            # Last: until the router has stopped, a `block` app must not get out; after a failure the
+            # persistent blocks stay (docs/WINDOWS.md, Kill switch).
+            await self._kill_switch.stop(keep_blocks=self.exit_code != EXIT_OK)
+            self._kill_switch = None
         if self.exit_code == EXIT_OK:
             log.info("[Core] stopped: divert handles closed, network restored")
         else:
             log.error("[Core] stopped after a failure (exit %d)", self.exit_code)
+
+    async def _start_kill_switch(self, config: Config) -> None:
+        """Windows (or a given filter engine): the WFP kill switch, before anything is diverted. The daemon
+        does not start without it: `block` would not hold across a crash."""
+        engine = self._filter_engine
+        if engine is None and sys.platform == "win32":
+            from awg_split_tunnel.platform.windows.kill_switch import windows_filter_engine
+
+            engine = windows_filter_engine()
+        if engine is None:
+            return
+        from awg_split_tunnel.platform.windows.kill_switch import RunningKillSwitch
+
+        switch = RunningKillSwitch(engine, engine_from_config(config), exempt=[sys.executable])
+        try:
+            await switch.start()
+        except (AwgSplitTunnelError, OSError) as exc:
+            await switch.stop(keep_blocks=False)
+            raise DaemonError(f"the kill switch (Windows Filtering Platform) cannot start: {exc}") from None
+        self._kill_switch = switch
 
     def _router_body(self) -> Any:
         if self.dataplane != "kernel":
@@ -509,6 +542,8 @@ class Daemon:
                 router.set_tunnels(self._routes)
         for runtime in opened:
             runtime.start()
+        if self._kill_switch is not None and (new.rules != old.rules or new.default != old.default):
+            await self._kill_switch.rules_changed(engine_from_config(new))
         if new.rules != old.rules or new.default != old.default:
             rule_log.info(
                 "[Rule] %d rules, default %s: applied to new connections", len(new.rules), new.default

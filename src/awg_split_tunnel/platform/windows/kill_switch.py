@@ -22,6 +22,8 @@ ran while the daemon was up is not covered after a crash (docs/WINDOWS.md, Kill 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Iterable
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 from awg_split_tunnel.core.policy import FallbackPolicy
 from awg_split_tunnel.core.rule_engine import RuleEngine
+from awg_split_tunnel.errors import AwgSplitTunnelError
 from awg_split_tunnel.platform.windows.wfp import (
     ALE_LAYERS,
     Action,
@@ -228,3 +231,74 @@ def refresh_apps(
     """Cover the `block`/`drop` apps running now, keeping those seen before (the rules permitting)."""
     seen = set(kill_switch.apps) | set(executables())
     kill_switch.update(blocked_apps(engine, seen, exempt=exempt))
+
+
+class RunningKillSwitch:
+    """The kill switch as the daemon runs it: started before the router, the apps refreshed every
+    `interval` seconds and at each rule change, stopped last (blocks kept after a failure)."""
+
+    def __init__(
+        self,
+        filters: FilterEngine,
+        rules: RuleEngine,
+        *,
+        exempt: Iterable[str],
+        executables: Callable[[], Iterable[str]] = running_executables,
+        interval: float = REFRESH_INTERVAL,
+    ) -> None:
+        self.switch = KillSwitch(filters)
+        self._rules = rules
+        self._exempt = tuple(exempt)
+        self._executables = executables
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.switch.start, ())
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._refresh_forever(), name="kill-switch")
+
+    async def refresh(self) -> None:
+        await asyncio.to_thread(
+            refresh_apps, self.switch, self._rules, exempt=self._exempt, executables=self._executables
+        )
+
+    async def rules_changed(self, rules: RuleEngine) -> None:
+        self._rules = rules
+        await self.refresh()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except (AwgSplitTunnelError, OSError) as exc:
+                log.warning("[Kill switch] refreshing the apps failed: %s", exc)
+
+    async def stop(self, *, keep_blocks: bool) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await asyncio.to_thread(self.switch.stop, keep_blocks=keep_blocks)
+        if keep_blocks:
+            log.warning(
+                "[Kill switch] block and drop apps stay blocked until the daemon starts again or "
+                "`awg-split-tunnel cleanup`"
+            )
+
+
+def windows_filter_engine() -> FilterEngine:
+    from awg_split_tunnel.platform.windows.wfp import WfpEngine
+
+    return WfpEngine()
+
+
+def cleanup_kill_switch(filters: FilterEngine | None = None) -> int:
+    """`awg-split-tunnel cleanup` on Windows: delete what a dead daemon left; how many filters went."""
+    session = (filters or windows_filter_engine()).open(dynamic=False)
+    try:
+        return remove_kill_switch(session)
+    finally:
+        session.close()

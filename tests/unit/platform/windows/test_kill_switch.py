@@ -12,6 +12,7 @@ from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
 from awg_split_tunnel.platform.windows.kill_switch import (
     KillSwitch,
     blocked_apps,
+    cleanup_kill_switch,
     refresh_apps,
     remove_kill_switch,
 )
@@ -124,3 +125,12 @@ def test_refresh_covers_apps_started_later_and_keeps_those_seen_before() -> None
     assert bfe.decision(GAME, CONNECT) is Action.BLOCK
     assert bfe.decision(FIREFOX, CONNECT) is Action.BLOCK
     assert bfe.decision(EDITOR, CONNECT) is None
+
+
+def test_cleanup_frees_the_apps_a_dead_daemon_left_blocked() -> None:
+    bfe = FakeWfp()
+    _running(bfe, {FIREFOX, GAME})
+    bfe.process_ended()
+    assert cleanup_kill_switch(bfe) == 2 * len(ALE_LAYERS)
+    assert bfe.decision(FIREFOX, CONNECT) is None and not bfe.providers and not bfe.open_sessions
+    assert cleanup_kill_switch(bfe) == 0
