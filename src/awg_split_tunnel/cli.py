@@ -402,6 +402,21 @@ def systemd_unit(config: ConfigOption = None) -> None:
 
 
 @app.command()
+def service(
+    action: Annotated[str, typer.Argument(help="install | uninstall | start | stop")],
+    config: ConfigOption = None,
+) -> None:
+    """Windows, Administrator: the service that runs the daemon (LocalSystem, starts at boot, restarted
+    after a failure; its log is daemon.log beside the config)."""
+    if sys.platform != "win32":
+        raise _fail("this is the Windows service; on Linux use `systemd-unit`")
+    from awg_split_tunnel.platform.windows.service import service_action
+
+    with _user_errors():
+        _say(service_action(action, _config_path(config)))
+
+
+@app.command()
 def demo() -> None:
     """Linux, root: a self-contained lab in network namespaces showing the main job end to end."""
     from awg_split_tunnel.demo import run_demo

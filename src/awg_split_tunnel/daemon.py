@@ -27,6 +27,7 @@ import logging.handlers
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -225,6 +226,8 @@ class Daemon:
         self._control: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
+        self.stopped = threading.Event()
+        """Set once ``run_forever`` has stopped everything (for threads waiting on the stop)."""
         self._file_stamp: tuple[int, int] | None = None
         self._config: Config | None = None
         self._started = False
@@ -387,13 +390,27 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self._on_signal, signum)
                 installed.append(signum)
-        try:
-            await self._stop_requested.wait()
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
-            await self.stop()
+        with self._console_stop(loop):
+            try:
+                await self._stop_requested.wait()
+            finally:
+                for signum in installed:
+                    loop.remove_signal_handler(signum)
+                await self.stop()
+                self.stopped.set()
         return self.exit_code
+
+    def _console_stop(self, loop: asyncio.AbstractEventLoop) -> contextlib.AbstractContextManager[Any]:
+        """Windows has no SIGTERM: closing the console, logging off and shutting down arrive as console
+        control events (platform/windows/console.py); elsewhere nothing."""
+        if sys.platform != "win32":
+            return contextlib.nullcontext()
+        from awg_split_tunnel.platform.windows.console import ConsoleStop
+
+        def request_stop() -> None:
+            loop.call_soon_threadsafe(self.request_stop)
+
+        return ConsoleStop(request_stop, self.stopped)
 
     def _on_signal(self, signum: signal.Signals) -> None:
         log.info("[Core] %s: stopping", signum.name)
@@ -676,8 +693,15 @@ def _address(ip: object, port: object) -> str:
     return f"{text}:{port}"
 
 
-async def _run(config_path: Path, control_path: Path | None, log_file: Path | None = None) -> int:
+async def _run(
+    config_path: Path,
+    control_path: Path | None,
+    log_file: Path | None = None,
+    on_daemon: Callable[[Daemon], None] | None = None,
+) -> int:
     daemon = Daemon(config_path, control_path=control_path, log_file=log_file)
+    if on_daemon is not None:
+        on_daemon(daemon)  # the Windows service keeps it to stop it from the service control thread
     try:
         await daemon.start()
     except AwgSplitTunnelError as exc:
@@ -690,11 +714,15 @@ async def _run(config_path: Path, control_path: Path | None, log_file: Path | No
 
 
 def run_daemon(
-    config_path: Path | str, control_path: Path | None = None, log_file: Path | None = None
+    config_path: Path | str,
+    control_path: Path | None = None,
+    log_file: Path | None = None,
+    *,
+    on_daemon: Callable[[Daemon], None] | None = None,
 ) -> int:
     """``awg-split-tunnel run``: the daemon in the foreground until Ctrl-C/SIGTERM; the exit code."""
     try:
-        return asyncio.run(_run(Path(config_path), control_path, log_file))
+        return asyncio.run(_run(Path(config_path), control_path, log_file, on_daemon))
     except KeyboardInterrupt:
         return EXIT_OK
 
