@@ -350,9 +350,11 @@ class Daemon:
             engine = windows_filter_engine()
         if engine is None:
             return
-        from awg_split_tunnel.platform.windows.kill_switch import RunningKillSwitch
+        from awg_split_tunnel.platform.windows.kill_switch import RunningKillSwitch, own_image
 
-        switch = RunningKillSwitch(engine, engine_from_config(config), exempt=[sys.executable])
+        # Never block the interpreter the daemon and its router process run in: the tunnels go through it.
+        exempt = [sys.executable, own_image()]
+        switch = RunningKillSwitch(engine, engine_from_config(config), exempt=exempt)
         try:
             await switch.start()
         except (AwgSplitTunnelError, OSError) as exc:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -219,6 +220,17 @@ def running_executables() -> set[str]:
         if exe:
             paths.add(str(exe))
     return paths
+
+
+def own_image() -> str:
+    """The executable file of this process: psutil reads the real image, which in a venv on Windows is
+    the base interpreter the venv's ``python.exe`` launcher started, not ``sys.executable``."""
+    import psutil
+
+    try:
+        return psutil.Process().exe()
+    except (psutil.Error, OSError):
+        return sys.executable
 
 
 def refresh_apps(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from awg_split_tunnel.errors import AwgSplitTunnelError
+from awg_split_tunnel.platform.windows.kill_switch import own_image
 
 log = logging.getLogger("awg_split_tunnel.core")
 
@@ -160,16 +161,6 @@ def _describe(exc: Exception) -> str:
     if len(args) == 3 and isinstance(args[0], int):
         return f"{args[1]}: {args[2]} (Windows error {args[0]})"
     return str(exc) or type(exc).__name__
-
-
-def own_image() -> str:
-    """The executable file of this process (psutil: the real image, not a venv's launcher)."""
-    import psutil
-
-    try:
-        return psutil.Process().exe()
-    except (psutil.Error, OSError):
-        return sys.executable
 
 
 # -- running as the service ------------------------------------------------------------------------------
