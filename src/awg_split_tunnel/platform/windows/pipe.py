@@ -24,6 +24,7 @@ import ctypes
 import logging
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +58,12 @@ ERROR_PIPE_NOT_CONNECTED = 233
 ERROR_PIPE_CONNECTED = 535
 ERROR_OPERATION_ABORTED = 995
 
+PEEK_INTERVAL = 0.02
+"""Seconds between looks for data on an idle pipe. The handles are synchronous, and Windows runs the
+calls on one synchronous handle one after another: a ReadFile blocked in one thread would hold up the
+DisconnectNamedPipe (or WriteFile) of another. So nothing ever waits in ReadFile: a read is made only
+when PeekNamedPipe says data is there, and writes are never concurrent with it."""
+
 SERVER_OPEN_MODE = PIPE_ACCESS_DUPLEX
 SERVER_PIPE_MODE = PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS
 
@@ -88,6 +95,10 @@ class PipeApi(Protocol):
     def read_file(self, handle: int, size: int) -> bytes:
         """ReadFile: at least one byte, or b"" once the other end is gone."""
 
+    def peek_named_pipe(self, handle: int) -> int:
+        """PeekNamedPipe: the bytes ready to read now (never blocks); PipeError once the other end is
+        gone."""
+
     def write_file(self, handle: int, data: bytes) -> None: ...
 
     def close_handle(self, handle: int) -> None: ...
@@ -106,11 +117,16 @@ class PipeWriter:
     """What the control server writes to: `write` buffers, `drain` sends (in a thread), `close`
     disconnects the client."""
 
-    def __init__(self, api: PipeApi, handle: int) -> None:
+    def __init__(self, api: PipeApi, handle: int, turn: asyncio.Lock) -> None:
         self._api = api
         self._handle = handle
+        self._turn = turn
         self._pending = bytearray()
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def write(self, data: bytes) -> None:
         self._pending += data
@@ -118,7 +134,8 @@ class PipeWriter:
     async def drain(self) -> None:
         data, self._pending = bytes(self._pending), bytearray()
         if data and not self._closed:
-            await asyncio.to_thread(self._api.write_file, self._handle, data)
+            async with self._turn:  # a write may block (the client reads slowly): in a thread, alone
+                await asyncio.to_thread(self._api.write_file, self._handle, data)
 
     def close(self) -> None:
         if not self._closed:
@@ -174,28 +191,36 @@ class PipeListener:
 
     async def _client(self, pipe: int) -> None:
         reader = asyncio.StreamReader(limit=self._limit)
-        writer = PipeWriter(self._api, pipe)
+        turn = asyncio.Lock()
+        writer = PipeWriter(self._api, pipe, turn)
         self._clients.add(writer)
-        pump = asyncio.ensure_future(self._pump(pipe, reader))
+        pump = asyncio.ensure_future(self._pump(pipe, reader, writer, turn))
         try:
             await self._serve(reader, writer)
         finally:
             writer.close()
             self._clients.discard(writer)
-            with contextlib.suppress(OSError):
-                await pump
+            await pump
             self._api.close_handle(pipe)
 
-    async def _pump(self, pipe: int, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                data = await asyncio.to_thread(self._api.read_file, pipe, 4096)
-            except OSError:
-                data = b""
+    async def _pump(
+        self, pipe: int, reader: asyncio.StreamReader, writer: PipeWriter, turn: asyncio.Lock
+    ) -> None:
+        """Feed the client's bytes to `reader` (see PEEK_INTERVAL for why it polls)."""
+        while not writer.closed:
+            async with turn:
+                try:
+                    ready = self._api.peek_named_pipe(pipe)
+                    data = self._api.read_file(pipe, min(ready, 65536)) if ready else None
+                except OSError:
+                    data = b""
+            if data is None:
+                await asyncio.sleep(PEEK_INTERVAL)
+                continue
             if not data:
-                reader.feed_eof()
-                return
+                break
             reader.feed_data(data)
+        reader.feed_eof()
 
     async def close(self) -> None:
         self._stopping = True
@@ -255,24 +280,36 @@ class NamedPipeTransport:
             if exc.code == ERROR_ACCESS_DENIED:
                 raise PermissionError(exc.code, "access denied", name) from None
             raise
-        return PipeConnection(api, handle)
+        return PipeConnection(api, handle, timeout)
 
 
 class PipeConnection:
-    def __init__(self, api: PipeApi, handle: int) -> None:
+    """A client's end (the CLI, one thread): a reply not started within `timeout` seconds (or stalling
+    that long) raises TimeoutError."""
+
+    def __init__(self, api: PipeApi, handle: int, timeout: float) -> None:
         self._api = api
         self._handle = handle
+        self._timeout = timeout
         self._buffer = bytearray()
 
     def send(self, data: bytes) -> None:
         self._api.write_file(self._handle, data)
 
     def receive_line(self, limit: int) -> bytes:
+        deadline = time.monotonic() + self._timeout
         while b"\n" not in self._buffer and len(self._buffer) < limit:
-            chunk = self._api.read_file(self._handle, 4096)
-            if not chunk:
-                break
-            self._buffer += chunk
+            try:
+                ready = self._api.peek_named_pipe(self._handle)
+            except OSError:
+                break  # the daemon closed its end
+            if not ready:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no answer within {self._timeout:g} s")
+                time.sleep(PEEK_INTERVAL)
+                continue
+            self._buffer += self._api.read_file(self._handle, min(ready, 65536))
+            deadline = time.monotonic() + self._timeout
         end = self._buffer.find(b"\n")
         cut = len(self._buffer) if end < 0 else end + 1
         line, self._buffer = bytes(self._buffer[:cut]), self._buffer[cut:]
@@ -364,6 +401,12 @@ class Kernel32Pipes:
                 return b""
             raise error
         return buffer.raw[: done.value]
+
+    def peek_named_pipe(self, handle: int) -> int:
+        ready = ctypes.c_uint32()
+        if not self._k32.PeekNamedPipe(ctypes.c_void_p(handle), None, 0, None, ctypes.byref(ready), None):
+            raise self._fail("PeekNamedPipe")
+        return ready.value
 
     def write_file(self, handle: int, data: bytes) -> None:
         view = memoryview(data)

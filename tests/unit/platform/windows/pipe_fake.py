@@ -7,7 +7,9 @@ ConnectNamedPipe, CreateFileW; docs/WINDOWS.md, Control pipe):
   when the pipe's DACL grants none of the caller's SIDs or the caller is remote and the pipe was made with
   ``PIPE_REJECT_REMOTE_CLIENTS``, ERROR_PIPE_BUSY when every instance has a client;
 - ``ConnectNamedPipe`` blocks until a client opens that instance; ``DisconnectNamedPipe`` and closing
-  either end end the other's reads.
+  either end end the other's reads;
+- calls on one synchronous handle run one after another: a ReadFile waiting for data holds up every
+  other call on that handle (DisconnectNamedPipe, WriteFile, PeekNamedPipe) from any thread.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from awg_split_tunnel.platform.windows.pipe import (
     ERROR_ACCESS_DENIED,
+    ERROR_BROKEN_PIPE,
     ERROR_FILE_NOT_FOUND,
     ERROR_PIPE_BUSY,
     ERROR_PIPE_NOT_CONNECTED,
@@ -65,10 +68,15 @@ class FakePipes:
         self._clients: dict[int, _Instance] = {}
         self._next = 100
         self.refused: list[int] = []
+        self._serial: dict[int, threading.Lock] = {}
 
     def _handle(self) -> int:
         self._next += 1
+        self._serial[self._next] = threading.Lock()
         return self._next
+
+    def _one_at_a_time(self, handle: int) -> threading.Lock:
+        return self._serial[handle]
 
     def instances(self, name: str) -> list[_Instance]:
         return [i for i in self._servers.values() if i.name.lower() == name.lower() and not i.closed]
@@ -83,14 +91,14 @@ class FakePipes:
             return handle
 
     def connect_named_pipe(self, pipe: int) -> None:
-        with self._cond:
+        with self._one_at_a_time(pipe), self._cond:
             instance = self._servers[pipe]
             self._cond.wait_for(lambda: instance.used or instance.closed)
             if instance.closed:
                 raise PipeError("ConnectNamedPipe", 6)
 
     def disconnect_named_pipe(self, pipe: int) -> None:
-        with self._cond:
+        with self._one_at_a_time(pipe), self._cond:
             instance = self._servers[pipe]
             instance.connected = False
             instance.client = None
@@ -127,7 +135,7 @@ class FakePipes:
                 raise PipeError("WaitNamedPipeW", 121)
 
     def read_file(self, handle: int, size: int) -> bytes:
-        with self._cond:
+        with self._one_at_a_time(handle), self._cond:
             if handle in self._servers:
                 instance = self._servers[handle]
                 buffer = instance.to_server
@@ -139,6 +147,16 @@ class FakePipes:
             del buffer[:size]
             return data
 
+    def peek_named_pipe(self, handle: int) -> int:
+        with self._one_at_a_time(handle), self._cond:
+            if handle in self._servers:
+                instance, buffer = self._servers[handle], self._servers[handle].to_server
+            else:
+                instance, buffer = self._clients[handle], self._clients[handle].to_client
+            if not buffer and not self._live(instance, handle):
+                raise PipeError("PeekNamedPipe", ERROR_BROKEN_PIPE)
+            return len(buffer)
+
     def _live(self, instance: _Instance, handle: int) -> bool:
         if instance.closed:
             return False
@@ -147,7 +165,7 @@ class FakePipes:
         return instance.client == handle
 
     def write_file(self, handle: int, data: bytes) -> None:
-        with self._cond:
+        with self._one_at_a_time(handle), self._cond:
             if handle in self._servers:
                 instance = self._servers[handle]
                 if not self._live(instance, handle):

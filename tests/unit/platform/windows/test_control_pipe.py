@@ -6,6 +6,7 @@ the Unix socket."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -160,3 +161,29 @@ def test_several_clients_one_after_another_and_a_malformed_line() -> None:
 def test_pipe_names() -> None:
     assert pipe_name("\\\\.\\pipe\\awg-split-tunnel\\") == "\\\\.\\pipe\\awg-split-tunnel"
     assert pipe_name("custom") == "\\\\.\\pipe\\custom"
+
+
+def test_a_silent_client_is_disconnected_without_stalling_the_daemon() -> None:
+    """A client that connects and says nothing is cut off after the idle timeout, and the daemon keeps
+    answering others meanwhile (no call waits in ReadFile holding up the handle)."""
+    answers: list[Any] = []
+
+    async def scenario() -> None:
+        pipes = FakePipes()
+        server = ControlServer(
+            {"status": _status}, DEFAULT_PIPE, transport=NamedPipeTransport(pipes), idle_timeout=0.3
+        )
+        await server.start()
+        try:
+            silent = NamedPipeTransport(pipes).connect(DEFAULT_PIPE, 5.0)
+            answers.append(await asyncio.to_thread(_ask, pipes, Caller(SYSTEM), "status"))
+            answers.append(await asyncio.to_thread(silent.receive_line, 1 << 20))  # b"": cut off
+            silent.close()
+        finally:
+            await server.stop()
+
+    thread = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the daemon's event loop stalled on the silent client's handle"
+    assert answers == [{"tunnels": [{"id": "vpn"}]}, b""]
