@@ -11,7 +11,7 @@ and accept layers, IPv4 and IPv6, loopback excepted):
   process ends, however it ends, Windows deletes the permit and the block applies.
 
 A clean stop deletes both (and the sublayer and provider); `awg-split-tunnel cleanup` deletes what a
-dead daemon left; a start replaces whatever an earlier run left in one transaction.
+dead daemon left; a start covers its apps first, then deletes what an earlier run left for other apps.
 
 WFP names an app by its full path (``FWPM_CONDITION_ALE_APP_ID``), rules by patterns. The apps covered
 (`blocked_apps`) are therefore: every rule whose pattern is a full path (no wildcard), and every running
@@ -132,18 +132,24 @@ class KillSwitch:
         """The apps filtered now (their paths as given)."""
 
     def start(self, apps: Iterable[str]) -> None:
-        """Open the sessions and replace whatever an earlier run left with filters for `apps`. WfpError
-        when the Base Filtering Engine refuses (the daemon does not start: `block` would not hold)."""
-        self._store = self._engine.open(dynamic=False)
+        """Open the sessions, cover `apps`, then delete what an earlier run left for other apps (in this
+        order: an app blocked by a dead daemon and still to be blocked is never let out meanwhile).
+        WfpError when the Base Filtering Engine refuses (the daemon does not start: `block` would not
+        hold)."""
+        store = self._store = self._engine.open(dynamic=False)
         self._permits = self._engine.open(dynamic=True)
-        with self._store.transaction():
-            _delete_filters(self._store)
-            self._store.add_provider(PROVIDER_KEY, "awg-split-tunnel", persistent=True)
-            self._store.add_sublayer(
+        with store.transaction():
+            store.add_provider(PROVIDER_KEY, "awg-split-tunnel", persistent=True)
+            store.add_sublayer(
                 SUBLAYER_KEY, PROVIDER_KEY, "awg-split-tunnel kill switch", SUBLAYER_WEIGHT, persistent=True
             )
+        leftovers = set(store.filter_keys(PROVIDER_KEY))
         self.apps = frozenset()
         self.update(apps)
+        ours = {spec.key for app in self.apps for spec in (*_filters(app).block, *_filters(app).permit)}
+        with store.transaction():
+            for key in leftovers - ours:
+                store.delete_filter(key)
 
     def update(self, apps: Iterable[str]) -> None:
         """Filter exactly `apps` from now on: new apps get their permit first, then their block (never
@@ -266,9 +272,11 @@ class RunningKillSwitch:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.switch.start, ())
-        await self.refresh()
+        await asyncio.to_thread(self._start)
         self._task = asyncio.get_running_loop().create_task(self._refresh_forever(), name="kill-switch")
+
+    def _start(self) -> None:
+        self.switch.start(blocked_apps(self._rules, self._executables(), exempt=self._exempt))
 
     async def refresh(self) -> None:
         await asyncio.to_thread(

@@ -134,3 +134,14 @@ def test_cleanup_frees_the_apps_a_dead_daemon_left_blocked() -> None:
     assert cleanup_kill_switch(bfe) == 2 * len(ALE_LAYERS)
     assert bfe.decision(FIREFOX, CONNECT) is None and not bfe.providers and not bfe.open_sessions
     assert cleanup_kill_switch(bfe) == 0
+
+
+def test_a_restart_never_lets_a_still_blocked_app_out() -> None:
+    bfe = FakeWfp()
+    _running(bfe, {FIREFOX, GAME})
+    bfe.process_ended()
+    seen: list[Action | None] = []
+    bfe.on_change = lambda: seen.append(bfe.decision(FIREFOX, CONNECT))
+    _running(bfe, {FIREFOX})
+    assert seen and None not in seen
+    assert bfe.decision(GAME, CONNECT) is None  # its rule is gone: the dead run's block is deleted

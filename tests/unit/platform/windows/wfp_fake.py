@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,6 +45,12 @@ class FakeWfp:
         self.open_sessions: set[int] = set()
         self.missing_files = {p.lower() for p in missing_files}
         self._next = 1
+        self.on_change: Callable[[], None] | None = None
+        """Called after every object added or deleted (to watch what an app gets meanwhile)."""
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def open(self, *, dynamic: bool) -> FakeSession:
         session = FakeSession(self, self._next, dynamic)
@@ -141,10 +147,12 @@ class FakeSession:
         if spec.persistent and not (sublayer.persistent and provider.persistent):
             raise WfpError("FwpmFilterAdd0", FWP_E_LIFETIME_MISMATCH)
         self.bfe.filters.setdefault(spec.key, _Object(spec.persistent, self._owner(), spec.provider, spec))
+        self.bfe.changed()
 
     def delete_filter(self, key: uuid.UUID) -> None:
         self._live()
         self.bfe.filters.pop(key, None)
+        self.bfe.changed()
 
     def delete_sublayer(self, key: uuid.UUID) -> None:
         self._live()
