@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from awg_split_tunnel.errors import AwgSplitTunnelError
+from awg_split_tunnel.platform.windows.security_descriptor import (
+    SDDL_REVISION_1,
+    last_error,
+    security_attributes,
+    security_descriptor,
+)
 
 log = logging.getLogger("awg_split_tunnel.platform")
 
@@ -160,18 +166,9 @@ SE_FILE_OBJECT = 1
 OWNER_SECURITY_INFORMATION = 0x1
 DACL_SECURITY_INFORMATION = 0x4
 PROTECTED_DACL_SECURITY_INFORMATION = 0x80000000
-SDDL_REVISION_1 = 1
 TOKEN_QUERY = 0x8
 TOKEN_USER_CLASS = 1
 ERROR_ALREADY_EXISTS = 183
-
-
-class _SECURITY_ATTRIBUTES(ctypes.Structure):
-    _fields_ = (
-        ("nLength", ctypes.c_uint32),
-        ("lpSecurityDescriptor", ctypes.c_void_p),
-        ("bInheritHandle", ctypes.c_int32),
-    )
 
 
 class AdvApi32Security:
@@ -183,29 +180,13 @@ class AdvApi32Security:
         self._adv: Any = ctypes.WinDLL("advapi32", use_last_error=True)
         self._k32: Any = ctypes.WinDLL("kernel32", use_last_error=True)
 
-    def _error(self, call: str) -> OSError:
-        code = ctypes.get_last_error()  # type: ignore[attr-defined,unused-ignore]
-        return OSError(code, f"{call} failed (Windows error {code})")
-
-    def _descriptor(self, sddl: str) -> ctypes.c_void_p:
-        sd = ctypes.c_void_p()
-        if not self._adv.ConvertStringSecurityDescriptorToSecurityDescriptorW(
-            ctypes.c_wchar_p(sddl), SDDL_REVISION_1, ctypes.byref(sd), None
-        ):
-            raise self._error("ConvertStringSecurityDescriptorToSecurityDescriptorW")
-        return sd
-
     def create_directory(self, path: Path, sddl: str) -> None:
-        sd = self._descriptor(sddl)
-        try:
-            attributes = _SECURITY_ATTRIBUTES(ctypes.sizeof(_SECURITY_ATTRIBUTES), sd, 0)
+        with security_attributes(self._adv, self._k32, sddl) as attributes:
             if not self._k32.CreateDirectoryW(ctypes.c_wchar_p(str(path)), ctypes.byref(attributes)):
-                error = self._error("CreateDirectoryW")
+                error = last_error("CreateDirectoryW")
                 if error.errno == ERROR_ALREADY_EXISTS:
                     raise FileExistsError(error.errno, "exists", str(path))
                 raise error
-        finally:
-            self._k32.LocalFree(sd)
 
     def security(self, path: Path) -> str:
         sd = ctypes.c_void_p()
@@ -220,7 +201,7 @@ class AdvApi32Security:
             if not self._adv.ConvertSecurityDescriptorToStringSecurityDescriptorW(
                 sd, SDDL_REVISION_1, info, ctypes.byref(text), None
             ):
-                raise self._error("ConvertSecurityDescriptorToStringSecurityDescriptorW")
+                raise last_error("ConvertSecurityDescriptorToStringSecurityDescriptorW")
             value = text.value or ""
             self._k32.LocalFree(text)
             return value
@@ -228,8 +209,7 @@ class AdvApi32Security:
             self._k32.LocalFree(sd)
 
     def set_security(self, path: Path, sddl: str) -> None:
-        sd = self._descriptor(sddl)
-        try:
+        with security_descriptor(self._adv, self._k32, sddl) as sd:
             owner, dacl = ctypes.c_void_p(), ctypes.c_void_p()
             present, defaulted = ctypes.c_int32(), ctypes.c_int32()
             self._adv.GetSecurityDescriptorOwner(sd, ctypes.byref(owner), ctypes.byref(defaulted))
@@ -242,10 +222,8 @@ class AdvApi32Security:
             result = self._adv.SetNamedSecurityInfoW(
                 ctypes.c_wchar_p(str(path)), SE_FILE_OBJECT, info, owner, None, dacl, None
             )
-            if result:
-                raise OSError(result, f"SetNamedSecurityInfoW failed on {path} (Windows error {result})")
-        finally:
-            self._k32.LocalFree(sd)
+        if result:
+            raise OSError(result, f"SetNamedSecurityInfoW failed on {path} (Windows error {result})")
 
     def is_reparse_point(self, path: Path) -> bool:
         attributes: int = getattr(os.lstat(path), "st_file_attributes", 0)
@@ -254,17 +232,17 @@ class AdvApi32Security:
     def current_user(self) -> str:
         token = ctypes.c_void_p()
         if not self._adv.OpenProcessToken(self._k32.GetCurrentProcess(), TOKEN_QUERY, ctypes.byref(token)):
-            raise self._error("OpenProcessToken")
+            raise last_error("OpenProcessToken")
         try:
             size = ctypes.c_uint32()
             self._adv.GetTokenInformation(token, TOKEN_USER_CLASS, None, 0, ctypes.byref(size))
             buffer = ctypes.create_string_buffer(size.value)
             if not self._adv.GetTokenInformation(token, TOKEN_USER_CLASS, buffer, size, ctypes.byref(size)):
-                raise self._error("GetTokenInformation")
+                raise last_error("GetTokenInformation")
             sid = ctypes.c_void_p.from_buffer(buffer)  # TOKEN_USER.User.Sid comes first
             text = ctypes.c_wchar_p()
             if not self._adv.ConvertSidToStringSidW(sid, ctypes.byref(text)):
-                raise self._error("ConvertSidToStringSidW")
+                raise last_error("ConvertSidToStringSidW")
             value = text.value or ""
             self._k32.LocalFree(text)
             return value

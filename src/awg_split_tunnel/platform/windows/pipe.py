@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from awg_split_tunnel.platform.windows.security_descriptor import security_attributes
+
 log = logging.getLogger("awg_split_tunnel.api")
 
 PIPE_PREFIX = "\\\\.\\pipe\\"
@@ -324,14 +326,6 @@ class PipeConnection:
 INVALID_HANDLE_VALUE = ctypes.c_void_p(-1).value
 
 
-class SECURITY_ATTRIBUTES(ctypes.Structure):
-    _fields_ = (
-        ("nLength", ctypes.c_uint32),
-        ("lpSecurityDescriptor", ctypes.c_void_p),
-        ("bInheritHandle", ctypes.c_int32),
-    )
-
-
 class Kernel32Pipes:
     """`PipeApi` on Windows."""
 
@@ -347,13 +341,7 @@ class Kernel32Pipes:
         return PipeError(call, ctypes.get_last_error())  # type: ignore[attr-defined,unused-ignore]
 
     def create_named_pipe(self, name: str, open_mode: int, pipe_mode: int, sddl: str) -> int:
-        descriptor = ctypes.c_void_p()
-        if not self._adv.ConvertStringSecurityDescriptorToSecurityDescriptorW(
-            ctypes.c_wchar_p(sddl), 1, ctypes.byref(descriptor), None
-        ):
-            raise self._fail("ConvertStringSecurityDescriptorToSecurityDescriptorW")
-        try:
-            attributes = SECURITY_ATTRIBUTES(ctypes.sizeof(SECURITY_ATTRIBUTES), descriptor, 0)
+        with security_attributes(self._adv, self._k32, sddl) as attributes:
             handle = self._k32.CreateNamedPipeW(
                 ctypes.c_wchar_p(name),
                 open_mode,
@@ -364,10 +352,8 @@ class Kernel32Pipes:
                 0,
                 ctypes.byref(attributes),
             )
-        finally:
-            self._k32.LocalFree(descriptor)
-        if handle is None or handle == INVALID_HANDLE_VALUE:
-            raise self._fail("CreateNamedPipeW")
+            if handle is None or handle == INVALID_HANDLE_VALUE:
+                raise self._fail("CreateNamedPipeW")  # before LocalFree's own last error
         return int(handle)
 
     def connect_named_pipe(self, pipe: int) -> None:
