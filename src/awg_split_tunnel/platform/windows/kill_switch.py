@@ -91,8 +91,13 @@ def _is_plain_full_path(source: str, platform: Platform) -> bool:
     return path.startswith("/")
 
 
+def app_key(app: str) -> str:
+    """One app, however its path is spelled (WFP compares app ids case-insensitively)."""
+    return normalise_path(app, Platform.WINDOWS)
+
+
 def filter_key(action: Action, layer: uuid.UUID, app: str) -> uuid.UUID:
-    return uuid.uuid5(FILTER_NAMESPACE, f"{action.name}|{layer}|{normalise_path(app, Platform.WINDOWS)}")
+    return uuid.uuid5(FILTER_NAMESPACE, f"{action.name}|{layer}|{app_key(app)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +133,13 @@ class KillSwitch:
         self._engine = engine
         self._store: FilterSession | None = None
         self._permits: FilterSession | None = None
-        self.apps: frozenset[str] = frozenset()
+        self._apps: dict[str, str] = {}
+        """The apps filtered now: `app_key` → the path as first given."""
+
+    @property
+    def apps(self) -> frozenset[str]:
         """The apps filtered now (their paths as given)."""
+        return frozenset(self._apps.values())
 
     def start(self, apps: Iterable[str]) -> None:
         """Open the sessions, cover `apps`, then delete what an earlier run left for other apps (in this
@@ -144,7 +154,7 @@ class KillSwitch:
                 SUBLAYER_KEY, PROVIDER_KEY, "awg-split-tunnel kill switch", SUBLAYER_WEIGHT, persistent=True
             )
         leftovers = set(store.filter_keys(PROVIDER_KEY))
-        self.apps = frozenset()
+        self._apps = {}
         self.update(apps)
         ours = {spec.key for app in self.apps for spec in (*_filters(app).block, *_filters(app).permit)}
         with store.transaction():
@@ -158,8 +168,11 @@ class KillSwitch:
         store, permits = self._store, self._permits
         if store is None or permits is None:
             return
-        wanted = frozenset(apps)
-        for app in sorted(wanted - self.apps):
+        wanted: dict[str, str] = {}
+        for app in apps:
+            wanted.setdefault(app_key(app), app)
+        for key in sorted(wanted.keys() - self._apps.keys()):
+            app = wanted[key]
             pair = _filters(app)
             try:
                 with permits.transaction():
@@ -170,18 +183,18 @@ class KillSwitch:
                         store.add_filter(spec)
             except WfpError as exc:
                 log.warning("[Kill switch] %s not covered: %s", app, exc)
-                wanted = wanted - {app}
+                del wanted[key]
                 continue
             log.info("[Kill switch] %s blocked while the daemon is not running", app)
-        for app in sorted(self.apps - wanted):
-            pair = _filters(app)
+        for key in sorted(self._apps.keys() - wanted.keys()):
+            pair = _filters(self._apps[key])
             with store.transaction():
                 for spec in pair.block:
                     store.delete_filter(spec.key)
             with permits.transaction():
                 for spec in pair.permit:
                     permits.delete_filter(spec.key)
-        self.apps = wanted
+        self._apps = {key: self._apps.get(key, app) for key, app in wanted.items()}
 
     def stop(self, *, keep_blocks: bool) -> None:
         """Close the dynamic session (the permits go with it). `keep_blocks=False` (a clean stop) also
@@ -197,7 +210,7 @@ class KillSwitch:
                     remove_kill_switch(store)
             finally:
                 store.close()
-        self.apps = frozenset()
+        self._apps = {}
 
 
 def remove_kill_switch(session: FilterSession) -> int:

@@ -145,3 +145,11 @@ def test_a_restart_never_lets_a_still_blocked_app_out() -> None:
     _running(bfe, {FIREFOX})
     assert seen and None not in seen
     assert bfe.decision(GAME, CONNECT) is None  # its rule is gone: the dead run's block is deleted
+
+
+def test_an_app_seen_under_another_spelling_keeps_its_filters() -> None:
+    bfe = FakeWfp()
+    switch = _running(bfe, {FIREFOX})
+    switch.update({FIREFOX.upper()})  # the same file (Windows paths ignore case)
+    bfe.process_ended()
+    assert bfe.decision(FIREFOX, CONNECT) is Action.BLOCK
