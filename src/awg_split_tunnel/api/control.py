@@ -1,6 +1,6 @@
 """The daemon's local control API: `status`, `connections`, `tunnel up|down`.
 
-One JSON object per line each way over a local transport (`ControlTransport`): a Unix socket only root
+One JSON object per line each way over a local transport (api/transport.py): a Unix socket only root
 can open on POSIX, a named pipe only SYSTEM and Administrators can open on Windows
 (platform/windows/pipe.py, docs/WINDOWS.md). Requests are
 ``{"cmd": NAME, ...args}``; answers are ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TEXT}``.
@@ -14,12 +14,12 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from awg_split_tunnel.api.transport import ControlTransport, LineWriter, Listener, default_transport
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
 
 log = logging.getLogger("awg_split_tunnel.api")
@@ -45,111 +45,6 @@ def default_control_path() -> Path:
     if sys.platform == "win32":
         return Path("\\\\.\\pipe\\awg-split-tunnel")
     return Path("/run/awg-split-tunnel/control.sock")
-
-
-class LineWriter(Protocol):
-    """The writing half of a client connection (asyncio.StreamWriter is one)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-ClientHandler = Callable[[asyncio.StreamReader, Any], Awaitable[None]]
-
-
-class Listener(Protocol):
-    async def close(self) -> None: ...
-
-
-class Connection(Protocol):
-    """A client's end, blocking (the CLI)."""
-
-    def send(self, data: bytes) -> None: ...
-
-    def receive_line(self, limit: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class ControlTransport(Protocol):
-    """How the control API's bytes travel: who may connect is the transport's business."""
-
-    async def listen(self, address: Path, serve: ClientHandler, limit: int) -> Listener: ...
-
-    def connect(self, address: Path, timeout: float) -> Connection:
-        """FileNotFoundError when nothing listens at `address`, PermissionError when refused."""
-        ...
-
-
-class UnixSocketTransport:
-    """POSIX: a Unix socket created under umask 077 (only its owner, root, can connect)."""
-
-    async def listen(self, address: Path, serve: ClientHandler, limit: int) -> Listener:
-        if sys.platform == "win32":
-            raise OSError("Unix sockets are not the control transport on Windows")
-        address.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            address.unlink()
-        old_umask = os.umask(0o077)
-        try:
-            server = await asyncio.start_unix_server(serve, str(address), limit=limit)
-        finally:
-            os.umask(old_umask)
-        return _UnixListener(server, address)
-
-    def connect(self, address: Path, timeout: float) -> Connection:
-        if sys.platform == "win32":
-            raise OSError("Unix sockets are not the control transport on Windows")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(str(address))
-        except BaseException:
-            sock.close()
-            raise
-        return _SocketConnection(sock)
-
-
-class _UnixListener:
-    def __init__(self, server: asyncio.Server, address: Path) -> None:
-        self._server = server
-        self._address = address
-
-    async def close(self) -> None:
-        self._server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 2)
-        with contextlib.suppress(OSError):
-            self._address.unlink()
-
-
-class _SocketConnection:
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._stream = sock.makefile("rwb")
-
-    def send(self, data: bytes) -> None:
-        self._stream.write(data)
-        self._stream.flush()
-
-    def receive_line(self, limit: int) -> bytes:
-        return self._stream.readline(limit)
-
-    def close(self) -> None:
-        self._stream.close()
-        self._sock.close()
-
-
-def default_transport() -> ControlTransport:
-    """The platform's control transport."""
-    if sys.platform == "win32":
-        from awg_split_tunnel.platform.windows.pipe import NamedPipeTransport
-
-        return NamedPipeTransport()
-    return UnixSocketTransport()
 
 
 class ControlServer:
