@@ -179,6 +179,8 @@ class AdvApi32Security:
             raise OSError("Windows security descriptors are Windows only")
         self._adv: Any = ctypes.WinDLL("advapi32", use_last_error=True)
         self._k32: Any = ctypes.WinDLL("kernel32", use_last_error=True)
+        # A pseudo-handle (-1): as a pointer-sized value, not ctypes' default C int.
+        self._k32.GetCurrentProcess.restype = ctypes.c_void_p
 
     def create_directory(self, path: Path, sddl: str) -> None:
         with security_attributes(self._adv, self._k32, sddl) as attributes:
@@ -231,7 +233,8 @@ class AdvApi32Security:
 
     def current_user(self) -> str:
         token = ctypes.c_void_p()
-        if not self._adv.OpenProcessToken(self._k32.GetCurrentProcess(), TOKEN_QUERY, ctypes.byref(token)):
+        process = ctypes.c_void_p(self._k32.GetCurrentProcess())
+        if not self._adv.OpenProcessToken(process, TOKEN_QUERY, ctypes.byref(token)):
             raise last_error("OpenProcessToken")
         try:
             size = ctypes.c_uint32()
