@@ -343,7 +343,7 @@ class WfpSession:
             conditions[0].matchType = FWP_MATCH_EQUAL
             conditions[0].conditionValue.type = FWP_BYTE_BLOB_TYPE
             conditions[0].conditionValue.value.byteBlob = app_id
-            # Loopback stays open: a blocked app's local helpers, and nothing that can leak.
+            # Loopback stays open: it reaches nothing beyond this machine (a blocked app's local services).
             conditions[1].fieldKey = GUID.of(FWPM_CONDITION_FLAGS)
             conditions[1].matchType = FWP_MATCH_FLAGS_NONE_SET
             conditions[1].conditionValue.type = FWP_UINT32
