@@ -18,7 +18,6 @@ logic runs on Linux against a fake.
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -28,8 +27,6 @@ from typing import Any, Protocol
 
 from awg_split_tunnel.errors import AwgSplitTunnelError
 from awg_split_tunnel.platform.windows.kill_switch import own_image
-
-log = logging.getLogger("awg_split_tunnel.core")
 
 SERVICE_NAME = "awg-split-tunnel"
 DISPLAY_NAME = "AWG Split Tunnel"
