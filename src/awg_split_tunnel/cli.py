@@ -98,8 +98,9 @@ def _config_path(config: Path | None) -> Path:
 
 def _manager(config: Path | None, *, missing_ok: bool = False) -> ConfigManager:
     from awg_split_tunnel.core.config import ConfigManager
+    from awg_split_tunnel.platform.data_folder import data_folder
 
-    manager = ConfigManager(_config_path(config))
+    manager = ConfigManager(_config_path(config), folder=data_folder())
     manager.load(missing_ok=missing_ok)
     return manager
 
@@ -109,8 +110,9 @@ def _editing(config: Path | None, *, missing_ok: bool = False) -> Iterator[Confi
     """The config loaded under its edit lock, held until the change is written: two edits at once (two
     `rule add`s) wait for each other instead of the second being refused as changed on disk."""
     from awg_split_tunnel.core.config import ConfigManager
+    from awg_split_tunnel.platform.data_folder import data_folder
 
-    manager = ConfigManager(_config_path(config))
+    manager = ConfigManager(_config_path(config), folder=data_folder())
     with manager.locked():
         manager.load(missing_ok=missing_ok)
         yield manager
@@ -354,23 +356,30 @@ def run(
 
 @app.command()
 def cleanup() -> None:
-    """Linux, root: remove what a daemon that died left in the kernel (its nftables table, the first-packet
-    gate, its routes). Until then — or until `run` starts again — new connections wait and `block` apps
-    stay blocked."""
-    if sys.platform != "linux":
-        raise _fail("cleanup is for the Linux kernel data path")
-    import os
-
+    """Remove what a daemon that died left: on Linux (root) its nftables table, first-packet gate and
+    routes; on Windows (Administrator) its kill-switch filters. Until then — or until `run` starts again —
+    `block` apps stay blocked (on Linux new connections wait too)."""
+    if sys.platform not in ("linux", "win32"):
+        raise _fail("cleanup is for the Linux kernel data path and the Windows kill switch")
     from awg_split_tunnel.api.control import default_control_path, request
 
-    if os.geteuid() != 0:
-        raise _fail("cleanup needs root (it changes the firewall and routes): run it with sudo")
     try:
         request("status", path=default_control_path(), timeout=1.0)
     except (AwgSplitTunnelError, OSError):
         pass
     else:
         raise _fail("a daemon is running: stop it (Ctrl-C or SIGTERM), it removes its rules itself")
+    if sys.platform == "win32":
+        from awg_split_tunnel.platform.windows.kill_switch import cleanup_kill_switch
+
+        with _user_errors():
+            count = cleanup_kill_switch()
+        out.print(f"removed {count} kill-switch filters" if count else "nothing to remove")
+        return
+    import os
+
+    if os.geteuid() != 0:
+        raise _fail("cleanup needs root (it changes the firewall and routes): run it with sudo")
     from awg_split_tunnel.platform.linux.kernel_datapath import remove_kernel_state
 
     with _user_errors():
@@ -398,11 +407,18 @@ def _service() -> SystemdService:
     return SystemdService()
 
 
+def _windows_service(action: str, config: Path | None = None) -> None:
+    """Windows, Administrator: the service that runs the daemon (LocalSystem, starts at boot, restarted
+    after a failure; its log is daemon.log beside the config): docs/WINDOWS.md."""
+    from awg_split_tunnel.platform.windows.service import service_action
+
+    with _user_errors():
+        _say(service_action(action, _config_path(config)))
+
+
 def _service_root_check(action: str) -> None:
     if sys.platform != "linux":
-        raise _fail(
-            "service is for Linux with systemd (on Windows, run the daemon as a service with your tools)"
-        )
+        raise _fail("service is for Linux with systemd, and Windows")
     import os
 
     if os.geteuid() != 0:
@@ -411,9 +427,13 @@ def _service_root_check(action: str) -> None:
 
 @service_app.command("install")
 def service_install(config: ConfigOption = None) -> None:
-    """Install the unit, enable it at boot and start it now (with the default config, or -c)."""
+    """Install the service, enable it at boot and start it now (with the default config, or -c): a
+    systemd unit on Linux, a Windows service on Windows."""
     from awg_split_tunnel.platform.linux.systemd import unit_text
 
+    if sys.platform == "win32":
+        _windows_service("install", config)
+        return
     _service_root_check("install")
     with _user_errors():
         manager = _manager(config)  # a unit that cannot start would only restart in a loop
@@ -424,18 +444,37 @@ def service_install(config: ConfigOption = None) -> None:
 
 @service_app.command("uninstall")
 def service_uninstall() -> None:
-    """Stop and disable the service and remove its unit (the config stays)."""
+    """Stop and disable the service and remove it (the config stays)."""
+    if sys.platform == "win32":
+        _windows_service("uninstall")
+        return
     _service_root_check("uninstall")
     with _user_errors():
         for line in _service().uninstall():
             _say(line)
 
 
+@service_app.command("start")
+def service_start() -> None:
+    """Windows: start the installed service (Linux: systemctl start awg-split-tunnel)."""
+    if sys.platform != "win32":
+        raise _fail("on Linux: systemctl start awg-split-tunnel")
+    _windows_service("start")
+
+
+@service_app.command("stop")
+def service_stop() -> None:
+    """Windows: stop the service; it removes what it added, as Ctrl-C does (Linux: systemctl stop)."""
+    if sys.platform != "win32":
+        raise _fail("on Linux: systemctl stop awg-split-tunnel")
+    _windows_service("stop")
+
+
 @service_app.command("status")
 def service_status() -> None:
-    """Whether the unit is installed, enabled and running."""
+    """Whether the unit is installed, enabled and running (Linux)."""
     if sys.platform != "linux":
-        raise _fail("service is for Linux with systemd")
+        raise _fail("service status is for Linux with systemd; on Windows: sc query awg-split-tunnel")
     with _user_errors():
         for line in _service().status():
             _say(line)

@@ -32,17 +32,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from awg_split_tunnel.core.config import Config, ConfigManager, ConfigUnsettled, ProxyBounds
 from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateChanged
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
-from awg_split_tunnel.core.routing import default_fallback, engine_rules
+from awg_split_tunnel.core.routing import default_fallback, engine_from_config, engine_rules
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.net.nat import NatEntry
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
+from awg_split_tunnel.platform.data_folder import check_data_folder, data_folder
 from awg_split_tunnel.provider.interface import set_own_socket_mark
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
 from awg_split_tunnel.router.process import DeviceFactory, RouterProcess, RouterSettings
@@ -55,6 +56,10 @@ from awg_split_tunnel.tunnel_runtimes import (
     TunnelRuntime,
     tunnel_runtime,
 )
+
+if TYPE_CHECKING:
+    from awg_split_tunnel.platform.windows.kill_switch import RunningKillSwitch
+    from awg_split_tunnel.platform.windows.wfp import FilterEngine
 
 log = logging.getLogger("awg_split_tunnel.core")
 rule_log = logging.getLogger("awg_split_tunnel.rule")
@@ -211,11 +216,12 @@ class Daemon:
         log_file: Path | None = None,
         hold_packets: Callable[[], Any] | None = None,
         serve_ui: bool | None = None,
+        filter_engine: FilterEngine | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self._log_file = log_file
         self.bus = EventBus()
-        self.manager = ConfigManager(self.config_path, self.bus)
+        self.manager = ConfigManager(self.config_path, self.bus, folder=data_folder())
         self.registry = TunnelRegistry(self.bus)
         self.runtimes: dict[str, TunnelRuntime] = {}
         """The running tunnels by id, in the order the router heard of them."""
@@ -229,12 +235,16 @@ class Daemon:
         self._check_privileges = check_privileges
         self._handles = handles
         self._status_out = status_out
+        self._filter_engine = filter_engine
+        self._kill_switch: RunningKillSwitch | None = None
         self._router: RouterProcess | None = None
         self._routes: dict[str, AnyRoute] = {}
         """The tunnels' routes as the router process last heard them."""
         self._control: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
+        self.stopped = threading.Event()
+        """Set once ``run_forever`` has stopped everything (for threads waiting on the stop)."""
         self._file_stamp: tuple[int, int] | None = None
         self._config: Config | None = None
         self._started = False
@@ -257,6 +267,7 @@ class Daemon:
         ConfigError (then everything already started is stopped again)."""
         if self._check_privileges:
             require_privileges()
+        check_data_folder(self.config_path.parent)
         config = self.manager.load()
         self.dataplane = config.dataplane or default_dataplane()
         if self.dataplane == "kernel" and self._handles is None:
@@ -283,6 +294,7 @@ class Daemon:
             raise
 
     async def _start(self, config: Config, handles: Callable[..., Any]) -> None:
+        await self._start_kill_switch(config)
         packets = packet_tunnel_devices(config.tunnels, self.config_path.parent, self.dataplane)
         context = self._runtime_context()
         changes = RouterChanges()
@@ -360,10 +372,37 @@ class Daemon:
             self._holding.close()
             self._holding = None
             log.info("[Core] packets no longer held")
+        if self._kill_switch is not None:
+            # Last: until the router has stopped, a `block` app must not get out; after a failure the
+            # persistent blocks stay (docs/WINDOWS.md, Kill switch).
+            await self._kill_switch.stop(keep_blocks=self.exit_code != EXIT_OK)
+            self._kill_switch = None
         if self.exit_code == EXIT_OK:
             log.info("[Core] stopped: divert handles closed, network restored")
         else:
             log.error("[Core] stopped after a failure (exit %d)", self.exit_code)
+
+    async def _start_kill_switch(self, config: Config) -> None:
+        """Windows (or a given filter engine): the WFP kill switch, before anything is diverted. The daemon
+        does not start without it: `block` would not hold across a crash."""
+        engine = self._filter_engine
+        if engine is None and sys.platform == "win32":
+            from awg_split_tunnel.platform.windows.kill_switch import windows_filter_engine
+
+            engine = windows_filter_engine()
+        if engine is None:
+            return
+        from awg_split_tunnel.platform.windows.kill_switch import RunningKillSwitch, own_image
+
+        # Never block the interpreter the daemon and its router process run in: the tunnels go through it.
+        exempt = [sys.executable, own_image()]
+        switch = RunningKillSwitch(engine, engine_from_config(config), exempt=exempt)
+        try:
+            await switch.start()
+        except (AwgSplitTunnelError, OSError) as exc:
+            await switch.stop(keep_blocks=False)
+            raise DaemonError(f"the kill switch (Windows Filtering Platform) cannot start: {exc}") from None
+        self._kill_switch = switch
 
     def _router_body(self) -> Any:
         if self.dataplane != "kernel":
@@ -395,13 +434,27 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, self._on_signal, signum)
                 installed.append(signum)
-        try:
-            await self._stop_requested.wait()
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
-            await self.stop()
+        with self._console_stop(loop):
+            try:
+                await self._stop_requested.wait()
+            finally:
+                for signum in installed:
+                    loop.remove_signal_handler(signum)
+                await self.stop()
+                self.stopped.set()
         return self.exit_code
+
+    def _console_stop(self, loop: asyncio.AbstractEventLoop) -> contextlib.AbstractContextManager[Any]:
+        """Windows has no SIGTERM: closing the console, logging off and shutting down arrive as console
+        control events (platform/windows/console.py); elsewhere nothing."""
+        if sys.platform != "win32":
+            return contextlib.nullcontext()
+        from awg_split_tunnel.platform.windows.console import ConsoleStop
+
+        def request_stop() -> None:
+            loop.call_soon_threadsafe(self.request_stop)
+
+        return ConsoleStop(request_stop, self.stopped)
 
     def _on_signal(self, signum: signal.Signals) -> None:
         log.info("[Core] %s: stopping", signum.name)
@@ -616,6 +669,8 @@ class Daemon:
                 router.set_tunnels(self._routes)
         for runtime in opened:
             runtime.start()
+        if self._kill_switch is not None and (new.rules != old.rules or new.default != old.default):
+            await self._kill_switch.rules_changed(engine_from_config(new))
         if new.rules != old.rules or new.default != old.default:
             rule_log.info(
                 "[Rule] %d rules, default %s: applied to new connections", len(new.rules), new.default
@@ -628,12 +683,10 @@ class Daemon:
         from awg_split_tunnel.api.control import default_control_path, request
 
         path = self._control_path or default_control_path()
-        if not path.exists():
-            return
         try:
             request("status", path=path, timeout=1.0)
         except AwgSplitTunnelError:
-            return  # a socket left behind by a daemon that died: ours replaces it
+            return  # nothing listens, or a socket left behind by a daemon that died: ours replaces it
         raise DaemonError(f"another daemon is already running (it answers on {path}); stop it first")
 
     async def _start_control(self) -> None:
@@ -811,8 +864,15 @@ def _address(ip: object, port: object) -> str:
     return f"{text}:{port}"
 
 
-async def _run(config_path: Path, control_path: Path | None, log_file: Path | None = None) -> int:
+async def _run(
+    config_path: Path,
+    control_path: Path | None,
+    log_file: Path | None = None,
+    on_daemon: Callable[[Daemon], None] | None = None,
+) -> int:
     daemon = Daemon(config_path, control_path=control_path, log_file=log_file)
+    if on_daemon is not None:
+        on_daemon(daemon)  # the Windows service keeps it to stop it from the service control thread
     try:
         await daemon.start()
     except AwgSplitTunnelError as exc:
@@ -825,11 +885,15 @@ async def _run(config_path: Path, control_path: Path | None, log_file: Path | No
 
 
 def run_daemon(
-    config_path: Path | str, control_path: Path | None = None, log_file: Path | None = None
+    config_path: Path | str,
+    control_path: Path | None = None,
+    log_file: Path | None = None,
+    *,
+    on_daemon: Callable[[Daemon], None] | None = None,
 ) -> int:
     """``awg-split-tunnel run``: the daemon in the foreground until Ctrl-C/SIGTERM; the exit code."""
     try:
-        return asyncio.run(_run(Path(config_path), control_path, log_file))
+        return asyncio.run(_run(Path(config_path), control_path, log_file, on_daemon))
     except KeyboardInterrupt:
         return EXIT_OK
 

@@ -1,7 +1,8 @@
 """The daemon's local control API: `status`, `connections`, `tunnel up|down`.
 
-One JSON object per line each way over a local stream socket: a Unix socket only root can open on
-POSIX, loopback TCP on Windows (its port written to a file only Administrators can read). Requests are
+One JSON object per line each way over a local transport (api/transport.py): a Unix socket only root
+can open on POSIX, a named pipe only SYSTEM and Administrators can open on Windows
+(platform/windows/pipe.py, docs/WINDOWS.md). Requests are
 ``{"cmd": NAME, ...args}``; answers are ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TEXT}``.
 A malformed request gets an error answer; it never reaches a handler or breaks the server.
 """
@@ -13,12 +14,12 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from awg_split_tunnel.api.transport import ControlTransport, LineWriter, Listener, default_transport
 from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
 
 log = logging.getLogger("awg_split_tunnel.api")
@@ -36,13 +37,13 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
 def default_control_path() -> Path:
-    """Where the daemon listens: env `AWG_SPLIT_TUNNEL_CONTROL`, else the platform's run directory."""
+    """Where the daemon listens: env `AWG_SPLIT_TUNNEL_CONTROL`, else the platform's: a Unix socket in the
+    run directory, the named pipe `\\\\.\\pipe\\awg-split-tunnel` on Windows."""
     override = os.environ.get("AWG_SPLIT_TUNNEL_CONTROL")
     if override:
         return Path(override)
     if sys.platform == "win32":
-        base = Path(os.environ.get("PROGRAMDATA", r"C:\ProgramData"))
-        return base / "awg-split-tunnel" / "control.port"
+        return Path("\\\\.\\pipe\\awg-split-tunnel")
     return Path("/run/awg-split-tunnel/control.sock")
 
 
@@ -60,42 +61,28 @@ class ControlServer:
         *,
         idle_timeout: float = IDLE_TIMEOUT,
         max_clients: int = MAX_CLIENTS,
+        transport: ControlTransport | None = None,
     ) -> None:
         self.handlers = dict(handlers)
         self.path = path or default_control_path()
+        self.transport = transport or default_transport()
         self.idle_timeout = idle_timeout
         self.max_clients = max_clients
         self.clients = 0
         self.refused = 0
         self.timed_out = 0
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if sys.platform == "win32":
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_REQUEST)
-            port = self._server.sockets[0].getsockname()[1]
-            self.path.write_text(str(port))
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            old_umask = os.umask(0o077)
-            try:
-                self._server = await asyncio.start_unix_server(self._serve, str(self.path), limit=MAX_REQUEST)
-            finally:
-                os.umask(old_umask)
+        self._listener = await self.transport.listen(self.path, self._serve, MAX_REQUEST)
         log.debug("[API] listening on %s", self.path)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: LineWriter) -> None:
         if self.clients >= self.max_clients:
             await self._refuse(writer)
             return
@@ -120,7 +107,7 @@ class ControlServer:
             self.clients -= 1
             writer.close()
 
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+    async def _refuse(self, writer: LineWriter) -> None:
         """Turn away a connection beyond `max_clients`: one error line, then closed."""
         self.refused += 1
         if self.refused == 1:
@@ -158,7 +145,7 @@ class ControlServer:
             return {"ok": False, "error": f"{request['cmd']} failed: {exc}"}
 
 
-async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, Any]) -> None:
+async def _send(writer: LineWriter, answer: Mapping[str, Any]) -> None:
     writer.write(json.dumps(answer, default=str).encode() + b"\n")
     await writer.drain()
 
@@ -167,41 +154,47 @@ MAX_ANSWER = 16 * 1024 * 1024
 """The longest answer line a client reads (a ``connections`` page is far below it)."""
 
 
-def request(cmd: str, *, path: Path | None = None, timeout: float = 5.0, **args: Any) -> Any:
+def request(
+    cmd: str,
+    *,
+    path: Path | None = None,
+    timeout: float = 5.0,
+    transport: ControlTransport | None = None,
+    **args: Any,
+) -> Any:
     """Send one command to the running daemon and return its result; TunnelError with a clear
     message when no daemon answers or the daemon refuses."""
-    for result in request_pages(cmd, path=path, timeout=timeout, follow=False, **args):
+    for result in request_pages(cmd, path=path, timeout=timeout, follow=False, transport=transport, **args):
         return result
     raise TunnelError("the daemon sent no answer")  # pragma: no cover - request_pages yields or raises
 
 
 def request_pages(
-    cmd: str, *, path: Path | None = None, timeout: float = 5.0, follow: bool = True, **args: Any
+    cmd: str,
+    *,
+    path: Path | None = None,
+    timeout: float = 5.0,
+    follow: bool = True,
+    transport: ControlTransport | None = None,
+    **args: Any,
 ) -> Iterator[Any]:
     """Send a command and yield its result, then (``follow``) ask for each following page on the same
     connection while a result names one in ``next`` (``connections``); TunnelError as ``request``."""
     path = path or default_control_path()
     try:
-        if sys.platform == "win32":
-            port = int(path.read_text().strip())
-            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(str(path))
+        connection = (transport or default_transport()).connect(path, timeout)
     except FileNotFoundError:
-        raise TunnelError(f"the daemon is not running (no control socket at {path})") from None
+        raise TunnelError(f"the daemon is not running (nothing listens at {path})") from None
     except PermissionError:
         raise TunnelError(f"permission denied on {path}: run as root/Administrator") from None
     except (OSError, ValueError) as exc:
         raise TunnelError(f"cannot reach the daemon at {path}: {exc}") from None
-    with sock, sock.makefile("rwb") as stream:
+    try:
         following: Mapping[str, Any] | None = {}
         while following is not None:
             try:
-                stream.write(json.dumps({**args, **following, "cmd": cmd}).encode() + b"\n")
-                stream.flush()
-                line = stream.readline(MAX_ANSWER)
+                connection.send(json.dumps({**args, **following, "cmd": cmd}).encode() + b"\n")
+                line = connection.receive_line(MAX_ANSWER)
             except OSError as exc:
                 raise TunnelError(f"the daemon did not answer: {exc}") from None
             result = _result(line)
@@ -209,6 +202,8 @@ def request_pages(
             following = result.get("next") if follow and isinstance(result, dict) else None
             if following is not None and not isinstance(following, dict):
                 raise TunnelError("the daemon sent an unreadable answer")
+    finally:
+        connection.close()
 
 
 def _result(line: bytes) -> Any:

@@ -844,10 +844,22 @@ def _read_text(path: Path) -> str:
 # -- writing ------------------------------------------------------------------------------------------
 
 
+MakeFolder = Callable[[Path], None]
+"""Creates a folder (and its parents) for the config's files: the platform's data-folder seam. POSIX:
+`make_folder` (the files themselves are created 0600); Windows: with a protected DACL
+(platform/windows/data_folder.py, docs/WINDOWS.md)."""
+
+
+def make_folder(folder: Path) -> None:
+    """The POSIX `MakeFolder`: an ordinary directory; secrets in it are files created 0600."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
     """Replace `path` with `data` so that readers see the old file or the new one, never a mix: a temp
     file in the same directory, fsync, rename over. The temp file is created with `mode` already, so a
-    secret is never readable by others, not even for a moment."""
+    secret is never readable by others, not even for a moment (on Windows, where modes mean nothing, it
+    inherits the DACL of its folder: see `MakeFolder`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -948,9 +960,10 @@ class ConfigManager:
     change is either applied or refused because the file changed on disk since it was loaded, never lost.
     """
 
-    def __init__(self, path: Path, bus: EventBus | None = None) -> None:
+    def __init__(self, path: Path, bus: EventBus | None = None, *, folder: MakeFolder = make_folder) -> None:
         self.path = Path(path)
         self.bus = bus
+        self._make_folder = folder
         self._doc: CommentedMap | None = None
         self._config: Config | None = None
         self._indent: tuple[int, int, int] = (2, 4, 2)
@@ -1020,7 +1033,7 @@ class ConfigManager:
             finally:
                 self._lock_depth -= 1
             return
-        with _file_lock(self.path.with_name(self.path.name + LOCK_SUFFIX)):
+        with _file_lock(self.path.with_name(self.path.name + LOCK_SUFFIX), self._make_folder):
             self._lock_depth = 1
             try:
                 yield
@@ -1168,7 +1181,7 @@ class ConfigManager:
             if target.exists() and not _same_file(target, conf_path):
                 raise ConfigError(f"{target} already exists; remove it or pass another id", key="id")
             if not target.exists():
-                _write(target, text.encode("utf-8"), SECRET_MODE)
+                _write(target, text.encode("utf-8"), SECRET_MODE, self._make_folder)
                 created = target
             reference = target.name
         else:
@@ -1268,7 +1281,7 @@ class ConfigManager:
             except OSError:
                 current = PUBLIC_MODE
             mode = (current & 0o700) | 0o600 if config.holds_secrets else current
-            _write(self.path, text.encode("utf-8"), mode)
+            _write(self.path, text.encode("utf-8"), mode, self._make_folder)
             self._on_disk = text
 
     def _refuse_if_changed_on_disk(self) -> None:
@@ -1314,11 +1327,11 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path, folder: MakeFolder) -> Iterator[None]:
     """An exclusive lock on `path` (created if missing), held until the block ends; waits for another
     holder. Closing the descriptor releases it, also when the process dies."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder(path.parent)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, SECRET_MODE)
     except OSError as exc:
         raise ConfigError(f"cannot open the edit lock: {exc.strerror or exc}", file=str(path)) from None
@@ -1344,8 +1357,9 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def _write(path: Path, data: bytes, mode: int, folder: MakeFolder) -> None:
     try:
+        folder(path.parent)
         write_file_atomic(path, data, mode)
     except OSError as exc:
         raise ConfigError(f"cannot write the file: {exc.strerror or exc}", file=str(path)) from None
