@@ -35,5 +35,5 @@ def test_ui_without_a_daemon_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, 
     assert result.exit_code == 1
     assert (
         result.output.strip()
-        == f"error: the daemon is not running (no control socket at {tmp_path}/none.sock)"
+        == f"error: the daemon is not running (nothing listens at {tmp_path}/none.sock)"
     )
