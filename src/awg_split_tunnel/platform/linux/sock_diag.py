@@ -18,6 +18,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 
 NETLINK_SOCK_DIAG = 4
@@ -47,11 +48,17 @@ class DiagSocket:
     uid: int
 
 
+def _diag_socket() -> socket.socket:
+    if sys.platform != "linux":  # also tells mypy --platform win32 to skip the rest
+        raise OSError("sock_diag needs Linux")
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+
+
 class SockDiag:
     """Exact socket lookups over one netlink socket (not thread-safe: one owner)."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+        self._sock = _diag_socket()
         self._sock.settimeout(0.5)  # the kernel answers at once; never hang the packet loop on it
         self._seq = 0
         self.udp = self._finds_udp()
