@@ -222,6 +222,8 @@ class Daemon:
         self._started = False
         self._stopped = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._dns: Any = None
+        """The DNS forwarder (``dns_forwarder.DnsForwarder``; Linux, ``dns.per_app``), else None."""
         self.dataplane = "divert"
         """``divert`` or ``kernel`` (docs/DATAPATHS.md): from the config, else ``default_dataplane()``."""
 
@@ -262,6 +264,7 @@ class Daemon:
             runtime = tunnel_runtime(tunnel, context, packets)
             await runtime.open("starting", changes)
             self.runtimes[tunnel.id] = runtime
+        await self._start_dns(config)
         self._routes = self._tunnel_routes()
         settings = RouterSettings(
             rules=tuple(engine_rules(config)),
@@ -310,6 +313,7 @@ class Daemon:
         if self.dataplane == "kernel" and self.exit_code == EXIT_OK:
             # The router process removes its rules when it stops; if it could not (killed, stuck), this does.
             await asyncio.to_thread(self._remove_kernel_state)
+        await self._stop_dns()
         for runtime in list(self.runtimes.values()):
             await runtime.stop(RouterChanges())  # the router process has stopped every device already
         self.runtimes.clear()
@@ -384,7 +388,44 @@ class Daemon:
         )
 
     def _tunnel_routes(self) -> dict[str, AnyRoute]:
-        return {tunnel_id: runtime.route() for tunnel_id, runtime in self.runtimes.items()}
+        routes = {tunnel_id: runtime.route() for tunnel_id, runtime in self.runtimes.items()}
+        return routes if self._dns is None else self._dns.pin_routes(routes)
+
+    # -- DNS (docs/DNS.md) -------------------------------------------------------------------------------
+
+    async def _start_dns(self, config: Config) -> None:
+        """Linux: answer apps' queries to the local resolver through their own routes."""
+        if not sys.platform.startswith("linux"):
+            return  # Windows: Dnscache asks for every app; docs/DNS.md
+        if not config.dns.per_app:
+            return
+        from awg_split_tunnel.dns_forwarder import DnsForwarder, find_local_resolvers
+        from awg_split_tunnel.platform.linux.dns_redirect import install_redirect
+
+        resolvers = await asyncio.to_thread(find_local_resolvers)
+        if not resolvers:
+            log.info("[DNS] no resolver listens on loopback: apps' lookups go their own way")
+            return
+        forwarder = DnsForwarder(self.registry.state, self._stream_provider, OWN_TRAFFIC_MARK)
+        forwarder.set_config(config)
+        listeners = await forwarder.start(resolvers)
+        self._dns = forwarder
+        await asyncio.to_thread(install_redirect, listeners)
+        log.info("[DNS] lookups to %s follow each app's route", ", ".join(listeners))
+
+    async def _stop_dns(self) -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        if self._dns is None:
+            return
+        from awg_split_tunnel.platform.linux.dns_redirect import remove_redirect
+
+        await asyncio.to_thread(remove_redirect)
+        await self._dns.stop()
+        self._dns = None
+
+    def _stream_provider(self, tunnel_id: str) -> Any:
+        return getattr(self.runtimes.get(tunnel_id), "provider", None)
 
     def _change_devices(self, started: Mapping[str, DeviceFactory], stopped: Sequence[str]) -> None:
         router = self._router
@@ -471,6 +512,8 @@ class Daemon:
         )
         self._config = new
         router = self._router
+        if self._dns is not None:
+            self._dns.set_config(new)
         if new.log_level != old.log_level:
             configure_logging(new.log_level, self._log_file)
             log.info("[Core] log level %s", new.log_level)
@@ -556,15 +599,18 @@ class Daemon:
             runtime = self.runtimes.get(row["id"])
             if runtime is not None:
                 runtime.report(row, report)
+            if self._dns is not None:
+                row["dns"] = self._dns.tunnel_report(row["id"])
         return {"tunnels": tunnels, "router": router_stats}
 
     async def _api_connections(self, request: Mapping[str, Any]) -> dict[str, Any]:
         router = self._router
         snapshot = None if router is None else await asyncio.to_thread(router.snapshot)
+        lookups = [] if self._dns is None else self._dns.lookups()
         if snapshot is None:
-            return {"flows": []}
+            return {"flows": lookups}
         _, flows = snapshot
-        return {"flows": [_connection(row) for row in flows]}
+        return {"flows": [_connection(row) for row in flows] + lookups}
 
     async def _api_tunnel(self, request: Mapping[str, Any]) -> dict[str, Any]:
         tunnel_id, action = str(request.get("id", "")), request.get("action")

@@ -109,7 +109,7 @@ def test_flow_row_names_the_flow_as_the_router_keeps_it() -> None:
 def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> None:
     rows = [flow_row(_entry(WEB, FlowVerdict.TUNNEL, "wg")), flow_row(_entry(WEB6, FlowVerdict.PASS, None))]
     router = SimpleNamespace(snapshot=lambda: ({"packet_tunnels": {}}, rows))
-    answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router), {}))  # type: ignore[arg-type]
+    answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router, _dns=None), {}))  # type: ignore[arg-type]
     assert answer == {
         "flows": [
             {
