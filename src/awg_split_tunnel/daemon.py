@@ -37,7 +37,9 @@ from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateCha
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_rules
+from awg_split_tunnel.core.rule_engine import Rule
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
+from awg_split_tunnel.dns.route import system_rules
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
 from awg_split_tunnel.provider.interface import set_own_socket_mark
@@ -224,6 +226,8 @@ class Daemon:
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._dns: Any = None
         """The DNS forwarder (``dns_forwarder.DnsForwarder``; Linux, ``dns.per_app``), else None."""
+        self._resolver_exes: list[str] = []
+        """The exes of the processes listening on loopback port 53 (the local resolver): ``dns.system``."""
         self.dataplane = "divert"
         """``divert`` or ``kernel`` (docs/DATAPATHS.md): from the config, else ``default_dataplane()``."""
 
@@ -267,7 +271,7 @@ class Daemon:
         await self._start_dns(config)
         self._routes = self._tunnel_routes()
         settings = RouterSettings(
-            rules=tuple(engine_rules(config)),
+            rules=tuple(self._router_rules(config)),
             default=config.default,
             tunnels=dict(self._routes),
             states={tunnel_id: TunnelState.DOWN for tunnel_id in self.registry.ids()},
@@ -397,12 +401,13 @@ class Daemon:
         """Linux: answer apps' queries to the local resolver through their own routes."""
         if not sys.platform.startswith("linux"):
             return  # Windows: Dnscache asks for every app; docs/DNS.md
-        if not config.dns.per_app:
-            return
-        from awg_split_tunnel.dns_forwarder import DnsForwarder, find_local_resolvers
+        from awg_split_tunnel.dns_forwarder import DnsForwarder, find_local_resolvers, resolver_exes
         from awg_split_tunnel.platform.linux.dns_redirect import install_redirect
 
         resolvers = await asyncio.to_thread(find_local_resolvers)
+        self._resolver_exes = resolver_exes(resolvers)
+        if not config.dns.per_app:
+            return
         if not resolvers:
             log.info("[DNS] no resolver listens on loopback: apps' lookups go their own way")
             return
@@ -423,6 +428,10 @@ class Daemon:
         await asyncio.to_thread(remove_redirect)
         await self._dns.stop()
         self._dns = None
+
+    def _router_rules(self, config: Config) -> list[Rule]:
+        """The config's rules, after those of ``dns.system`` for the local resolver's own lookups."""
+        return system_rules(self._resolver_exes, config.dns.system) + engine_rules(config)
 
     def _stream_provider(self, tunnel_id: str) -> Any:
         return getattr(self.runtimes.get(tunnel_id), "provider", None)
@@ -542,7 +551,7 @@ class Daemon:
             # Rules first: the router process applies messages in order, and starting a device takes tens
             # of milliseconds (a divert handle is reopened). A rule naming a tunnel that is not up yet gets
             # its fallback policy meanwhile, so this order never lets a `block` app out directly.
-            router.set_rules(engine_rules(new), new.default, default_fallback(new))
+            router.set_rules(self._router_rules(new), new.default, default_fallback(new))
             self._routes = self._tunnel_routes()
             if changes.started or changes.stopped:
                 router.change_devices(self._routes, changes.started, changes.stopped)

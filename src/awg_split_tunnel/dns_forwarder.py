@@ -98,6 +98,12 @@ def find_local_resolvers() -> list[LocalResolver]:
     return sorted(found.values(), key=lambda r: r.address)
 
 
+def resolver_exes(resolvers: list[LocalResolver]) -> list[str]:
+    """The exe paths of the local resolvers' processes (those that can be read)."""
+    exes = ExeResolver()
+    return [exe for r in resolvers if r.pid is not None and (exe := exes.exe(r.pid)) is not None]
+
+
 @dataclass(slots=True)
 class RouteCounters:
     """Lookups of one route (``direct`` or a tunnel id)."""
@@ -287,6 +293,8 @@ class DnsForwarder:
         for tunnel_id in set(self._tunnels) | set(tunnels):
             if self._tunnels.get(tunnel_id) != tunnels.get(tunnel_id):
                 self.cache.forget_route(tunnel_id)
+        if config.dns.system != self._system:
+            self.cache.forget_route(DIRECT)  # the local resolver's answers now come another way
         self._tunnels = tunnels
         self._engine = engine_from_config(config)
         self._system = config.dns.system

@@ -187,6 +187,7 @@ class Daemon:
     lab: Lab
     dataplane: str
     process: subprocess.Popen[bytes]
+    config: Path
     control: Path
     out: Path
 
@@ -257,7 +258,7 @@ def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[Daemon]:
             stderr=subprocess.STDOUT,
             env=env,
         )
-    running = Daemon(lab, dataplane, process, control, out)
+    running = Daemon(lab, dataplane, process, config, control, out)
     try:
 
         def started() -> bool:
@@ -352,3 +353,28 @@ def test_status_and_connections_show_dns(world: World, daemon: Daemon) -> None:
     flows = daemon.request("connections")["flows"]
     lookups = [f for f in flows if f["proto"].startswith("dns") and f["exe"] and f["exe"].endswith(APP_WG)]
     assert lookups and lookups[-1]["tunnel"] == "wg" and lookups[-1]["name"].endswith(WHOAMI), flows
+
+
+def test_dns_system_sends_the_local_resolvers_own_lookups_through_the_chosen_tunnel(
+    world: World, daemon: Daemon
+) -> None:
+    lab, original = world.lab, daemon.config.read_text()
+    assert seen(lookup(lab, APP_DIRECT, "stub")) == CLIENT_IP  # the stub asks from the client's address
+    try:
+        daemon.config.write_text(original + "dns:\n  system: wg\n")
+        wait_for(
+            lambda: seen(lookup(lab, APP_DIRECT, "stub")) == TUNNEL_CLIENT_IP,
+            UP_TIMEOUT,
+            "the stub's upstream lookups through wg",
+            daemon.output,
+        )
+        assert seen(lookup(lab, APP_SOCKS, "stub")) == SOCKS_IP  # an app with a route keeps it
+        assert seen(lookup(lab, APP_DIRECT, "own")) == CLIENT_IP  # only the resolver's lookups move
+    finally:
+        daemon.config.write_text(original)
+        wait_for(
+            lambda: seen(lookup(lab, APP_DIRECT, "stub")) == CLIENT_IP,
+            UP_TIMEOUT,
+            "the stub's lookups direct again",
+            daemon.output,
+        )

@@ -3,10 +3,12 @@ fallback policy), so that a ``block`` app whose tunnel is down gets an error, ne
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from awg_split_tunnel.core.policy import DIRECT, DROP, FallbackPolicy, TunnelState
-from awg_split_tunnel.core.rule_engine import Decision, resolve
+from awg_split_tunnel.core.rule_engine import Decision, Rule, resolve
 from awg_split_tunnel.dns.message import REFUSED, SERVFAIL
 from awg_split_tunnel.net.nat import FlowVerdict
 
@@ -39,3 +41,13 @@ def dns_route(decision: Decision, state: TunnelState | None) -> DnsRoute:
         return DnsRoute(decision.tunnel)
     refused = decision.tunnel == DROP or decision.fallback is FallbackPolicy.DROP
     return DnsRoute(decision.tunnel, REFUSED if refused else SERVFAIL)
+
+
+def system_rules(resolver_exes: Iterable[str], system: str | None) -> list[Rule]:
+    """``dns.system``: rules, put before the config's, that send the local resolver's own flows (its
+    upstream lookups) into ``system`` (a tunnel id, ``block`` when it is down; or ``direct``). None: no
+    rule of its own, the resolver follows its rule or ``default`` like any process."""
+    if system is None:
+        return []
+    fallback = FallbackPolicy.ALLOW_DIRECT if system == DIRECT else FallbackPolicy.BLOCK
+    return [Rule(f"re:^{re.escape(exe)}$", system, fallback) for exe in dict.fromkeys(resolver_exes)]

@@ -52,3 +52,18 @@ def test_the_system_servers_come_from_the_first_file_that_names_any(tmp_path: Pa
 def test_a_tunnel_without_servers_asks_the_systems_through_itself() -> None:
     assert route_servers(["10.8.0.1"], ["9.9.9.9"]) == ["10.8.0.1"]
     assert route_servers([], ["9.9.9.9"]) == ["9.9.9.9"]
+
+
+def test_dns_system_gives_the_local_resolver_a_rule_of_its_own_before_the_others() -> None:
+    from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
+    from awg_split_tunnel.dns.route import system_rules
+    from awg_split_tunnel.process.matcher import Platform
+
+    exe = "/usr/lib/systemd/systemd-resolved"
+    assert system_rules([exe], None) == []
+    rules = system_rules([exe, exe, "/usr/sbin/dnsmasq"], "nl-awg")
+    assert [r.tunnel for r in rules] == ["nl-awg", "nl-awg"] and rules[0].fallback is BLOCK
+    engine = RuleEngine([*rules, Rule("systemd-resolved", "direct")], "direct", Platform.POSIX)
+    assert engine.match(exe) == Decision("nl-awg", BLOCK, 0)
+    assert engine.match("/opt/other/systemd-resolved").tunnel == "direct"  # the exact exe only
+    assert system_rules([exe], DIRECT)[0].fallback is ALLOW
