@@ -36,12 +36,14 @@ from awg_split_tunnel.lab import (
     AWG_TUNNEL_CLIENT_IP,
     CLIENT,
     CLIENT_IP,
+    CLIENT_IP6,
     HTTP_IP,
     INET,
     SOCKS_IP,
     TUNNEL_CLIENT_IP,
     TUNNEL_SERVER_IP,
     WEB_IP,
+    WEB_IP6,
     WG_PORT,
     Lab,
     LabServer,
@@ -74,17 +76,29 @@ APP_AWG, APP_WG, APP_SOCKS, APP_HTTP, APP_DIRECT, APP_BLOCK = (
     "dns-block",
 )
 RESOLVER_APP = "lab-resolver"
+STUB_ADDRESS6 = "::1"
 SERVFAIL = "SERVFAIL"
 NO_ANSWER = "no answer"
 
 # What the DNS server saw, by app and way of asking: through the stub (UDP, TCP) and directly.
+# ``stub6`` is a second stub on ::1 (IPv6 loopback) forwarding to the server's IPv6 address.
 EXPECTED = {
-    APP_AWG: {"stub": AWG_TUNNEL_CLIENT_IP, "stub-tcp": AWG_TUNNEL_CLIENT_IP, "own": AWG_TUNNEL_CLIENT_IP},
-    APP_WG: {"stub": TUNNEL_CLIENT_IP, "stub-tcp": TUNNEL_CLIENT_IP, "own": TUNNEL_CLIENT_IP},
-    APP_SOCKS: {"stub": SOCKS_IP, "stub-tcp": SOCKS_IP, "own": SOCKS_IP},
-    APP_HTTP: {"stub": HTTP_IP, "stub-tcp": HTTP_IP, "own-tcp": HTTP_IP},
-    APP_DIRECT: {"stub": CLIENT_IP, "stub-tcp": CLIENT_IP, "own": CLIENT_IP},
-    APP_BLOCK: {"stub": SERVFAIL, "stub-tcp": SERVFAIL, "own": NO_ANSWER},
+    APP_AWG: {
+        "stub": AWG_TUNNEL_CLIENT_IP,
+        "stub-tcp": AWG_TUNNEL_CLIENT_IP,
+        "stub6": AWG_TUNNEL_CLIENT_IP,
+        "own": AWG_TUNNEL_CLIENT_IP,
+    },
+    APP_WG: {
+        "stub": TUNNEL_CLIENT_IP,
+        "stub-tcp": TUNNEL_CLIENT_IP,
+        "stub6": TUNNEL_CLIENT_IP,
+        "own": TUNNEL_CLIENT_IP,
+    },
+    APP_SOCKS: {"stub": SOCKS_IP, "stub-tcp": SOCKS_IP, "stub6": SOCKS_IP, "own": SOCKS_IP},
+    APP_HTTP: {"stub": HTTP_IP, "stub-tcp": HTTP_IP, "stub6": HTTP_IP, "own-tcp": HTTP_IP},
+    APP_DIRECT: {"stub": CLIENT_IP, "stub-tcp": CLIENT_IP, "stub6": CLIENT_IP6, "own": CLIENT_IP},
+    APP_BLOCK: {"stub": SERVFAIL, "stub-tcp": SERVFAIL, "stub6": SERVFAIL, "own": NO_ANSWER},
 }
 TUNNELLED = (APP_AWG, APP_WG, APP_SOCKS, APP_HTTP)
 
@@ -217,6 +231,7 @@ def world() -> Iterator[World]:
         for name in (*EXPECTED, RESOLVER_APP):
             make_app(lab, name)
         stub = start_dns_stub(lab, WEB_IP, RESOLVER_APP)
+        start_dns_stub(lab, WEB_IP6, RESOLVER_APP, listen=STUB_ADDRESS6)
         keys = generate_keypair()
         wg_peer = start_wireguard_go(
             lab,
@@ -288,11 +303,12 @@ def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[Daemon]:
 
 
 def lookup(lab: Lab, app: str, how: str, name: str | None = None) -> dict[str, Any]:
-    """App ``app`` looks ``name`` up ``how``: ``stub`` / ``stub-tcp`` (127.0.0.53) or ``own`` / ``own-tcp``
+    """App ``app`` looks ``name`` up ``how``: ``stub`` / ``stub-tcp`` (127.0.0.53), ``stub6`` (::1) or
+    ``own`` / ``own-tcp``
     (the lab's server directly); ``auto`` mode (TCP after a truncated UDP answer) unless ``-tcp``. The
     default name is new each time (``<random>.whoami.lab.``), so no cache answers it."""
     name = name or f"{secrets.token_hex(4)}.{WHOAMI}"
-    server = STUB_ADDRESS if how.startswith("stub") else WEB_IP
+    server = {"stub": STUB_ADDRESS, "stub6": STUB_ADDRESS6}.get(how.removesuffix("-tcp"), WEB_IP)
     mode = "tcp" if how.endswith("-tcp") else "auto"
     done = lab.run(CLIENT, [lab.apps[app], "-c", LOOKUP, server, name, mode], timeout=30)
     assert done.returncode == 0, done.stderr

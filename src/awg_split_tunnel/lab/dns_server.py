@@ -225,7 +225,7 @@ def start_dns_stub(
     argv += ["--listen", listen, "--upstream", upstream]
     return LabServer(
         lab,
-        f"stub-{exe}",
+        f"stub-{exe}-{listen}",
         CLIENT,
         argv,
         lambda: ask(lab, CLIENT, listen) is not None,
