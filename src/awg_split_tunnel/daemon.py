@@ -399,8 +399,18 @@ class Daemon:
 
     async def _start_dns(self, config: Config) -> None:
         """Linux: answer apps' queries to the local resolver through their own routes."""
+        if sys.platform == "win32":
+            if config.dns.system is not None:
+                from awg_split_tunnel.platform.windows.dnscache import dnscache_pid
+
+                log.warning(
+                    "[DNS] dns.system is not applied on Windows yet: Dnscache (pid %s) shares svchost.exe "
+                    "with other services (docs/DNS.md)",
+                    dnscache_pid(),
+                )
+            return
         if not sys.platform.startswith("linux"):
-            return  # Windows: Dnscache asks for every app; docs/DNS.md
+            return
         from awg_split_tunnel.dns_forwarder import DnsForwarder, find_local_resolvers, resolver_exes
         from awg_split_tunnel.platform.linux.dns_redirect import install_redirect
 
