@@ -412,14 +412,14 @@ class Daemon:
         if not sys.platform.startswith("linux"):
             return
         from awg_split_tunnel.dns_forwarder import DnsForwarder, find_local_resolvers, resolver_exes
-        from awg_split_tunnel.platform.linux.dns_redirect import install_redirect
+        from awg_split_tunnel.platform.linux.dns_redirect import install_redirect, remove_redirect
 
         resolvers = await asyncio.to_thread(find_local_resolvers)
         self._resolver_exes = resolver_exes(resolvers)
-        if not config.dns.per_app:
-            return
-        if not resolvers:
-            log.info("[DNS] no resolver listens on loopback: apps' lookups go their own way")
+        if not config.dns.per_app or not resolvers:
+            if config.dns.per_app:
+                log.info("[DNS] no resolver listens on loopback: apps' lookups go their own way")
+            await asyncio.to_thread(remove_redirect)  # one a daemon that died left behind
             return
         forwarder = DnsForwarder(self.registry.state, self._stream_provider, OWN_TRAFFIC_MARK)
         forwarder.set_config(config)
@@ -435,7 +435,10 @@ class Daemon:
             return
         from awg_split_tunnel.platform.linux.dns_redirect import remove_redirect
 
-        await asyncio.to_thread(remove_redirect)
+        if self.exit_code == EXIT_OK or self.dataplane != "kernel":
+            # After a failure on the kernel data path the redirect stays, as the gate does: lookups fail
+            # rather than leave directly until the next `run` or `cleanup` (docs/DNS.md).
+            await asyncio.to_thread(remove_redirect)
         await self._dns.stop()
         self._dns = None
 

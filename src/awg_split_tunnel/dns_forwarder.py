@@ -59,7 +59,7 @@ from awg_split_tunnel.dns.message import (
 from awg_split_tunnel.dns.route import STUB, DnsRoute, dns_route
 from awg_split_tunnel.dns.upstream import DNS_PORT, route_servers, system_upstream_servers
 from awg_split_tunnel.errors import TunnelError
-from awg_split_tunnel.process.lookup import ExeResolver, os_lookup_pid
+from awg_split_tunnel.process.lookup import ExeResolver, os_lookup_pid, process_identity
 from awg_split_tunnel.provider.interface import StreamProvider, abort_stream
 
 log = logging.getLogger("awg_split_tunnel.dns")
@@ -252,13 +252,14 @@ class DnsForwarder:
         *,
         clock: Callable[[], float] = time.monotonic,
         owner_of: Callable[[int, bytes, int, bytes, int], int | None] = os_lookup_pid,
+        exes: ExeResolver | None = None,
     ) -> None:
         self._tunnel_state = tunnel_state
         self._stream_provider = stream_provider
         self._own_mark = own_mark
         self._clock = clock
         self._owner_of = owner_of
-        self._exes = ExeResolver()
+        self._exes = exes or ExeResolver()
         self._engine: RuleEngine | None = None
         self._system: str | None = None
         self._default_decision: Decision | None = None
@@ -434,7 +435,7 @@ class DnsForwarder:
         """The app's exe and its lookup's route: the daemon's own lookups go to the local resolver (never
         back to itself); a lookup whose app is unknown follows ``dns.system``, else ``default``."""
         engine = self._engine
-        if engine is None or pid == os.getpid():
+        if engine is None or (pid is not None and _is_own(pid)):
             return None, STUB
         exe = None if pid is None else self._exes.exe(pid)
         if exe is None:
@@ -579,6 +580,17 @@ class DnsForwarder:
                 }
             )
         return rows
+
+
+def _is_own(pid: int) -> bool:
+    """The daemon or one of its children (the router process, whose devices resolve their endpoints):
+    their lookups go to the local resolver, never through a tunnel (no loop, no tunnel inside itself)."""
+    if pid == os.getpid():
+        return True
+    try:
+        return process_identity(pid)[0] == os.getpid()
+    except (OSError, psutil.Error, ValueError, IndexError):
+        return False
 
 
 def _format(ip: str, port: int) -> str:
