@@ -214,6 +214,14 @@ class Daemon:
         answer: dict[str, Any] = request(what, path=self.control, timeout=5.0)
         return answer
 
+    def request_tunnel(self, tunnel_id: str, action: str) -> str:
+        from awg_split_tunnel.api.control import request
+
+        answer: dict[str, Any] = request(
+            "tunnel", path=self.control, timeout=10.0, id=tunnel_id, action=action
+        )
+        return str(answer.get("state"))
+
     def state(self, tunnel_id: str) -> str:
         try:
             rows = {row["id"]: row for row in self.request("status")["tunnels"]}
@@ -394,3 +402,21 @@ def test_dns_system_sends_the_local_resolvers_own_lookups_through_the_chosen_tun
             "the stub's lookups direct again",
             daemon.output,
         )
+
+
+def test_a_packet_tunnel_taken_down_answers_its_block_apps_servfail_and_sends_nothing(
+    world: World, daemon: Daemon
+) -> None:
+    lab = world.lab
+    forwarded = stub_forwards(world)
+    try:
+        assert daemon.request_tunnel("wg", "down") == "down"
+        with lab.capture(INET, CLIENT, "port 53") as capture:
+            results = {how: seen(lookup(lab, APP_WG, how)) for how in ("stub", "stub-tcp", "stub6", "own")}
+        assert results == {"stub": SERVFAIL, "stub-tcp": SERVFAIL, "stub6": SERVFAIL, "own": NO_ANSWER}
+        assert capture.count() == 0, capture.packets()
+        assert stub_forwards(world) == forwarded
+    finally:
+        daemon.request_tunnel("wg", "up")
+        wait_for(lambda: daemon.state("wg") == "up", UP_TIMEOUT, "wg UP again", daemon.output)
+    assert seen(lookup(lab, APP_WG, "stub")) == TUNNEL_CLIENT_IP
