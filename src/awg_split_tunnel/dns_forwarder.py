@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -72,6 +73,8 @@ TCP_TIMEOUT = 5.0
 RECENT_LOOKUPS = 256
 """Lookups kept for ``connections``."""
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE})
+"""Errors a UDP socket reports once for an ICMP answer to an earlier datagram."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,15 @@ def _mapped(address: str) -> str:
     return address if ":" in address else f"::ffff:{address}"
 
 
+def _address(text: str) -> ipaddress.IPv6Address | None:
+    """An address a dual-stack socket reports (scope dropped), for comparing."""
+    with contextlib.suppress(ValueError):
+        address = ipaddress.ip_address(text.partition("%")[0])
+        if isinstance(address, ipaddress.IPv6Address):
+            return address
+    return None
+
+
 class _TunnelPort:
     """A packet tunnel's DNS port: one UDP socket (queries multiplexed by ID) and TCP connections from the
     same port number, whose flows the router sends into the tunnel."""
@@ -159,20 +171,28 @@ class _TunnelPort:
         self._udp.setblocking(False)
         self._udp.bind(("::", 0))
         self.port: int = self._udp.getsockname()[1]
-        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._pending: dict[int, tuple[ipaddress.IPv6Address | None, asyncio.Future[bytes]]] = {}
+        """Wire ID → the server asked (IPv4 as mapped) and the waiting query."""
         self._tcp_lock = asyncio.Lock()
         loop.add_reader(self._udp.fileno(), self._readable)
 
     def _readable(self) -> None:
         while True:
             try:
-                data = self._udp.recv(MAX_MESSAGE)
+                data, source = self._udp.recvfrom(MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                continue  # an ICMP error of an earlier datagram: the query times out
-            waiter = self._pending.get(message_id(data) or 0) if len(data) >= 12 else None
-            if waiter is not None and not waiter.done():
+            except OSError as exc:
+                if exc.errno in _ICMP_ERRNOS:
+                    continue  # an ICMP error of an earlier datagram: that query times out
+                return
+            wire_id = message_id(data)
+            pending = self._pending.get(wire_id) if wire_id is not None else None
+            if pending is None or pending[1].done():
+                continue
+            asked, waiter = pending
+            # Only the server asked may answer (another sender would have to guess the ID and the port).
+            if asked is not None and asked == _address(source[0]):
                 waiter.set_result(data)
 
     async def ask_udp(self, query: Query, server: str) -> bytes | None:
@@ -182,7 +202,7 @@ class _TunnelPort:
         while wire_id in self._pending:
             wire_id = secrets.randbelow(0x10000)
         waiter: asyncio.Future[bytes] = self._loop.create_future()
-        self._pending[wire_id] = waiter
+        self._pending[wire_id] = (_address(_mapped(server)), waiter)
         try:
             await self._loop.sock_sendto(self._udp, with_id(query.wire, wire_id), (_mapped(server), DNS_PORT))
             data = await asyncio.wait_for(waiter, UDP_TIMEOUT)
@@ -219,7 +239,7 @@ class _TunnelPort:
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self._udp.fileno())
         self._udp.close()
-        for waiter in self._pending.values():
+        for _, waiter in self._pending.values():
             if not waiter.done():
                 waiter.cancel()
 
