@@ -30,7 +30,7 @@ import secrets
 import socket
 import struct
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -60,7 +60,7 @@ from awg_split_tunnel.dns.message import (
 from awg_split_tunnel.dns.route import STUB, DnsRoute, dns_route
 from awg_split_tunnel.dns.upstream import DNS_PORT, route_servers, system_upstream_servers
 from awg_split_tunnel.errors import TunnelError
-from awg_split_tunnel.process.lookup import ExeResolver, os_lookup_pid, process_identity
+from awg_split_tunnel.process.lookup import ExeResolver, os_lookup_pid, pid_owns_socket, process_identity
 from awg_split_tunnel.provider.interface import StreamProvider, abort_stream
 
 log = logging.getLogger("awg_split_tunnel.dns")
@@ -71,6 +71,7 @@ UDP_TIMEOUT = 2.0
 """Seconds one server has to answer a UDP query before the next server (or SERVFAIL)."""
 TCP_TIMEOUT = 5.0
 RECENT_LOOKUPS = 256
+RECENT_ASKERS = 8
 """Lookups kept for ``connections``."""
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE})
@@ -272,6 +273,7 @@ class DnsForwarder:
         *,
         clock: Callable[[], float] = time.monotonic,
         owner_of: Callable[[int, bytes, int, bytes, int], int | None] = os_lookup_pid,
+        owns: Callable[[int, int, int, bytes, int], bool | None] = pid_owns_socket,
         exes: ExeResolver | None = None,
     ) -> None:
         self._tunnel_state = tunnel_state
@@ -279,6 +281,10 @@ class DnsForwarder:
         self._own_mark = own_mark
         self._clock = clock
         self._owner_of = owner_of
+        self._owns = owns
+        self._askers: OrderedDict[int, None] = OrderedDict()
+        """The processes that asked last, newest last: asked first whether they own a query's socket (a
+        look at one process's sockets), before the scan of every process's (milliseconds)."""
         self._exes = exes or ExeResolver()
         self._engine: RuleEngine | None = None
         self._system: str | None = None
@@ -424,14 +430,12 @@ class DnsForwarder:
         if query is None:
             self.malformed += 1
             return None
-        pid = await asyncio.to_thread(
-            self._owner_of,
-            proto,
-            ipaddress.ip_address(app[0]).packed,
-            app[1],
-            ipaddress.ip_address(resolver).packed,
-            DNS_PORT,
-        )
+        pid = await asyncio.to_thread(self._owner, proto, app, resolver, list(reversed(self._askers)))
+        if pid is not None:
+            self._askers[pid] = None
+            self._askers.move_to_end(pid)
+            while len(self._askers) > RECENT_ASKERS:
+                self._askers.popitem(last=False)
         exe, route = self._route_of(pid)
         self.recent.append(_Lookup(proto, pid, exe, app, resolver, query.name, route))
         counters = self.counters.setdefault(route.via, RouteCounters())
@@ -450,6 +454,16 @@ class DnsForwarder:
             return error_answer(query, SERVFAIL)
         counters.answered += 1
         return answer.wire
+
+    def _owner(self, proto: int, app: tuple[str, int], resolver: str, recent: list[int]) -> int | None:
+        """The process whose socket sent a query (on a worker thread): one of the ``recent`` askers when
+        it owns the socket, else whoever the OS socket tables name."""
+        resolver_address = ipaddress.ip_address(resolver).packed
+        for pid in recent:
+            if self._owns(pid, proto, app[1], resolver_address, DNS_PORT):
+                return pid
+        app_address = ipaddress.ip_address(app[0]).packed
+        return self._owner_of(proto, app_address, app[1], resolver_address, DNS_PORT)
 
     def _route_of(self, pid: int | None) -> tuple[str | None, DnsRoute]:
         """The app's exe and its lookup's route: the daemon's own lookups go to the local resolver (never

@@ -129,12 +129,19 @@ def forwarder(tmp_path: Path) -> Iterator[tuple[DnsForwarder, Provider, Run]]:
     provider = Provider(server.sockets[0].getsockname()[1])
     states = {"socks": TunnelState.UP, "dead": TunnelState.DOWN}
     owners: dict[int, int | None] = {}
+    scans: list[int] = []
+
+    def owner_of(proto: int, addr: bytes, port: int, raddr: bytes, rport: int) -> int | None:
+        scans.append(port)
+        return owners.get(port)
+
     forwarder = DnsForwarder(
         states.get,
         lambda tunnel_id: provider if tunnel_id == "socks" else None,
         0,
         clock=lambda: 1000.0,
-        owner_of=lambda proto, addr, port, raddr, rport: owners.get(port),
+        owner_of=owner_of,
+        owns=lambda pid, proto, port, raddr, rport: owners.get(port) == pid,
         exes=Exes(),
     )
 
@@ -155,6 +162,7 @@ def forwarder(tmp_path: Path) -> Iterator[tuple[DnsForwarder, Provider, Run]]:
         assert answer is not None
         return dns.message.from_wire(answer)
 
+    run.scans = scans  # type: ignore[attr-defined]
     yield forwarder, provider, run
     server.close()
     loop.close()
@@ -230,3 +238,13 @@ def test_what_is_not_a_query_gets_no_answer(forwarder: tuple[DnsForwarder, Provi
     finally:
         loop.close()
     assert dnsf.malformed == 1 and provider.sent == []
+
+
+def test_a_process_that_asked_before_is_found_without_scanning_every_process(
+    forwarder: tuple[DnsForwarder, Provider, Run],
+) -> None:
+    _, _, run = forwarder
+    run(APP_PID, query("a.test."))
+    run(APP_PID, query("b.test."))
+    run(BLOCKED_PID, query("c.test."))
+    assert run.scans == [40000, 40000]  # type: ignore[attr-defined]  # the first of each app only
