@@ -623,6 +623,8 @@ class Daemon:
                 runtime.report(row, report)
             if self._dns is not None:
                 row["dns"] = self._dns.tunnel_report(row["id"])
+        if self._dns is not None:
+            return {"tunnels": tunnels, "router": router_stats, "dns": self._dns.summary()}
         return {"tunnels": tunnels, "router": router_stats}
 
     async def _api_connections(self, request: Mapping[str, Any]) -> dict[str, Any]:

@@ -595,6 +595,17 @@ class DnsForwarder:
             "failed": counters.failed,
         }
 
+    def summary(self) -> dict[str, Any]:
+        """What ``status`` shows besides the tunnels: the resolvers intercepted, the lookups answered
+        by the local resolver (direct), the cache and what was dropped as malformed."""
+        direct = self.counters.get(DIRECT, RouteCounters())
+        return {
+            "resolvers": [{"address": r.address, "pid": r.pid} for r in self.resolvers],
+            "direct": {"answered": direct.answered, "cached": direct.cached, "failed": direct.failed},
+            "cached_answers": len(self.cache),
+            "malformed": self.malformed,
+        }
+
     def lookups(self) -> list[dict[str, Any]]:
         """The recent lookups, for ``connections`` (newest last)."""
         rows = []

@@ -374,6 +374,8 @@ def test_status_and_connections_show_dns(world: World, daemon: Daemon) -> None:
     assert rows["wg"]["dns"]["servers"] == [WEB_IP], rows["wg"]
     assert rows["wg"]["dns"]["answered"] + rows["wg"]["dns"]["cached"] > 0, rows["wg"]
     assert rows["dead"]["dns"]["refused"] > 0, rows["dead"]
+    summary = daemon.request("status")["dns"]
+    assert {r["address"] for r in summary["resolvers"]} == {STUB_ADDRESS, STUB_ADDRESS6}, summary
     flows = daemon.request("connections")["flows"]
     lookups = [f for f in flows if f["proto"].startswith("dns") and f["exe"] and f["exe"].endswith(APP_WG)]
     assert lookups and lookups[-1]["tunnel"] == "wg" and lookups[-1]["name"].endswith(WHOAMI), flows
