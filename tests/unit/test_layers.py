@@ -12,6 +12,7 @@ ADAPTERS = (
     "awg_split_tunnel.cli",
     "awg_split_tunnel.daemon",
     "awg_split_tunnel.dns_forwarder",
+    "awg_split_tunnel.dns_transport",
     "awg_split_tunnel.packet_tunnels",
     "awg_split_tunnel.tunnel_runtimes",
     "awg_split_tunnel.platform",
