@@ -248,3 +248,33 @@ def test_a_process_that_asked_before_is_found_without_scanning_every_process(
     run(APP_PID, query("b.test."))
     run(BLOCKED_PID, query("c.test."))
     assert run.scans == [40000, 40000]  # type: ignore[attr-defined]  # the first of each app only
+
+
+def test_local_resolvers_are_found_by_their_sockets_on_loopback_port_53(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    import psutil
+
+    from awg_split_tunnel.dns_forwarder import LocalResolver, find_local_resolvers
+
+    def conn(
+        ip: str, port: int, pid: int | None, remote: tuple[str, int] | tuple[()] = ()
+    ) -> SimpleNamespace:
+        return SimpleNamespace(laddr=SimpleNamespace(ip=ip, port=port), raddr=remote, pid=pid)
+
+    sockets = [
+        conn("127.0.0.53", 53, 500),  # systemd-resolved
+        conn("127.0.0.54", 53, 500),
+        conn("::1", 53, 600),  # dnsmasq on IPv6 loopback
+        conn("0.0.0.0", 53, 700),  # a DNS server for the LAN, not a local stub
+        conn("127.0.0.1", 5353, 800),  # another port
+        conn("127.0.0.1", 53, 900, ("127.0.0.1", 40000)),  # a connected socket, not a listener
+    ]
+    monkeypatch.setattr(psutil, "net_connections", lambda kind: sockets)
+    assert find_local_resolvers() == [
+        LocalResolver("127.0.0.53", 500),
+        LocalResolver("127.0.0.54", 500),
+        LocalResolver("::1", 600),
+    ]
