@@ -422,3 +422,9 @@ def test_a_packet_tunnel_taken_down_answers_its_block_apps_servfail_and_sends_no
         daemon.request_tunnel("wg", "up")
         wait_for(lambda: daemon.state("wg") == "up", UP_TIMEOUT, "wg UP again", daemon.output)
     assert seen(lookup(lab, APP_WG, "stub")) == TUNNEL_CLIENT_IP
+
+
+def test_a_direct_apps_lookup_is_still_answered_by_the_local_resolver(world: World, daemon: Daemon) -> None:
+    before = stub_forwards(world)
+    assert seen(lookup(world.lab, APP_DIRECT, "stub")) == CLIENT_IP
+    assert stub_forwards(world) == before + 1  # the stub forwarded it, as without the daemon
