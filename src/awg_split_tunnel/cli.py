@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -550,11 +550,28 @@ def status(as_json: JsonOption = False) -> None:
                 f"{t.get('id')}: refused over the proxy's caps: "
                 + ", ".join(f"{k} {v}" for k, v in refused.items())
             )
+    _print_dns(result.get("tunnels", []))
     router = result.get("router") or {}
     if router:
         _say("router: " + ", ".join(f"{k} {v}" for k, v in sorted(router.items())))
     if result.get("failed_closed"):
         out.print(Text(f"failed closed: {result['failed_closed']}", style="bold red"))
+
+
+def _print_dns(tunnels: list[dict[str, Any]]) -> None:
+    """Each tunnel's DNS route and lookups (docs/DNS.md), when the daemon answers lookups per app."""
+    rows = [t for t in tunnels if t.get("dns")]
+    if not rows:
+        return
+    table = Table(title="DNS through the local resolver", title_justify="left")
+    for column in ("id", "servers", "via", "answered", "cached", "refused", "failed"):
+        table.add_column(column)
+    for t in rows:
+        dns = t["dns"]
+        servers = ", ".join(dns.get("servers") or []) or "(none)"
+        fields = ("answered", "cached", "refused", "failed")
+        table.add_row(*_cells(t.get("id"), servers, dns.get("via"), *(dns.get(k, 0) for k in fields)))
+    out.print(table)
 
 
 @app.command()

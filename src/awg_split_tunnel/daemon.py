@@ -39,7 +39,9 @@ from awg_split_tunnel.core.events import ConfigChanged, EventBus, TunnelStateCha
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_from_config, engine_rules
+from awg_split_tunnel.core.rule_engine import Rule
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
+from awg_split_tunnel.dns.route import system_rules
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.net.nat import NatEntry
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
@@ -250,6 +252,10 @@ class Daemon:
         self._started = False
         self._stopped = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._dns: Any = None
+        """The DNS forwarder (``dns_forwarder.DnsForwarder``; Linux, ``dns.per_app``), else None."""
+        self._resolver_exes: list[str] = []
+        """The exes of the processes listening on loopback port 53 (the local resolver): ``dns.system``."""
         self.dataplane = "divert"
         """``divert`` or ``kernel`` (docs/DATAPATHS.md): from the config, else ``default_dataplane()``."""
         self._hold_packets = hold_packets
@@ -303,9 +309,10 @@ class Daemon:
             runtime = tunnel_runtime(tunnel, context, packets)
             await runtime.open("starting", changes)
             self.runtimes[tunnel.id] = runtime
+        await self._start_dns(config)
         self._routes = self._tunnel_routes()
         settings = RouterSettings(
-            rules=tuple(engine_rules(config)),
+            rules=tuple(self._router_rules(config)),
             default=config.default,
             tunnels=dict(self._routes),
             states={tunnel_id: TunnelState.DOWN for tunnel_id in self.registry.ids()},
@@ -355,6 +362,7 @@ class Daemon:
         if self.dataplane == "kernel" and self.exit_code == EXIT_OK:
             # The router process removes its rules when it stops; if it could not (killed, stuck), this does.
             await asyncio.to_thread(self._remove_kernel_state)
+        await self._stop_dns()
         for runtime in list(self.runtimes.values()):
             await runtime.stop(RouterChanges())  # the router process has stopped every device already
         self.runtimes.clear()
@@ -524,7 +532,62 @@ class Daemon:
         )
 
     def _tunnel_routes(self) -> dict[str, AnyRoute]:
-        return {tunnel_id: runtime.route() for tunnel_id, runtime in self.runtimes.items()}
+        routes = {tunnel_id: runtime.route() for tunnel_id, runtime in self.runtimes.items()}
+        return routes if self._dns is None else self._dns.pin_routes(routes)
+
+    # -- DNS (docs/DNS.md) -------------------------------------------------------------------------------
+
+    async def _start_dns(self, config: Config) -> None:
+        """Linux: answer apps' queries to the local resolver through their own routes."""
+        if sys.platform == "win32":
+            if config.dns.system is not None:
+                from awg_split_tunnel.platform.windows.dnscache import dnscache_pid
+
+                log.warning(
+                    "[DNS] dns.system is not applied on Windows yet: Dnscache (pid %s) shares svchost.exe "
+                    "with other services (docs/DNS.md)",
+                    dnscache_pid(),
+                )
+            return
+        if not sys.platform.startswith("linux"):
+            return
+        from awg_split_tunnel.dns_forwarder import DnsForwarder, find_local_resolvers, resolver_exes
+        from awg_split_tunnel.platform.linux.dns_redirect import install_redirect, remove_redirect
+
+        resolvers = await asyncio.to_thread(find_local_resolvers)
+        self._resolver_exes = resolver_exes(resolvers)
+        if not config.dns.per_app or not resolvers:
+            if config.dns.per_app:
+                log.info("[DNS] no resolver listens on loopback: apps' lookups go their own way")
+            await asyncio.to_thread(remove_redirect)  # one a daemon that died left behind
+            return
+        forwarder = DnsForwarder(self.registry.state, self._stream_provider, OWN_TRAFFIC_MARK)
+        forwarder.set_config(config)
+        listeners = await forwarder.start(resolvers)
+        self._dns = forwarder
+        await asyncio.to_thread(install_redirect, listeners)
+        log.info("[DNS] lookups to %s follow each app's route", ", ".join(listeners))
+
+    async def _stop_dns(self) -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        if self._dns is None:
+            return
+        from awg_split_tunnel.platform.linux.dns_redirect import remove_redirect
+
+        if self.exit_code == EXIT_OK or self.dataplane != "kernel":
+            # After a failure on the kernel data path the redirect stays, as the gate does: lookups fail
+            # rather than leave directly until the next `run` or `cleanup` (docs/DNS.md).
+            await asyncio.to_thread(remove_redirect)
+        await self._dns.stop()
+        self._dns = None
+
+    def _router_rules(self, config: Config) -> list[Rule]:
+        """The config's rules, after those of ``dns.system`` for the local resolver's own lookups."""
+        return system_rules(self._resolver_exes, config.dns.system) + engine_rules(config)
+
+    def _stream_provider(self, tunnel_id: str) -> Any:
+        return getattr(self.runtimes.get(tunnel_id), "provider", None)
 
     def _change_devices(self, started: Mapping[str, DeviceFactory], stopped: Sequence[str]) -> None:
         router = self._router
@@ -629,6 +692,8 @@ class Daemon:
         )
         self._config = new
         router = self._router
+        if self._dns is not None:
+            self._dns.set_config(new)
         if new.log_level != old.log_level:
             configure_logging(new.log_level, self._log_file)
             log.info("[Core] log level %s", new.log_level)
@@ -661,7 +726,7 @@ class Daemon:
             # Rules first: the router process applies messages in order, and starting a device takes tens
             # of milliseconds (a divert handle is reopened). A rule naming a tunnel that is not up yet gets
             # its fallback policy meanwhile, so this order never lets a `block` app out directly.
-            router.set_rules(engine_rules(new), new.default, default_fallback(new))
+            router.set_rules(self._router_rules(new), new.default, default_fallback(new))
             self._routes = self._tunnel_routes()
             if changes.started or changes.stopped:
                 router.change_devices(self._routes, changes.started, changes.stopped)
@@ -753,7 +818,11 @@ class Daemon:
             runtime = self.runtimes.get(row["id"])
             if runtime is not None:
                 runtime.report(row, report)
+            if self._dns is not None:
+                row["dns"] = self._dns.tunnel_report(row["id"])
         result: dict[str, Any] = {"tunnels": tunnels, "router": router_stats}
+        if self._dns is not None:
+            result["dns"] = self._dns.summary()
         if self.failed_closed is not None:
             result["failed_closed"] = self.failed_closed
         return result
@@ -765,15 +834,18 @@ class Daemon:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (listing, offset)):
             raise TunnelError("connections: listing and offset must be whole numbers >= 0")
         router = self._router
+        # The latest DNS lookups (docs/DNS.md) come with the first page.
+        lookups = [] if self._dns is None or listing else self._dns.lookups()
         if router is None:
-            return {"flows": [], "total": 0, "next": None}
+            return {"flows": lookups, "total": len(lookups), "next": None}
         page = await _answer(router.request_connections(listing, offset))
         if page is None:
             raise TunnelError("the packet router process did not answer")
         if listing and page.listing != listing:
             raise TunnelError("this connections listing expired (its client was idle too long): ask again")
         following = None if page.done else {"listing": page.listing, "offset": page.offset + len(page.flows)}
-        return {"flows": [_connection(row) for row in page.flows], "total": page.total, "next": following}
+        flows = [_connection(row) for row in page.flows] + lookups
+        return {"flows": flows, "total": page.total + len(lookups), "next": following}
 
     async def _api_tunnel(self, request: Mapping[str, Any]) -> dict[str, Any]:
         tunnel_id, action = str(request.get("id", "")), request.get("action")

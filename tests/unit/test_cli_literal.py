@@ -123,3 +123,15 @@ def test_config_patterns_are_shown_literally_by_check_and_rule_list(text: str) -
 def test_fail_prints_the_message_literally(text: str, capsys: pytest.CaptureFixture[str]) -> None:
     cli._fail(f"bad {text}")
     assert f"error: bad {text}" in capsys.readouterr().err
+
+
+def test_status_shows_each_tunnels_dns_route_and_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    dns = {"servers": ["10.8.0.1"], "via": "from the tunnel address", "answered": 41, "cached": 7}
+    tunnels = [
+        {"id": "nl-awg", "type": "amneziawg", "state": "up", "dns": {**dns, "refused": 3, "failed": 0}}
+    ]
+    result = invoke(monkeypatch, {"status": {"tunnels": tunnels, "router": {}}}, "status")
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if "10.8.0.1" in line]
+    cells = [cell.strip() for cell in line.split("│")[1:-1]]
+    assert cells == ["nl-awg", "10.8.0.1", "from the tunnel address", "41", "7", "3", "0"]

@@ -34,6 +34,5 @@ def test_ui_without_a_daemon_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, 
     result = runner.invoke(app, ["ui", "--url"])
     assert result.exit_code == 1
     assert (
-        result.output.strip()
-        == f"error: the daemon is not running (nothing listens at {tmp_path}/none.sock)"
+        result.output.strip() == f"error: the daemon is not running (nothing listens at {tmp_path}/none.sock)"
     )

@@ -11,6 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "awg_split_tunnel"
 ADAPTERS = (
     "awg_split_tunnel.cli",
     "awg_split_tunnel.daemon",
+    "awg_split_tunnel.dns_forwarder",
+    "awg_split_tunnel.dns_transport",
     "awg_split_tunnel.packet_tunnels",
     "awg_split_tunnel.tunnel_runtimes",
     "awg_split_tunnel.platform",
@@ -77,7 +79,8 @@ def _files(sub: str) -> list[Path]:
 
 def test_core_never_imports_adapters() -> None:
     offenders = {
-        _module_name(f): sorted(n for n in _imports(f) if _is_under(n, ADAPTERS)) for f in _files("core")
+        _module_name(f): sorted(n for n in _imports(f) if _is_under(n, ADAPTERS))
+        for f in _files("core") + _files("dns")
     }
     assert {m: names for m, names in offenders.items() if names} == {}
 

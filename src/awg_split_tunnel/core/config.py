@@ -166,10 +166,25 @@ class _TunnelBase(_Model):
         return TunnelType(self.type)
 
 
+def _dns_servers(value: object) -> object:
+    """`dns:` of a stream tunnel: one address or a list of them, each an IP address."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of DNS server addresses")
+    for item in items:
+        try:
+            ipaddress.ip_address(str(item))
+        except ValueError:
+            raise ValueError(f"DNS server {item!r} is not an IP address") from None
+    return tuple(str(item) for item in items)
+
+
 class _ProxyTunnel(_TunnelBase):
     server: str
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
+    dns: Annotated[tuple[str, ...], BeforeValidator(_dns_servers)] = ()
+    """The resolvers this tunnel's apps' lookups are sent to (none: the system's, through the tunnel)."""
 
     @field_validator("server")
     @classmethod
@@ -367,6 +382,16 @@ class ProxyBounds(_Model):
     udp_idle_timeout: PositiveFloat | None = None
 
 
+class DnsSettings(_Model):
+    """`dns:`: lookups follow the app (docs/DNS.md)."""
+
+    per_app: bool = True
+    """Answer apps' queries to the local resolver on loopback through each app's own route."""
+    system: str | None = None
+    """Where lookups that carry no app go (the local resolver's own): a tunnel id or `direct`; None: the
+    resolver's own rule, else `default`."""
+
+
 class Config(_Model):
     """The whole validated configuration."""
 
@@ -381,6 +406,7 @@ class Config(_Model):
     proxy: ProxyBounds = ProxyBounds()
     ui: Annotated[UiConfig, BeforeValidator(_ui_setting)] = UiConfig()
     """The dashboard: ``ui: {listen: 127.0.0.1:7799}`` (the default) or ``ui: off``."""
+    dns: DnsSettings = DnsSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -679,6 +705,10 @@ def _check_references(config: Config, doc: CommentedMap, file: str) -> None:
             f"unknown tunnel '{config.default}'; expected direct, drop or a tunnel id ({known})",
             file,
         )
+    system = config.dns.system
+    if system is not None and system != DIRECT and system not in seen:
+        message = f"unknown tunnel '{system}'; expected direct or a tunnel id ({known})"
+        raise _error_at(doc, ("dns", "system"), message, file)
     for index, rule in enumerate(config.rules):
         if rule.tunnel == DROP:
             raise _error_at(

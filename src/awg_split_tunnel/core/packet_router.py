@@ -278,6 +278,8 @@ class PacketRouter:
         self._udp_proxy_ports: frozenset[int] = frozenset()
         self._paths: dict[str, PacketTunnelPath] = {}
         self._device_ports: frozenset[int] = frozenset()
+        self._dns_ports: dict[int, str] = {}
+        """The daemon's DNS port of each packet tunnel → the tunnel (``PacketTunnelRoute.dns_port``)."""
         # First fragments sent into a packet tunnel: (src, dst, id) -> (tunnel id, when), so that the
         # later fragments (no ports) follow them.
         self._tunnel_fragments: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
@@ -736,8 +738,7 @@ class PacketRouter:
         if pid is not None and pid not in self.own_pids:
             exe = self._exe_of(pid)
         if pid is not None and pid in self.own_pids:
-            decision: Decision | None = None
-            fate = FlowVerdict.PASS
+            decision, fate = self._own_flow(held)
         else:
             if exe is None:
                 self.stats.unknown_owner += 1
@@ -795,6 +796,15 @@ class PacketRouter:
         if entry.verdict is FlowVerdict.TUNNEL and entry.proxy_port and self._on_tunnelled is not None:
             self._on_tunnelled(entry)
         return entry
+
+    def _own_flow(self, held: _HeldFlow) -> tuple[Decision | None, FlowVerdict]:
+        """The daemon's own flows pass, except those from a packet tunnel's DNS port (docs/DNS.md): into
+        that tunnel while it is UP, else dropped (never a tunnelled app's lookup on the direct path)."""
+        tunnel_id = self._dns_ports.get(held.src_port)
+        if tunnel_id is None:
+            return None, FlowVerdict.PASS
+        decision = Decision(tunnel_id, FallbackPolicy.BLOCK, None)
+        return decision, resolve(decision, self._tunnel_state(tunnel_id))
 
     def _inherited(self, pid: int, own: Decision) -> Decision:
         """The rule of the nearest ancestor that has one, for a process that has none (else ``own``)."""
@@ -1070,6 +1080,11 @@ class PacketRouter:
         self._device_ports = frozenset(
             r.listen_port for r in tunnels.values() if isinstance(r, PacketTunnelRoute) and r.listen_port
         )
+        self._dns_ports = {
+            r.dns_port: tunnel_id
+            for tunnel_id, r in tunnels.items()
+            if isinstance(r, PacketTunnelRoute) and r.dns_port
+        }
 
     def _apply_state(self, tunnel_id: str, state: TunnelState) -> None:
         if state is TunnelState.CONNECTING:

@@ -40,6 +40,9 @@ class PacketTunnelRoute:
     mtu: int = DEFAULT_TUNNEL_MTU
     lan_bypass: bool = True
     listen_port: int = 0
+    dns_port: int = 0
+    """The daemon's own local port (UDP and TCP) whose flows go into this tunnel whatever their
+    destination: its lookups for the tunnel's apps (docs/DNS.md). 0: none."""
 
     @classmethod
     def from_addresses(

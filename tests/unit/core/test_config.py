@@ -305,6 +305,14 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path: Path) -> None:
             "regular expression",
         ),
         ("default: nowhere\n", 1, "default", "unknown tunnel 'nowhere'"),
+        ("dns:\n  system: nowhere\n", 2, "dns.system", "unknown tunnel 'nowhere'"),
+        ("dns:\n  per_app: maybe\n", 2, "dns.per_app", "bool"),
+        (
+            "tunnels:\n  - id: s\n    type: socks5\n    server: a:1\n    dns: [resolver.lan]\n",
+            5,
+            "tunnels[0].dns",
+            "'resolver.lan' is not an IP address",
+        ),
     ],
 )
 def test_schema_errors(tmp_path: Path, yaml: str, line: int, key: str, reason: str) -> None:
@@ -1082,3 +1090,15 @@ def test_ui_listen_off_loopback_is_refused_with_its_line(tmp_path: Path, listen:
     error = config_error(tmp_path, f"default: direct\nui:\n  listen: {listen}\n")
     assert error.line == 3 and error.key == "ui.listen"
     assert message in error.reason
+
+
+def test_dns_settings_default_to_per_app_lookups_and_stream_tunnels_take_servers(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "log_level: info\n")).dns.per_app
+    text = (
+        "tunnels:\n  - id: s\n    type: socks5\n    server: a:1\n    dns: 9.9.9.9\n"
+        "  - id: h\n    type: http\n    server: b:2\n    dns: [1.1.1.1, '2606:4700::1111']\n"
+        "dns:\n  per_app: false\n  system: s\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert [t.dns for t in config.tunnels] == [("9.9.9.9",), ("1.1.1.1", "2606:4700::1111")]
+    assert (config.dns.per_app, config.dns.system) == (False, "s")

@@ -502,3 +502,43 @@ def test_async_loop_hands_app_packets_to_the_device_and_injects_its_replies() ->
         APP,
         (80, 40000),
     ) and reply.checksums_valid()
+
+
+# -- the daemon's DNS port (docs/DNS.md) -----------------------------------------------------------------
+
+DNS_PORT = 41053
+RESOLVER = ip("10.8.0.1")  # a tunnel's DNS server on a private address: LAN bypass must not apply
+
+
+def dns_env() -> Env:
+    env = Env()
+    env.router.set_tunnels(
+        {"wg": PacketTunnelRoute(TUN, None, MTU, listen_port=DEVICE_PORT, dns_port=DNS_PORT)}
+    )
+    env.router.poll(env.now)
+    return env
+
+
+def daemon_query(env: Env, sport: int = DNS_PORT) -> PacketAction:
+    env.router.connect_event(IPPROTO_UDP, RESOLVER, 53, 999, env.now)
+    return env.route(build_packet(APP, RESOLVER, IPPROTO_UDP, sport, 53, b"query"))
+
+
+def test_the_daemons_lookups_from_a_tunnels_dns_port_go_into_that_tunnel_from_its_address() -> None:
+    env = dns_env()
+    assert daemon_query(env) is PacketAction.TO_TUNNEL
+    (sent,) = env.to_device()
+    assert sent == build_packet(TUN, RESOLVER, IPPROTO_UDP, DNS_PORT, 53, b"query")
+
+
+def test_the_daemons_other_flows_pass_as_before() -> None:
+    env = dns_env()
+    assert daemon_query(env, sport=DNS_PORT + 1) is PacketAction.REINJECT
+    assert env.to_device() == []
+
+
+def test_the_daemons_lookups_for_a_tunnel_that_is_down_are_dropped_never_sent_direct() -> None:
+    env = dns_env()
+    env.set_state(TunnelState.DOWN)
+    assert daemon_query(env) is PacketAction.DROP
+    assert env.to_device() == [] and env.router.take_outgoing() == []

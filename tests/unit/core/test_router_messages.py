@@ -120,7 +120,7 @@ def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> No
     page: concurrent.futures.Future[ConnectionsPage] = concurrent.futures.Future()
     page.set_result(ConnectionsPage(1, 5, 0, 2, rows))
     router = SimpleNamespace(request_connections=lambda listing, offset: page)
-    answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router), {}))  # type: ignore[arg-type]
+    answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router, _dns=None), {}))  # type: ignore[arg-type]
     assert answer == {
         "flows": [
             {

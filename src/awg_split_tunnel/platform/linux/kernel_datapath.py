@@ -32,6 +32,7 @@ from awg_split_tunnel.errors import AwgSplitTunnelError, TunnelError
 from awg_split_tunnel.net.nat import FlowVerdict, NatEntry, app_key
 from awg_split_tunnel.net.packet import IPPROTO_TCP, PacketView
 from awg_split_tunnel.platform.linux.conntrack import ConntrackTable
+from awg_split_tunnel.platform.linux.dns_redirect import remove_redirect
 from awg_split_tunnel.platform.linux.kernel_rules import (
     BLOCK,
     DIRECT,
@@ -274,7 +275,7 @@ def remove_kernel_state(nft: Nftables | None = None) -> list[str]:
     """Everything the kernel data path adds, removed: the gate first (no flow is queued to nobody), then
     our table, then the routes; what was there. A clean stop, and ``awg-split-tunnel cleanup`` after a
     daemon that died (its rules hold every new flow meanwhile)."""
-    removed = remove_gate_chains()
+    removed = remove_gate_chains() + remove_redirect()
     try:
         context = contextlib.nullcontext(nft) if nft is not None else Nftables()
     except NftablesError:

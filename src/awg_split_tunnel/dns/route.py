@@ -1,0 +1,53 @@
+"""Where one app's lookup goes: the same fate as the app's flows (its rule, its tunnel's state, the
+fallback policy), so that a ``block`` app whose tunnel is down gets an error, never a direct lookup."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from awg_split_tunnel.core.policy import DIRECT, DROP, FallbackPolicy, TunnelState
+from awg_split_tunnel.core.rule_engine import Decision, Rule, resolve
+from awg_split_tunnel.dns.message import REFUSED, SERVFAIL
+from awg_split_tunnel.net.nat import FlowVerdict
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRoute:
+    """A lookup's route: ``via`` is ``direct`` (the local resolver, as without the daemon) or a tunnel id;
+    ``rcode`` set means answer with that error and send nothing."""
+
+    via: str
+    rcode: int | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.rcode is not None
+
+
+STUB = DnsRoute(DIRECT)
+
+
+def dns_route(decision: Decision, state: TunnelState | None) -> DnsRoute:
+    """The route of a lookup by an app with this rule decision, its tunnel in ``state``.
+
+    ``drop`` (as a tunnel or a policy) is answered REFUSED; a ``block`` app whose tunnel is not UP gets
+    SERVFAIL, as a resolver that cannot reach its upstream would answer."""
+    verdict = resolve(decision, state)
+    if verdict is FlowVerdict.PASS:
+        return STUB
+    if verdict is FlowVerdict.TUNNEL:
+        return DnsRoute(decision.tunnel)
+    refused = decision.tunnel == DROP or decision.fallback is FallbackPolicy.DROP
+    return DnsRoute(decision.tunnel, REFUSED if refused else SERVFAIL)
+
+
+def system_rules(resolver_exes: Iterable[str], system: str | None) -> list[Rule]:
+    """``dns.system``: rules, put before the config's, that send the local resolver's own flows (its
+    upstream lookups) into ``system`` (a tunnel id, ``block`` when it is down; or ``direct``). None: no
+    rule of its own, the resolver follows its rule or ``default`` like any process."""
+    if system is None:
+        return []
+    fallback = FallbackPolicy.ALLOW_DIRECT if system == DIRECT else FallbackPolicy.BLOCK
+    return [Rule(f"re:^{re.escape(exe)}$", system, fallback) for exe in dict.fromkeys(resolver_exes)]
