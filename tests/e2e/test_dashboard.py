@@ -167,7 +167,9 @@ def _app(lab: Lab, name: str) -> Path:
 def test_clicking_down_takes_the_tunnel_down_and_blocks_its_block_app(lab: Lab, browser: LabBrowser) -> None:
     daemon = start_daemon(lab, "kernel")
     _app(lab, "app-block")
-    assert lab.app("app-block").seen_ip == SOCKS_IP
+    # The router process learns that the tunnel is UP through its pipe just after the daemon logs it; a
+    # block app's connection in between is refused (fail closed), so wait until the router has it.
+    wait_for(lambda: lab.app("app-block").seen_ip == SOCKS_IP, 10, "the block app tunnelled", daemon.output)
     browser.call(lambda driver: driver.get(dashboard_url(daemon)))
     wait_page(
         browser, "document.querySelector('#tunnel-socks button[data-action=\"down\"]')", "a Down button"
