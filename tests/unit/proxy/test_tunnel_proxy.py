@@ -721,11 +721,16 @@ async def test_a_half_closed_flow_whose_server_never_answers_is_reset(
     proxy: TunnelProxy, nat: FakeNat
 ) -> None:
     got_request = asyncio.get_running_loop().create_future()
+    forever = asyncio.get_running_loop().create_future()
+    held: list[asyncio.StreamWriter] = []
 
     async def never_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The test holds the connection: a handler waiting on nothing else (its reader done at EOF) would
+        # be garbage, and the collector would close its socket whenever it ran.
+        held.append(writer)
         got_request.set_result(await reader.readexactly(7))
         await reader.read()  # up to the app's EOF; then silence, the connection left open
-        await asyncio.Event().wait()
+        await forever
 
     srv, dst = await server(never_close)
     async with srv:
