@@ -844,7 +844,8 @@ class Daemon:
         if listing and page.listing != listing:
             raise TunnelError("this connections listing expired (its client was idle too long): ask again")
         following = None if page.done else {"listing": page.listing, "offset": page.offset + len(page.flows)}
-        flows = [_connection(row) for row in page.flows] + lookups
+        counted = getattr(self, "dataplane", None) != "kernel"
+        flows = [_connection(row, counted) for row in page.flows] + lookups
         return {"flows": flows, "total": page.total + len(lookups), "next": following}
 
     async def _api_tunnel(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -912,8 +913,9 @@ async def _answer(future: concurrent.futures.Future[Any]) -> Any:
         return None  # the router process ended: its requests were cancelled
 
 
-def _connection(row: FlowRow) -> dict[str, Any]:
-    """One flow of a router ``ConnectionsPage`` as ``connections`` shows it."""
+def _connection(row: FlowRow, counted: bool = True) -> dict[str, Any]:
+    """One flow of a router ``ConnectionsPage`` as ``connections`` shows it; ``counted`` False where the
+    kernel carries the flow's packets after the first (its bytes are then not known: None)."""
     proto = row.proto
     return {
         "proto": "tcp" if proto == 6 else "udp" if proto == 17 else str(proto),
@@ -925,6 +927,10 @@ def _connection(row: FlowRow) -> dict[str, Any]:
         "tunnel": row.tunnel,
         "out": row.packets_out,
         "in": row.packets_in,
+        "bytes_out": row.bytes_out if counted else None,
+        "bytes_in": row.bytes_in if counted else None,
+        # The router's clock is this machine's monotonic clock (FlowRow.created).
+        "age": round(max(0.0, time.monotonic() - row.created), 1) if row.created else None,
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -145,6 +146,19 @@ def test_the_page_lists_the_tunnels_and_an_apps_live_connection_with_its_route(
             browser, text_of('#connections tr[data-app="app-block"]'), "app-block's connection listed"
         )
         assert f"{WEB_IP}:80" in row and "tunnel socks" in row and "rule #0" in row
+        cells = browser.call(
+            lambda driver: driver.execute_script(
+                "return [...document.querySelectorAll('#connections tr[data-app=\"app-block\"] td')]"
+                ".map((td) => td.textContent)"
+            )
+        )
+        # Bytes each way as the daemon saw them (the kernel data path sees only the first packet), and age.
+        if dataplane == "kernel":
+            assert cells[-2] == "kernel"
+        else:
+            assert re.fullmatch(r"\d+(\.\d)? (B|KiB|MiB) / \d+(\.\d)? (B|KiB|MiB)", cells[-2]), cells
+            assert not cells[-2].startswith("0 B"), cells
+        assert re.fullmatch(r"\d+s", cells[-1]), cells
         path = browser.call(
             lambda driver: driver.execute_script(
                 "return document.querySelector('#connections tr[data-app=\"app-block\"] td').title"

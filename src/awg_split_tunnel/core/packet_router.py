@@ -486,6 +486,7 @@ class PacketRouter:
             return self._new_flow(v, now, copy_meta)
         entry.last_seen = now
         entry.packets_out += 1
+        entry.bytes_out += v.length
         verdict = entry.verdict
         if verdict is FlowVerdict.PASS:
             if proto == IPPROTO_TCP and buf[l4 + 13] & (TCP_FIN | TCP_RST):
@@ -529,6 +530,7 @@ class PacketRouter:
             entry.replied = True
             self.table.reschedule(entry)  # to its idle deadline now, not when its SYN timeout comes
         entry.packets_in += 1
+        entry.bytes_in += v.length
         if v.proto == IPPROTO_TCP:
             flags = v.buf[v.l4 + 13]
             if flags & (TCP_FIN | TCP_RST):
@@ -633,6 +635,7 @@ class PacketRouter:
         if pid is not None:
             # The event came first: decide now, and let the caller send this very buffer.
             entry = self._decide(held, pid, now)
+            entry.packets_out, entry.bytes_out = 1, v.length
             return self._apply_first(v, entry, copy_meta)
         held.packets.append((bytearray(buf[: v.length]), meta))
         self._held_bytes += v.length
@@ -713,6 +716,8 @@ class PacketRouter:
         self._now = now
         self._unhold(held)
         entry = self._decide(held, pid, now)
+        entry.packets_out = len(held.packets)
+        entry.bytes_out = sum(len(data) for data, _ in held.packets)
         if self._on_decided is not None:
             self._on_decided(entry, [meta for _, meta in held.packets])
             return
@@ -910,6 +915,7 @@ class PacketRouter:
                     entry.replied = True
                     self.table.reschedule(entry)
                 entry.packets_in += 1
+                entry.bytes_in += view.length
                 if view.proto == IPPROTO_TCP:
                     flags = data[l4 + 13]
                     if flags & (TCP_FIN | TCP_RST):
@@ -1148,6 +1154,9 @@ def flow_row(e: NatEntry) -> FlowRow:
         exe=e.exe,
         packets_out=e.packets_out,
         packets_in=e.packets_in,
+        bytes_out=e.bytes_out,
+        bytes_in=e.bytes_in,
+        created=e.created,
     )
 
 

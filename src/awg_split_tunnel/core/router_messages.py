@@ -172,6 +172,13 @@ class FlowRow:
     exe: str | None
     packets_out: int
     packets_in: int
+    bytes_out: int = 0
+    bytes_in: int = 0
+    """IP bytes the router saw each way (on the kernel data path only the first packet's: the kernel carries
+    the rest)."""
+    created: float = 0.0
+    """When the router first saw the flow, on the router's clock (``time.monotonic``, shared by the
+    processes of one machine)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,8 @@ class NatEntry:
     closed_at: float | None = None
     packets_out: int = 0
     packets_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
     app_ack: int = -1
     """The last acknowledgement number the app sent (TCP, tunnelled): where an RST to it must sit."""
     meta: object = field(default=None, repr=False)

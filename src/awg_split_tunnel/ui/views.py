@@ -74,6 +74,9 @@ def connection_rows(
                 "reason": route_reason(route, decision, states),
                 "out": flow.get("out", 0),
                 "in": flow.get("in", 0),
+                "bytes_out": flow.get("bytes_out", 0),
+                "bytes_in": flow.get("bytes_in", 0),
+                "age": flow.get("age"),
             }
         )
     return rows

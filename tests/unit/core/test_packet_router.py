@@ -19,6 +19,7 @@ from awg_split_tunnel.core.packet_router import (
     PacketAction,
     PacketRouter,
     TunnelRoute,
+    flow_row,
     is_lan_destination,
 )
 from awg_split_tunnel.core.policy import FallbackPolicy, TunnelState
@@ -896,3 +897,19 @@ def test_a_process_without_a_rule_follows_its_nearest_ancestor_with_one() -> Non
         assert env.router.stats.inherited == 2
     finally:
         del PIDS[700], PIDS[701]
+
+
+def test_a_flow_row_carries_the_bytes_seen_each_way_and_when_the_flow_began() -> None:
+    env = Env()
+    env.connect(100)
+    first = syn()
+    env.route(first)
+    reply = build_packet(APP, WEB, IPPROTO_TCP, PROXY_TCP, 40000, b"x" * 500, tcp_flags=TCP_ACK | TCP_SYN)
+    env.route(reply)
+    data = build_packet(APP, WEB, IPPROTO_TCP, 40000, 80, b"y" * 200, tcp_flags=TCP_ACK)
+    env.now += 3.0
+    env.route(data)
+    (entry,) = env.router.connections()
+    row = flow_row(entry)
+    assert (row.packets_out, row.bytes_out, row.bytes_in) == (2, len(first) + len(data), len(reply))
+    assert row.created == 1000.0

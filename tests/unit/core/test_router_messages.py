@@ -10,6 +10,7 @@ import ipaddress
 import multiprocessing
 import pickle
 import threading
+import time
 import typing
 from types import SimpleNamespace
 from typing import Any
@@ -108,11 +109,14 @@ def test_messages_are_frozen() -> None:
 def _entry(dst: bytes, verdict: FlowVerdict, tunnel_id: str | None) -> NatEntry:
     entry = NatEntry(IPPROTO_TCP, APP, 40000, dst, 443, verdict, tunnel_id, pid=100, exe="/usr/bin/app")
     entry.packets_out, entry.packets_in = 7, 5
+    entry.bytes_out, entry.bytes_in = 900, 3000
+    entry.created = time.monotonic() - 30.0  # seen by the router half a minute ago
     return entry
 
 
 def test_flow_row_names_the_flow_as_the_router_keeps_it() -> None:
-    assert flow_row(_entry(WEB, FlowVerdict.TUNNEL, "wg")) == ROW
+    entry = _entry(WEB, FlowVerdict.TUNNEL, "wg")
+    assert flow_row(entry) == dataclasses.replace(ROW, bytes_out=900, bytes_in=3000, created=entry.created)
 
 
 def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> None:
@@ -121,6 +125,9 @@ def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> No
     page.set_result(ConnectionsPage(1, 5, 0, 2, rows))
     router = SimpleNamespace(request_connections=lambda listing, offset: page)
     answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router, _dns=None), {}))  # type: ignore[arg-type]
+    for flow in answer["flows"]:
+        assert 30.0 <= flow["age"] < 40.0  # the router's clock is the daemon's: monotonic
+        flow["age"] = 30.0
     assert answer == {
         "flows": [
             {
@@ -133,6 +140,9 @@ def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> No
                 "tunnel": "wg",
                 "out": 7,
                 "in": 5,
+                "bytes_out": 900,
+                "bytes_in": 3000,
+                "age": 30.0,
             },
             {
                 "proto": "tcp",
@@ -144,6 +154,9 @@ def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> No
                 "tunnel": None,
                 "out": 7,
                 "in": 5,
+                "bytes_out": 900,
+                "bytes_in": 3000,
+                "age": 30.0,
             },
         ],
         "total": 2,

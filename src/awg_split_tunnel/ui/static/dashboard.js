@@ -39,6 +39,12 @@ function age(seconds) {
   return s < 120 ? `${s}s ago` : s < 7200 ? `${Math.floor(s / 60)}m ago` : `${Math.floor(s / 3600)}h ago`;
 }
 
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "?";
+  const s = Math.floor(seconds);
+  return s < 120 ? `${s}s` : s < 7200 ? `${Math.floor(s / 60)}m` : `${Math.floor(s / 3600)}h`;
+}
+
 function showError(id, text) {
   const node = document.getElementById(id);
   node.textContent = text || "";
@@ -171,8 +177,11 @@ function renderConnections(state) {
   for (const f of rows) {
     const key = [f.app, f.pid, f.proto, f.dst, f.route, f.tunnel, f.reason].join("|");
     const group = groups.get(key);
-    if (group) { group.count += 1; group.out += f.out; group.in += f.in; }
-    else groups.set(key, { ...f, count: 1 });
+    if (group) {
+      group.count += 1; group.out += f.out; group.in += f.in;
+      if (group.bytes_out !== null) { group.bytes_out += f.bytes_out; group.bytes_in += f.bytes_in; }
+      group.age = Math.max(group.age ?? 0, f.age ?? 0);  // the group's oldest flow
+    } else groups.set(key, { ...f, count: 1 });
   }
   const shown = [...groups.values()].sort((a, b) => a.app.localeCompare(b.app) || String(a.dst).localeCompare(String(b.dst)));
   const body = document.querySelector("#connections tbody");
@@ -184,8 +193,9 @@ function renderConnections(state) {
     el("td", { class: `route ${f.route}`, text: f.route === "tunnel" ? `tunnel ${f.tunnel}` : f.route }),
     el("td", { text: f.reason }),
     el("td", { class: "num", text: f.count }),
-    el("td", { class: "num", text: `${f.out} / ${f.in}` }))));
-  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 8, class: "muted", text: "no live connections" })));
+    el("td", { class: "num", text: f.bytes_out === null ? "kernel" : `${bytes(f.bytes_out)} / ${bytes(f.bytes_in)}` }),
+    el("td", { class: "num", text: duration(f.age) }))));
+  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 9, class: "muted", text: "no live connections" })));
   document.getElementById("flow-count").textContent = `${state.flows_total} live`;
   const more = document.getElementById("flows-more");
   const hidden = state.flows_total - state.flows.length;
