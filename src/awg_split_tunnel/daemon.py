@@ -41,7 +41,7 @@ from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_from_config, engine_rules
 from awg_split_tunnel.core.rule_engine import Rule
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
-from awg_split_tunnel.dns.route import system_rules
+from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.net.nat import NatEntry
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
@@ -584,7 +584,8 @@ class Daemon:
 
     def _router_rules(self, config: Config) -> list[Rule]:
         """The config's rules, after those of ``dns.system`` for the local resolver's own lookups."""
-        return system_rules(self._resolver_exes, config.dns.system) + engine_rules(config)
+        resolvers = [exe_rule_pattern(exe) for exe in self._resolver_exes]
+        return system_rules(resolvers, config.dns.system) + engine_rules(config)
 
     def _stream_provider(self, tunnel_id: str) -> Any:
         return getattr(self.runtimes.get(tunnel_id), "provider", None)

@@ -37,6 +37,7 @@ from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRo
 from awg_split_tunnel.core.policy import DIRECT, DROP, FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.rule_engine import Decision, resolve
+from awg_split_tunnel.dns.upstream import DNS_PORT
 from awg_split_tunnel.net.nat import (
     FIN_FROM_APP,
     FIN_FROM_PEER,
@@ -280,6 +281,9 @@ class PacketRouter:
         self._device_ports: frozenset[int] = frozenset()
         self._dns_ports: dict[int, str] = {}
         """The daemon's DNS port of each packet tunnel → the tunnel (``PacketTunnelRoute.dns_port``)."""
+        self._dns_redirects: dict[bytes, NatEntry] = {}
+        """Flows sent to their tunnel's DNS server instead of their destination (``NatEntry.dns_server``),
+        by protocol and the app key their replies carry (the server in the remote's place)."""
         # First fragments sent into a packet tunnel: (src, dst, id) -> (tunnel id, when), so that the
         # later fragments (no ports) follow them.
         self._tunnel_fragments: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
@@ -767,8 +771,11 @@ class PacketRouter:
             entry.tunnel_id = decision.tunnel if decision.tunnel not in (DIRECT, DROP) else None
             entry.fail_closed = decision.fallback is not FallbackPolicy.ALLOW_DIRECT
         if fate is FlowVerdict.TUNNEL and entry.tunnel_id in self._paths:
-            if self._paths[entry.tunnel_id].has_address(4 if len(held.dst_addr) == 4 else 6):
+            path = self._paths[entry.tunnel_id]
+            if path.has_address(4 if len(held.dst_addr) == 4 else 6):
                 entry.verdict = FlowVerdict.TUNNEL  # no proxy port: ``to_packet_tunnel``
+                if decision is not None and decision.system_dns:
+                    entry.dns_server = self._system_dns_server(path.route, held)
             else:
                 # No tunnel address of this IP version: the peer would drop it; fail closed.
                 self.stats.unroutable += 1
@@ -791,6 +798,8 @@ class PacketRouter:
             self.stats.nat_collisions += 1
             entry.verdict = FlowVerdict.DROP
             self.table.add(held.key, entry)
+        elif entry.dns_server is not None and entry.verdict is FlowVerdict.TUNNEL:
+            self._dns_redirects[_redirect_key(entry)] = entry
         counts = self.stats.flows_by_action
         counts[entry.verdict.name] = counts.get(entry.verdict.name, 0) + 1
         if entry.verdict is FlowVerdict.TUNNEL and entry.proxy_port and self._on_tunnelled is not None:
@@ -806,6 +815,16 @@ class PacketRouter:
         decision = Decision(tunnel_id, FallbackPolicy.BLOCK, None)
         return decision, resolve(decision, self._tunnel_state(tunnel_id))
 
+    @staticmethod
+    def _system_dns_server(route: PacketTunnelRoute, held: _HeldFlow) -> bytes | None:
+        """``dns.system`` (docs/DNS.md): the local resolver's own lookup (port 53, UDP or TCP) into a packet
+        tunnel goes to that tunnel's DNS server of its IP version, not to the server the resolver asked.
+        None: sent where it was going (another port, or the tunnel has no such server)."""
+        if held.dst_port != DNS_PORT:
+            return None
+        server = route.dns_server(4 if len(held.dst_addr) == 4 else 6)
+        return None if server == held.dst_addr else server
+
     def _inherited(self, pid: int, own: Decision) -> Decision:
         """The rule of the nearest ancestor that has one, for a process that has none (else ``own``)."""
         assert self._ancestors_of is not None
@@ -820,6 +839,8 @@ class PacketRouter:
         """Remove a flow; unless it was passed (or ``tombstone`` is False: a new flow takes its key, its
         socket closed), it leaves a tombstone so its later packets cannot leave directly."""
         self.table.remove(entry)
+        if entry.dns_server is not None:
+            self._dns_redirects.pop(_redirect_key(entry), None)
         if tombstone and entry.verdict is not FlowVerdict.PASS:
             self.tombstones.add(entry, self._now)
         if self._on_forgotten is not None and entry.proxy_port:
@@ -855,6 +876,13 @@ class PacketRouter:
         if path is None:
             self.stats.unroutable += 1
             return PacketAction.DROP
+        if entry.dns_server is not None:
+            if v.fragment:
+                # Later fragments carry no ports to tell the flow by: never rewritten, so never sent.
+                self.stats.fragments_dropped += 1
+                self._drop_later_fragments(v)
+                return PacketAction.DROP
+            v.set_dst_addr(entry.dns_server)
         if path.last_meta is None:
             path.last_meta = entry.meta
         if v.fragment:
@@ -901,6 +929,10 @@ class PacketRouter:
                 key += bytes(buf[l4 : l4 + 2])
                 flows = self._tcp_flows if view.proto == IPPROTO_TCP else self._udp_flows
                 entry = flows.get(key)
+                if entry is None and self._dns_redirects:
+                    entry = self._dns_redirects.get(bytes((view.proto,)) + key)
+                    if entry is not None and entry.verdict is FlowVerdict.TUNNEL:
+                        view.set_src_addr(entry.orig_dst_addr)  # the answer of the server the app asked
                 if entry is None or entry.verdict is not FlowVerdict.TUNNEL:
                     # The NAT still knew it, the router no longer does (reset, expired): never deliver.
                     self.stats.tunnel_orphans += 1
@@ -1002,6 +1034,8 @@ class PacketRouter:
         if now >= self._next_expiry or self.table.expiry_behind:
             self._next_expiry = now + EXPIRE_INTERVAL
             for entry in self.table.expire(now, EXPIRE_PER_POLL):
+                if entry.dns_server is not None:
+                    self._dns_redirects.pop(_redirect_key(entry), None)
                 if entry.verdict is not FlowVerdict.PASS:
                     self.tombstones.add(entry, now)
                 if self._on_forgotten is not None and entry.proxy_port:
@@ -1126,6 +1160,14 @@ class PacketRouter:
             )
             self.stats.resets_sent += 1
             self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
+
+
+def _redirect_key(entry: NatEntry) -> bytes:
+    """How a reply of a flow sent to its tunnel's DNS server (``NatEntry.dns_server``) finds it: protocol,
+    then the app key with the server in the remote's place."""
+    assert entry.dns_server is not None
+    ports = entry.app_port.to_bytes(2, "big") + entry.orig_dst_port.to_bytes(2, "big")
+    return bytes((entry.proto,)) + entry.app_addr + entry.dns_server + ports
 
 
 def _remember(ids: OrderedDict[bytes, Any], key: bytes, value: Any) -> None:

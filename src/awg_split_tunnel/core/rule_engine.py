@@ -30,6 +30,9 @@ class Rule:
     process: str
     tunnel: str
     fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
+    system_dns: bool = False
+    """A rule of ``dns.system`` (``dns.route.system_rules``): the local resolver's port-53 flows into a
+    packet tunnel are sent to that tunnel's DNS servers (docs/DNS.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,8 @@ class Decision:
     tunnel: str
     fallback: FallbackPolicy
     rule_index: int | None
+    system_dns: bool = False
+    """From a rule of ``dns.system`` (``Rule.system_dns``)."""
 
 
 def resolve(decision: Decision, tunnel_state: TunnelState | None) -> FlowVerdict:
@@ -295,7 +300,7 @@ class RuleEngine:
         if not default:
             raise ValueError("empty default tunnel")
         index = _RuleIndex(patterns)
-        decisions = [Decision(rule.tunnel, rule.fallback, i) for i, rule in enumerate(rules)]
+        decisions = [Decision(rule.tunnel, rule.fallback, i, rule.system_dns) for i, rule in enumerate(rules)]
         fallback = FallbackPolicy.DROP if default == DROP else default_fallback
         self._rules = tuple(rules)
         self._patterns = tuple(patterns)

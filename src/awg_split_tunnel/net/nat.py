@@ -104,6 +104,10 @@ class NatEntry:
     of the same app port to the same address (another destination port) holds that peer key."""
     slot: int = field(default=-1, repr=False)
     """The ``FlowTable``'s expiry slot (``TimerWheel``)."""
+    dns_server: bytes | None = None
+    """Where a packet-tunnel flow is sent instead of ``orig_dst_addr`` (same port): the local resolver's
+    lookup under ``dns.system``, to the tunnel's DNS server (docs/DNS.md). Its replies reach the app from
+    ``orig_dst_addr``, as it expects."""
 
     @property
     def to_packet_tunnel(self) -> bool:
