@@ -96,6 +96,11 @@ a SYN flood), so capping per remote keeps it from filling ``MAX_HELD_FLOWS`` and
 new flows from being decided. Flows over the cap are dropped (the app retransmits) and counted
 (``RouterStats.held_remote_full``)."""
 EXPIRE_INTERVAL = 1.0
+SERVICE_REFRESH = 5.0
+"""Seconds between two readings of the pids of the services ``service:`` rules name (Windows)."""
+SERVICE_RECHECK = 1.0
+"""Seconds at least between two early readings, made when a process the last reading did not know opens
+a flow (a service restarted under a new pid is matched within about this long)."""
 FRAGMENT_MEMORY = 30.0
 """Seconds a fragmented datagram's id is remembered (its later fragments follow its first one's fate)."""
 EXPIRE_PER_POLL = 20000
@@ -199,6 +204,11 @@ class RuleMatcher(Protocol):
     @property
     def default(self) -> Decision: ...
 
+    @property
+    def services(self) -> Sequence[tuple[str, Decision]]:
+        """``service:`` rules: (service name, decision), in rule order."""
+        ...
+
 
 @dataclass(slots=True)
 class _HeldFlow:
@@ -261,8 +271,17 @@ class PacketRouter:
         on_decided: Callable[[NatEntry, list[object]], None] | None = None,
         carries_packets: bool = True,
         os_lookups_per_poll: int = OS_LOOKUPS_PER_POLL,
+        service_pids: Callable[[str], Collection[int]] | None = None,
     ) -> None:
         self._rules = rules
+        self._service_pids = service_pids
+        """A Windows service's name → the pids of the processes hosting it
+        (``platform.windows.services.service_pids``); None: ``service:`` rules match nothing."""
+        self._pid_rules: dict[int, Decision] = {}
+        """pid → the decision of the first ``service:`` rule naming a service it hosts, as last read."""
+        self._pids_read_at = float("-inf")
+        self._pids_checked: set[int] = set()
+        """Processes that an early reading found hosting no service a rule names (until the next one)."""
         # A data path that only asks for decisions (the kernel's: its held packets are queued in the
         # kernel, not here) takes each held flow's entry and its packets' metas instead of packets to send.
         self._on_decided = on_decided
@@ -352,6 +371,7 @@ class PacketRouter:
 
         def apply() -> None:
             self._rules = rules
+            self._read_service_pids(self._now)
 
         self._commands.put(apply)
 
@@ -744,13 +764,22 @@ class PacketRouter:
         if pid is not None and pid in self.own_pids:
             decision, fate = self._own_flow(held)
         else:
-            if exe is None:
+            service = None if pid is None else self._service_rule(pid, now)
+            if exe is None and service is None:
                 self.stats.unknown_owner += 1
                 log.debug("[Router] owner of %s unknown: default route", _describe(held))
                 decision = self._rules.default
+            elif exe is None:
+                assert service is not None
+                decision = service
             else:
                 decision = self._rules.match(exe)
-                if decision.rule_index is None and self._ancestors_of is not None and pid is not None:
+                if service is not None:
+                    # First match wins: an exe rule above the service rule still takes the process.
+                    own = decision.rule_index
+                    if own is None or service.rule_index is None or own > service.rule_index:
+                        decision = service
+                elif decision.rule_index is None and self._ancestors_of is not None and pid is not None:
                     decision = self._inherited(pid, decision)
             fate = self._fate(decision, held.dst_addr)
         entry = NatEntry(
@@ -814,6 +843,36 @@ class PacketRouter:
             return None, FlowVerdict.PASS
         decision = Decision(tunnel_id, FallbackPolicy.BLOCK, None)
         return decision, resolve(decision, self._tunnel_state(tunnel_id))
+
+    def _service_rule(self, pid: int, now: float) -> Decision | None:
+        """The decision of the first ``service:`` rule naming a service process ``pid`` hosts, else None.
+        A dict lookup; the Service Control Manager is asked again early (at most every
+        ``SERVICE_RECHECK`` s) when a process the last reading did not know opens a flow."""
+        if self._service_pids is None or not self._rules.services:
+            return None
+        decision = self._pid_rules.get(pid)
+        if decision is not None or pid in self._pids_checked:
+            return decision
+        if now >= self._pids_read_at + SERVICE_RECHECK:
+            self._read_service_pids(now)
+            decision = self._pid_rules.get(pid)
+            if decision is None:
+                self._pids_checked.add(pid)  # not a service of ours as of now: not asked again for it
+        return decision
+
+    def _read_service_pids(self, now: float) -> None:
+        """Read the pids of the services ``service:`` rules name (one SCM query per such rule)."""
+        self._pids_read_at = now
+        self._pids_checked.clear()
+        services = self._rules.services
+        if self._service_pids is None or not services:
+            self._pid_rules = {}
+            return
+        pid_rules: dict[int, Decision] = {}
+        for name, decision in services:
+            for pid in self._service_pids(name):
+                pid_rules.setdefault(pid, decision)  # rules in order: the first one naming it wins
+        self._pid_rules = pid_rules
 
     @staticmethod
     def _system_dns_server(route: PacketTunnelRoute, held: _HeldFlow) -> bytes | None:
@@ -1031,6 +1090,8 @@ class PacketRouter:
                         if owner is not None:
                             self._decide_held(held, owner, now)
         self._decide_timed_out(now)
+        if now >= self._pids_read_at + SERVICE_REFRESH:
+            self._read_service_pids(now)
         if now >= self._next_expiry or self.table.expiry_behind:
             self._next_expiry = now + EXPIRE_INTERVAL
             for entry in self.table.expire(now, EXPIRE_PER_POLL):

@@ -183,6 +183,8 @@ class _RuleIndex:
                 names.append((index, pattern))
             elif kind is PatternKind.PATH_GLOB:
                 globs.append((index, pattern))
+            elif kind is PatternKind.SERVICE:
+                continue  # matched by process id (``RuleEngine.services``), never by exe
             else:
                 assert pattern.regex is not None
                 self.regexes.append((index, pattern.regex))
@@ -261,6 +263,12 @@ class RuleEngine:
         return self._default
 
     @property
+    def services(self) -> tuple[tuple[str, Decision], ...]:
+        """The ``service:`` rules (Windows): each service's name (lower case) and its rule's decision, in
+        rule order. ``match`` never returns them: the router matches them by process id."""
+        return self._services
+
+    @property
     def cached_paths(self) -> int:
         """How many exe paths have a cached decision."""
         return len(self._state[0])
@@ -306,6 +314,11 @@ class RuleEngine:
         self._patterns = tuple(patterns)
         self._default_fallback = default_fallback
         self._default = Decision(default, fallback, None)
+        self._services = tuple(
+            (pattern.key, decisions[i])
+            for i, pattern in enumerate(patterns)
+            if pattern.kind is PatternKind.SERVICE
+        )
         # One tuple, swapped in one assignment: readers never see new rules with an old cache.
         self._state: tuple[dict[str, Decision], _RuleIndex, list[Decision], Decision] = (
             {},
