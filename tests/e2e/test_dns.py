@@ -8,7 +8,8 @@ server directly (their own resolver), and the answer names the route each lookup
 - AmneziaWG (our own peer) / WireGuard (wireguard-go): the tunnel address, asked of the tunnel's
   ``DNS =`` server from inside the tunnel (WireGuard's is a second server, ``wg``, at the tunnel's far end,
   198.19.0.1: reachable only through the tunnel);
-- SOCKS5 (dante): the proxy's address; HTTP CONNECT (tinyproxy): the proxy's address (DNS over TCP);
+- SOCKS5 (dante): the proxy's address (its ``dns:`` server, ``socks``, listens beside it);
+  HTTP CONNECT (tinyproxy): the proxy's address (DNS over TCP);
 - direct: the client's own address, by way of the stub as without the daemon;
 - ``block`` with its tunnel down: SERVFAIL through the stub, nothing at all directly.
 
@@ -40,6 +41,7 @@ from awg_split_tunnel.lab import (
     CLIENT_IP6,
     HTTP_IP,
     INET,
+    SOCKS,
     SOCKS_IP,
     TUNNEL_CLIENT_IP,
     TUNNEL_SERVER_IP,
@@ -172,7 +174,7 @@ tunnels:
   - id: socks
     type: socks5
     server: {SOCKS_IP}:1080
-    dns: [{WEB_IP}]
+    dns: [{SOCKS_IP}]
   - id: http
     type: http
     server: {HTTP_IP}:3128
@@ -252,6 +254,7 @@ def world() -> Iterator[World]:
             address=f"{TUNNEL_SERVER_IP}/24",
         )
         start_dns(lab, WG, TUNNEL_SERVER_IP, name="wg")  # wg's DNS server, at the tunnel's far end
+        start_dns(lab, SOCKS, SOCKS_IP, name="socks")  # socks's, beside the proxy
         yield World(lab, stub, wg_peer, keys)
 
 
@@ -414,6 +417,30 @@ def test_dns_system_sends_the_local_resolvers_own_lookups_through_the_chosen_tun
             lambda: seen(lookup(lab, APP_DIRECT, "stub")) == CLIENT_IP,
             UP_TIMEOUT,
             "the stub's lookups direct again",
+            daemon.output,
+        )
+
+
+def test_dns_system_into_a_socks5_tunnel_sends_the_resolvers_lookups_to_its_dns_server(
+    world: World, daemon: Daemon
+) -> None:
+    lab, original = world.lab, daemon.config.read_text()
+    try:
+        daemon.config.write_text(original + "dns:\n  system: socks\n")
+        wait_for(
+            lambda: answered_by(lab, "stub") == "socks",
+            UP_TIMEOUT,
+            "the stub's upstream lookups to socks's DNS server",
+            daemon.output,
+        )
+        assert answered_by(lab, "stub-tcp") == "socks"
+        assert seen(lookup(lab, APP_DIRECT, "stub")) == SOCKS_IP  # by way of the proxy
+    finally:
+        daemon.config.write_text(original)
+        wait_for(
+            lambda: answered_by(lab, "stub") == "web",
+            UP_TIMEOUT,
+            "the stub's lookups to its own server again",
             daemon.output,
         )
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute, first_of_version
 from awg_split_tunnel.core.policy import DIRECT, DROP, FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.rule_engine import Decision, resolve
@@ -151,6 +151,13 @@ class TunnelRoute:
     tcp_port: int | None
     udp_port: int | None = None
     lan_bypass: bool = True
+    dns_servers: tuple[bytes, ...] = ()
+    """The tunnel's DNS servers (``dns:``), packed: where its proxy sends the local resolver's own port-53
+    flows under ``dns.system`` (docs/DNS.md), the first of the flow's IP version."""
+
+    def dns_server(self, version: int) -> bytes | None:
+        """The first DNS server of IP ``version`` (4 or 6), else None."""
+        return first_of_version(self.dns_servers, version)
 
 
 AnyTunnelRoute = TunnelRoute | PacketTunnelRoute
@@ -821,13 +828,16 @@ class PacketRouter:
             else:
                 entry.verdict = FlowVerdict.TUNNEL
                 entry.proxy_port = port
+                if decision is not None and decision.system_dns:
+                    assert isinstance(route, TunnelRoute)
+                    entry.dns_server = self._system_dns_server(route, held)
         if fate is FlowVerdict.DROP:
             entry.verdict = FlowVerdict.DROP
         if not self.table.add(held.key, entry):
             self.stats.nat_collisions += 1
             entry.verdict = FlowVerdict.DROP
             self.table.add(held.key, entry)
-        elif entry.dns_server is not None and entry.verdict is FlowVerdict.TUNNEL:
+        elif entry.dns_server is not None and entry.to_packet_tunnel:
             self._dns_redirects[_redirect_key(entry)] = entry
         counts = self.stats.flows_by_action
         counts[entry.verdict.name] = counts.get(entry.verdict.name, 0) + 1
@@ -875,9 +885,10 @@ class PacketRouter:
         self._pid_rules = pid_rules
 
     @staticmethod
-    def _system_dns_server(route: PacketTunnelRoute, held: _HeldFlow) -> bytes | None:
-        """``dns.system`` (docs/DNS.md): the local resolver's own lookup (port 53, UDP or TCP) into a packet
-        tunnel goes to that tunnel's DNS server of its IP version, not to the server the resolver asked.
+    def _system_dns_server(route: AnyTunnelRoute, held: _HeldFlow) -> bytes | None:
+        """``dns.system`` (docs/DNS.md): the local resolver's own lookup (port 53, UDP or TCP) into a tunnel
+        goes to that tunnel's DNS server of its IP version, not to the server the resolver asked (a packet
+        tunnel's: rewritten here or by the kernel's table; a stream tunnel's: its proxy connects there).
         None: sent where it was going (another port, or the tunnel has no such server)."""
         if held.dst_port != DNS_PORT:
             return None
@@ -898,7 +909,7 @@ class PacketRouter:
         """Remove a flow; unless it was passed (or ``tombstone`` is False: a new flow takes its key, its
         socket closed), it leaves a tombstone so its later packets cannot leave directly."""
         self.table.remove(entry)
-        if entry.dns_server is not None:
+        if entry.dns_server is not None and entry.to_packet_tunnel:
             self._dns_redirects.pop(_redirect_key(entry), None)
         if tombstone and entry.verdict is not FlowVerdict.PASS:
             self.tombstones.add(entry, self._now)
@@ -1095,7 +1106,7 @@ class PacketRouter:
         if now >= self._next_expiry or self.table.expiry_behind:
             self._next_expiry = now + EXPIRE_INTERVAL
             for entry in self.table.expire(now, EXPIRE_PER_POLL):
-                if entry.dns_server is not None:
+                if entry.dns_server is not None and entry.to_packet_tunnel:
                     self._dns_redirects.pop(_redirect_key(entry), None)
                 if entry.verdict is not FlowVerdict.PASS:
                     self.tombstones.add(entry, now)

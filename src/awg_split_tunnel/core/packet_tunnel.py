@@ -49,8 +49,7 @@ class PacketTunnelRoute:
 
     def dns_server(self, version: int) -> bytes | None:
         """The first DNS server of IP ``version`` (4 or 6), else None."""
-        size = 4 if version == 4 else 16
-        return next((server for server in self.dns_servers if len(server) == size), None)
+        return first_of_version(self.dns_servers, version)
 
     @classmethod
     def from_addresses(
@@ -76,6 +75,12 @@ class PacketTunnelRoute:
                 v6 = address.packed
         servers = tuple(ipaddress.ip_address(server).packed for server in dns_servers)
         return cls(v4, v6, mtu, lan_bypass, listen_port, dns_servers=servers)
+
+
+def first_of_version(addresses: Iterable[bytes], version: int) -> bytes | None:
+    """The first of the packed ``addresses`` of IP ``version`` (4 or 6), else None."""
+    size = 4 if version == 4 else 16
+    return next((address for address in addresses if len(address) == size), None)
 
 
 @dataclass(slots=True)

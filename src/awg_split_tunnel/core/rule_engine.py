@@ -31,8 +31,8 @@ class Rule:
     tunnel: str
     fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
     system_dns: bool = False
-    """A rule of ``dns.system`` (``dns.route.system_rules``): the local resolver's port-53 flows into a
-    packet tunnel are sent to that tunnel's DNS servers (docs/DNS.md)."""
+    """A rule of ``dns.system`` (``dns.route.system_rules``): the local resolver's port-53 flows into the
+    tunnel are sent to that tunnel's DNS servers (docs/DNS.md)."""
 
 
 @dataclass(frozen=True, slots=True)

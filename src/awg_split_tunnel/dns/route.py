@@ -51,7 +51,7 @@ def exe_rule_pattern(exe: str) -> str:
 def system_rules(resolver_processes: Iterable[str], system: str | None) -> list[Rule]:
     """``dns.system``: rules, put before the config's, that send the local resolver's own flows (its
     upstream lookups) into ``system`` (a tunnel id, ``block`` when it is down; or ``direct``), its port-53
-    flows into a packet tunnel to that tunnel's DNS servers (``Rule.system_dns``). ``resolver_processes``
+    flows to that tunnel's DNS servers (``Rule.system_dns``). ``resolver_processes``
     are rule patterns: the resolver's exes (``exe_rule_pattern``) on Linux, ``service:Dnscache`` on
     Windows. None: no rule of its own, the resolver follows its rule or ``default`` like any process."""
     if system is None:

@@ -120,6 +120,11 @@ class NatEntry:
         return str(ipaddress.ip_address(self.orig_dst_addr))
 
     @property
+    def upstream_ip(self) -> str:
+        """Where a proxy connects this flow to, as text: ``dns_server`` if set, else ``orig_dst_ip``."""
+        return str(ipaddress.ip_address(self.dns_server or self.orig_dst_addr))
+
+    @property
     def app_ip(self) -> str:
         return str(ipaddress.ip_address(self.app_addr))
 

@@ -434,6 +434,7 @@ class RouterProcess:
                     pid=message.pid,
                     exe=message.exe,
                     fail_closed=message.fail_closed,
+                    dns_server=message.dns_server,
                 )
             case FlowForgotten(proto=proto, key=key):
                 entry = self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
@@ -465,6 +466,7 @@ def nat_announcement(entry: NatEntry, key: bytes | None = None) -> FlowTunnelled
         pid=entry.pid,
         exe=entry.exe,
         fail_closed=entry.fail_closed,
+        dns_server=entry.dns_server,
     )
 
 

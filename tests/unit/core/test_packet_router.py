@@ -987,3 +987,33 @@ def test_new_rules_are_matched_against_the_services_at_once() -> None:
     router.poll(0.1)
     assert decided(router, 11, 40000, 0.1) is PacketAction.INJECT_INBOUND
     assert decided(router, 10, 40001, 0.1) is PacketAction.REINJECT
+
+
+# -- dns.system into a stream tunnel: the proxy connects to the tunnel's DNS server (docs/DNS.md) ---------
+
+
+def test_the_resolvers_lookup_into_a_stream_tunnel_is_sent_by_its_proxy_to_the_tunnels_dns_server() -> None:
+    from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
+
+    upstream, tunnel_dns = ipaddress.ip_address("198.18.0.53").packed, ipaddress.ip_address("198.18.0.54")
+    rules = [*system_rules([exe_rule_pattern("/usr/sbin/resolver")], "socks"), Rule("app-socks", "socks")]
+    router = PacketRouter(
+        RuleEngine(rules, "direct", Platform.POSIX),
+        {"socks": TunnelState.UP}.get,
+        {"socks": TunnelRoute(PROXY_TCP, PROXY_UDP, dns_servers=(tunnel_dns.packed,))},
+        own_pids={999},
+        exe_of={500: "/usr/sbin/resolver", 100: "/usr/bin/app-socks"}.get,
+        os_lookup=None,
+        owns=None,
+    )
+    for pid, sport in ((500, 45000), (100, 45001)):
+        router.connect_event(IPPROTO_UDP, upstream, 53, pid, 1.0)
+        packet = build_packet(APP, upstream, IPPROTO_UDP, sport, 53, b"query")
+        assert router.route(packet, len(packet), 1.0, lambda: None) is PacketAction.INJECT_INBOUND
+    resolver = router.nat_lookup("udp", "198.18.0.53", 45000)
+    app = router.nat_lookup("udp", "198.18.0.53", 45001)
+    assert resolver is not None and app is not None
+    assert (resolver.upstream_ip, resolver.orig_dst_ip) == (str(tunnel_dns), "198.18.0.53")
+    assert app.upstream_ip == "198.18.0.53"  # an app of the same tunnel keeps its server
+    # The control plane's mirror (the router in its own process) tells the proxy the same.
+    assert nat_announcement(resolver).dns_server == tunnel_dns.packed

@@ -411,7 +411,7 @@ class KernelGate:
     @staticmethod
     def _system_dns(entry: NatEntry | None) -> bool:
         """Whether the flow goes to its tunnel's DNS server (``dns.system``): the ``SYSTEM_DNS`` bit."""
-        return entry is not None and entry.dns_server is not None and entry.verdict is FlowVerdict.TUNNEL
+        return entry is not None and entry.dns_server is not None and entry.to_packet_tunnel
 
     def release(self, packet: QueuedPacket, flow_class: int, *, system_dns: bool = False) -> None:
         mark = (packet.get_mark() & ~(MARK_MASK | SYSTEM_DNS)) | mark_value(flow_class)
