@@ -41,11 +41,12 @@ from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.routing import default_fallback, engine_from_config, engine_rules
 from awg_split_tunnel.core.rule_engine import Rule
 from awg_split_tunnel.core.tunnel_registry import TunnelRegistry
-from awg_split_tunnel.dns.route import system_rules
+from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.net.nat import NatEntry
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
 from awg_split_tunnel.platform.data_folder import check_data_folder, data_folder
+from awg_split_tunnel.process.matcher import SERVICE_PREFIX
 from awg_split_tunnel.provider.interface import set_own_socket_mark
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
 from awg_split_tunnel.router.process import DeviceFactory, RouterProcess, RouterSettings
@@ -540,15 +541,7 @@ class Daemon:
     async def _start_dns(self, config: Config) -> None:
         """Linux: answer apps' queries to the local resolver through their own routes."""
         if sys.platform == "win32":
-            if config.dns.system is not None:
-                from awg_split_tunnel.platform.windows.dnscache import dnscache_pid
-
-                log.warning(
-                    "[DNS] dns.system is not applied on Windows yet: Dnscache (pid %s) shares svchost.exe "
-                    "with other services (docs/DNS.md)",
-                    dnscache_pid(),
-                )
-            return
+            return  # dns.system: a rule for the Dnscache service (``_router_rules``)
         if not sys.platform.startswith("linux"):
             return
         from awg_split_tunnel.dns_forwarder import DnsForwarder, find_local_resolvers, resolver_exes
@@ -583,8 +576,15 @@ class Daemon:
         self._dns = None
 
     def _router_rules(self, config: Config) -> list[Rule]:
-        """The config's rules, after those of ``dns.system`` for the local resolver's own lookups."""
-        return system_rules(self._resolver_exes, config.dns.system) + engine_rules(config)
+        """The config's rules, after those of ``dns.system`` for the local resolver's own lookups: on
+        Windows the DNS Client service's (docs/DNS.md), elsewhere those of the resolvers found at start."""
+        if sys.platform == "win32":
+            from awg_split_tunnel.platform.windows.services import DNSCACHE_SERVICE
+
+            resolvers = [f"{SERVICE_PREFIX}{DNSCACHE_SERVICE}"]
+        else:
+            resolvers = [exe_rule_pattern(exe) for exe in self._resolver_exes]
+        return system_rules(resolvers, config.dns.system) + engine_rules(config)
 
     def _stream_provider(self, tunnel_id: str) -> Any:
         return getattr(self.runtimes.get(tunnel_id), "provider", None)

@@ -65,6 +65,7 @@ def packet_tunnel_devices(
             settings.mtu,
             lan_bypass=tunnel.lan_bypass,
             listen_port=settings.listen_port,
+            dns_servers=[str(address) for address in conf.interface.dns],
         )
         gso = DIVERT_SAFE_UDP_GSO
         if dataplane == "kernel":

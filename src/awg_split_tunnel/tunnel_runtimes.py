@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -266,7 +267,8 @@ class StreamTunnelRuntime:
         tcp_port = self.proxy.tcp_address[1]
         udp_address = (self.udp_proxy or self.proxy).udp_address
         udp_port = None if udp_address is None else udp_address[1]
-        return TunnelRoute(tcp_port, udp_port, self._settings.lan_bypass)
+        dns_servers = tuple(ipaddress.ip_address(server).packed for server in self._settings.dns)
+        return TunnelRoute(tcp_port, udp_port, self._settings.lan_bypass, dns_servers)
 
     def start(self) -> None:
         self.monitor.start()

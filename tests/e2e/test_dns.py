@@ -6,8 +6,10 @@ systemd-resolved would. Under the real daemon, apps of every kind ask the stub (
 server directly (their own resolver), and the answer names the route each lookup took:
 
 - AmneziaWG (our own peer) / WireGuard (wireguard-go): the tunnel address, asked of the tunnel's
-  ``DNS =`` server from inside the tunnel;
-- SOCKS5 (dante): the proxy's address; HTTP CONNECT (tinyproxy): the proxy's address (DNS over TCP);
+  ``DNS =`` server from inside the tunnel (WireGuard's is a second server, ``wg``, at the tunnel's far end,
+  198.19.0.1: reachable only through the tunnel);
+- SOCKS5 (dante): the proxy's address (its ``dns:`` server, ``socks``, listens beside it);
+  HTTP CONNECT (tinyproxy): the proxy's address (DNS over TCP);
 - direct: the client's own address, by way of the stub as without the daemon;
 - ``block`` with its tunnel down: SERVFAIL through the stub, nothing at all directly.
 
@@ -39,11 +41,13 @@ from awg_split_tunnel.lab import (
     CLIENT_IP6,
     HTTP_IP,
     INET,
+    SOCKS,
     SOCKS_IP,
     TUNNEL_CLIENT_IP,
     TUNNEL_SERVER_IP,
     WEB_IP,
     WEB_IP6,
+    WG,
     WG_PORT,
     Lab,
     LabServer,
@@ -56,7 +60,7 @@ from awg_split_tunnel.lab import (
     start_tinyproxy,
     start_wireguard_go,
 )
-from awg_split_tunnel.lab.dns_server import BIG, STUB_ADDRESS, WHOAMI, start_dns, start_dns_stub
+from awg_split_tunnel.lab.dns_server import BIG, SERVER, STUB_ADDRESS, WHOAMI, start_dns, start_dns_stub
 from awg_split_tunnel.lab.topology import python_path
 
 pytestmark = [*NEEDS_ROOT, NEEDS_WIREGUARD_GO]
@@ -150,7 +154,7 @@ print(json.dumps({"rcode": dns.rcode.to_text(answer.rcode()), "text": texts[0] i
 def packet_conf(private: str, address: str, port: int, peer_public: str, endpoint: str) -> str:
     return (
         f"[Interface]\nPrivateKey = {private}\nAddress = {address}/24\nListenPort = {port}\nMTU = 1420\n"
-        f"DNS = {WEB_IP}\n\n[Peer]\nPublicKey = {peer_public}\nEndpoint = {endpoint}\n"
+        f"DNS = {TUNNEL_SERVER_IP}\n\n[Peer]\nPublicKey = {peer_public}\nEndpoint = {endpoint}\n"
         "AllowedIPs = 0.0.0.0/0\n"
     )
 
@@ -170,7 +174,7 @@ tunnels:
   - id: socks
     type: socks5
     server: {SOCKS_IP}:1080
-    dns: [{WEB_IP}]
+    dns: [{SOCKS_IP}]
   - id: http
     type: http
     server: {HTTP_IP}:3128
@@ -249,6 +253,8 @@ def world() -> Iterator[World]:
             listen_port=WG_PORT,
             address=f"{TUNNEL_SERVER_IP}/24",
         )
+        start_dns(lab, WG, TUNNEL_SERVER_IP, name="wg")  # wg's DNS server, at the tunnel's far end
+        start_dns(lab, SOCKS, SOCKS_IP, name="socks")  # socks's, beside the proxy
         yield World(lab, stub, wg_peer, keys)
 
 
@@ -333,6 +339,11 @@ def seen(result: dict[str, Any]) -> str:
     return str(result["text"])
 
 
+def answered_by(lab: Lab, how: str) -> str:
+    """Which of the lab's DNS servers (``web``, ``wg``) answered a direct app's lookup ``how``."""
+    return seen(lookup(lab, APP_DIRECT, how, f"{secrets.token_hex(4)}.{SERVER}"))
+
+
 def stub_forwards(world: World) -> int:
     return world.stub.stderr_text().count("forwarded ")
 
@@ -371,7 +382,7 @@ def test_a_truncated_answer_is_asked_again_over_tcp_through_the_tunnel(world: Wo
 def test_status_and_connections_show_dns(world: World, daemon: Daemon) -> None:
     lookup(world.lab, APP_WG, "stub")
     rows = {row["id"]: row for row in daemon.request("status")["tunnels"]}
-    assert rows["wg"]["dns"]["servers"] == [WEB_IP], rows["wg"]
+    assert rows["wg"]["dns"]["servers"] == [TUNNEL_SERVER_IP], rows["wg"]
     assert rows["wg"]["dns"]["answered"] + rows["wg"]["dns"]["cached"] > 0, rows["wg"]
     assert rows["dead"]["dns"]["refused"] > 0, rows["dead"]
     summary = daemon.request("status")["dns"]
@@ -386,6 +397,7 @@ def test_dns_system_sends_the_local_resolvers_own_lookups_through_the_chosen_tun
 ) -> None:
     lab, original = world.lab, daemon.config.read_text()
     assert seen(lookup(lab, APP_DIRECT, "stub")) == CLIENT_IP  # the stub asks from the client's address
+    assert answered_by(lab, "stub") == "web"  # the server the stub is configured with
     try:
         daemon.config.write_text(original + "dns:\n  system: wg\n")
         wait_for(
@@ -394,6 +406,9 @@ def test_dns_system_sends_the_local_resolvers_own_lookups_through_the_chosen_tun
             "the stub's upstream lookups through wg",
             daemon.output,
         )
+        # ...and to wg's own DNS server (reachable only through wg), UDP and TCP: not the stub's.
+        assert answered_by(lab, "stub") == "wg"
+        assert answered_by(lab, "stub-tcp") == "wg"
         assert seen(lookup(lab, APP_SOCKS, "stub")) == SOCKS_IP  # an app with a route keeps it
         assert seen(lookup(lab, APP_DIRECT, "own")) == CLIENT_IP  # only the resolver's lookups move
     finally:
@@ -402,6 +417,30 @@ def test_dns_system_sends_the_local_resolvers_own_lookups_through_the_chosen_tun
             lambda: seen(lookup(lab, APP_DIRECT, "stub")) == CLIENT_IP,
             UP_TIMEOUT,
             "the stub's lookups direct again",
+            daemon.output,
+        )
+
+
+def test_dns_system_into_a_socks5_tunnel_sends_the_resolvers_lookups_to_its_dns_server(
+    world: World, daemon: Daemon
+) -> None:
+    lab, original = world.lab, daemon.config.read_text()
+    try:
+        daemon.config.write_text(original + "dns:\n  system: socks\n")
+        wait_for(
+            lambda: answered_by(lab, "stub") == "socks",
+            UP_TIMEOUT,
+            "the stub's upstream lookups to socks's DNS server",
+            daemon.output,
+        )
+        assert answered_by(lab, "stub-tcp") == "socks"
+        assert seen(lookup(lab, APP_DIRECT, "stub")) == SOCKS_IP  # by way of the proxy
+    finally:
+        daemon.config.write_text(original)
+        wait_for(
+            lambda: answered_by(lab, "stub") == "web",
+            UP_TIMEOUT,
+            "the stub's lookups to its own server again",
             daemon.output,
         )
 

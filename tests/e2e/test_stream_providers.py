@@ -34,7 +34,9 @@ from awg_split_tunnel.proxy.tunnel_proxy import Protocol, TunnelProxy
 
 def Target(ip: str, port: int, pid: int | None = None, exe: str | None = None) -> SimpleNamespace:
     """A flow as the router answers the proxy's lookup (what ``proxy.tunnel_proxy.NatTarget`` asks)."""
-    return SimpleNamespace(orig_dst_ip=ip, orig_dst_port=port, pid=pid, exe=exe, fail_closed=False)
+    return SimpleNamespace(
+        orig_dst_ip=ip, upstream_ip=ip, orig_dst_port=port, pid=pid, exe=exe, fail_closed=False
+    )
 
 
 pytestmark = pytest.mark.timeout(60)

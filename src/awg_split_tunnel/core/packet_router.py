@@ -33,10 +33,11 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute
+from awg_split_tunnel.core.packet_tunnel import PacketTunnelPath, PacketTunnelRoute, first_of_version
 from awg_split_tunnel.core.policy import DIRECT, DROP, FallbackPolicy, TunnelState
 from awg_split_tunnel.core.router_messages import FlowRow
 from awg_split_tunnel.core.rule_engine import Decision, resolve
+from awg_split_tunnel.dns.upstream import DNS_PORT
 from awg_split_tunnel.net.nat import (
     FIN_FROM_APP,
     FIN_FROM_PEER,
@@ -95,6 +96,11 @@ a SYN flood), so capping per remote keeps it from filling ``MAX_HELD_FLOWS`` and
 new flows from being decided. Flows over the cap are dropped (the app retransmits) and counted
 (``RouterStats.held_remote_full``)."""
 EXPIRE_INTERVAL = 1.0
+SERVICE_REFRESH = 5.0
+"""Seconds between two readings of the pids of the services ``service:`` rules name (Windows)."""
+SERVICE_RECHECK = 1.0
+"""Seconds at least between two early readings, made when a process the last reading did not know opens
+a flow (a service restarted under a new pid is matched within about this long)."""
 FRAGMENT_MEMORY = 30.0
 """Seconds a fragmented datagram's id is remembered (its later fragments follow its first one's fate)."""
 EXPIRE_PER_POLL = 20000
@@ -145,6 +151,13 @@ class TunnelRoute:
     tcp_port: int | None
     udp_port: int | None = None
     lan_bypass: bool = True
+    dns_servers: tuple[bytes, ...] = ()
+    """The tunnel's DNS servers (``dns:``), packed: where its proxy sends the local resolver's own port-53
+    flows under ``dns.system`` (docs/DNS.md), the first of the flow's IP version."""
+
+    def dns_server(self, version: int) -> bytes | None:
+        """The first DNS server of IP ``version`` (4 or 6), else None."""
+        return first_of_version(self.dns_servers, version)
 
 
 AnyTunnelRoute = TunnelRoute | PacketTunnelRoute
@@ -197,6 +210,11 @@ class RuleMatcher(Protocol):
 
     @property
     def default(self) -> Decision: ...
+
+    @property
+    def services(self) -> Sequence[tuple[str, Decision]]:
+        """``service:`` rules: (service name, decision), in rule order."""
+        ...
 
 
 @dataclass(slots=True)
@@ -260,8 +278,17 @@ class PacketRouter:
         on_decided: Callable[[NatEntry, list[object]], None] | None = None,
         carries_packets: bool = True,
         os_lookups_per_poll: int = OS_LOOKUPS_PER_POLL,
+        service_pids: Callable[[str], Collection[int]] | None = None,
     ) -> None:
         self._rules = rules
+        self._service_pids = service_pids
+        """A Windows service's name → the pids of the processes hosting it
+        (``platform.windows.services.service_pids``); None: ``service:`` rules match nothing."""
+        self._pid_rules: dict[int, Decision] = {}
+        """pid → the decision of the first ``service:`` rule naming a service it hosts, as last read."""
+        self._pids_read_at = float("-inf")
+        self._pids_checked: set[int] = set()
+        """Processes that an early reading found hosting no service a rule names (until the next one)."""
         # A data path that only asks for decisions (the kernel's: its held packets are queued in the
         # kernel, not here) takes each held flow's entry and its packets' metas instead of packets to send.
         self._on_decided = on_decided
@@ -280,6 +307,9 @@ class PacketRouter:
         self._device_ports: frozenset[int] = frozenset()
         self._dns_ports: dict[int, str] = {}
         """The daemon's DNS port of each packet tunnel → the tunnel (``PacketTunnelRoute.dns_port``)."""
+        self._dns_redirects: dict[bytes, NatEntry] = {}
+        """Flows sent to their tunnel's DNS server instead of their destination (``NatEntry.dns_server``),
+        by protocol and the app key their replies carry (the server in the remote's place)."""
         # First fragments sent into a packet tunnel: (src, dst, id) -> (tunnel id, when), so that the
         # later fragments (no ports) follow them.
         self._tunnel_fragments: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
@@ -348,6 +378,7 @@ class PacketRouter:
 
         def apply() -> None:
             self._rules = rules
+            self._read_service_pids(self._now)
 
         self._commands.put(apply)
 
@@ -745,13 +776,22 @@ class PacketRouter:
         if pid is not None and pid in self.own_pids:
             decision, fate = self._own_flow(held)
         else:
-            if exe is None:
+            service = None if pid is None else self._service_rule(pid, now)
+            if exe is None and service is None:
                 self.stats.unknown_owner += 1
                 log.debug("[Router] owner of %s unknown: default route", _describe(held))
                 decision = self._rules.default
+            elif exe is None:
+                assert service is not None
+                decision = service
             else:
                 decision = self._rules.match(exe)
-                if decision.rule_index is None and self._ancestors_of is not None and pid is not None:
+                if service is not None:
+                    # First match wins: an exe rule above the service rule still takes the process.
+                    own = decision.rule_index
+                    if own is None or service.rule_index is None or own > service.rule_index:
+                        decision = service
+                elif decision.rule_index is None and self._ancestors_of is not None and pid is not None:
                     decision = self._inherited(pid, decision)
             fate = self._fate(decision, held.dst_addr)
         entry = NatEntry(
@@ -772,8 +812,11 @@ class PacketRouter:
             entry.tunnel_id = decision.tunnel if decision.tunnel not in (DIRECT, DROP) else None
             entry.fail_closed = decision.fallback is not FallbackPolicy.ALLOW_DIRECT
         if fate is FlowVerdict.TUNNEL and entry.tunnel_id in self._paths:
-            if self._paths[entry.tunnel_id].has_address(4 if len(held.dst_addr) == 4 else 6):
+            path = self._paths[entry.tunnel_id]
+            if path.has_address(4 if len(held.dst_addr) == 4 else 6):
                 entry.verdict = FlowVerdict.TUNNEL  # no proxy port: ``to_packet_tunnel``
+                if decision is not None and decision.system_dns:
+                    entry.dns_server = self._system_dns_server(path.route, held)
             else:
                 # No tunnel address of this IP version: the peer would drop it; fail closed.
                 self.stats.unroutable += 1
@@ -790,12 +833,17 @@ class PacketRouter:
             else:
                 entry.verdict = FlowVerdict.TUNNEL
                 entry.proxy_port = port
+                if decision is not None and decision.system_dns:
+                    assert isinstance(route, TunnelRoute)
+                    entry.dns_server = self._system_dns_server(route, held)
         if fate is FlowVerdict.DROP:
             entry.verdict = FlowVerdict.DROP
         if not self.table.add(held.key, entry):
             self.stats.nat_collisions += 1
             entry.verdict = FlowVerdict.DROP
             self.table.add(held.key, entry)
+        elif entry.dns_server is not None and entry.to_packet_tunnel:
+            self._dns_redirects[_redirect_key(entry)] = entry
         counts = self.stats.flows_by_action
         counts[entry.verdict.name] = counts.get(entry.verdict.name, 0) + 1
         if entry.verdict is FlowVerdict.TUNNEL and entry.proxy_port and self._on_tunnelled is not None:
@@ -811,6 +859,47 @@ class PacketRouter:
         decision = Decision(tunnel_id, FallbackPolicy.BLOCK, None)
         return decision, resolve(decision, self._tunnel_state(tunnel_id))
 
+    def _service_rule(self, pid: int, now: float) -> Decision | None:
+        """The decision of the first ``service:`` rule naming a service process ``pid`` hosts, else None.
+        A dict lookup; the Service Control Manager is asked again early (at most every
+        ``SERVICE_RECHECK`` s) when a process the last reading did not know opens a flow."""
+        if self._service_pids is None or not self._rules.services:
+            return None
+        decision = self._pid_rules.get(pid)
+        if decision is not None or pid in self._pids_checked:
+            return decision
+        if now >= self._pids_read_at + SERVICE_RECHECK:
+            self._read_service_pids(now)
+            decision = self._pid_rules.get(pid)
+            if decision is None:
+                self._pids_checked.add(pid)  # not a service of ours as of now: not asked again for it
+        return decision
+
+    def _read_service_pids(self, now: float) -> None:
+        """Read the pids of the services ``service:`` rules name (one SCM query per such rule)."""
+        self._pids_read_at = now
+        self._pids_checked.clear()
+        services = self._rules.services
+        if self._service_pids is None or not services:
+            self._pid_rules = {}
+            return
+        pid_rules: dict[int, Decision] = {}
+        for name, decision in services:
+            for pid in self._service_pids(name):
+                pid_rules.setdefault(pid, decision)  # rules in order: the first one naming it wins
+        self._pid_rules = pid_rules
+
+    @staticmethod
+    def _system_dns_server(route: AnyTunnelRoute, held: _HeldFlow) -> bytes | None:
+        """``dns.system`` (docs/DNS.md): the local resolver's own lookup (port 53, UDP or TCP) into a tunnel
+        goes to that tunnel's DNS server of its IP version, not to the server the resolver asked (a packet
+        tunnel's: rewritten here or by the kernel's table; a stream tunnel's: its proxy connects there).
+        None: sent where it was going (another port, or the tunnel has no such server)."""
+        if held.dst_port != DNS_PORT:
+            return None
+        server = route.dns_server(4 if len(held.dst_addr) == 4 else 6)
+        return None if server == held.dst_addr else server
+
     def _inherited(self, pid: int, own: Decision) -> Decision:
         """The rule of the nearest ancestor that has one, for a process that has none (else ``own``)."""
         assert self._ancestors_of is not None
@@ -825,6 +914,8 @@ class PacketRouter:
         """Remove a flow; unless it was passed (or ``tombstone`` is False: a new flow takes its key, its
         socket closed), it leaves a tombstone so its later packets cannot leave directly."""
         self.table.remove(entry)
+        if entry.dns_server is not None and entry.to_packet_tunnel:
+            self._dns_redirects.pop(_redirect_key(entry), None)
         if tombstone and entry.verdict is not FlowVerdict.PASS:
             self.tombstones.add(entry, self._now)
         if self._on_forgotten is not None and entry.proxy_port:
@@ -860,6 +951,13 @@ class PacketRouter:
         if path is None:
             self.stats.unroutable += 1
             return PacketAction.DROP
+        if entry.dns_server is not None:
+            if v.fragment:
+                # Later fragments carry no ports to tell the flow by: never rewritten, so never sent.
+                self.stats.fragments_dropped += 1
+                self._drop_later_fragments(v)
+                return PacketAction.DROP
+            v.set_dst_addr(entry.dns_server)
         if path.last_meta is None:
             path.last_meta = entry.meta
         if v.fragment:
@@ -906,6 +1004,10 @@ class PacketRouter:
                 key += bytes(buf[l4 : l4 + 2])
                 flows = self._tcp_flows if view.proto == IPPROTO_TCP else self._udp_flows
                 entry = flows.get(key)
+                if entry is None and self._dns_redirects:
+                    entry = self._dns_redirects.get(bytes((view.proto,)) + key)
+                    if entry is not None and entry.verdict is FlowVerdict.TUNNEL:
+                        view.set_src_addr(entry.orig_dst_addr)  # the answer of the server the app asked
                 if entry is None or entry.verdict is not FlowVerdict.TUNNEL:
                     # The NAT still knew it, the router no longer does (reset, expired): never deliver.
                     self.stats.tunnel_orphans += 1
@@ -1005,9 +1107,13 @@ class PacketRouter:
                         if owner is not None:
                             self._decide_held(held, owner, now)
         self._decide_timed_out(now)
+        if now >= self._pids_read_at + SERVICE_REFRESH:
+            self._read_service_pids(now)
         if now >= self._next_expiry or self.table.expiry_behind:
             self._next_expiry = now + EXPIRE_INTERVAL
             for entry in self.table.expire(now, EXPIRE_PER_POLL):
+                if entry.dns_server is not None and entry.to_packet_tunnel:
+                    self._dns_redirects.pop(_redirect_key(entry), None)
                 if entry.verdict is not FlowVerdict.PASS:
                     self.tombstones.add(entry, now)
                 if self._on_forgotten is not None and entry.proxy_port:
@@ -1132,6 +1238,14 @@ class PacketRouter:
             )
             self.stats.resets_sent += 1
             self._outgoing.append(Outgoing(rst, entry.meta, inbound=True))
+
+
+def _redirect_key(entry: NatEntry) -> bytes:
+    """How a reply of a flow sent to its tunnel's DNS server (``NatEntry.dns_server``) finds it: protocol,
+    then the app key with the server in the remote's place."""
+    assert entry.dns_server is not None
+    ports = entry.app_port.to_bytes(2, "big") + entry.orig_dst_port.to_bytes(2, "big")
+    return bytes((entry.proto,)) + entry.app_addr + entry.dns_server + ports
 
 
 def _remember(ids: OrderedDict[bytes, Any], key: bytes, value: Any) -> None:

@@ -43,6 +43,13 @@ class PacketTunnelRoute:
     dns_port: int = 0
     """The daemon's own local port (UDP and TCP) whose flows go into this tunnel whatever their
     destination: its lookups for the tunnel's apps (docs/DNS.md). 0: none."""
+    dns_servers: tuple[bytes, ...] = ()
+    """The tunnel's DNS servers (``.conf`` ``DNS =``), packed: where the local resolver's own port-53 flows
+    into this tunnel are sent under ``dns.system`` (docs/DNS.md), the first of the flow's IP version."""
+
+    def dns_server(self, version: int) -> bytes | None:
+        """The first DNS server of IP ``version`` (4 or 6), else None."""
+        return first_of_version(self.dns_servers, version)
 
     @classmethod
     def from_addresses(
@@ -52,9 +59,10 @@ class PacketTunnelRoute:
         *,
         lan_bypass: bool = True,
         listen_port: int = 0,
+        dns_servers: Iterable[str] = (),
     ) -> PacketTunnelRoute:
         """From a ``.conf``'s ``Address`` entries (``198.19.0.2/24``, ``2001:2:1::2/64``): first of each
-        version."""
+        version; ``dns_servers`` from its ``DNS`` entries (addresses; search domains are not given)."""
         import ipaddress
 
         v4: bytes | None = None
@@ -65,7 +73,14 @@ class PacketTunnelRoute:
                 v4 = address.packed
             elif address.version == 6 and v6 is None:
                 v6 = address.packed
-        return cls(v4, v6, mtu, lan_bypass, listen_port)
+        servers = tuple(ipaddress.ip_address(server).packed for server in dns_servers)
+        return cls(v4, v6, mtu, lan_bypass, listen_port, dns_servers=servers)
+
+
+def first_of_version(addresses: Iterable[bytes], version: int) -> bytes | None:
+    """The first of the packed ``addresses`` of IP ``version`` (4 or 6), else None."""
+    size = 4 if version == 4 else 16
+    return next((address for address in addresses if len(address) == size), None)
 
 
 @dataclass(slots=True)

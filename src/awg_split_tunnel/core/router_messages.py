@@ -146,6 +146,8 @@ class FlowTunnelled:
     pid: int | None
     exe: str | None
     fail_closed: bool
+    dns_server: bytes | None = None
+    """``NatEntry.dns_server``: the proxy connects there instead of ``dst_addr`` (``dns.system``)."""
 
 
 @dataclass(frozen=True, slots=True)

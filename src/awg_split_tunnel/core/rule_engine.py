@@ -30,6 +30,9 @@ class Rule:
     process: str
     tunnel: str
     fallback: FallbackPolicy = FallbackPolicy.ALLOW_DIRECT
+    system_dns: bool = False
+    """A rule of ``dns.system`` (``dns.route.system_rules``): the local resolver's port-53 flows into the
+    tunnel are sent to that tunnel's DNS servers (docs/DNS.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,8 @@ class Decision:
     tunnel: str
     fallback: FallbackPolicy
     rule_index: int | None
+    system_dns: bool = False
+    """From a rule of ``dns.system`` (``Rule.system_dns``)."""
 
 
 def resolve(decision: Decision, tunnel_state: TunnelState | None) -> FlowVerdict:
@@ -178,6 +183,8 @@ class _RuleIndex:
                 names.append((index, pattern))
             elif kind is PatternKind.PATH_GLOB:
                 globs.append((index, pattern))
+            elif kind is PatternKind.SERVICE:
+                continue  # matched by process id (``RuleEngine.services``), never by exe
             else:
                 assert pattern.regex is not None
                 self.regexes.append((index, pattern.regex))
@@ -256,6 +263,12 @@ class RuleEngine:
         return self._default
 
     @property
+    def services(self) -> tuple[tuple[str, Decision], ...]:
+        """The ``service:`` rules (Windows): each service's name (lower case) and its rule's decision, in
+        rule order. ``match`` never returns them: the router matches them by process id."""
+        return self._services
+
+    @property
     def cached_paths(self) -> int:
         """How many exe paths have a cached decision."""
         return len(self._state[0])
@@ -295,12 +308,17 @@ class RuleEngine:
         if not default:
             raise ValueError("empty default tunnel")
         index = _RuleIndex(patterns)
-        decisions = [Decision(rule.tunnel, rule.fallback, i) for i, rule in enumerate(rules)]
+        decisions = [Decision(rule.tunnel, rule.fallback, i, rule.system_dns) for i, rule in enumerate(rules)]
         fallback = FallbackPolicy.DROP if default == DROP else default_fallback
         self._rules = tuple(rules)
         self._patterns = tuple(patterns)
         self._default_fallback = default_fallback
         self._default = Decision(default, fallback, None)
+        self._services = tuple(
+            (pattern.key, decisions[i])
+            for i, pattern in enumerate(patterns)
+            if pattern.kind is PatternKind.SERVICE
+        )
         # One tuple, swapped in one assignment: readers never see new rules with an old cache.
         self._state: tuple[dict[str, Decision], _RuleIndex, list[Decision], Decision] = (
             {},

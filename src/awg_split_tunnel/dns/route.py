@@ -43,11 +43,18 @@ def dns_route(decision: Decision, state: TunnelState | None) -> DnsRoute:
     return DnsRoute(decision.tunnel, REFUSED if refused else SERVFAIL)
 
 
-def system_rules(resolver_exes: Iterable[str], system: str | None) -> list[Rule]:
+def exe_rule_pattern(exe: str) -> str:
+    """A rule pattern matching exactly the executable at ``exe`` (a local resolver found by its socket)."""
+    return f"re:^{re.escape(exe)}$"
+
+
+def system_rules(resolver_processes: Iterable[str], system: str | None) -> list[Rule]:
     """``dns.system``: rules, put before the config's, that send the local resolver's own flows (its
-    upstream lookups) into ``system`` (a tunnel id, ``block`` when it is down; or ``direct``). None: no
-    rule of its own, the resolver follows its rule or ``default`` like any process."""
+    upstream lookups) into ``system`` (a tunnel id, ``block`` when it is down; or ``direct``), its port-53
+    flows to that tunnel's DNS servers (``Rule.system_dns``). ``resolver_processes``
+    are rule patterns: the resolver's exes (``exe_rule_pattern``) on Linux, ``service:Dnscache`` on
+    Windows. None: no rule of its own, the resolver follows its rule or ``default`` like any process."""
     if system is None:
         return []
     fallback = FallbackPolicy.ALLOW_DIRECT if system == DIRECT else FallbackPolicy.BLOCK
-    return [Rule(f"re:^{re.escape(exe)}$", system, fallback) for exe in dict.fromkeys(resolver_exes)]
+    return [Rule(process, system, fallback, system_dns=True) for process in dict.fromkeys(resolver_processes)]

@@ -6,6 +6,8 @@
   string, the address the query came from (its tunnel address, its proxy's, or the client's own);
 - ``big.lab. TXT``: the same first, then enough records that the answer never fits 512 bytes: over UDP
   without a larger EDNS size it comes back truncated (TC), as real servers do;
+- ``server.lab. TXT`` (and ``<anything>.server.lab.``): the server's own name (``--name``, default
+  ``web``), so that a test tells which of the lab's servers answered;
 - anything else: NXDOMAIN.
 
 ``python -m awg_split_tunnel.lab.dns_server stub --listen 127.0.0.53 --upstream 198.18.0.10`` (ns client):
@@ -41,14 +43,15 @@ if TYPE_CHECKING:
 DNS_PORT = 53
 WHOAMI = "whoami.lab."
 BIG = "big.lab."
+SERVER = "server.lab."
 BIG_RECORDS = 12
 """Records of ``big.lab.`` besides the first: 12 x ~70 bytes, well past 512."""
 STUB_ADDRESS = "127.0.0.53"
 
 
-def answer(wire: bytes, source: str, max_size: int | None) -> bytes | None:
-    """The server's answer to a query from ``source``; None for what is not a query. ``max_size`` (UDP)
-    truncates an answer that does not fit the asker's size."""
+def answer(wire: bytes, source: str, max_size: int | None, server_name: str = "web") -> bytes | None:
+    """The answer of server ``server_name`` to a query from ``source``; None for what is not a query.
+    ``max_size`` (UDP) truncates an answer that does not fit the asker's size."""
     try:
         query = dns.message.from_wire(wire)
     except (dns.exception.DNSException, ValueError):
@@ -58,15 +61,18 @@ def answer(wire: bytes, source: str, max_size: int | None) -> bytes | None:
     response = dns.message.make_response(query)
     question = query.question[0]
     name = question.name.to_text().lower()
-    if name.endswith("." + WHOAMI):
-        name = WHOAMI
-    if name in (WHOAMI, BIG) and question.rdtype == dns.rdatatype.TXT:
+    for known in (WHOAMI, SERVER):
+        if name.endswith("." + known):
+            name = known
+    if name == SERVER and question.rdtype == dns.rdatatype.TXT:
+        response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "TXT", f'"{server_name}"'))
+    elif name in (WHOAMI, BIG) and question.rdtype == dns.rdatatype.TXT:
         texts = [source]
         if name == BIG:
             texts += [f"record {i:02d} " + "x" * 60 for i in range(BIG_RECORDS)]
         rrset = dns.rrset.from_text(question.name, 60, "IN", "TXT", *(f'"{text}"' for text in texts))
         response.answer.append(rrset)
-    elif name not in (WHOAMI, BIG):
+    elif name not in (WHOAMI, BIG, SERVER):
         response.set_rcode(dns.rcode.NXDOMAIN)
     if max_size is not None:
         limit = max(512, query.payload) if query.edns >= 0 else 512
@@ -121,9 +127,9 @@ def _servers(address: str, reply: Any) -> list[socketserver.BaseServer]:
     return servers
 
 
-def serve(addresses: Sequence[str]) -> list[socketserver.BaseServer]:
+def serve(addresses: Sequence[str], name: str = "web") -> list[socketserver.BaseServer]:
     def reply(data: bytes, client: Any, *, tcp: bool) -> bytes | None:
-        return answer(data, _source(client), None if tcp else 512)
+        return answer(data, _source(client), None if tcp else 512, name)
 
     return [server for address in addresses for server in _servers(address, reply)]
 
@@ -159,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     server = sub.add_parser("serve")
     server.add_argument("--listen", action="append", default=None)
+    server.add_argument("--name", default="web")
     resolver = sub.add_parser("stub")
     resolver.add_argument("--listen", default=STUB_ADDRESS)
     resolver.add_argument("--upstream", required=True)
     args = parser.parse_args(argv)
     # The server listens dual-stack on [::] by default: IPv4 askers too.
-    servers = serve(args.listen or ["::"]) if args.mode == "serve" else stub(args.listen, args.upstream)
+    if args.mode == "serve":
+        servers = serve(args.listen or ["::"], args.name)
+    else:
+        servers = stub(args.listen, args.upstream)
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for thread in threads:
         thread.start()
@@ -201,14 +211,23 @@ def ask(lab: Lab, host: str, server: str, name: str = WHOAMI, *, tcp: bool = Fal
     return None
 
 
-def start_dns(lab: Lab) -> LabServer:
-    """The lab's DNS server in ns web (198.18.0.10 / 2001:2::10, port 53)."""
+def start_dns(lab: Lab, host: str | None = None, listen: str | None = None, name: str = "web") -> LabServer:
+    """The lab's DNS server in ns web (198.18.0.10 / 2001:2::10, port 53); or server ``name`` in ns
+    ``host`` on ``listen`` (e.g. behind a tunnel, at the tunnel's far end), asked from there when ready."""
     from awg_split_tunnel.lab.servers import LabServer
     from awg_split_tunnel.lab.topology import CLIENT, WEB, WEB_IP, python_path
 
-    argv = [sys.executable, "-m", "awg_split_tunnel.lab.dns_server", "serve"]
+    argv = [sys.executable, "-m", "awg_split_tunnel.lab.dns_server", "serve", "--name", name]
+    if listen is not None:
+        argv += ["--listen", listen]
+    asker, address = (CLIENT, WEB_IP) if listen is None else (host or WEB, listen)
     return LabServer(
-        lab, "dns", WEB, argv, lambda: ask(lab, CLIENT, WEB_IP) is not None, env={"PYTHONPATH": python_path()}
+        lab,
+        f"dns-{name}",
+        host or WEB,
+        argv,
+        lambda: ask(lab, asker, address) is not None,
+        env={"PYTHONPATH": python_path()},
     ).start()
 
 

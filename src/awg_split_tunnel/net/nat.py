@@ -106,6 +106,10 @@ class NatEntry:
     of the same app port to the same address (another destination port) holds that peer key."""
     slot: int = field(default=-1, repr=False)
     """The ``FlowTable``'s expiry slot (``TimerWheel``)."""
+    dns_server: bytes | None = None
+    """Where a packet-tunnel flow is sent instead of ``orig_dst_addr`` (same port): the local resolver's
+    lookup under ``dns.system``, to the tunnel's DNS server (docs/DNS.md). Its replies reach the app from
+    ``orig_dst_addr``, as it expects."""
 
     @property
     def to_packet_tunnel(self) -> bool:
@@ -116,6 +120,11 @@ class NatEntry:
     def orig_dst_ip(self) -> str:
         """The destination the app asked for, as text (what a proxy connects to)."""
         return str(ipaddress.ip_address(self.orig_dst_addr))
+
+    @property
+    def upstream_ip(self) -> str:
+        """Where a proxy connects this flow to, as text: ``dns_server`` if set, else ``orig_dst_ip``."""
+        return str(ipaddress.ip_address(self.dns_server or self.orig_dst_addr))
 
     @property
     def app_ip(self) -> str:

@@ -1,13 +1,17 @@
 """Process patterns: how a rule's ``process`` names the executables it covers (docs/DESIGN.md).
 
-Five kinds, told apart by their text:
+Six kinds, told apart by their text:
 
 - ``firefox.exe`` — exact exe name (no separator, no wildcard);
 - ``*telegram*`` — wildcard on the exe name (``*`` any run, ``?`` one character);
 - ``C:\\Games\\`` or ``/opt/tools/**`` — directory: every exe below it, at any depth;
 - ``/opt/tools/*/bin/curl`` — glob on the full path: ``*`` and ``?`` never cross a separator, ``**`` as a
   whole component spans zero or more directories;
-- ``re:<regex>`` — a Python regex *searched* in the full path.
+- ``re:<regex>`` — a Python regex *searched* in the full path;
+- ``service:<name>`` — Windows only: the processes hosting that Windows service (``service:Dnscache``),
+  found by process id through the Service Control Manager, not by exe (a service often runs in a
+  ``svchost.exe`` shared with others). Names are case-insensitive, as the SCM's are. It matches no exe
+  path here: the router matches it by pid (``core/packet_router.py``, docs/WINDOWS.md).
 
 Platform semantics: on Windows matching is case-insensitive, ``\\`` and ``/`` are the same separator,
 ``\\\\?\\`` prefixes are ignored and a trailing ``.exe`` is optional on both sides: ``firefox`` and
@@ -33,6 +37,7 @@ import re
 from dataclasses import dataclass, field
 
 REGEX_PREFIX = "re:"
+SERVICE_PREFIX = "service:"
 WINDOWS_EXE_SUFFIX = ".exe"
 
 _WINDOWS_VERBATIM_PREFIXES = ("//?/", "/??/", "//./")
@@ -57,6 +62,7 @@ class PatternKind(enum.Enum):
     DIRECTORY = "directory"
     PATH_GLOB = "path_glob"
     REGEX = "regex"
+    SERVICE = "service"
 
 
 def normalise_path(path: str, platform: Platform) -> str:
@@ -101,7 +107,8 @@ class Pattern:
     """A compiled process pattern: its kind and normalised key.
 
     ``key`` is the normalised exe name (EXE_NAME, EXE_WILDCARD), the normalised directory without its
-    trailing separator (DIRECTORY), the normalised glob (PATH_GLOB) or the regex as searched (REGEX).
+    trailing separator (DIRECTORY), the normalised glob (PATH_GLOB), the regex as searched (REGEX) or the
+    service name in lower case (SERVICE).
     """
 
     source: str
@@ -123,6 +130,8 @@ class Pattern:
         kind = self.kind
         if kind is PatternKind.EXE_NAME:
             return exe.bare_name == self.key
+        if kind is PatternKind.SERVICE:
+            return False  # matched by process id, never by path
         if kind is PatternKind.DIRECTORY:
             return exe.path.startswith(self.key + "/")
         assert self.regex is not None
@@ -139,6 +148,8 @@ def compile_pattern(source: str, platform: Platform | None = None) -> Pattern:
         raise ValueError("empty process pattern")
     if source.startswith(REGEX_PREFIX):
         return _compile_regex(source, platform)
+    if source.startswith(SERVICE_PREFIX):
+        return _compile_service(source, platform)
 
     separators = "/\\" if platform is Platform.WINDOWS else "/"
     if not any(sep in source for sep in separators):
@@ -222,6 +233,18 @@ def _is_absolute(normalised: str, platform: Platform) -> bool:
     if normalised.startswith("/"):
         return True
     return platform is Platform.WINDOWS and _DRIVE.match(normalised) is not None
+
+
+def _compile_service(source: str, platform: Platform) -> Pattern:
+    if platform is not Platform.WINDOWS:
+        raise ValueError(
+            "service: rules name Windows services and work on Windows only; name the service's "
+            "executable here instead (a path or an exe name)"
+        )
+    name = source[len(SERVICE_PREFIX) :].strip()
+    if not name or any(c in name for c in "/\\"):
+        raise ValueError("service: needs a Windows service's name (e.g. service:Dnscache, no slashes)")
+    return Pattern(source, PatternKind.SERVICE, name.lower(), platform)
 
 
 def _compile_regex(source: str, platform: Platform) -> Pattern:

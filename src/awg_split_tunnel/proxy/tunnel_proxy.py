@@ -163,10 +163,13 @@ class QuietLog:
 
 class NatTarget(typing.Protocol):
     """What the proxy needs of the router's entry for a flow (``net.nat.NatEntry``, which carries more):
-    where the app meant to go, who the app is, and whether its rule fails closed."""
+    where the app meant to go, where to connect (the same, or its tunnel's DNS server under
+    ``dns.system``), who the app is, and whether its rule fails closed."""
 
     @property
     def orig_dst_ip(self) -> str: ...
+    @property
+    def upstream_ip(self) -> str: ...
     @property
     def orig_dst_port(self) -> int: ...
     @property
@@ -447,9 +450,11 @@ class TunnelProxy:
             sockname = app_writer.get_extra_info("sockname")
             dst: Address | None = (normalize_ip(sockname[0]), sockname[1]) if sockname else None
             entry = None if dst is None else self._lookup("tcp", peer, dst)
+            if entry is not None and dst is not None:
+                dst = (entry.upstream_ip, dst[1])
         else:
             entry = self._lookup("tcp", peer)
-            dst = None if entry is None else (entry.orig_dst_ip, entry.orig_dst_port)
+            dst = None if entry is None else (entry.upstream_ip, entry.orig_dst_port)
         if entry is None or dst is None:
             abort_stream(app_writer, reset=True)
             return
@@ -726,7 +731,7 @@ class TunnelProxy:
             if entry is None:
                 self.counters.datagrams_dropped += 1
                 return
-            dst = (entry.orig_dst_ip, entry.orig_dst_port)
+            dst = (entry.upstream_ip, entry.orig_dst_port)
             if self._refused("udp", entry, dst):
                 return
             assoc = UdpAssociation(

@@ -15,9 +15,10 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -433,6 +434,7 @@ class RouterProcess:
                     pid=message.pid,
                     exe=message.exe,
                     fail_closed=message.fail_closed,
+                    dns_server=message.dns_server,
                 )
             case FlowForgotten(proto=proto, key=key):
                 entry = self._nat[0 if proto == IPPROTO_TCP else 1].pop(key, None)
@@ -464,6 +466,7 @@ def nat_announcement(entry: NatEntry, key: bytes | None = None) -> FlowTunnelled
         pid=entry.pid,
         exe=entry.exe,
         fail_closed=entry.fail_closed,
+        dns_server=entry.dns_server,
     )
 
 
@@ -491,6 +494,16 @@ def configure_process_logging(level: int, log_file: str | None = None) -> None:
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
+def platform_service_pids() -> Callable[[str], Collection[int]] | None:
+    """Windows: a service's name → the pids hosting it, for ``service:`` rules
+    (``platform.windows.services``); None elsewhere (config refuses such rules there)."""
+    if sys.platform != "win32":
+        return None
+    from awg_split_tunnel.platform.windows.services import service_pids
+
+    return service_pids
+
+
 def process_router(
     settings: RouterSettings,
     states: dict[str, TunnelState],
@@ -509,6 +522,7 @@ def process_router(
         conn.send(nat_withdrawal(entry, None if peer_key is None else peer_key(entry)))
 
     engine = RuleEngine(settings.rules, settings.default, default_fallback=settings.default_fallback)
+    options.setdefault("service_pids", platform_service_pids())
     return PacketRouter(
         engine,
         states.get,

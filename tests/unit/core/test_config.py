@@ -1102,3 +1102,10 @@ def test_dns_settings_default_to_per_app_lookups_and_stream_tunnels_take_servers
     config = load_config(write(tmp_path, text))
     assert [t.dns for t in config.tunnels] == [("9.9.9.9",), ("1.1.1.1", "2606:4700::1111")]
     assert (config.dns.per_app, config.dns.system) == (False, "s")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="service: rules are Windows' own")
+def test_a_service_rule_is_refused_on_linux_naming_the_rule(tmp_path: Path) -> None:
+    error = config_error(tmp_path, "rules:\n  - process: 'service:Dnscache'\n    tunnel: direct\n")
+    assert error.key == "rules[0].process" and error.line == 2
+    assert "Windows only" in str(error)

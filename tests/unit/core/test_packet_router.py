@@ -913,3 +913,124 @@ def test_a_flow_row_carries_the_bytes_seen_each_way_and_when_the_flow_began() ->
     row = flow_row(entry)
     assert (row.packets_out, row.bytes_out, row.bytes_in) == (2, len(first) + len(data), len(reply))
     assert row.created == 1000.0
+
+
+# -- service: rules (Windows): processes matched by the service they host, by pid -------------------------
+
+SVCHOST = r"C:\Windows\System32\svchost.exe"
+
+
+class Services:
+    """The Service Control Manager as the router asks it: service name → pids; counts the questions."""
+
+    def __init__(self, table: dict[str, set[int]]) -> None:
+        self.table = table
+        self.asked = 0
+
+    def __call__(self, name: str) -> set[int]:
+        self.asked += 1
+        return self.table.get(name, set())
+
+
+def service_router(services: Services, rules: list[Rule]) -> tuple[PacketRouter, dict[int, str]]:
+    exes = {10: SVCHOST, 11: SVCHOST, 12: SVCHOST, 20: r"C:\Apps\curl.exe", 30: r"C:\Apps\game.exe"}
+    router = PacketRouter(
+        RuleEngine(rules, "direct", Platform.WINDOWS),
+        {"socks": TunnelState.UP}.get,
+        {"socks": TunnelRoute(PROXY_TCP, PROXY_UDP)},
+        own_pids={999},
+        exe_of=exes.get,
+        os_lookup=None,
+        owns=None,
+        service_pids=services,
+    )
+    return router, exes
+
+
+def decided(router: PacketRouter, pid: int, sport: int, now: float) -> PacketAction:
+    router.connect_event(IPPROTO_TCP, WEB, 80, pid, now)
+    packet = syn(sport=sport)
+    return router.route(packet, len(packet), now, lambda: None)
+
+
+def test_a_service_rule_takes_the_process_hosting_that_service_and_no_other_svchost() -> None:
+    services = Services({"dnscache": {10}})
+    router, _ = service_router(services, [Rule("service:Dnscache", "socks", FallbackPolicy.BLOCK)])
+    assert decided(router, 10, 40000, 1.0) is PacketAction.INJECT_INBOUND  # Dnscache's svchost: tunnelled
+    assert decided(router, 11, 40001, 1.0) is PacketAction.REINJECT  # another svchost: its own route
+
+
+def test_a_service_rule_matches_by_pid_even_when_the_exe_cannot_be_read() -> None:
+    services = Services({"dnscache": {12}})
+    router, exes = service_router(services, [Rule("service:Dnscache", "socks")])
+    del exes[12]
+    assert decided(router, 12, 40000, 1.0) is PacketAction.INJECT_INBOUND
+    assert router.stats.unknown_owner == 0
+
+
+def test_first_match_wins_between_exe_and_service_rules() -> None:
+    services = Services({"dnscache": {10}})
+    rules = [Rule("svchost.exe", "direct"), Rule("service:Dnscache", "socks")]
+    router, _ = service_router(services, rules)
+    assert decided(router, 10, 40000, 1.0) is PacketAction.REINJECT  # the exe rule comes first
+    rules = [Rule("service:Dnscache", "socks"), Rule("svchost.exe", "direct")]
+    router, _ = service_router(services, rules)
+    assert decided(router, 10, 40000, 1.0) is PacketAction.INJECT_INBOUND
+
+
+def test_a_restarted_service_is_matched_under_its_new_pid_and_the_scm_is_asked_boundedly() -> None:
+    services = Services({"dnscache": {10}})
+    router, _ = service_router(services, [Rule("service:Dnscache", "socks")])
+    router.poll(0.0)
+    assert decided(router, 10, 40000, 0.1) is PacketAction.INJECT_INBOUND
+    services.table["dnscache"] = {11}  # Dnscache restarted in another svchost
+    assert decided(router, 11, 40001, 0.2) is PacketAction.REINJECT  # read 0.2 s ago: not asked again yet
+    asked = services.asked
+    for sport in range(40100, 40150):  # many new flows of processes no rule names, within a second
+        decided(router, 20, sport, 0.5)
+        decided(router, 30, sport + 100, 0.5)
+    assert services.asked == asked  # no SCM question per flow
+    assert decided(router, 11, 40002, 1.3) is PacketAction.INJECT_INBOUND  # an unknown pid, a second on
+    assert services.asked == asked + 1
+    router.poll(7.0)  # and every few seconds anyway
+    assert services.asked == asked + 2
+
+
+def test_new_rules_are_matched_against_the_services_at_once() -> None:
+    services = Services({"dnscache": {10}, "wuauserv": {11}})
+    router, _ = service_router(services, [Rule("service:Dnscache", "socks")])
+    router.poll(0.0)
+    router.set_rules(RuleEngine([Rule("service:wuauserv", "socks")], "direct", Platform.WINDOWS))
+    router.poll(0.1)
+    assert decided(router, 11, 40000, 0.1) is PacketAction.INJECT_INBOUND
+    assert decided(router, 10, 40001, 0.1) is PacketAction.REINJECT
+
+
+# -- dns.system into a stream tunnel: the proxy connects to the tunnel's DNS server (docs/DNS.md) ---------
+
+
+def test_the_resolvers_lookup_into_a_stream_tunnel_is_sent_by_its_proxy_to_the_tunnels_dns_server() -> None:
+    from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
+
+    upstream, tunnel_dns = ipaddress.ip_address("198.18.0.53").packed, ipaddress.ip_address("198.18.0.54")
+    rules = [*system_rules([exe_rule_pattern("/usr/sbin/resolver")], "socks"), Rule("app-socks", "socks")]
+    router = PacketRouter(
+        RuleEngine(rules, "direct", Platform.POSIX),
+        {"socks": TunnelState.UP}.get,
+        {"socks": TunnelRoute(PROXY_TCP, PROXY_UDP, dns_servers=(tunnel_dns.packed,))},
+        own_pids={999},
+        exe_of={500: "/usr/sbin/resolver", 100: "/usr/bin/app-socks"}.get,
+        os_lookup=None,
+        owns=None,
+    )
+    for pid, sport in ((500, 45000), (100, 45001)):
+        router.connect_event(IPPROTO_UDP, upstream, 53, pid, 1.0)
+        packet = build_packet(APP, upstream, IPPROTO_UDP, sport, 53, b"query")
+        assert router.route(packet, len(packet), 1.0, lambda: None) is PacketAction.INJECT_INBOUND
+    resolver = router.nat_lookup("udp", "198.18.0.53", 45000)
+    app = router.nat_lookup("udp", "198.18.0.53", 45001)
+    assert resolver is not None and app is not None
+    assert (resolver.upstream_ip, resolver.orig_dst_ip) == (str(tunnel_dns), "198.18.0.53")
+    assert app.upstream_ip == "198.18.0.53"  # an app of the same tunnel keeps its server
+    # The control plane's mirror (the router in its own process) tells the proxy the same.
+    assert nat_announcement(resolver).dns_server == tunnel_dns.packed

@@ -542,3 +542,62 @@ def test_the_daemons_lookups_for_a_tunnel_that_is_down_are_dropped_never_sent_di
     env.set_state(TunnelState.DOWN)
     assert daemon_query(env) is PacketAction.DROP
     assert env.to_device() == [] and env.router.take_outgoing() == []
+
+
+# -- dns.system: the local resolver's own lookups go to the tunnel's DNS servers (docs/DNS.md) ------------
+
+RESOLVER_PID, UPSTREAM, TUNNEL_DNS = 500, ip("198.18.0.53"), ip("198.19.0.1")
+
+
+def system_env(dns_servers: tuple[bytes, ...] = (TUNNEL_DNS,)) -> Env:
+    """A router whose local resolver (pid 500) has ``dns.system: wg``; wg has ``dns_servers``."""
+    from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
+
+    env = Env()
+    rules = [*system_rules([exe_rule_pattern("/usr/sbin/resolver")], "wg"), Rule("app-wg", "wg")]
+    env.router.set_rules(RuleEngine(rules, "direct", Platform.POSIX))
+    env.router.set_tunnels({"wg": PacketTunnelRoute(TUN, None, MTU, dns_servers=dns_servers)})
+    PIDS[RESOLVER_PID] = "/usr/sbin/resolver"
+    env.router.poll(env.now)
+    return env
+
+
+def upstream_query(
+    env: Env, pid: int = RESOLVER_PID, dport: int = 53, proto: int = IPPROTO_UDP, sport: int = 45000
+) -> PacketAction:
+    env.router.connect_event(proto, UPSTREAM, dport, pid, env.now)
+    flags = TCP_SYN if proto == IPPROTO_TCP else 0
+    return env.route(build_packet(APP, UPSTREAM, proto, sport, dport, b"query", tcp_flags=flags))
+
+
+def test_the_resolvers_upstream_lookup_goes_to_the_tunnels_dns_server_and_is_answered_as_the_one_asked() -> (
+    None
+):
+    env = system_env()
+    assert upstream_query(env) is PacketAction.TO_TUNNEL
+    (sent,) = env.to_device()
+    assert sent == build_packet(TUN, TUNNEL_DNS, IPPROTO_UDP, 45000, 53, b"query")
+    env.router.from_tunnel("wg", [build_packet(TUNNEL_DNS, TUN, IPPROTO_UDP, 53, 45000, b"answer")], env.now)
+    (answer,) = env.router.take_outgoing()
+    assert bytes(answer.data) == build_packet(UPSTREAM, APP, IPPROTO_UDP, 53, 45000, b"answer")
+    assert parse(answer.data).checksums_valid()
+
+
+def test_the_resolvers_lookup_over_tcp_goes_to_the_tunnels_dns_server_too() -> None:
+    env = system_env()
+    assert upstream_query(env, proto=IPPROTO_TCP) is PacketAction.TO_TUNNEL
+    (sent,) = env.to_device()
+    assert parse(sent).dst_addr == TUNNEL_DNS and parse(sent).checksums_valid()
+
+
+def test_only_the_resolvers_port_53_flows_are_redirected() -> None:
+    env = system_env()
+    assert upstream_query(env, dport=853) is PacketAction.TO_TUNNEL  # DNS over TLS: where it was going
+    assert upstream_query(env, pid=100, sport=45001) is PacketAction.TO_TUNNEL  # an app of wg: its own server
+    assert [parse(p).dst_addr for p in env.to_device()] == [UPSTREAM, UPSTREAM]
+
+
+def test_a_tunnel_without_dns_servers_leaves_the_resolvers_lookups_with_its_own_servers() -> None:
+    env = system_env(dns_servers=(ip("2001:2::53"),))  # none of the flow's IP version
+    assert upstream_query(env) is PacketAction.TO_TUNNEL
+    assert [parse(p).dst_addr for p in env.to_device()] == [UPSTREAM]

@@ -56,14 +56,16 @@ def test_a_tunnel_without_servers_asks_the_systems_through_itself() -> None:
 
 def test_dns_system_gives_the_local_resolver_a_rule_of_its_own_before_the_others() -> None:
     from awg_split_tunnel.core.rule_engine import Rule, RuleEngine
-    from awg_split_tunnel.dns.route import system_rules
+    from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
     from awg_split_tunnel.process.matcher import Platform
 
     exe = "/usr/lib/systemd/systemd-resolved"
-    assert system_rules([exe], None) == []
-    rules = system_rules([exe, exe, "/usr/sbin/dnsmasq"], "nl-awg")
+    resolvers = [exe_rule_pattern(e) for e in (exe, exe, "/usr/sbin/dnsmasq")]
+    assert system_rules(resolvers, None) == []
+    rules = system_rules(resolvers, "nl-awg")
     assert [r.tunnel for r in rules] == ["nl-awg", "nl-awg"] and rules[0].fallback is BLOCK
     engine = RuleEngine([*rules, Rule("systemd-resolved", "direct")], "direct", Platform.POSIX)
-    assert engine.match(exe) == Decision("nl-awg", BLOCK, 0)
-    assert engine.match("/opt/other/systemd-resolved").tunnel == "direct"  # the exact exe only
-    assert system_rules([exe], DIRECT)[0].fallback is ALLOW
+    # Marked as dns.system's: its lookups into a packet tunnel go to that tunnel's DNS servers.
+    assert engine.match(exe) == Decision("nl-awg", BLOCK, 0, system_dns=True)
+    assert engine.match("/opt/other/systemd-resolved") == Decision("direct", ALLOW, 2)  # the exact exe only
+    assert system_rules(resolvers, DIRECT)[0].fallback is ALLOW

@@ -25,6 +25,7 @@ from awg_split_tunnel.platform.linux.kernel_rules import (
     MARK_MASK,
     PACKET_BASE,
     STREAM_BASE,
+    SYSTEM_DNS,
     KernelRuleset,
     PacketTunnelRules,
     StreamRedirect,
@@ -244,3 +245,60 @@ def test_a_packet_tunnels_table_ends_in_an_unreachable_route() -> None:
     assert f"-4 route add unreachable default metric 4000 table {table}" in commands
     assert f"-6 route add unreachable default metric 4000 table {table}" in commands
     assert any(c.startswith("-4 rule add fwmark") and f"lookup {table}" in c for c in commands)
+
+
+# -- dns.system: the local resolver's own lookups go to the tunnel's DNS server (docs/DNS.md) -------------
+
+TUNNEL_DNS = "198.19.0.1"
+
+
+def system_dns_gate() -> Gate:
+    """``Gate`` whose local resolver (pid 500) has ``dns.system: wg``, wg with DNS server ``TUNNEL_DNS``."""
+    from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
+
+    gate = Gate()
+    EXES[500] = "/usr/sbin/resolver"
+    rules = [*system_rules([exe_rule_pattern("/usr/sbin/resolver")], "wg"), Rule("app-wg", "wg")]
+    route = PacketTunnelRoute(
+        ipaddress.ip_address("198.19.0.2").packed,
+        None,
+        1420,
+        dns_servers=(ipaddress.ip_address(TUNNEL_DNS).packed,),
+    )
+    routes = {"socks": TunnelRoute(15001, 15002), "wg": route}
+    gate.slots.update(routes)
+    gate.router.set_rules(RuleEngine(rules, "direct", Platform.POSIX))
+    gate.router.set_tunnels(routes)
+    gate.router.poll(gate.now)
+    return gate
+
+
+def lookup(sport: int) -> QueuedPacket:
+    return QueuedPacket(bytes(build_packet(APP, WEB, IPPROTO_UDP, sport, 53, payload=b"query")))
+
+
+def test_the_resolvers_lookup_into_a_packet_tunnel_carries_the_system_dns_bit_an_apps_does_not() -> None:
+    gate = system_dns_gate()
+    gate.connect(500, dport=53, proto=IPPROTO_UDP)
+    resolver = gate.first(lookup(45000))
+    gate.connect(400, dport=53, proto=IPPROTO_UDP)
+    app = gate.first(lookup(45001))
+    wg = mark_value(PACKET_BASE + gate.slots.packets["wg"])
+    assert resolver.mark == OTHER_BITS | wg | SYSTEM_DNS
+    assert app.mark == OTHER_BITS | wg
+
+
+def test_the_table_sends_system_dns_flows_to_their_tunnels_dns_server() -> None:
+    gate = system_dns_gate()
+    streams, packets = gate.slots.update(gate.router.routes)
+    slot = gate.slots.packets["wg"]
+    assert packets[slot] == PacketTunnelRules(1420, TUNNEL_DNS, None)
+    text = KernelRuleset(streams, packets).table_text()
+    packet = f"ct mark and 0x{MARK_MASK:08x} == 0x{mark_value(PACKET_BASE + slot):08x}"
+    chain = text[text.index("chain system_dns") : text.index("chain packet_tunnels")]
+    assert f"meta mark and 0x{SYSTEM_DNS:08x} == 0 accept" in chain
+    assert (
+        f"{packet} meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {TUNNEL_DNS}" in chain
+    )
+    six = KernelRuleset({}, {0: PacketTunnelRules(1420, None, "2001:2::53")}).table_text()
+    assert "th dport 53 dnat ip6 to [2001:2::53]" in six

@@ -292,3 +292,16 @@ def test_directory_covers_every_path_below_it(directory: list[str], below: list[
     assert matches(root + "/", "/".join([root, *below]), P)
     assert matches(root + "/**", "/".join([root, *below]), P)
     assert not matches(root + "/", root + "x/" + below[-1], P)
+
+
+def test_a_service_pattern_names_a_windows_service_and_matches_no_exe_path() -> None:
+    pattern = compile_pattern("service: Dnscache", W)
+    assert (pattern.kind, pattern.key) == (PatternKind.SERVICE, "dnscache")  # the SCM's names ignore case
+    assert not pattern.matches(r"C:\Windows\System32\svchost.exe")  # matched by pid, in the router
+    with pytest.raises(ValueError, match="service's name"):
+        compile_pattern("service:", W)
+
+
+def test_a_service_pattern_is_refused_outside_windows_with_what_to_write_instead() -> None:
+    with pytest.raises(ValueError, match="Windows only; name the service's executable"):
+        compile_pattern("service:Dnscache", P)

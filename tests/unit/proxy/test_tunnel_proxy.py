@@ -21,7 +21,9 @@ from awg_split_tunnel.proxy.tunnel_proxy import Protocol, ProxyLimits, TunnelPro
 
 def Target(ip: str, port: int, pid: int | None = None, exe: str | None = None) -> SimpleNamespace:
     """A flow as the router answers the proxy's lookup (what ``proxy.tunnel_proxy.NatTarget`` asks)."""
-    return SimpleNamespace(orig_dst_ip=ip, orig_dst_port=port, pid=pid, exe=exe, fail_closed=False)
+    return SimpleNamespace(
+        orig_dst_ip=ip, upstream_ip=ip, orig_dst_port=port, pid=pid, exe=exe, fail_closed=False
+    )
 
 
 pytestmark = pytest.mark.timeout(30)
@@ -838,3 +840,24 @@ def test_flows_reset_by_the_proxy_end_without_an_error_in_the_log(
     with caplog.at_level(logging.ERROR):
         asyncio.run(main())
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@on_proxy
+async def test_a_flow_with_an_upstream_of_its_own_is_connected_there(
+    proxy: TunnelProxy, nat: FakeNat
+) -> None:
+    # dns.system (docs/DNS.md): the local resolver asked 127.0.0.2:port; its tunnel's DNS server answers.
+    srv, dst = await server(echo_upper)
+    async with srv:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        target = Target("127.0.0.2", dst[1])
+        target.upstream_ip = dst[0]
+        nat.entries[("tcp", *sock.getsockname())] = target
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, proxy.tcp_address)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"query")
+        assert await reader.readexactly(5) == b"QUERY"
+        writer.close()
+        await writer.wait_closed()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -45,6 +46,7 @@ from awg_split_tunnel.platform.linux.kernel_rules import (
     QUEUE_NUM,
     STREAM_BASE,
     STREAM_SLOTS,
+    SYSTEM_DNS,
     TABLE,
     KernelRuleset,
     PacketTunnelRules,
@@ -311,7 +313,15 @@ class TunnelSlots:
         redirects = {}
         for tunnel_id, slot in self.streams.items():
             redirects[slot] = StreamRedirect(streams[tunnel_id].tcp_port, streams[tunnel_id].udp_port)
-        rules = {slot: PacketTunnelRules(packets[tunnel_id].mtu) for tunnel_id, slot in self.packets.items()}
+        rules = {}
+        for tunnel_id, slot in self.packets.items():
+            route = packets[tunnel_id]
+            v4, v6 = route.dns_server(4), route.dns_server(6)
+            rules[slot] = PacketTunnelRules(
+                route.mtu,
+                None if v4 is None else str(ipaddress.ip_address(v4)),
+                None if v6 is None else str(ipaddress.ip_address(v6)),
+            )
         return redirects, rules
 
     @staticmethod
@@ -377,15 +387,16 @@ class KernelGate:
         if verdict is PacketAction.REINJECT:
             self.release(packet, DIRECT)
         elif verdict is PacketAction.INJECT_INBOUND or verdict is PacketAction.TO_TUNNEL:
-            self.release(packet, self._class_of(self.router.table.flows(proto).get(key)))
+            entry = self.router.table.flows(proto).get(key)
+            self.release(packet, self._class_of(entry), system_dns=self._system_dns(entry))
         else:  # DROP: blocked in the kernel (a TCP reset for the app, retransmits never come here)
             self.release(packet, BLOCK)
 
     def decided(self, entry: NatEntry, packets: list[object]) -> None:
         """``PacketRouter.on_decided``: a held flow's owner is known (or given up on)."""
-        flow_class = self._class_of(entry)
+        flow_class, system_dns = self._class_of(entry), self._system_dns(entry)
         for packet in packets:
-            self.release(packet, flow_class)  # type: ignore[arg-type]
+            self.release(packet, flow_class, system_dns=system_dns)  # type: ignore[arg-type]
 
     def _class_of(self, entry: NatEntry | None) -> int:
         if entry is None:
@@ -397,8 +408,14 @@ class KernelGate:
             return BLOCK if flow_class is None else flow_class
         return BLOCK
 
-    def release(self, packet: QueuedPacket, flow_class: int) -> None:
-        packet.set_mark((packet.get_mark() & ~MARK_MASK) | mark_value(flow_class))
+    @staticmethod
+    def _system_dns(entry: NatEntry | None) -> bool:
+        """Whether the flow goes to its tunnel's DNS server (``dns.system``): the ``SYSTEM_DNS`` bit."""
+        return entry is not None and entry.dns_server is not None and entry.to_packet_tunnel
+
+    def release(self, packet: QueuedPacket, flow_class: int, *, system_dns: bool = False) -> None:
+        mark = (packet.get_mark() & ~(MARK_MASK | SYSTEM_DNS)) | mark_value(flow_class)
+        packet.set_mark(mark | SYSTEM_DNS if system_dns else mark)
         packet.accept()
 
 

@@ -17,6 +17,10 @@ handled by the kernel from that ct mark alone (docs/DATAPATHS.md):
   flow fall through to the main table), it leaves masqueraded to the tunnel's address with its MSS
   clamped to the TUN's MTU, and a guard drops it on any other interface. Replies from the TUN get the
   mark back, so strict reverse-path filtering finds them valid (``src_valid_mark`` on the TUN).
+- ``SYSTEM_DNS`` (a bit beside the class, in the first packet's mark only): the local resolver's own lookup
+  into packet tunnel k under ``dns.system`` — the ``system_dns`` chain DNATs it to tunnel k's DNS server
+  (``PacketTunnelRules.dns_v4`` / ``dns_v6``), port 53 kept; conntrack carries the NAT for the flow's
+  later packets and un-NATs the answers, so the resolver sees them come from the server it asked.
 - ``BLOCK``: TCP answered with a reset, anything else dropped, in the kernel (retransmits never reach
   Python, and the verdict outlives the daemon).
 - ``INBOUND``: set on new inbound flows (servers on this host) so their replies are never queued.
@@ -58,6 +62,10 @@ LOCAL_ROUTE = 0x01000000
 """The packet-mark bit that sends a stream tunnel's TCP packets back through loopback (to TPROXY)."""
 LOCAL_TABLE = 52001
 """The routing table of ``LOCAL_ROUTE`` packets (``local default dev lo``, both families)."""
+SYSTEM_DNS = 0x02000000
+"""The packet-mark bit the gate adds to the first packet of a flow the router sends to its tunnel's DNS
+server instead (``NatEntry.dns_server``: ``dns.system``, docs/DNS.md). Only NAT looks at it, and NAT
+decides on a flow's first packet alone."""
 RULE_PRIORITY = 5201
 """Our ip rules' priority (before ``main`` at 32766)."""
 
@@ -79,9 +87,12 @@ class StreamRedirect:
 
 @dataclass(frozen=True, slots=True)
 class PacketTunnelRules:
-    """What the table needs of a WireGuard/AmneziaWG tunnel: its TUN's MTU (for the MSS clamp)."""
+    """What the table needs of a WireGuard/AmneziaWG tunnel: its TUN's MTU (for the MSS clamp), and its
+    first DNS server of each IP version (``SYSTEM_DNS`` flows are sent there)."""
 
     mtu: int
+    dns_v4: str | None = None
+    dns_v6: str | None = None
 
 
 def packet_ifname(slot: int) -> str:
@@ -136,7 +147,7 @@ class KernelRuleset:
                 redirects.append(f"    {stream} meta l4proto udp redirect to :{ports.udp_port}")
             else:
                 not_carried.append(f"    {stream} meta l4proto udp drop\n")
-        masquerade, guard, clamp_out = [], [], []
+        masquerade, guard, clamp_out, system_dns = [], [], [], []
         for slot, rules in sorted(self.packets.items()):
             packet, value, ifname = (
                 is_class(PACKET_BASE + slot),
@@ -146,6 +157,13 @@ class KernelRuleset:
             reroute.append(f"    ct direction original {packet} meta mark set meta mark or 0x{value:08x}")
             guard.append(f'    ct direction original {packet} oifname != "{ifname}" drop')
             masquerade.append(f'    {packet} oifname "{ifname}" masquerade')
+            for family, server in (("ip", rules.dns_v4), ("ip6", rules.dns_v6)):
+                if server is not None:
+                    nfproto = "ipv4" if family == "ip" else "ipv6"
+                    system_dns.append(
+                        f"    {packet} meta nfproto {nfproto} meta l4proto {{ tcp, udp }} th dport 53 "
+                        f"dnat {family} to {server if family == 'ip' else f'[{server}]'}"
+                    )
             clamp_out.append(f'    oifname "{ifname}" tcp flags syn tcp option maxseg size set rt mtu')
             tproxy.append(f'    iifname "{ifname}" meta mark set meta mark or 0x{value:08x}')
             for family, overhead in (("ipv4", 40), ("ipv6", 60)):
@@ -188,6 +206,12 @@ class KernelRuleset:
             "  chain to_proxy {\n"
             "    type nat hook output priority -100; policy accept;\n"
             + ("\n".join(redirects) + "\n" if redirects else "")
+            + "  }\n"
+            "  chain system_dns {\n"
+            # Before to_proxy: both are NAT of locally generated packets, and only one may bind a flow.
+            "    type nat hook output priority -101; policy accept;\n"
+            f"    meta mark and 0x{SYSTEM_DNS:08x} == 0 accept\n"
+            + "".join(line + "\n" for line in system_dns)
             + "  }\n"
             "  chain packet_tunnels {\n"
             "    type filter hook postrouting priority -1; policy accept;\n"
