@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,16 +36,40 @@ def _blob(data: bytes) -> Iterator[DataBlob]:
 
 
 class MachineDpapi:
-    """`protect` / `unprotect` through crypt32.dll (Windows only). Errors are OSError with the Windows
-    error code (`ERROR_INVALID_DATA` for another machine's or a damaged blob); never the data."""
+    """`protect` / `unprotect` through crypt32.dll. Errors are OSError with the Windows error code
+    (`ERROR_INVALID_DATA` for another machine's or a damaged blob), never the data. The DLLs and the
+    last-error reader are given only by tests (Windows loads the real ones)."""
 
-    def __init__(self) -> None:
-        if sys.platform != "win32":
-            raise OSError("DPAPI is Windows only")
-        self._crypt32: Any = ctypes.WinDLL("crypt32", use_last_error=True)
-        self._kernel32: Any = ctypes.WinDLL("kernel32", use_last_error=True)
-        self._kernel32.LocalFree.argtypes = [ctypes.c_void_p]
-        self._kernel32.LocalFree.restype = ctypes.c_void_p
+    def __init__(
+        self,
+        crypt32: Any = None,
+        kernel32: Any = None,
+        last_error: Callable[[], int] | None = None,
+    ) -> None:
+        if crypt32 is None:
+            if sys.platform != "win32":
+                raise OSError("DPAPI is Windows only")
+            crypt32 = ctypes.WinDLL("crypt32", use_last_error=True)
+            kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+            last_error = ctypes.get_last_error  # type: ignore[attr-defined,unused-ignore]
+        self._crypt32 = crypt32
+        self._kernel32 = kernel32
+        self._last_error = last_error or (lambda: 0)
+        blob = ctypes.POINTER(DataBlob)
+        for name in ("CryptProtectData", "CryptUnprotectData"):
+            function = getattr(crypt32, name)
+            function.argtypes = [
+                blob,
+                ctypes.c_void_p,
+                blob,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_uint32,
+                blob,
+            ]
+            function.restype = ctypes.c_int
+        kernel32.LocalFree.argtypes = [ctypes.c_void_p]
+        kernel32.LocalFree.restype = ctypes.c_void_p
 
     def protect(self, data: bytes) -> bytes:
         return self._call("CryptProtectData", data)
@@ -57,18 +81,19 @@ class MachineDpapi:
         out = DataBlob()
         with _blob(data) as data_in, _blob(ENTROPY) as entropy:
             ok = getattr(self._crypt32, name)(
-                ctypes.byref(data_in),
+                ctypes.pointer(data_in),
                 None,  # no description in, none wanted out
-                ctypes.byref(entropy),
+                ctypes.pointer(entropy),
                 None,
                 None,
                 CRYPTPROTECT_UI_FORBIDDEN | CRYPTPROTECT_LOCAL_MACHINE,
-                ctypes.byref(out),
+                ctypes.pointer(out),
             )
         if not ok:
-            code = ctypes.get_last_error()  # type: ignore[attr-defined,unused-ignore]
+            code = self._last_error()
             raise OSError(code, f"{name} failed (Windows error {code})")
         try:
             return ctypes.string_at(out.pbData, out.cbData)
         finally:
+            # The output buffer is allocated by DPAPI with LocalAlloc.
             self._kernel32.LocalFree(ctypes.cast(out.pbData, ctypes.c_void_p))

@@ -6,15 +6,22 @@ error naming its key, never its value."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dpapi_fake import FakeDpapi
+from dpapi_fake import ERROR_INVALID_DATA, FakeCrypt32, FakeDpapi
 from typer.testing import CliRunner
 
 from awg_split_tunnel.cli import app
 from awg_split_tunnel.core.config import ConfigManager, load_config
 from awg_split_tunnel.errors import ConfigError
+from awg_split_tunnel.platform.windows.dpapi import (
+    CRYPTPROTECT_LOCAL_MACHINE,
+    CRYPTPROTECT_UI_FORBIDDEN,
+    ENTROPY,
+    MachineDpapi,
+)
 
 pytestmark = pytest.mark.windows
 
@@ -125,3 +132,33 @@ def test_protect_secrets_command_rewrites_the_config(tmp_path: Path, monkeypatch
     assert "protected tunnels[1].peer.preshared_key" in result.output
     assert PASSWORD not in path.read_text()
     assert load_config(path, dpapi).tunnel("office").password == PASSWORD  # type: ignore[union-attr]
+
+
+def test_machine_dpapi_calls_crypt32_with_machine_scope_and_the_entropy() -> None:
+    crypt32 = FakeCrypt32(FakeDpapi())
+    dpapi = MachineDpapi(crypt32, crypt32, crypt32.last_error)
+
+    blob = dpapi.protect(PASSWORD.encode())
+
+    assert PASSWORD.encode() not in blob
+    assert dpapi.unprotect(blob) == PASSWORD.encode()
+    assert crypt32.flags == [CRYPTPROTECT_LOCAL_MACHINE | CRYPTPROTECT_UI_FORBIDDEN] * 2
+    assert crypt32.entropy == [ENTROPY] * 2
+    assert crypt32.allocated == {}  # each output freed with LocalFree
+
+
+def test_machine_dpapi_reports_another_machines_blob_as_the_windows_error() -> None:
+    blob = MachineDpapi(*_dlls(b"another machine")).protect(PASSWORD.encode())
+    crypt32 = FakeCrypt32(FakeDpapi(b"this machine"))
+
+    with pytest.raises(OSError) as raised:
+        MachineDpapi(crypt32, crypt32, crypt32.last_error).unprotect(blob)
+
+    assert raised.value.errno == ERROR_INVALID_DATA
+    assert "CryptUnprotectData" in str(raised.value)
+    assert crypt32.allocated == {}
+
+
+def _dlls(machine: bytes) -> tuple[FakeCrypt32, FakeCrypt32, Callable[[], int]]:
+    crypt32 = FakeCrypt32(FakeDpapi(machine))
+    return crypt32, crypt32, crypt32.last_error
