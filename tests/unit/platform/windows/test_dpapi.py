@@ -5,6 +5,7 @@ error naming its key, never its value."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from awg_split_tunnel.cli import app
 from awg_split_tunnel.core.config import ConfigManager, load_config
+from awg_split_tunnel.daemon import Daemon
 from awg_split_tunnel.errors import ConfigError
 from awg_split_tunnel.platform.windows.dpapi import (
     CRYPTPROTECT_LOCAL_MACHINE,
@@ -162,3 +164,27 @@ def test_machine_dpapi_reports_another_machines_blob_as_the_windows_error() -> N
 def _dlls(machine: bytes) -> tuple[FakeCrypt32, FakeCrypt32, Callable[[], int]]:
     crypt32 = FakeCrypt32(FakeDpapi(machine))
     return crypt32, crypt32, crypt32.last_error
+
+
+def test_the_daemon_and_its_dashboard_read_dpapi_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dpapi = FakeDpapi()
+    path = _write(tmp_path, CONFIG + "ui: {listen: 127.0.0.1:0}\n")
+    manager = ConfigManager(path, secrets=dpapi)
+    manager.load()
+    manager.protect_secrets(dpapi)
+    monkeypatch.setattr("awg_split_tunnel.daemon.secret_protection", lambda: dpapi)
+    daemon = Daemon(path, check_privileges=False)
+
+    config = daemon.manager.load()
+    assert config.tunnel("office").password == PASSWORD  # type: ignore[union-attr]
+
+    async def dashboard_rules() -> object:
+        await daemon._start_dashboard(config)
+        try:
+            return daemon._dashboard._current_config()
+        finally:
+            await daemon._dashboard.stop()
+
+    assert asyncio.run(dashboard_rules()) == config
