@@ -292,8 +292,8 @@ class InlinePeer(_Model):
 _INTERFACE_FIELDS = ("private_key", "address", "dns", "mtu", "listen_port", *AWG_PARAMETERS)
 _INLINE_SECRETS = ("private_key", "header_protection_key")
 SECRET_KEYS = (*_INLINE_SECRETS, "preshared_key", "password")
-"""The keys whose values are secrets (a tunnel's, or its peer's): hidden from reprs, and the ones a
-`dpapi:` value may stand for."""
+"""The keys whose values are secrets (a tunnel's, or its peer's): the ones `protect-secrets` encrypts and
+a `dpapi:` value may stand for."""
 
 
 class PacketTunnel(_TunnelBase):
@@ -1299,28 +1299,24 @@ class ConfigManager:
         `.conf` files of `config_file` are left as they are. Returns the keys rewritten
         (`tunnels[0].private_key`), none when there was nothing to protect."""
         with self.locked():
-            done: list[str] = []
+            plain = [
+                where for where, node, key in _secret_nodes(self._document()) if _plain_secret(node[key])
+            ]
+            if not plain:
+                return []
 
             def change(doc: CommentedMap) -> None:
                 for where, node, key in _secret_nodes(doc):
-                    value = node[key]
-                    if isinstance(value, bool) or not isinstance(value, str | int | float):
-                        continue  # not a secret's text: validation says what is wrong
-                    text = str(value)
-                    if text.startswith(DPAPI_PREFIX):
+                    text = _plain_secret(node[key])
+                    if text is None:
                         continue
                     blob = protection.protect(text.encode("utf-8"))
                     if protection.unprotect(blob) != text.encode("utf-8"):
                         raise ConfigError("DPAPI did not give back what it encrypted", key=where)
                     node[key] = DPAPI_PREFIX + base64.b64encode(blob).decode("ascii")
-                    done.append(where)
 
-            draft = copy.deepcopy(self._document())
-            change(draft)
-            if done:
-                done.clear()
-                self._apply(change, "secrets.protect", {})
-            return done
+            self._apply(change, "secrets.protect", {"keys": plain})
+            return plain
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -1452,6 +1448,15 @@ def _secret_nodes(doc: CommentedMap) -> Iterator[tuple[str, CommentedMap, str]]:
             for name in SECRET_KEYS:
                 if name in peer:
                     yield f"{here}.peer.{name}", peer, name
+
+
+def _plain_secret(value: object) -> str | None:
+    """A secret's text as the config reads it (numbers as text), unless it is already `dpapi:` or is not
+    a secret's text at all (validation says what is wrong then)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    text = str(value)
+    return None if text.startswith(DPAPI_PREFIX) else text
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

@@ -91,7 +91,7 @@ class MachineDpapi:
             )
         if not ok:
             code = self._last_error()
-            raise OSError(code, f"{name} failed (Windows error {code})")
+            raise OSError(code, f"Windows error {code} from {name}")
         try:
             return ctypes.string_at(out.pbData, out.cbData)
         finally:

@@ -157,7 +157,7 @@ def test_machine_dpapi_reports_another_machines_blob_as_the_windows_error() -> N
         MachineDpapi(crypt32, crypt32, crypt32.last_error).unprotect(blob)
 
     assert raised.value.errno == ERROR_INVALID_DATA
-    assert "CryptUnprotectData" in str(raised.value)
+    assert raised.value.strerror == "Windows error 13 from CryptUnprotectData"
     assert crypt32.allocated == {}
 
 
