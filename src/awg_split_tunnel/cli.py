@@ -98,9 +98,9 @@ def _config_path(config: Path | None) -> Path:
 
 def _manager(config: Path | None, *, missing_ok: bool = False) -> ConfigManager:
     from awg_split_tunnel.core.config import ConfigManager
-    from awg_split_tunnel.platform.data_folder import data_folder
+    from awg_split_tunnel.platform.data_folder import data_folder, secret_protection
 
-    manager = ConfigManager(_config_path(config), folder=data_folder())
+    manager = ConfigManager(_config_path(config), folder=data_folder(), secrets=secret_protection())
     manager.load(missing_ok=missing_ok)
     return manager
 
@@ -110,9 +110,9 @@ def _editing(config: Path | None, *, missing_ok: bool = False) -> Iterator[Confi
     """The config loaded under its edit lock, held until the change is written: two edits at once (two
     `rule add`s) wait for each other instead of the second being refused as changed on disk."""
     from awg_split_tunnel.core.config import ConfigManager
-    from awg_split_tunnel.platform.data_folder import data_folder
+    from awg_split_tunnel.platform.data_folder import data_folder, secret_protection
 
-    manager = ConfigManager(_config_path(config), folder=data_folder())
+    manager = ConfigManager(_config_path(config), folder=data_folder(), secrets=secret_protection())
     with manager.locked():
         manager.load(missing_ok=missing_ok)
         yield manager
@@ -313,6 +313,25 @@ def genkey() -> None:
     from awg_split_tunnel.provider.wireguard.keys import generate_private_key
 
     typer.echo(generate_private_key())
+
+
+@app.command("protect-secrets")
+def protect_secrets(config: ConfigOption = None) -> None:
+    """Windows: encrypt the keys and passwords written in the YAML with DPAPI (`dpapi:` values, readable
+    on this machine only); comments are kept, `.conf` files are not changed."""
+    from awg_split_tunnel.platform.data_folder import secret_protection
+
+    protection = secret_protection()
+    if protection is None:
+        raise _fail("protect-secrets is Windows only (DPAPI); elsewhere the config is kept 0600")
+    with _user_errors(), _editing(config) as manager:
+        done = manager.protect_secrets(protection)
+    if not done:
+        _say("no plain secrets in ", str(manager.path), " (files of config_file are not changed)")
+        return
+    for key in done:
+        _say("protected ", key)
+    _say(f"{len(done)} secret(s) of {manager.path} are now DPAPI-encrypted for this machine")
 
 
 @app.command()

@@ -45,7 +45,7 @@ from awg_split_tunnel.dns.route import exe_rule_pattern, system_rules
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError, TunnelError
 from awg_split_tunnel.net.nat import NatEntry
 from awg_split_tunnel.packet_tunnels import OWN_TRAFFIC_MARK, packet_tunnel_devices
-from awg_split_tunnel.platform.data_folder import check_data_folder, data_folder
+from awg_split_tunnel.platform.data_folder import check_data_folder, data_folder, secret_protection
 from awg_split_tunnel.process.matcher import SERVICE_PREFIX
 from awg_split_tunnel.provider.interface import set_own_socket_mark
 from awg_split_tunnel.proxy.tunnel_proxy import NatTarget
@@ -224,7 +224,9 @@ class Daemon:
         self.config_path = Path(config_path)
         self._log_file = log_file
         self.bus = EventBus()
-        self.manager = ConfigManager(self.config_path, self.bus, folder=data_folder())
+        self.manager = ConfigManager(
+            self.config_path, self.bus, folder=data_folder(), secrets=secret_protection()
+        )
         self.registry = TunnelRegistry(self.bus)
         self.runtimes: dict[str, TunnelRuntime] = {}
         """The running tunnels by id, in the order the router heard of them."""
@@ -776,7 +778,13 @@ class Daemon:
             return
         from awg_split_tunnel.ui.server import DashboardServer
 
-        dashboard = DashboardServer(self._api_handlers(), self.config_path, *listen, self._keep_log_tail())
+        dashboard = DashboardServer(
+            self._api_handlers(),
+            self.config_path,
+            *listen,
+            self._keep_log_tail(),
+            secrets=self.manager.secrets,
+        )
         try:
             await dashboard.start()
         except OSError as exc:

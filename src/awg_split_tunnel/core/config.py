@@ -9,6 +9,8 @@ every change.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import io
 import ipaddress
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PureWindowsPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -124,8 +126,49 @@ def _setting_text(value: object) -> object:
     return value
 
 
+DPAPI_PREFIX = "dpapi:"
+"""A secret value written `dpapi:BASE64` is DPAPI-encrypted (Windows, machine scope; docs/WINDOWS.md)."""
+SECRETS_CONTEXT = "secrets"
+"""The validation context's key for the `SecretProtection` that reads `dpapi:` values (None: none here)."""
+
+
+class SecretProtection(Protocol):
+    """Encrypts secrets of the config for this machine (Windows: DPAPI, platform/windows/dpapi.py).
+    `unprotect` raises OSError for a blob it cannot decrypt (another machine's, or damaged)."""
+
+    def protect(self, data: bytes) -> bytes: ...
+
+    def unprotect(self, blob: bytes) -> bytes: ...
+
+
+def _unprotected(value: object, info: ValidationInfo) -> object:
+    """A `dpapi:BASE64` secret decrypted; other values as they are. The messages never show the value."""
+    if not isinstance(value, str) or not value.startswith(DPAPI_PREFIX):
+        return value
+    protection: SecretProtection | None = (info.context or {}).get(SECRETS_CONTEXT)
+    if protection is None:
+        raise ValueError(
+            "DPAPI values can only be read on Windows: write the secret itself here (the value is not shown)"
+        )
+    try:
+        blob = base64.b64decode(value[len(DPAPI_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the text after dpapi: is not base64 (the value is not shown)") from None
+    try:
+        return protection.unprotect(blob).decode("utf-8")
+    except OSError as exc:
+        raise ValueError(
+            f"cannot decrypt this DPAPI value ({exc.strerror or 'invalid data'}): it was protected on "
+            "another machine or is damaged; write the secret itself here and run protect-secrets again"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError("this DPAPI value does not decrypt to text (the value is not shown)") from None
+
+
 Setting = Annotated[str | None, BeforeValidator(_setting_text)]
-SecretSetting = Annotated[str | None, BeforeValidator(_setting_text), Field(repr=False)]
+SecretSetting = Annotated[
+    str | None, BeforeValidator(_setting_text), BeforeValidator(_unprotected), Field(repr=False)
+]
 
 
 class RuleConfig(_Model):
@@ -182,7 +225,7 @@ def _dns_servers(value: object) -> object:
 class _ProxyTunnel(_TunnelBase):
     server: str
     username: str | None = None
-    password: str | None = Field(default=None, repr=False)
+    password: Annotated[str | None, BeforeValidator(_unprotected), Field(repr=False)] = None
     dns: Annotated[tuple[str, ...], BeforeValidator(_dns_servers)] = ()
     """The resolvers this tunnel's apps' lookups are sent to (none: the system's, through the tunnel)."""
 
@@ -248,6 +291,9 @@ class InlinePeer(_Model):
 
 _INTERFACE_FIELDS = ("private_key", "address", "dns", "mtu", "listen_port", *AWG_PARAMETERS)
 _INLINE_SECRETS = ("private_key", "header_protection_key")
+SECRET_KEYS = (*_INLINE_SECRETS, "preshared_key", "password")
+"""The keys whose values are secrets (a tunnel's, or its peer's): the ones `protect-secrets` encrypts and
+a `dpapi:` value may stand for."""
 
 
 class PacketTunnel(_TunnelBase):
@@ -830,9 +876,11 @@ def _conf_key(key: str | None) -> str | None:
     return CONF_NAMES.get(key, key) if key is not None else None
 
 
-def _validate_document(doc: CommentedMap, file: str, base_dir: Path) -> Config:
+def _validate_document(
+    doc: CommentedMap, file: str, base_dir: Path, secrets: SecretProtection | None
+) -> Config:
     try:
-        config = Config.model_validate(_plain(doc))
+        config = Config.model_validate(_plain(doc), context={SECRETS_CONTEXT: secrets})
     except ValidationError as exc:
         raise _validation_error(exc, doc, file) from None
     _check_references(config, doc, file)
@@ -840,24 +888,27 @@ def _validate_document(doc: CommentedMap, file: str, base_dir: Path) -> Config:
     return config
 
 
-def _parse_document(text: str, file: str, base_dir: Path) -> tuple[CommentedMap, Config]:
-    """The round-trip document and the validated config of YAML text. A ConfigError never repeats a
-    secret of the text, even when the text does not parse."""
+def _parse_document(
+    text: str, file: str, base_dir: Path, secrets: SecretProtection | None = None
+) -> tuple[CommentedMap, Config]:
+    """The round-trip document and the validated config of YAML text (`dpapi:` values decrypted by
+    `secrets`). A ConfigError never repeats a secret of the text, even when the text does not parse."""
     try:
         doc = _load_document(text, file)
-        return doc, _validate_document(doc, file, base_dir)
+        return doc, _validate_document(doc, file, base_dir, secrets)
     except ConfigError as exc:
         raise _without_secrets(exc, text) from None
 
 
-def parse_config(text: str, *, file: str, base_dir: Path) -> Config:
-    """Validate YAML text; `config_file`s are read relative to `base_dir`. Raises ConfigError."""
-    return _parse_document(text, file, base_dir)[1]
+def parse_config(text: str, *, file: str, base_dir: Path, secrets: SecretProtection | None = None) -> Config:
+    """Validate YAML text; `config_file`s are read relative to `base_dir`, `dpapi:` values decrypted by
+    `secrets` (None: this platform has no DPAPI, and such a value is an error). Raises ConfigError."""
+    return _parse_document(text, file, base_dir, secrets)[1]
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a config file. Raises ConfigError."""
-    return parse_config(_read_text(path), file=str(path), base_dir=path.parent)
+def load_config(path: Path, secrets: SecretProtection | None = None) -> Config:
+    """Read and validate a config file (see `parse_config`). Raises ConfigError."""
+    return parse_config(_read_text(path), file=str(path), base_dir=path.parent, secrets=secrets)
 
 
 def _read_text(path: Path) -> str:
@@ -990,10 +1041,18 @@ class ConfigManager:
     change is either applied or refused because the file changed on disk since it was loaded, never lost.
     """
 
-    def __init__(self, path: Path, bus: EventBus | None = None, *, folder: MakeFolder = make_folder) -> None:
+    def __init__(
+        self,
+        path: Path,
+        bus: EventBus | None = None,
+        *,
+        folder: MakeFolder = make_folder,
+        secrets: SecretProtection | None = None,
+    ) -> None:
         self.path = Path(path)
         self.bus = bus
         self._make_folder = folder
+        self.secrets = secrets
         self._doc: CommentedMap | None = None
         self._config: Config | None = None
         self._indent: tuple[int, int, int] = (2, 4, 2)
@@ -1010,7 +1069,7 @@ class ConfigManager:
         first change or `save()`). Raises ConfigError."""
         exists = not missing_ok or self.path.exists()
         text = _read_text(self.path) if exists else ""
-        doc, config = _parse_document(text, str(self.path), self.path.parent)
+        doc, config = _parse_document(text, str(self.path), self.path.parent, self.secrets)
         self._take(text if exists else None, doc, config)
         return config
 
@@ -1026,7 +1085,7 @@ class ConfigManager:
         """
         old = self._config
         text = self._read_settled()
-        doc, config = _parse_document(text, str(self.path), self.path.parent)
+        doc, config = _parse_document(text, str(self.path), self.path.parent, self.secrets)
         if not doc and old is not None and old != Config():
             raise ConfigError(
                 "the file has no settings (it is empty or only comments), so the running config stays; "
@@ -1235,6 +1294,30 @@ class ConfigManager:
         """Write the current document (atomically; 0600 when it holds secrets)."""
         self._write_config(self._dump(self._document()), self.config)
 
+    def protect_secrets(self, protection: SecretProtection) -> list[str]:
+        """Rewrite every plain secret of the YAML (`SECRET_KEYS`) as `dpapi:BASE64`, comments kept; the
+        `.conf` files of `config_file` are left as they are. Returns the keys rewritten
+        (`tunnels[0].private_key`), none when there was nothing to protect."""
+        with self.locked():
+            plain = [
+                where for where, node, key in _secret_nodes(self._document()) if _plain_secret(node[key])
+            ]
+            if not plain:
+                return []
+
+            def change(doc: CommentedMap) -> None:
+                for where, node, key in _secret_nodes(doc):
+                    text = _plain_secret(node[key])
+                    if text is None:
+                        continue
+                    blob = protection.protect(text.encode("utf-8"))
+                    if protection.unprotect(blob) != text.encode("utf-8"):
+                        raise ConfigError("DPAPI did not give back what it encrypted", key=where)
+                    node[key] = DPAPI_PREFIX + base64.b64encode(blob).decode("ascii")
+
+            self._apply(change, "secrets.protect", {"keys": plain})
+            return plain
+
     # -- internals --------------------------------------------------------------------------------------
 
     def _take(self, on_disk: str | None, doc: CommentedMap, config: Config) -> None:
@@ -1290,7 +1373,7 @@ class ConfigManager:
         file = str(self.path)
         try:
             # Validate exactly what will be written; the re-read document also has fresh line numbers.
-            doc, config = _parse_document(text, file, self.path.parent)
+            doc, config = _parse_document(text, file, self.path.parent, self.secrets)
         except ConfigError as exc:
             if exc.file != file:
                 raise  # a .conf file's own error keeps its file and line
@@ -1346,6 +1429,34 @@ class ConfigManager:
                         "(chmod 600 it)",
                         path,
                     )
+
+
+def _secret_nodes(doc: CommentedMap) -> Iterator[tuple[str, CommentedMap, str]]:
+    """The secrets written in the YAML itself: (the key as users read it, its mapping, its name)."""
+    tunnels = doc.get("tunnels")
+    if not isinstance(tunnels, CommentedSeq):
+        return
+    for index, tunnel in enumerate(tunnels):
+        if not isinstance(tunnel, CommentedMap):
+            continue
+        here = f"tunnels[{index}]"
+        for name in SECRET_KEYS:
+            if name in tunnel:
+                yield f"{here}.{name}", tunnel, name
+        peer = tunnel.get("peer")
+        if isinstance(peer, CommentedMap):
+            for name in SECRET_KEYS:
+                if name in peer:
+                    yield f"{here}.peer.{name}", peer, name
+
+
+def _plain_secret(value: object) -> str | None:
+    """A secret's text as the config reads it (numbers as text), unless it is already `dpapi:` or is not
+    a secret's text at all (validation says what is wrong then)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    text = str(value)
+    return None if text.startswith(DPAPI_PREFIX) else text
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

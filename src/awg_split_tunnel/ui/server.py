@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from awg_split_tunnel.core.config import Config, ConfigManager, load_config
+from awg_split_tunnel.core.config import Config, ConfigManager, SecretProtection, load_config
 from awg_split_tunnel.core.routing import engine_from_config
 from awg_split_tunnel.errors import AwgSplitTunnelError, ConfigError
 from awg_split_tunnel.ui.access import (
@@ -70,9 +70,12 @@ class DashboardServer:
         log_tail: LogTail | None = None,
         *,
         push_interval: float = PUSH_INTERVAL,
+        secrets: SecretProtection | None = None,
     ) -> None:
         self.handlers = handlers
         self.config_path = Path(config_path)
+        self.secrets = secrets
+        """What reads the config's `dpapi:` secrets (core/config.py)."""
         self.host = host
         self.port = port
         self.log_tail = log_tail or LogTail()
@@ -235,7 +238,7 @@ class DashboardServer:
         if cached is not None and cached[0] == stamp and stamp is not None:
             return cached[1]
         try:
-            result: Config | ConfigError = load_config(self.config_path)
+            result: Config | ConfigError = load_config(self.config_path, self.secrets)
         except ConfigError as exc:
             result = exc
         self._rules_cache = (stamp, result)
@@ -249,7 +252,7 @@ class DashboardServer:
 
     async def _edit(self, change: Callable[[ConfigManager], T]) -> T:
         def edit() -> T:
-            manager = ConfigManager(self.config_path)
+            manager = ConfigManager(self.config_path, secrets=self.secrets)
             with manager.locked():
                 manager.load()
                 return change(manager)
