@@ -56,6 +56,10 @@ class SplicePump:
         self._reading = False
         self._writing = False
         self.done: asyncio.Future[None] = loop.create_future()
+        # A relay reset from elsewhere (the other direction failed first, a withdrawn flow, a timeout)
+        # may never await this pump's end: its error is then only the connection going away, not one to
+        # log as "Future exception was never retrieved".
+        self.done.add_done_callback(_mark_retrieved)
 
     def start(self) -> None:
         self._read_on()
@@ -148,6 +152,11 @@ class SplicePump:
         if self._writing:
             self._loop.remove_writer(self._dst.fileno())
             self._writing = False
+
+
+def _mark_retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def take_buffered(reader: asyncio.StreamReader, transport: asyncio.ReadTransport) -> bytes:
