@@ -205,6 +205,16 @@ def test_clicking_down_takes_the_tunnel_down_and_blocks_its_block_app(lab: Lab, 
     wait_for(lambda: lab.app("app-block").seen_ip == SOCKS_IP, 10, "app-block through socks again")
 
 
+def choose(driver: Any, **selects: str) -> None:
+    """Pick the rule form's ``tunnel``/``fallback`` and submit it, in one step inside the page: the
+    selects' options are drawn anew whenever the rules are read again, so an option found first could be
+    gone by the click."""
+    script = "".join(
+        f"document.getElementById('rule-{name}').value = {value!r};" for name, value in selects.items()
+    )
+    driver.execute_script(script + "document.getElementById('rule-submit').click();")
+
+
 def test_a_rule_added_in_the_page_is_in_the_yaml_with_its_comments(lab: Lab, browser: LabBrowser) -> None:
     daemon = start_daemon(lab, "kernel")
     browser.call(lambda driver: driver.get(dashboard_url(daemon)))
@@ -212,12 +222,9 @@ def test_a_rule_added_in_the_page_is_in_the_yaml_with_its_comments(lab: Lab, bro
 
     def add_rule(driver: Any) -> None:
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import Select
 
         driver.find_element(By.ID, "rule-process").send_keys("app-new")
-        Select(driver.find_element(By.ID, "rule-tunnel")).select_by_value("socks")
-        Select(driver.find_element(By.ID, "rule-fallback")).select_by_value("drop")
-        driver.find_element(By.ID, "rule-submit").click()
+        choose(driver, tunnel="socks", fallback="drop")
 
     browser.call(add_rule)
     wait_page(browser, "document.querySelectorAll('#rules tbody tr').length === 2", "the new rule listed")
@@ -251,14 +258,14 @@ def test_a_rule_added_in_the_page_is_in_the_yaml_with_its_comments(lab: Lab, bro
     )
 
     def edit_first(driver: Any) -> None:
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import Select
 
-        driver.find_element(
-            By.CSS_SELECTOR, '#rules tr[data-index="0"] td.actions button:nth-child(3)'
-        ).click()
-        Select(driver.find_element(By.ID, "rule-fallback")).select_by_value("block")
-        driver.find_element(By.ID, "rule-submit").click()
+        # Found and clicked in one step inside the page: the rule rows are drawn anew whenever the rules
+        # are read again (after the move, after the daemon applied it), and a row found first could be
+        # gone by the click.
+        driver.execute_script(
+            "document.querySelector('#rules tr[data-index=\"0\"] td.actions button:nth-child(3)').click()"
+        )
+        choose(driver, fallback="block")
 
     browser.call(edit_first)
     wait_page(
