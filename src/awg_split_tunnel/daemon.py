@@ -845,7 +845,7 @@ class Daemon:
         if listing and page.listing != listing:
             raise TunnelError("this connections listing expired (its client was idle too long): ask again")
         following = None if page.done else {"listing": page.listing, "offset": page.offset + len(page.flows)}
-        counted = getattr(self, "dataplane", None) != "kernel"
+        counted = self.dataplane != "kernel"
         flows = [_connection(row, counted) for row in page.flows] + lookups
         return {"flows": flows, "total": page.total + len(lookups), "next": following}
 
