@@ -37,7 +37,7 @@ def scenario(mode: str) -> None:
     ready_r, ready_w = os.pipe()
     owner = os.fork()
     if owner == 0:
-        handle = _handle(1041)  # kept: a handle that is garbage-collected closes
+        _kept = _handle(1041)  # kept: a handle that is garbage-collected closes
         os.write(ready_w, b"x")
         while True:
             time.sleep(1)

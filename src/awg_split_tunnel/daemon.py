@@ -347,6 +347,7 @@ class Daemon:
             await self._start_dashboard(config)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_config(), name="config-watch")
         await self._wait_first_probes()
+        await self._router_synced()
         self._print_status(config)
 
     async def stop(self) -> None:
@@ -852,7 +853,7 @@ class Daemon:
         if listing and page.listing != listing:
             raise TunnelError("this connections listing expired (its client was idle too long): ask again")
         following = None if page.done else {"listing": page.listing, "offset": page.offset + len(page.flows)}
-        counted = getattr(self, "dataplane", None) != "kernel"
+        counted = self.dataplane != "kernel"
         flows = [_connection(row, counted) for row in page.flows] + lookups
         return {"flows": flows, "total": page.total + len(lookups), "next": following}
 
@@ -871,8 +872,20 @@ class Daemon:
             await runtime.up()
         else:
             raise TunnelError(f"unknown tunnel action {action!r} (up, down)")
+        await self._router_synced()
         state = self.registry.state(tunnel_id)
         return {"id": tunnel_id, "state": None if state is None else state.value}
+
+    async def _router_synced(self) -> None:
+        """Until the router process has applied every tunnel state the daemon knows: the state changes
+        published so far are handled (sent down the pipe), then one request is answered — the router
+        process applies its messages in order. So the status line, or `tunnel up|down`'s answer, never
+        says UP while the router still refuses a block app's connection (or the other way round)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.bus.settled(), ROUTER_ANSWER_TIMEOUT)
+        router = self._router
+        if router is not None:
+            await _answer(router.request_status())
 
     # -- the status line ---------------------------------------------------------------------------------
 

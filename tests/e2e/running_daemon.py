@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -79,3 +80,15 @@ def read_line(process: subprocess.Popen[str], timeout: float) -> str:
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     return process.stdout.readline().strip() if ready else "(nothing)"
+
+
+def stop_daemon(process: subprocess.Popen[bytes]) -> None:
+    """Stop a daemon as a user's Ctrl-C would (SIGTERM, up to 15 s to restore the network); kill it if it
+    hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -16,7 +16,6 @@ brings the tunnel back UP. Each app does a TCP request, a UDP echo and a checksu
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 from polling import wait_for
-from running_daemon import OPEN_REQUEST, read_line
+from running_daemon import OPEN_REQUEST, read_line, stop_daemon
 from test_awg_interop import PARAMETER_SETS
 
 from awg_split_tunnel.lab import (
@@ -347,13 +346,7 @@ def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[RunningDaem
         )
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_daemon(process)
         server.stop()
         print(running.output()[-5000:])
 

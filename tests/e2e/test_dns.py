@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import Any
 import pytest
 from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 from polling import wait_for
+from running_daemon import stop_daemon
 from test_awg_interop import PARAMETER_SETS
 
 from awg_split_tunnel.lab import (
@@ -305,13 +305,7 @@ def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[Daemon]:
         wait_for(lambda: running.state("dead") == "down", UP_TIMEOUT, "`dead` DOWN", running.output)
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_daemon(process)
         server.stop()
         print(running.output()[-6000:])
 

@@ -12,8 +12,6 @@ runs on the machine.
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 from polling import wait_for
-from running_daemon import RunningDaemon
+from running_daemon import RunningDaemon, stop_daemon
 from test_awg_interop import PARAMETER_SETS
 from test_daemon_runtime_tunnels import client_conf
 from test_uapi_tun import SECOND_WG_IP
@@ -124,17 +122,6 @@ def peers(lab: Lab, tool: str, name: str) -> list[list[str]]:
     return [line.split("\t") for line in wg(lab, tool, "show", name, "dump").splitlines()[1:]]
 
 
-def stop(daemon: RunningDaemon) -> None:
-    process = daemon.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def awg_tool() -> str | None:
     try:
         return str(amneziawg_peer_bin() / "awg")
@@ -224,7 +211,7 @@ def test_wg_and_awg_show_and_set_the_daemons_devices(world: World, dataplane: st
             assert "latest handshake" in shown
         assert "Traceback" not in daemon.output()
     finally:
-        stop(daemon)
+        stop_daemon(daemon.process)
         print(daemon.output()[-4000:])
     assert not wg_socket.exists() and not awg_socket.exists(), "the sockets go with the daemon"
     if tool is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 from pathlib import Path
@@ -58,6 +59,12 @@ class FakeRouter:
 
     def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
         self.calls.append(("state", tunnel_id, state))
+
+    def request_status(self) -> concurrent.futures.Future[Any]:
+        """Answered at once (the daemon waits for an answer to know the router applied what came before)."""
+        answered: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        answered.set_result(None)
+        return answered
 
 
 def daemon_with(tmp_path: Path, running: Config) -> tuple[Daemon, FakeRouter]:

@@ -93,6 +93,12 @@ class EventBus:
             s.queue = None
         self._loop = None
 
+    async def settled(self) -> None:
+        """Until every event published so far has been handled (each subscriber's queue drained)."""
+        for sub in list(self._subscribers):
+            if sub.queue is not None:
+                await sub.queue.join()
+
     def publish(self, event: Event) -> None:
         """Hand ``event`` to every subscriber of its type; never blocks, never raises."""
         loop = self._loop
@@ -151,3 +157,5 @@ class EventBus:
                 log.error("[Core] event handler %r was cancelled on %r", sub.handler, event)
             except Exception:
                 log.exception("[Core] event handler %r failed on %r", sub.handler, event)
+            finally:
+                sub.queue.task_done()

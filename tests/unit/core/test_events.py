@@ -212,3 +212,24 @@ def test_publish_after_the_loop_is_gone_does_not_raise_and_a_new_loop_resumes() 
 
     run(second)
     assert seen == [1, 2, 3]
+
+
+def test_settled_waits_until_every_published_event_was_handled() -> None:
+    # The daemon waits for this before it says a tunnel is UP: the router must have been told first.
+    handled: list[str] = []
+
+    async def slow(event: TunnelStateChanged) -> None:
+        await asyncio.sleep(0.05)
+        handled.append(event.tunnel_id)
+
+    async def main() -> None:
+        bus = EventBus()
+        bus.subscribe(TunnelStateChanged, slow)
+        await bus.start()
+        for tunnel in ("a", "b", "c"):
+            bus.publish(TunnelStateChanged(tunnel, TunnelState.CONNECTING, TunnelState.UP, "probe", 0.0))
+        await asyncio.wait_for(bus.settled(), 5.0)
+        assert handled == ["a", "b", "c"]
+        await bus.stop()
+
+    asyncio.run(main())

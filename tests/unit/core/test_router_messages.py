@@ -124,7 +124,8 @@ def test_flow_rows_serve_connections_and_status_as_the_daemon_reads_them() -> No
     page: concurrent.futures.Future[ConnectionsPage] = concurrent.futures.Future()
     page.set_result(ConnectionsPage(1, 5, 0, 2, rows))
     router = SimpleNamespace(request_connections=lambda listing, offset: page)
-    answer = asyncio.run(Daemon._api_connections(SimpleNamespace(_router=router, _dns=None), {}))  # type: ignore[arg-type]
+    daemon = SimpleNamespace(_router=router, _dns=None, dataplane="divert")
+    answer = asyncio.run(Daemon._api_connections(daemon, {}))  # type: ignore[arg-type]
     for flow in answer["flows"]:
         assert 30.0 <= flow["age"] < 40.0  # the router's clock is the daemon's: monotonic
         flow["age"] = 30.0
