@@ -489,9 +489,20 @@ def configure_process_logging(level: int, log_file: str | None = None) -> None:
         handler = logging.handlers.WatchedFileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
         logging.getLogger().addHandler(handler)
-    # Libraries log every netlink message at debug level: only their warnings belong in our log.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # Libraries log every netlink message at debug level: only their warnings belong in our log. A filter
+    # on the handlers, not the loggers' levels: importing pyroute2 resets its logger's level
+    # (scripts/repro/pyroute2_log_level.py).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LibraryDebugFilter())
+
+
+class LibraryDebugFilter(logging.Filter):
+    """Keeps library records (pyroute2, asyncio) only from WARNING up; our own at every level."""
+
+    LIBRARIES = ("pyroute2", "asyncio")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(self.LIBRARIES)
 
 
 def platform_service_pids() -> Callable[[str], Collection[int]] | None:
