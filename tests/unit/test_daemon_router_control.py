@@ -320,3 +320,12 @@ def test_nat_lookup_finds_a_flow_whose_announcement_is_still_in_the_pipe() -> No
     process.kill()
     theirs.close()
     assert all(found)
+
+
+def test_tunnels_reported_down_while_the_router_process_stops_are_no_error() -> None:
+    # The router process stops its devices as it stops; their DOWN reaches the daemon's handlers while
+    # ``stop`` is still under way, and telling the stopping router must not raise (an ERROR traceback in
+    # the log of every clean stop).
+    router = _started_router(flows=0)
+    router.stop()
+    router.tunnel_state_changed("wg", TunnelState.DOWN)

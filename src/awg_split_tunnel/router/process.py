@@ -258,6 +258,9 @@ class RouterProcess:
     # -- control plane side --------------------------------------------------------------------------------
 
     def tunnel_state_changed(self, tunnel_id: str, state: TunnelState) -> None:
+        if self._ended.is_set():
+            # Stopping (its devices report DOWN as it stops them) or gone: no router is left to tell.
+            return
         self._send(SetTunnelState(tunnel_id, state))
 
     def set_tunnels(self, tunnels: Mapping[str, AnyTunnelRoute]) -> None:
