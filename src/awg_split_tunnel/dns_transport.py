@@ -92,7 +92,8 @@ class TunnelPort:
         try:
             await self._loop.sock_sendto(self._udp, with_id(query.wire, wire_id), (_mapped(server), DNS_PORT))
             data = await asyncio.wait_for(waiter, UDP_TIMEOUT)
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError) as exc:
+            log.debug("[DNS] %s to %s over UDP from port %d: %s", query.name, server, self.port, _why(exc))
             return None
         finally:
             del self._pending[wire_id]
@@ -113,13 +114,19 @@ class TunnelPort:
                     self._loop.sock_connect(sock, (_mapped(server), DNS_PORT)), TCP_TIMEOUT
                 )
                 reader, writer = await asyncio.open_connection(sock=sock)
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
                 sock.close()
+                log.debug(
+                    "[DNS] %s to %s over TCP from port %d: %s", query.name, server, self.port, _why(exc)
+                )
                 return None
             try:
-                return await _tcp_exchange(reader, writer, query.wire)
+                answer = await _tcp_exchange(reader, writer, query.wire)
             finally:
                 writer.transport.abort()
+            if answer is None:
+                log.debug("[DNS] %s to %s over TCP from port %d: no answer", query.name, server, self.port)
+            return answer
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -190,3 +197,8 @@ async def ask_through_proxy(
     except (TunnelError, OSError, TimeoutError) as exc:
         log.debug("[DNS] %s through %s failed: %s", query.name, provider.kind, exc)
         return None
+
+
+def _why(exc: BaseException) -> str:
+    """An upstream failure in a few words (a timeout's str() is empty)."""
+    return "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
