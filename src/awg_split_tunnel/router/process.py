@@ -106,8 +106,12 @@ WATCHDOG_DEADLINE = 1.5
 (``RouterProcess.on_unresponsive``). Well below the ~3 s after which a stopped divert handle's owner
 lets packets pass (``scripts/repro/stalled_handle_fails_open.py``): the daemon acts first
 (docs/DATAPATHS.md)."""
-NAT_CATCH_UP = 0.05
-"""Most seconds ``nat_lookup`` waits on a miss for the pipe's reader to apply messages already sent."""
+NAT_CATCH_UP = 0.5
+"""Most seconds ``nat_lookup`` waits on a miss for the pipe's reader to apply messages already sent. The
+flow's announcement is in the pipe before its first packet reaches a proxy, so a real flow is found as
+soon as the reader thread runs; on a busy machine that thread can wait for a core for tens of
+milliseconds (50 ms was too short on two loaded cores: the app's connection was reset). Only a
+connection nobody announced while the pipe stays busy waits this long."""
 
 
 class RouterProcess:
