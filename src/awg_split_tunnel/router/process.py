@@ -499,8 +499,8 @@ def configure_process_logging(level: int, log_file: str | None = None) -> None:
     # Libraries log every netlink message at debug level: only their warnings belong in our log. A filter
     # on the handlers, not the loggers' levels: importing pyroute2 resets its logger's level
     # (scripts/repro/pyroute2_log_level.py).
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(LibraryDebugFilter())
+    for each in logging.getLogger().handlers:
+        each.addFilter(LibraryDebugFilter())
 
 
 class LibraryDebugFilter(logging.Filter):
