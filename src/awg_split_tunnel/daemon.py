@@ -816,6 +816,10 @@ class Daemon:
         tunnels = self.registry.snapshot()
         router_stats: dict[str, Any] = {}
         report: RouterReport | None = None
+        # The states just read are handed to the router process before it is asked (it answers in
+        # order): what `status` says UP, the router already treats as UP (``_router_synced``).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.bus.settled(), ROUTER_ANSWER_TIMEOUT)
         router = self._router
         status = None if router is None else await _answer(router.request_status())
         if status is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from awg_split_tunnel.core.config import Config, parse_config
-from awg_split_tunnel.core.events import ConfigChanged
+from awg_split_tunnel.core.events import ConfigChanged, TunnelStateChanged
 from awg_split_tunnel.core.packet_tunnel import PacketTunnelRoute
 from awg_split_tunnel.core.policy import TunnelState
 from awg_split_tunnel.daemon import Daemon
@@ -187,3 +187,32 @@ def test_a_config_caught_while_being_written_is_read_again_once_it_is_complete(
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(asyncio.wait_for(daemon._watch_config(), 5.0))
     assert reloads == ["read", "read"]
+
+
+def test_status_says_up_only_once_the_router_process_was_told(tmp_path: Path) -> None:
+    # A script (or a test) that waits for `status` to say UP, then starts a block app, must not have the
+    # app refused by a router process that has not heard of the UP yet.
+    old, new = config(tmp_path), config(tmp_path, wg_tunnel(), RULE)
+    daemon, router = daemon_with(tmp_path, old)
+    told_when_asked: list[bool] = []
+    answer_at_once = router.request_status
+
+    def request_status() -> concurrent.futures.Future[Any]:
+        told_when_asked.append(("state", "wg", TunnelState.UP) in router.calls)
+        return answer_at_once()
+
+    router.request_status = request_status  # type: ignore[method-assign]
+
+    async def scenario() -> dict[str, Any]:
+        daemon.bus.subscribe(TunnelStateChanged, daemon._on_tunnel_state)
+        await daemon.bus.start()
+        try:
+            await daemon._apply_config(old, new)
+            daemon._device_state("wg", TunnelState.UP, "handshake completed")
+            return await daemon._api_status({})
+        finally:
+            await daemon.bus.stop()
+
+    answer = asyncio.run(scenario())
+    assert [row["state"] for row in answer["tunnels"] if row["id"] == "wg"] == ["up"]
+    assert told_when_asked == [True]
