@@ -331,92 +331,76 @@ _V4_MASKS = {20 + doff: _varying_mask(20 + doff, _V4_VARYING) for doff in range(
 _V6_MASKS = {40 + doff: _varying_mask(40 + doff, _V6_VARYING) for doff in range(20, 61, 4)}
 
 
-class _Flow:
-    """A run of TCP segments being merged: headers of the first, payloads, next expected sequence."""
-
-    __slots__ = ("header", "ihl", "key", "last_flags", "mss", "next_seq", "pieces", "size")
-
-    def __init__(self, key: int, packet: bytes, ihl: int, headers: int, seq: int, flags: int) -> None:
-        self.key = key
-        self.header = packet[:headers]
-        self.ihl = ihl
-        payload = packet[headers:]
-        self.pieces = [self.header, payload]
-        self.mss = len(payload)
-        self.size = len(packet)
-        self.next_seq = (seq + self.mss) & 0xFFFFFFFF
-        self.last_flags = flags
-
-
-def _tcp_segment(packet: bytes) -> tuple[int, int, int, int, int] | None:
-    """(flow key, IP header length, IP + TCP header length, sequence, TCP flags) of a TCP segment that GRO
-    may merge: IPv4 without options or fragments, or IPv6 without extension headers; data, ACK, no other
-    control flags. The key is the headers with their per-segment fields masked out, as one integer."""
-    n = len(packet)
-    version = packet[0] >> 4
-    if version == 4:
-        if n < 40 or packet[0] != 0x45 or packet[9] != 6 or packet[6] & 0x3F or packet[7]:
-            return None
-        ihl, masks = 20, _V4_MASKS
-    elif version == 6:
-        if n < 60 or packet[6] != 6:
-            return None
-        ihl, masks = 40, _V6_MASKS
-    else:
-        return None
-    flags = packet[ihl + 13]
-    headers = ihl + (packet[ihl + 12] >> 4) * 4
-    mask = masks.get(headers)
-    if mask is None or n <= headers or flags & ~0x18 or not flags & 0x10:
-        return None
-    value = int.from_bytes(packet[:headers], "big")
-    seq = (value >> ((headers - ihl - 8) * 8)) & 0xFFFFFFFF
-    return value & mask, ihl, headers, seq, flags
-
-
 def coalesce_tcp_buffers(packets: list[bytes]) -> list[list[bytes]]:
     """The buffers of one `writev` per entry (vnet header first) for `packets` in order, consecutive
     in-order segments of one TCP flow merged into a GSO super-packet (the Linux GRO rules: same headers,
     equal-size segments except a shorter last one, PSH ends a run, at most 64 KB). A merged packet's
-    payloads stay separate buffers: the kernel gathers them, so they are never copied into one."""
+    payloads stay separate buffers: the kernel gathers them, so they are never copied into one.
+
+    Segments GRO may merge: IPv4 without options or fragments, IPv6 without extension headers; data,
+    ACK, no other control flag. A segment's flow key is its headers with the per-segment fields masked
+    out, as one integer. This runs per packet on the download path: the run being merged lives in local
+    variables, not in an object."""
     out: list[list[bytes]] = []
     append = out.append
-    flow: _Flow | None = None
-    segment = _tcp_segment
+    v4_masks, v6_masks = _V4_MASKS, _V6_MASKS
+    # The run being merged, when `pieces` is not None: the first segment's headers, then the payloads.
+    pieces: list[bytes] | None = None
+    run_key = run_ihl = run_mss = run_size = next_seq = last_flags = 0
     for packet in packets:
-        info = segment(packet)
-        if info is None:
-            if flow is not None:
-                append(_finish(flow))
-                flow = None
+        n = len(packet)
+        first = packet[0] if n else 0
+        ihl = headers = flags = 0
+        mask = None
+        if first == 0x45:
+            if n >= 40 and packet[9] == 6 and not packet[6] & 0x3F and not packet[7]:
+                ihl = 20
+                headers = 20 + (packet[32] >> 4) * 4
+                mask = v4_masks.get(headers)
+        elif first >> 4 == 6 and n >= 60 and packet[6] == 6:
+            ihl = 40
+            headers = 40 + (packet[52] >> 4) * 4
+            mask = v6_masks.get(headers)
+        if mask is not None:
+            flags = packet[ihl + 13]
+            if n <= headers or flags & ~0x18 or not flags & 0x10:
+                mask = None
+        if mask is None:
+            if pieces is not None:
+                append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
+                pieces = None
             append([_NO_VNET_HDR, packet])
             continue
-        key, ihl, headers, seq, flags = info
-        payload_len = len(packet) - headers
-        if (
-            flow is not None
-            and key == flow.key
-            and seq == flow.next_seq
-            and payload_len <= flow.mss
-            and flow.size + payload_len <= MAX_PACKET
-            and len(flow.pieces) < _MAX_RUN_PIECES
-        ):
-            flow.pieces.append(packet[headers:])
-            flow.size += payload_len
-            flow.next_seq = (seq + payload_len) & 0xFFFFFFFF
-            flow.last_flags = flags
-            if payload_len < flow.mss or flags & 0x08:
-                append(_finish(flow))  # a short segment or PSH ends the run, as in Linux GRO
-                flow = None
-            continue
-        if flow is not None:
-            append(_finish(flow))
-        flow = _Flow(key, packet, ihl, headers, seq, flags)
+        value = int.from_bytes(packet[:headers], "big")
+        key = value & mask
+        seq = (value >> ((headers - ihl - 8) * 8)) & 0xFFFFFFFF
+        payload_len = n - headers
+        if pieces is not None:
+            if (
+                key == run_key
+                and seq == next_seq
+                and payload_len <= run_mss
+                and run_size + payload_len <= MAX_PACKET
+                and len(pieces) < _MAX_RUN_PIECES
+            ):
+                pieces.append(packet[headers:])
+                run_size += payload_len
+                next_seq = (seq + payload_len) & 0xFFFFFFFF
+                last_flags = flags
+                if payload_len < run_mss or flags & 0x08:
+                    # A short segment or PSH ends the run, as in Linux GRO.
+                    append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
+                    pieces = None
+                continue
+            append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
+        pieces = [packet[:headers], packet[headers:]]
+        run_key, run_ihl, run_mss, run_size, last_flags = key, ihl, payload_len, n, flags
+        next_seq = (seq + payload_len) & 0xFFFFFFFF
         if flags & 0x08:
-            append(_finish(flow))
-            flow = None
-    if flow is not None:
-        append(_finish(flow))
+            append(_finish(pieces, ihl, n, payload_len, flags))
+            pieces = None
+    if pieces is not None:
+        append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
     return out
 
 
@@ -425,15 +409,15 @@ def coalesce_tcp(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
     return [(buffers[0], b"".join(buffers[1:])) for buffers in coalesce_tcp_buffers(packets)]
 
 
-def _finish(flow: _Flow) -> list[bytes]:
-    pieces = flow.pieces
+def _finish(pieces: list[bytes], ihl: int, size: int, mss: int, last_flags: int) -> list[bytes]:
+    """The writev buffers for a run: [vnet header, IP + TCP headers, payloads...]; a run of one segment
+    goes as it is, a longer one as a GSO super-packet with its lengths and checksum prepared."""
     if len(pieces) == 2:
         return [_NO_VNET_HDR, *pieces]
-    ihl = flow.ihl
-    header = bytearray(flow.header)
-    tcp_len = flow.size - ihl
+    header = bytearray(pieces[0])
+    tcp_len = size - ihl
     if ihl == 20:
-        struct.pack_into("!H", header, 2, flow.size)
+        struct.pack_into("!H", header, 2, size)
         header[10:12] = b"\0\0"
         header[10:12] = checksum(header[:20]).to_bytes(2, "big")
         gso_type = VIRTIO_NET_HDR_GSO_TCPV4
@@ -442,12 +426,11 @@ def _finish(flow: _Flow) -> list[bytes]:
         struct.pack_into("!H", header, 4, tcp_len)
         gso_type = VIRTIO_NET_HDR_GSO_TCPV6
         addresses = header[8:40]
-    header[ihl + 13] |= flow.last_flags & 0x08
+    header[ihl + 13] |= last_flags & 0x08
     # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the kernel finishes per segment.
     header[ihl + 16 : ihl + 18] = ones_complement_sum(addresses, 6 + tcp_len).to_bytes(2, "big")
-    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, len(header), flow.mss, ihl, 16)
-    pieces[0] = bytes(header)
-    return [vnet, *pieces]
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, len(header), mss, ihl, 16)
+    return [vnet, bytes(header), *pieces[1:]]
 
 
 # --- interface configuration through iproute2 ------------------------------------------------------
