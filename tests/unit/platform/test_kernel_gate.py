@@ -4,6 +4,9 @@ class its rule gives it, and the nftables table says what the kernel does with e
 from __future__ import annotations
 
 import ipaddress
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -302,3 +305,28 @@ def test_the_table_sends_system_dns_flows_to_their_tunnels_dns_server() -> None:
     )
     six = KernelRuleset({}, {0: PacketTunnelRules(1420, None, "2001:2::53")}).table_text()
     assert "th dport 53 dnat ip6 to [2001:2::53]" in six
+
+
+CHECK_SUPPORT = """
+import sys
+from awg_split_tunnel.errors import AwgSplitTunnelError
+from awg_split_tunnel.platform.linux import kernel_datapath
+
+class NoFirewall:
+    def __init__(self):
+        raise AwgSplitTunnelError("no nftables here")
+
+kernel_datapath.KernelFirewall = NoFirewall
+print(kernel_datapath.support_problem(), "pyroute2" in sys.modules)
+"""
+
+
+def test_the_daemons_support_check_does_not_load_pyroute2() -> None:
+    # Only the router process uses pyroute2 (conntrack); loaded in the daemon it would cost it ~10 MB.
+    pytest.importorskip("netfilterqueue")
+    pytest.importorskip("pyroute2")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK_SUPPORT], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.split() == ["no", "nftables", "here", "False"]
