@@ -129,7 +129,16 @@ def process_tree(pid: int) -> dict[str, int]:
 
 
 def tree_memory(pid: int) -> dict[str, Memory]:
-    return {role: proc_memory(p) for role, p in process_tree(pid).items()}
+    """``proc_memory`` of each process of ``process_tree``; one that ended meanwhile (a short-lived helper
+    such as ``nft``) is left out."""
+    out: dict[str, Memory] = {}
+    for role, p in process_tree(pid).items():
+        try:
+            out[role] = proc_memory(p)
+        except ProcessLookupError:
+            if role in ("daemon", "router"):
+                raise
+    return out
 
 
 def summed(

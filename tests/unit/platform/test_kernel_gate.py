@@ -3,10 +3,12 @@ class its rule gives it, and the nftables table says what the kernel does with e
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -169,6 +171,28 @@ def test_a_packet_whose_owner_stays_unknown_gets_the_default_after_the_hold() ->
     packet = gate.first(QueuedPacket(syn()))
     gate.router.poll(gate.now + 1.0)
     assert packet.flow_class == DIRECT  # default: direct
+
+
+@pytest.mark.parametrize("event_first", [True, False], ids=["event-first", "packet-held-first"])
+@pytest.mark.parametrize("pid", [100, 200, 400], ids=["socks-app", "direct-app", "wireguard-app"])
+def test_a_decided_flow_does_not_keep_its_queued_packet(event_first: bool, pid: int) -> None:
+    # The kernel carries the flow after its verdict: the queued packet (and its payload) goes with it,
+    # it does not stay referenced by the router's flow for the flow's lifetime.
+    gate = Gate()
+    if event_first:
+        gate.connect(pid, proto=IPPROTO_UDP, dport=7)
+    packet = QueuedPacket(datagram(1000))
+    gate.first(packet)
+    if not event_first:
+        assert packet.verdicts == []
+        gate.connect(pid, proto=IPPROTO_UDP, dport=7)
+        gate.router.poll(gate.now)
+    assert packet.verdicts == ["accept"]
+    assert len(list(gate.router.connections())) == 1
+    gone = weakref.ref(packet)
+    del packet
+    gc.collect()
+    assert gone() is None
 
 
 def test_a_first_packet_cut_by_the_queue_is_decided_by_its_headers() -> None:
