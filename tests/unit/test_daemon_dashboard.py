@@ -125,3 +125,32 @@ def test_a_daemon_whose_dashboard_nobody_opened_has_not_loaded_aiohttp(tmp_path:
         check=True,
     )
     assert done.stdout.split() == ["True", "False"]
+
+
+def test_where_the_loop_cannot_watch_a_socket_the_web_server_is_loaded_at_start(tmp_path: Path) -> None:
+    # Windows' proactor loop has no add_reader: the dashboard must still answer its first browser.
+    daemon, config = daemon_with(tmp_path, "{listen: 127.0.0.1:0}")
+
+    async def scenario() -> tuple[bool, bytes]:
+        loop = asyncio.get_running_loop()
+
+        def no_add_reader(*args: object) -> None:
+            raise NotImplementedError
+
+        loop.add_reader = no_add_reader  # type: ignore[method-assign]
+        await daemon._start_dashboard(config)  # type: ignore[arg-type]
+        dashboard = daemon._dashboard
+        try:
+            loaded_at_start = dashboard.server is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", dashboard.port)
+            request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{dashboard.port}\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode())
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return loaded_at_start, answer
+        finally:
+            await dashboard.stop()
+
+    loaded_at_start, answer = asyncio.run(scenario())
+    assert loaded_at_start
+    assert answer.startswith(b"HTTP/1.1 ")

@@ -74,14 +74,28 @@ class DashboardListener:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._first_connection)
             self._watching = True
         except NotImplementedError:  # a proactor loop (Windows) cannot watch a socket: load it now
-            await self._load(sock)
+            await self.loaded()
 
     def _first_connection(self) -> None:
+        self._start_loading()
+
+    def _start_loading(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._sock is not None and self._watching:
-            loop.remove_reader(self._sock.fileno())
+        sock = self._sock
+        if sock is None or self._loading is not None:
+            return
+        if self._watching:
+            loop.remove_reader(sock.fileno())
             self._watching = False
-            self._loading = loop.create_task(self._load(self._sock), name="dashboard-load")
+        self._loading = loop.create_task(self._load(sock), name="dashboard-load")
+
+    async def loaded(self) -> Any:
+        """The ``DashboardServer``, loaded now if no browser has connected yet; None if it could not
+        start or the dashboard is stopped."""
+        self._start_loading()
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+        return self.server
 
     async def _load(self, sock: socket.socket) -> None:
         from awg_split_tunnel.ui.server import DashboardServer
