@@ -133,7 +133,7 @@ def process_tree(pid: int) -> dict[str, int]:
 
 
 def tree_memory(pid: int) -> dict[str, Memory]:
-    """``proc_memory`` of each process of ``process_tree``; one that ended meanwhile (a short-lived helper
+    """``proc_memory`` of each process of ``process_tree``; one that ended meanwhile (a short-lived child
     such as ``nft``) is left out."""
     out: dict[str, Memory] = {}
     for role, p in process_tree(pid).items():
