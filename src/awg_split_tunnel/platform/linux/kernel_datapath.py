@@ -96,10 +96,6 @@ def support_problem() -> str | None:
             "python3-dev && pip install NetfilterQueue)"
         )
     try:
-        import pyroute2  # noqa: F401
-    except ImportError:
-        return "the Python package pyroute2 is missing (pip install pyroute2)"
-    try:
         firewall = KernelFirewall()
     except AwgSplitTunnelError as exc:
         return str(exc)
