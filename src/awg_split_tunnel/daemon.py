@@ -818,8 +818,7 @@ class Daemon:
         report: RouterReport | None = None
         # The states just read are handed to the router process before it is asked (it answers in
         # order): what `status` says UP, the router already treats as UP (``_router_synced``).
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.bus.settled(), ROUTER_ANSWER_TIMEOUT)
+        await self._events_handled()
         router = self._router
         status = None if router is None else await _answer(router.request_status())
         if status is not None:
@@ -885,11 +884,16 @@ class Daemon:
         published so far are handled (sent down the pipe), then one request is answered — the router
         process applies its messages in order. So the status line, or `tunnel up|down`'s answer, never
         says UP while the router still refuses a block app's connection (or the other way round)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.bus.settled(), ROUTER_ANSWER_TIMEOUT)
+        await self._events_handled()
         router = self._router
         if router is not None:
             await _answer(router.request_status())
+
+    async def _events_handled(self) -> None:
+        """Until the events published so far are handled (tunnel states sent down the pipe), at most
+        ``ROUTER_ANSWER_TIMEOUT``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.bus.settled(), ROUTER_ANSWER_TIMEOUT)
 
     # -- the status line ---------------------------------------------------------------------------------
 
