@@ -25,7 +25,7 @@ import pytest
 from marks import NEEDS_ROOT, NEEDS_WIREGUARD_GO
 from polling import wait_for
 from running_daemon import RunningDaemon, stop_daemon
-from test_dns import lookup, packet_conf, seen
+from test_dns import APP_DIRECT, answered_by, lookup, packet_conf, seen
 
 from awg_split_tunnel.lab import (
     CLIENT,
@@ -41,7 +41,7 @@ from awg_split_tunnel.lab import (
     make_app,
     start_wireguard_go,
 )
-from awg_split_tunnel.lab.dns_server import SERVER, STUB_ADDRESS, WHOAMI, ask, start_dns
+from awg_split_tunnel.lab.dns_server import STUB_ADDRESS, WHOAMI, ask, start_dns
 
 pytestmark = [
     *NEEDS_ROOT,
@@ -51,7 +51,7 @@ pytestmark = [
 
 CLIENT_PORT = 51820
 UP_TIMEOUT = 30.0
-APP_VPN, APP_DIRECT = "dnsmasq-vpn-app", "dnsmasq-direct-app"
+APP_VPN = "dnsmasq-vpn-app"
 
 
 def start_dnsmasq(lab: Lab) -> subprocess.Popen[bytes]:
@@ -91,11 +91,6 @@ def lab() -> Iterator[tuple[Lab, str]]:
         finally:
             dnsmasq.terminate()
             dnsmasq.wait(10)
-
-
-def answered_by(lab: Lab, how: str) -> str:
-    """Which of the lab's servers (``web``, ``wg``) answered a direct app's lookup through dnsmasq."""
-    return seen(lookup(lab, APP_DIRECT, how, f"{secrets.token_hex(4)}.{SERVER}"))
 
 
 @pytest.mark.parametrize("dataplane", ["divert", "kernel"])
