@@ -214,7 +214,8 @@ def _run_in_lab(lab: Any, console: Console, ui: bool = False) -> int:
             forward.close()
         exit_code = _stop_daemon(daemon)
     if exit_code != 0:
-        console.print(f"[red]the daemon exited with {exit_code}[/]")
+        console.print(f"[red]the daemon exited with {exit_code}; the end of its log ({log_path}):[/]")
+        console.print(log_path.read_text(errors="replace")[-4000:], markup=False, highlight=False)
     passed = all(r.ok for r in results) and exit_code == 0
     verdict = "[green]every app went the predicted way[/]" if passed else "[red]some app did not[/]"
     console.print(verdict)

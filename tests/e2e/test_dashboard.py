@@ -376,7 +376,8 @@ def test_demo_ui_keeps_the_five_apps_live_in_the_dashboard_until_ctrl_c() -> Non
 
         wait_for(every_app_listed, 20, "the five apps' connections in the dashboard", lambda: str(listed))
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(60) == 0
+        rest, _ = demo.communicate(timeout=60)
+        assert demo.returncode == 0, "".join(seen)[-3000:] + rest[-3000:]
         deadline = time.monotonic() + 5
         while any(ns.startswith(prefix.group(1)) for ns in list_netns()) and time.monotonic() < deadline:
             time.sleep(0.1)
