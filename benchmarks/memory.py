@@ -1,5 +1,7 @@
 """The daemon's memory with 8 WireGuard/AmneziaWG tunnels up and 10,000 flows, against the same daemon with
-no tunnels, measured in the same run; the budget is 80 MB (daemon + router process).
+no tunnels, measured in the same run; the budget is 80 MB for the daemon and its router process: the RAM
+their resident pages take, each page counted once (the interpreter's and libraries' pages they share are
+in both RSS figures, so the RSS sum, also printed, counts them twice).
 
 Run as root: ``python3 benchmarks/memory.py [--dataplane kernel|divert] [--flows 10000] [--skip-lab]``.
 
@@ -10,10 +12,11 @@ Run as root: ``python3 benchmarks/memory.py [--dataplane kernel|divert] [--flows
    tunnels. Once every tunnel is UP, two test apps open real UDP flows to the web server, each from its
    own connected socket to its own port (ns web's nftables hand them all to the UDP echo, which answers
    each): half ruled into the first WireGuard tunnel, half direct. RSS, PSS, anonymous memory and peak
-   of the daemon, the router process and multiprocessing's resource tracker are read from /proc before
-   and after ``status`` (which copies every flow through the pipe once), with the number of flows the
-   router holds (on the kernel data path only those it must remember; the kernel's conntrack count in
-   ns client shows them all).
+   of the daemon, the router process and multiprocessing's resource tracker, and the page frames the
+   daemon and the router map (``/proc/PID/pagemap``, each counted once) are read before and after
+   ``status`` (which copies every flow through the pipe once), with the number of flows the router holds
+   (on the kernel data path only those it must remember; the kernel's conntrack count in ns client shows
+   them all).
 2. **Imports**: what each import adds to one process's RSS (every daemon process pays it).
 3. **Where it goes** (synthetic, no root): in this process, with tracemalloc on, the same router
    structures — a ``PacketRouter`` with the eight packet tunnels' routes, eight ``WireGuardDevice``
@@ -31,6 +34,7 @@ import ipaddress
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -129,13 +133,55 @@ def process_tree(pid: int) -> dict[str, int]:
 
 
 def tree_memory(pid: int) -> dict[str, Memory]:
-    return {role: proc_memory(p) for role, p in process_tree(pid).items()}
+    """``proc_memory`` of each process of ``process_tree``; one that ended meanwhile (a short-lived child
+    such as ``nft``) is left out."""
+    out: dict[str, Memory] = {}
+    for role, p in process_tree(pid).items():
+        try:
+            out[role] = proc_memory(p)
+        except ProcessLookupError:
+            if role in ("daemon", "router"):
+                raise
+    return out
 
 
 def summed(
     memory: dict[str, Memory], key: str = "rss", roles: tuple[str, ...] = ("daemon", "router")
 ) -> float:
     return sum(m[key] for role, m in memory.items() if role in roles)
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PFN_MASK = (1 << 55) - 1
+PRESENT = 1 << 63
+
+
+def resident_once(pids: list[int]) -> float:
+    """MB of RAM the processes' resident pages take, each physical page counted once however many of them
+    map it (the interpreter's and libraries' code, shared by both): the union of the page frames of
+    their mappings, from /proc/PID/pagemap (root sees the frame numbers)."""
+    frames: set[int] = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in maps:
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                if start >= 1 << 47:  # [vsyscall]
+                    continue
+                pagemap.seek(start // PAGE * 8)
+                data = pagemap.read((end - start) // PAGE * 8)
+                for (entry,) in struct.iter_unpack("=Q", data):
+                    if entry & PRESENT and entry & PFN_MASK:
+                        frames.add(entry & PFN_MASK)
+    return len(frames) * PAGE / (1 << 20)
+
+
+def stage_memory(pid: int) -> dict[str, Any]:
+    """Each process's ``proc_memory``, and the daemon's and router's resident pages counted once."""
+    tree = process_tree(pid)
+    return {
+        "processes": tree_memory(pid),
+        "once": resident_once([p for role, p in tree.items() if role in ("daemon", "router")]),
+    }
 
 
 IMPORT_STEPS = (
@@ -146,9 +192,10 @@ IMPORT_STEPS = (
     "ruamel.yaml",
     "rich.console",
     "typer",
-    "pyroute2",
+    "dns.message",
     "netfilterqueue",
     "pydivert",
+    "awg_split_tunnel.core.config",
     "awg_split_tunnel.daemon",
     "awg_split_tunnel.router.service",
     "awg_split_tunnel.platform.linux.kernel_datapath",
@@ -398,7 +445,7 @@ def measure_lab(dataplane: str, flows: int) -> dict[str, Any]:
         try:
             daemon.wait(lambda: daemon.request("status") is not None, 60, "the baseline daemon")
             settle()
-            result["baseline"] = tree_memory(daemon.process.pid)
+            result["baseline"] = stage_memory(daemon.process.pid)
         finally:
             daemon.stop()
 
@@ -413,10 +460,10 @@ def measure_lab(dataplane: str, flows: int) -> dict[str, Any]:
             daemon.wait(all_up, 90, f"{TUNNELS} tunnels UP")
             result["tunnels_up_after_s"] = round(time.monotonic() - started, 1)
             settle()
-            result["tunnels_up"] = tree_memory(daemon.process.pid)
+            result["tunnels_up"] = stage_memory(daemon.process.pid)
             result["flows"] = open_flows(lab, {APP_TUNNEL: flows // 2, APP_DIRECT: flows - flows // 2})
             time.sleep(1.0)
-            result["loaded"] = tree_memory(daemon.process.pid)
+            result["loaded"] = stage_memory(daemon.process.pid)
             status = daemon.request("status")
             # `status` copies every flow through the pipe; with many it may not answer in time (no count).
             result["router_flows"] = status["router"].get("flows")
@@ -424,7 +471,7 @@ def measure_lab(dataplane: str, flows: int) -> dict[str, Any]:
                 lab.run(CLIENT, ["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).stdout or 0
             )
             result["tunnels"] = {row["id"]: row["state"] for row in status["tunnels"]}
-            result["loaded_after_status"] = tree_memory(daemon.process.pid)
+            result["loaded_after_status"] = stage_memory(daemon.process.pid)
         finally:
             daemon.stop()
             result["log_tail"] = daemon.log.read_text(errors="replace")[-3000:]
@@ -520,14 +567,16 @@ def main() -> None:
             raise SystemExit("the lab part needs root (network namespaces); --skip-lab runs the rest")
         report["lab"] = lab = measure_lab(args.dataplane, args.flows)
         print(f"lab, {args.dataplane} data path, AmneziaWG peers: {lab['awg_peer']}")
+        print("  daemon + router: RSS summed, resident pages counted once, PSS summed; then each process")
         for stage in ("baseline", "tunnels_up", "loaded", "loaded_after_status"):
+            processes = lab[stage]["processes"]
             parts = ", ".join(
                 f"{role} {m['rss']:.1f} (pss {m['pss']:.1f}, anon {m['anon']:.1f}, peak {m['peak']:.1f})"
-                for role, m in lab[stage].items()
+                for role, m in processes.items()
             )
             print(
-                f"  {stage:20s} daemon+router RSS {summed(lab[stage]):6.1f} MB, PSS "
-                f"{summed(lab[stage], 'pss'):6.1f} MB   [{parts}]"
+                f"  {stage:20s} RSS {summed(processes):6.1f} MB, once {lab[stage]['once']:6.1f} MB, PSS "
+                f"{summed(processes, 'pss'):6.1f} MB   [{parts}]"
             )
         up = sum(1 for state in lab["tunnels"].values() if state == "up")
         print(f"  tunnels up: {up}/{TUNNELS} (all up {lab['tunnels_up_after_s']} s after start)")
@@ -536,16 +585,21 @@ def main() -> None:
         router_flows = lab["router_flows"]
         held = "(status did not answer in time)" if router_flows is None else router_flows
         print(f"  flows the router holds: {held}; conntrack entries in ns client: {lab['conntrack_flows']}")
-        base, up_rss, loaded = (summed(lab[k]) for k in ("baseline", "tunnels_up", "loaded_after_status"))
+        stages = ("baseline", "tunnels_up", "loaded_after_status")
+        base, up_rss, loaded = (summed(lab[k]["processes"]) for k in stages)
         print(
             f"  loaded ÷ baseline: {loaded / base:.2f} (+{loaded - base:.1f} MB: tunnels "
             f"+{up_rss - base:.1f}, flows and status +{loaded - up_rss:.1f})"
         )
         print(f"  growth per flow opened: {(loaded - up_rss) / args.flows * 1024:.1f} KB")
-        verdict = "met" if loaded <= BUDGET_MB else "NOT met"
+        # The budget is judged on the RAM the two processes take: their RSS with each shared page (the
+        # interpreter's, the libraries') counted once. The RSS sum counts those twice.
+        once, base_once = lab["loaded_after_status"]["once"], lab["baseline"]["once"]
+        verdict = "met" if once <= BUDGET_MB else "NOT met"
         print(
-            f"  budget {BUDGET_MB:.0f} MB (daemon + router RSS, {TUNNELS} tunnels, {args.flows} flows): "
-            f"{verdict} ({loaded:.1f} MB measured; the baseline alone is {base:.1f} MB)"
+            f"  budget {BUDGET_MB:.0f} MB (daemon + router resident pages counted once, {TUNNELS} tunnels, "
+            f"{args.flows} flows): {verdict} ({once:.1f} MB measured, RSS summed {loaded:.1f}; the "
+            f"baseline alone is {base_once:.1f} MB)"
         )
     imports = measure_imports()
     print(

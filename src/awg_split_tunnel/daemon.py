@@ -777,9 +777,9 @@ class Daemon:
         listen = config.ui.host_port
         if listen is None:
             return
-        from awg_split_tunnel.ui.server import DashboardServer
+        from awg_split_tunnel.ui.listener import DashboardListener
 
-        dashboard = DashboardServer(
+        dashboard = DashboardListener(
             self._api_handlers(),
             self.config_path,
             *listen,

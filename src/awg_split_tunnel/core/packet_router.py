@@ -294,7 +294,9 @@ class PacketRouter:
         self._on_decided = on_decided
         self.carries_packets = carries_packets
         """False where the kernel carries packet tunnels' flows (their first packet only gets a verdict):
-        no NAT, no queue for the device here."""
+        no NAT, no queue for the device here, and no packet crafted for a flow later (the kernel rejects),
+        so a flow's entry keeps no meta: the adapter's (a queued packet with its payload) goes with its
+        verdict instead of living as long as the flow."""
         # Told about every flow entering / leaving the NAT, so a process that does not own the table (the
         # control plane, when the loop runs in its own process) can keep a mirror for nat_lookup.
         self._on_tunnelled = on_tunnelled
@@ -805,7 +807,7 @@ class PacketRouter:
             exe=exe,
             created=now,
             last_seen=now,
-            meta=held.meta,
+            meta=held.meta if self.carries_packets else None,
             syn_seq=held.syn_seq,
         )
         if decision is not None:

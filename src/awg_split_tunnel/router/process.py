@@ -11,6 +11,7 @@ kernel data path's body (``platform.linux.kernel_datapath.serve_kernel_gate``).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -18,7 +19,8 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import types
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,7 +200,8 @@ class RouterProcess:
             name="awg-packet-router",
             daemon=True,
         )
-        self._process.start()
+        with _main_module_hidden():
+            self._process.start()
         child_conn.close()
         if not self._conn.poll(timeout):
             self.kill()
@@ -456,6 +459,21 @@ class RouterProcess:
             case DeviceStateChanged(tunnel_id=tunnel_id, state=state, reason=reason):
                 if self.on_tunnel_state is not None:
                     self.on_tunnel_state(tunnel_id, state, reason)
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """While a child is started: ``spawn`` runs the parent's main module again in the child (as
+    ``__mp_main__``), so that what was defined there unpickles. Nothing the router process is given is
+    defined there, and the daemon's main module (the CLI, or ``daemon.py``) would load the config, CLI
+    and DNS stack into it: ~15 MB of RSS it never uses (docs/ARCHITECTURE.md, Memory). With a bare
+    module as ``__main__`` (no spec, no file) ``spawn`` leaves the child's alone."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def nat_announcement(entry: NatEntry, key: bytes | None = None) -> FlowTunnelled:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,6 +72,7 @@ class DashboardServer:
         *,
         push_interval: float = PUSH_INTERVAL,
         secrets: SecretProtection | None = None,
+        access: Access | None = None,
     ) -> None:
         self.handlers = handlers
         self.config_path = Path(config_path)
@@ -80,7 +82,7 @@ class DashboardServer:
         self.port = port
         self.log_tail = log_tail or LogTail()
         self.push_interval = push_interval
-        self.access = Access.create(host, port)
+        self.access = access or Access.create(host, port)
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         self._rules_cache: tuple[tuple[int, int] | None, Config | ConfigError] | None = None
@@ -90,8 +92,9 @@ class DashboardServer:
         """The address that signs a browser in (it carries this start's token)."""
         return self.access.url(self.host, self.port)
 
-    async def start(self) -> None:
-        """Listen; OSError when the address is taken."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen (on ``sock`` when given: bound and listening already); OSError when the address is
+        taken."""
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
         app.router.add_get("/", self._index)
         app.router.add_static("/static", STATIC)
@@ -107,7 +110,9 @@ class DashboardServer:
         app.router.add_get("/api/logs", self._logs)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site: web.BaseSite = (
+            web.TCPSite(runner, self.host, self.port) if sock is None else web.SockSite(runner, sock)
+        )
         try:
             await site.start()
         except BaseException:

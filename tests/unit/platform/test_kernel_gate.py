@@ -3,7 +3,12 @@ class its rule gives it, and the nftables table says what the kernel does with e
 
 from __future__ import annotations
 
+import gc
 import ipaddress
+import os
+import subprocess
+import sys
+import weakref
 
 import pytest
 
@@ -168,6 +173,28 @@ def test_a_packet_whose_owner_stays_unknown_gets_the_default_after_the_hold() ->
     assert packet.flow_class == DIRECT  # default: direct
 
 
+@pytest.mark.parametrize("event_first", [True, False], ids=["event-first", "packet-held-first"])
+@pytest.mark.parametrize("pid", [100, 200, 400], ids=["socks-app", "direct-app", "wireguard-app"])
+def test_a_decided_flow_does_not_keep_its_queued_packet(event_first: bool, pid: int) -> None:
+    # The kernel carries the flow after its verdict: the queued packet (and its payload) goes with it,
+    # it does not stay referenced by the router's flow for the flow's lifetime.
+    gate = Gate()
+    if event_first:
+        gate.connect(pid, proto=IPPROTO_UDP, dport=7)
+    packet = QueuedPacket(datagram(1000))
+    gate.first(packet)
+    if not event_first:
+        assert packet.verdicts == []
+        gate.connect(pid, proto=IPPROTO_UDP, dport=7)
+        gate.router.poll(gate.now)
+    assert packet.verdicts == ["accept"]
+    assert len(list(gate.router.connections())) == 1
+    gone = weakref.ref(packet)
+    del packet
+    gc.collect()
+    assert gone() is None
+
+
 def test_a_first_packet_cut_by_the_queue_is_decided_by_its_headers() -> None:
     # NetfilterQueue hands over at most 4016 bytes: a 5000-byte datagram arrives cut.
     gate = Gate()
@@ -302,3 +329,28 @@ def test_the_table_sends_system_dns_flows_to_their_tunnels_dns_server() -> None:
     )
     six = KernelRuleset({}, {0: PacketTunnelRules(1420, None, "2001:2::53")}).table_text()
     assert "th dport 53 dnat ip6 to [2001:2::53]" in six
+
+
+CHECK_SUPPORT = """
+import sys
+from awg_split_tunnel.errors import AwgSplitTunnelError
+from awg_split_tunnel.platform.linux import kernel_datapath
+
+class NoFirewall:
+    def __init__(self):
+        raise AwgSplitTunnelError("no nftables here")
+
+kernel_datapath.KernelFirewall = NoFirewall
+print(kernel_datapath.support_problem(), "pyroute2" in sys.modules)
+"""
+
+
+def test_the_daemons_support_check_does_not_load_pyroute2() -> None:
+    # Only the router process uses pyroute2 (conntrack); loaded in the daemon it would cost it ~10 MB.
+    pytest.importorskip("netfilterqueue")
+    pytest.importorskip("pyroute2")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK_SUPPORT], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.split() == ["no", "nftables", "here", "False"]

@@ -15,16 +15,22 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import queue
 import socket
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from typing import Any
 
 log = logging.getLogger("awg_split_tunnel.router")
 
+_FORGET, _FORGET_MARKED, _CLOSE = 0, 1, 2
+
 
 class ConntrackTable:
     """Deletes conntrack entries by their original tuple or by their mark; one netlink socket per family,
-    opened lazily. Calls return at once with a ``Future`` (the work is done on the worker thread).
+    opened lazily. Calls return at once: the work is queued, as a plain tuple, for one worker thread that
+    does it in order. Thousands of sockets closing at once (an app exiting) queue thousands of deletions,
+    each a netlink round trip: a tuple each costs ~150 B, where a ``concurrent.futures`` work item with its
+    future, lock and condition cost ~1.9 KB (docs/ARCHITECTURE.md, Memory).
 
     pyroute2 needs the socket's family to match the tuple's (an IPv6 tuple on the default AF_INET socket
     is refused with EINVAL).
@@ -32,18 +38,50 @@ class ConntrackTable:
 
     def __init__(self) -> None:
         self._sockets: dict[int, Any] = {}
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conntrack")
+        self._work: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
 
-    def forget(self, proto: int, sport: int, dst: bytes, dport: int) -> Future[bool]:
-        """Delete the entries of (proto, any source:sport → dst:dport); the future says whether there was
-        one. Matched without the source address: a flow routed into a packet tunnel is reported (FLOW
-        DELETED) with its masqueraded source, while its entry's original tuple has the app's."""
-        return self._worker.submit(self._forget, proto, sport, dst, dport)
+    def forget(self, proto: int, sport: int, dst: bytes, dport: int) -> None:
+        """Delete the entries of (proto, any source:sport → dst:dport). Matched without the source
+        address: a flow routed into a packet tunnel is reported (FLOW DELETED) with its masqueraded
+        source, while its entry's original tuple has the app's."""
+        self._submit((_FORGET, proto, dst, sport, dport))
 
-    def forget_marked(self, mark: int, mask: int) -> Future[int]:
-        """Delete every entry whose ct mark has ``mark`` in the bits of ``mask``; the future says how
-        many. Their flows' next packets are new to the kernel again (queued, decided afresh)."""
-        return self._worker.submit(self._forget_marked, mark, mask)
+    def forget_marked(self, mark: int, mask: int) -> None:
+        """Delete every entry whose ct mark has ``mark`` in the bits of ``mask``. Their flows' next
+        packets are new to the kernel again (queued, decided afresh)."""
+        self._submit((_FORGET_MARKED, mark, mask))
+
+    def close(self) -> None:
+        """Finish what was asked, then close the sockets and the worker."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            self._work.put((_CLOSE,))
+            worker.join()
+
+    def _submit(self, work: tuple[Any, ...]) -> None:
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="conntrack", daemon=True)
+                self._worker.start()
+        self._work.put(work)
+
+    def _run(self) -> None:
+        while True:
+            work = self._work.get()
+            try:
+                if work[0] == _FORGET:
+                    _, proto, dst, sport, dport = work
+                    self._forget(proto, sport, dst, dport)
+                elif work[0] == _FORGET_MARKED:
+                    self._forget_marked(work[1], work[2])
+                else:
+                    self._close_sockets()
+                    return
+            except Exception:
+                log.debug("[Router] conntrack work failed", exc_info=True)
 
     def _forget(self, proto: int, sport: int, dst: bytes, dport: int) -> bool:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -90,11 +128,6 @@ class ConntrackTable:
 
             sock = self._sockets[family] = Conntrack(nfgen_family=family)
         return sock
-
-    def close(self) -> None:
-        """Finish what was asked, then close the sockets and the worker."""
-        self._worker.submit(self._close_sockets)
-        self._worker.shutdown(wait=True)
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():

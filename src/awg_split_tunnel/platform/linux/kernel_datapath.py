@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -95,9 +96,8 @@ def support_problem() -> str | None:
             "the Python package NetfilterQueue is missing (apt-get install libnetfilter-queue-dev gcc "
             "python3-dev && pip install NetfilterQueue)"
         )
-    try:
-        import pyroute2  # noqa: F401
-    except ImportError:
+    # Found, not imported: the daemon asks, and only the router process uses it (~10 MB once imported).
+    if importlib.util.find_spec("pyroute2") is None:
         return "the Python package pyroute2 is missing (pip install pyroute2)"
     try:
         firewall = KernelFirewall()

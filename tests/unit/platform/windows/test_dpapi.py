@@ -183,7 +183,7 @@ def test_the_daemon_and_its_dashboard_read_dpapi_secrets(
     async def dashboard_rules() -> object:
         await daemon._start_dashboard(config)
         try:
-            return daemon._dashboard._current_config()
+            return (await daemon._dashboard.loaded())._current_config()
         finally:
             await daemon._dashboard.stop()
 
