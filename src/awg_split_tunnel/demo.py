@@ -235,9 +235,10 @@ def _show_dashboard(
         argv = [str(app_path(lab, app.name)), "-c", LIVE_TRAFFIC, WEB_IP, str(20_000 * (number + 1))]
         lab.spawn(CLIENT, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     forward.start()
-    console.print(f"\n[bold]dashboard[/]: {url}", highlight=False, soft_wrap=True)
-    console.print("the apps keep running; Ctrl-C stops the daemon and removes the lab")
+    # Ctrl-C is the way out from the moment the address is shown, even while the lines are printed.
     with contextlib.suppress(KeyboardInterrupt):
+        console.print(f"\n[bold]dashboard[/]: {url}", highlight=False, soft_wrap=True)
+        console.print("the apps keep running; Ctrl-C stops the daemon and removes the lab")
         while True:
             time.sleep(1)
 
