@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,12 +142,29 @@ def run_demo(console: Console | None = None, *, ui: bool = False) -> int:
         return 1
     from awg_split_tunnel.lab import Lab, LabError, LabUnavailable
 
+    with _stopped_as_by_ctrl_c():
+        try:
+            with Lab() as lab:
+                return _run_in_lab(lab, console, ui)
+        except (LabError, LabUnavailable) as exc:
+            console.print(f"[red]the lab could not be built: {exc}[/]")
+            return 1
+
+
+@contextlib.contextmanager
+def _stopped_as_by_ctrl_c() -> Iterator[None]:
+    """`kill` (SIGTERM) and a closed terminal (SIGHUP) stop the demo as Ctrl-C does: the daemon is
+    stopped and the lab's namespaces and processes are removed, none left behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        with Lab() as lab:
-            return _run_in_lab(lab, console, ui)
-    except (LabError, LabUnavailable) as exc:
-        console.print(f"[red]the lab could not be built: {exc}[/]")
-        return 1
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_in_lab(lab: Any, console: Console, ui: bool = False) -> int:

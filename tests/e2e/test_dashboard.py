@@ -328,7 +328,10 @@ def test_requests_without_the_token_from_a_foreign_host_or_without_csrf_are_refu
     assert with_csrf.status == 403 and socks_state(daemon) == "up"  # a guessed token is no better
 
 
-def test_demo_ui_keeps_the_five_apps_live_in_the_dashboard_until_ctrl_c() -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_demo_ui_keeps_the_five_apps_live_in_the_dashboard_until_ctrl_c_or_kill(stop: str) -> None:
+    """Until Ctrl-C (or `kill`, or a closed terminal): then the demo stops the daemon, removes its lab's
+    namespaces and exits 0."""
     import re
     import signal
     import time
@@ -375,7 +378,7 @@ def test_demo_ui_keeps_the_five_apps_live_in_the_dashboard_until_ctrl_c() -> Non
             return apps <= listed
 
         wait_for(every_app_listed, 20, "the five apps' connections in the dashboard", lambda: str(listed))
-        demo.send_signal(signal.SIGINT)
+        demo.send_signal(getattr(signal, stop))
         rest, _ = demo.communicate(timeout=60)
         assert demo.returncode == 0, "".join(seen)[-3000:] + rest[-3000:]
         deadline = time.monotonic() + 5
