@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -182,34 +183,46 @@ def netns_inode(pid: int | str = "self") -> int | None:
         return None
 
 
+NAMESPACE_CACHE_TTL = 1.0
+"""Seconds a pid's namespace answer is reused. A pid comes back only after the kernel has handed out every
+other pid (``pid_max`` can be 32768), so within a second it is the same process; kept longer, a pid once
+ours and now a container's (its events then accepted, one of them claimed by our flow to the same
+remote), or once gone and now an app of ours (its events ignored), would be answered wrongly."""
+
+
 class NamespaceFilter:
     """Keeps only events of processes in this process's network namespace.
 
-    The answer is cached per pid for the lifetime of the filter's cache; ``forget`` drops a pid (on
-    CLOSE) so a reused pid is checked afresh.
+    A pid's answer is reused for ``NAMESPACE_CACHE_TTL`` seconds (a burst of one process's events costs
+    one ``stat``), then checked again: a daemon runs for weeks, and pids are reused.
     """
 
-    __slots__ = ("_cache", "_own", "_stat")
+    __slots__ = ("_cache", "_clock", "_own", "_stat")
 
-    def __init__(self, own_inode: int | None = None, stat: Callable[[int], int | None] = netns_inode) -> None:
+    def __init__(
+        self,
+        own_inode: int | None = None,
+        stat: Callable[[int], int | None] = netns_inode,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._own = own_inode if own_inode is not None else netns_inode()
         self._stat = stat
-        self._cache: dict[int, bool] = {}
+        self._clock = clock
+        self._cache: dict[int, tuple[bool, float]] = {}
 
     def same_namespace(self, pid: int) -> bool:
         if pid <= 0:
             return False  # kernel context (softirq accepts): no process to route
+        now = self._clock()
         known = self._cache.get(pid)
-        if known is None:
-            inode = self._stat(pid)
-            known = inode is not None and inode == self._own
-            if len(self._cache) > 65536:
-                self._cache.clear()
-            self._cache[pid] = known
-        return known
-
-    def forget(self, pid: int) -> None:
-        self._cache.pop(pid, None)
+        if known is not None and now - known[1] <= NAMESPACE_CACHE_TTL:
+            return known[0]
+        inode = self._stat(pid)
+        same = inode is not None and inode == self._own
+        if len(self._cache) > 4096:
+            self._cache = {p: k for p, k in self._cache.items() if now - k[1] <= NAMESPACE_CACHE_TTL}
+        self._cache[pid] = (same, now)
+        return same
 
 
 MAX_ANCESTRY = 32

@@ -13,6 +13,7 @@ import pytest
 from awg_split_tunnel.process.lookup import (
     IPPROTO_TCP,
     IPPROTO_UDP,
+    NAMESPACE_CACHE_TTL,
     ConnectEvents,
     ExeResolver,
     NamespaceFilter,
@@ -94,15 +95,41 @@ def test_a_flood_of_events_is_bounded() -> None:
 
 def test_namespace_filter_keeps_only_this_namespace() -> None:
     inodes = {10: 111, 20: 222}
-    ns = NamespaceFilter(own_inode=111, stat=inodes.get)
+    ns = NamespaceFilter(own_inode=111, stat=inodes.get, clock=lambda: 0.0)
     assert ns.same_namespace(10)
     assert not ns.same_namespace(20)
     assert not ns.same_namespace(30)  # gone
     assert not ns.same_namespace(0)  # kernel context
-    inodes[20] = 111
-    assert not ns.same_namespace(20)  # cached...
-    ns.forget(20)
-    assert ns.same_namespace(20)  # ...until forgotten
+
+
+def test_a_reused_pid_is_judged_by_its_new_process_not_the_old_answer() -> None:
+    """A pid of an app of ours, later a container's process (other namespace): its events must not be
+    taken for ours (one would be claimed by our next flow to the same remote); and a pid first seen as
+    gone, later an app of ours: its events must not be ignored for ever."""
+    inodes: dict[int, int] = {10: 111}
+    now = [0.0]
+    stats: list[int] = []
+
+    def stat(pid: int) -> int | None:
+        stats.append(pid)
+        return inodes.get(pid)
+
+    ns = NamespaceFilter(own_inode=111, stat=stat, clock=lambda: now[0])
+    assert ns.same_namespace(10) and not ns.same_namespace(20)  # 20: exited before it was looked at
+    assert ns.same_namespace(10) and stats == [10, 20]  # a burst of one process's events: one stat
+    inodes[10], inodes[20] = 222, 111  # both pids handed to new processes
+    now[0] = NAMESPACE_CACHE_TTL + 0.1
+    assert not ns.same_namespace(10)
+    assert ns.same_namespace(20)
+
+
+def test_the_namespace_cache_stays_bounded() -> None:
+    now = [0.0]
+    ns = NamespaceFilter(own_inode=111, stat=lambda pid: 111, clock=lambda: now[0])
+    for pid in range(1, 20_000):
+        now[0] = pid * 0.001
+        ns.same_namespace(pid)
+    assert len(ns._cache) <= 4097 + int(NAMESPACE_CACHE_TTL / 0.001)
 
 
 def test_own_namespace_is_recognised_for_real_processes() -> None:
