@@ -1156,6 +1156,9 @@ class PacketRouter:
                 self.stats.os_lookups += 1
                 held.looked_up = True
                 pid = self.os_lookup(held.proto, held.src_addr, held.src_port, held.dst_addr, held.dst_port)
+                if pid is not None and pid != OWNER_PENDING:
+                    # Its CONNECT was late (or never comes): when it does, it is this flow's.
+                    self.events.expect_late(held.proto, held.dst_addr, held.dst_port, pid, now)
                 if pid == OWNER_PENDING:
                     # Its answer comes through connect_event; until LOOKUP_TIMEOUT it waits in a queue of
                     # its own (all of the same timeout, so in deadline order too).

@@ -6,7 +6,9 @@
   first — and when several processes' events wait for one remote, the owner is confirmed from its own
   socket list (``pid_owns_socket``): their events and packets arrive in no fixed order. FLOW-layer
   ESTABLISHED events carry the full 5-tuple and match exactly (unconnected UDP ``sendto()`` raises no
-  CONNECT at all).
+  CONNECT at all). A CONNECT that comes after its flow was decided without it (by the exact event, or by
+  the OS lookup once the hold timeout passed) is that flow's and is dropped (``expect_late``): kept, it
+  would be the next flow's to the same remote whatever app that flow is.
 - ``NamespaceFilter``: SOCKET events are host-wide (``scripts/repro/socket_events_host_wide.py``), so
   events of processes in other network namespaces are dropped before they reach the table.
 - ``ExeResolver``: pid → exe path through psutil, cached by (pid, create time) so a reused pid never
@@ -56,13 +58,16 @@ class _Pending:
 class ConnectEvents:
     """Connect events waiting for the first packet of their flow (no I/O; time passed in)."""
 
-    __slots__ = ("_by_remote", "_by_tuple", "_count", "dropped", "max_age")
+    __slots__ = ("_by_remote", "_by_tuple", "_count", "_late", "_late_count", "dropped", "max_age")
 
     def __init__(self, max_age: float = EVENT_MAX_AGE) -> None:
         self.max_age = max_age
         self._by_remote: dict[tuple[int, bytes, int], deque[_Pending]] = {}
         self._by_tuple: dict[tuple[int, int, bytes, int], _Pending] = {}
         self._count = 0
+        self._late: dict[tuple[int, bytes, int], deque[_Pending]] = {}
+        """CONNECTs still to come of flows decided without them (``expect_late``)."""
+        self._late_count = 0
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -70,6 +75,8 @@ class ConnectEvents:
 
     def add_connect(self, proto: int, remote_addr: bytes, remote_port: int, pid: int, now: float) -> None:
         """A SOCKET CONNECT: ``pid`` is about to send to (remote_addr, remote_port)."""
+        if self._late_count and self._take_late(proto, remote_addr, remote_port, pid, now):
+            return  # the CONNECT of a flow decided already: not one for the next flow to this remote
         if self._count >= MAX_EVENTS:
             self.expire(now)
             if self._count >= MAX_EVENTS:
@@ -110,7 +117,8 @@ class ConnectEvents:
         """
         exact = self._by_tuple.pop((proto, local_port, remote_addr, remote_port), None)
         if exact is not None and now - exact.at <= self.max_age:
-            self._drop_one_connect(proto, remote_addr, remote_port, exact.pid)
+            if not self._drop_one_connect(proto, remote_addr, remote_port, exact.pid):
+                self.expect_late(proto, remote_addr, remote_port, exact.pid, now)
             return exact.pid
         key = (proto, remote_addr, remote_port)
         queue = self._by_remote.get(key)
@@ -146,20 +154,55 @@ class ConnectEvents:
             self._by_remote.get((proto, remote_addr, remote_port))
         )
 
-    def _drop_one_connect(self, proto: int, remote_addr: bytes, remote_port: int, pid: int) -> None:
-        # The same connect may have been seen on both layers: consume its CONNECT too, or it would be
-        # claimed by the next flow to the same remote.
+    def expect_late(self, proto: int, remote_addr: bytes, remote_port: int, pid: int, now: float) -> None:
+        """A flow of ``pid`` to this remote was decided without its CONNECT (by an exact FLOW event, or by
+        the OS lookup when the event was late): that CONNECT, if it comes within ``max_age``, is this
+        flow's. Kept, it would be claimed by the next flow to the same remote — another app's, whose own
+        event is not in yet — and route it by the first app's rule."""
+        if self._late_count >= MAX_EVENTS:
+            self._expire_late(now)
+            if self._late_count >= MAX_EVENTS:
+                return
+        self._late.setdefault((proto, remote_addr, remote_port), deque()).append(_Pending(pid, now))
+        self._late_count += 1
+
+    def _take_late(self, proto: int, remote_addr: bytes, remote_port: int, pid: int, now: float) -> bool:
+        key = (proto, remote_addr, remote_port)
+        late = self._late.get(key)
+        if not late:
+            return False
+        found = next((p for p in late if p.pid == pid and now - p.at <= self.max_age), None)
+        if found is not None:
+            late.remove(found)
+            self._late_count -= 1
+        if not late:
+            del self._late[key]
+        return found is not None
+
+    def _expire_late(self, now: float) -> None:
+        limit = now - self.max_age
+        for key in [k for k, q in self._late.items() if q and q[0].at < limit]:
+            late = self._late[key]
+            while late and late[0].at < limit:
+                late.popleft()
+                self._late_count -= 1
+            if not late:
+                del self._late[key]
+
+    def _drop_one_connect(self, proto: int, remote_addr: bytes, remote_port: int, pid: int) -> bool:
+        """Consume a waiting CONNECT of ``pid`` to this remote: the same connect may have been seen on both
+        layers, and it would be claimed by the next flow to the same remote. Whether there was one."""
         key = (proto, remote_addr, remote_port)
         queue = self._by_remote.get(key)
         if not queue:
-            return
-        for pending in queue:
-            if pending.pid == pid:
-                queue.remove(pending)
-                self._count -= 1
-                break
+            return False
+        found = next((pending for pending in queue if pending.pid == pid), None)
+        if found is not None:
+            queue.remove(found)
+            self._count -= 1
         if not queue:
             del self._by_remote[key]
+        return found is not None
 
     def expire(self, now: float) -> None:
         """Forget events older than ``max_age``."""
@@ -173,6 +216,7 @@ class ConnectEvents:
                 del self._by_remote[key]
         for exact in [k for k, p in self._by_tuple.items() if p.at < limit]:
             del self._by_tuple[exact]
+        self._expire_late(now)
 
 
 def netns_inode(pid: int | str = "self") -> int | None:

@@ -329,6 +329,40 @@ def test_without_event_the_os_tables_are_asked_after_the_hold_timeout() -> None:
     assert len(out) == 1 and not out[0].inbound and view(out[0].data).dst_port == 80
 
 
+def test_a_connect_event_that_comes_after_its_flow_was_looked_up_is_not_taken_by_the_next_app() -> None:
+    # Under load an app's CONNECT event can come after the hold timeout, when its flow was decided by the
+    # OS lookup already. Kept, it would be the only event waiting for that server when another app's
+    # first packet comes before that app's own event: that flow would go the first app's way.
+    env = Env()
+    env.os_owner = 100  # app-socks
+    assert env.route(syn(sport=40001)) is PacketAction.HOLD
+    env.now += 1.0
+    env.router.poll(env.now)
+    (out,) = env.router.take_outgoing()
+    assert out.inbound and view(out.data).dst_port == PROXY_TCP  # app-socks's, found by the lookup
+    env.connect(100)  # ...and its event, late
+    env.now += 0.1
+    assert env.route(syn(sport=40002)) is PacketAction.HOLD  # app-direct's SYN, before its own event
+    env.connect(200)
+    (out,) = env.router.take_outgoing()
+    assert not out.inbound and view(out.data).dst_port == 80  # direct, as app-direct's rule says
+    assert {(e.app_port, e.pid) for e in env.router.connections()} == {(40001, 100), (40002, 200)}
+
+
+def test_an_app_connecting_again_after_a_looked_up_flow_is_still_found() -> None:
+    env = Env()
+    env.os_owner = 100
+    assert env.route(syn(sport=40001)) is PacketAction.HOLD
+    env.now += 1.0
+    env.router.poll(env.now)
+    env.router.take_outgoing()
+    env.connect(100)  # the first flow's late event: consumed by it
+    env.connect(100)  # the second connection's
+    assert env.route(syn(sport=40002)) is PacketAction.INJECT_INBOUND
+    assert {(e.app_port, e.pid) for e in env.router.connections()} == {(40001, 100), (40002, 100)}
+    assert env.lookups == [(IPPROTO_TCP, 40001)]
+
+
 def test_a_lookup_answering_later_keeps_the_flow_held_until_its_answer_or_the_lookup_timeout() -> None:
     env = Env(default="socks")
     env.os_owner = OWNER_PENDING  # the lookup answers later, as a connect event with the local port

@@ -93,6 +93,23 @@ def test_a_flood_of_events_is_bounded() -> None:
     assert len(events) == 4096 and events.dropped == 5000 - 4096
 
 
+def test_a_connect_that_comes_after_its_flow_was_matched_exactly_waits_for_no_other_flow() -> None:
+    events = ConnectEvents()
+    events.add_flow(IPPROTO_UDP, 40001, WEB, 53, pid=1, now=0.0)  # FLOW ESTABLISHED first
+    assert events.claim(IPPROTO_UDP, 40001, WEB, 53, now=0.0) == 1
+    events.add_connect(IPPROTO_UDP, WEB, 53, pid=1, now=0.01)  # then its CONNECT
+    assert events.claim(IPPROTO_UDP, 40002, WEB, 53, now=0.02) is None  # another app's flow: not pid 1's
+    events.add_connect(IPPROTO_UDP, WEB, 53, pid=2, now=0.03)
+    assert events.claim(IPPROTO_UDP, 40002, WEB, 53, now=0.03) == 2
+
+
+def test_an_expected_late_connect_is_forgotten_after_the_event_age() -> None:
+    events = ConnectEvents(max_age=2.0)
+    events.expect_late(IPPROTO_UDP, WEB, 53, pid=1, now=0.0)
+    events.add_connect(IPPROTO_UDP, WEB, 53, pid=1, now=3.0)  # a new connect of the same app, much later
+    assert events.claim(IPPROTO_UDP, 40002, WEB, 53, now=3.0) == 1
+
+
 def test_namespace_filter_keeps_only_this_namespace() -> None:
     inodes = {10: 111, 20: 222}
     ns = NamespaceFilter(own_inode=111, stat=inodes.get, clock=lambda: 0.0)
