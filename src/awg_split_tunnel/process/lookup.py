@@ -167,56 +167,55 @@ class ConnectEvents:
         self._late_count += 1
 
     def _take_late(self, proto: int, remote_addr: bytes, remote_port: int, pid: int, now: float) -> bool:
-        key = (proto, remote_addr, remote_port)
-        late = self._late.get(key)
-        if not late:
-            return False
-        found = next((p for p in late if p.pid == pid and now - p.at <= self.max_age), None)
-        if found is not None:
-            late.remove(found)
+        if _take_one(self._late, (proto, remote_addr, remote_port), pid, now - self.max_age):
             self._late_count -= 1
-        if not late:
-            del self._late[key]
-        return found is not None
+            return True
+        return False
 
     def _expire_late(self, now: float) -> None:
-        limit = now - self.max_age
-        for key in [k for k, q in self._late.items() if q and q[0].at < limit]:
-            late = self._late[key]
-            while late and late[0].at < limit:
-                late.popleft()
-                self._late_count -= 1
-            if not late:
-                del self._late[key]
+        self._late_count -= _expire_queues(self._late, now - self.max_age)
 
     def _drop_one_connect(self, proto: int, remote_addr: bytes, remote_port: int, pid: int) -> bool:
         """Consume a waiting CONNECT of ``pid`` to this remote: the same connect may have been seen on both
         layers, and it would be claimed by the next flow to the same remote. Whether there was one."""
-        key = (proto, remote_addr, remote_port)
-        queue = self._by_remote.get(key)
-        if not queue:
-            return False
-        found = next((pending for pending in queue if pending.pid == pid), None)
-        if found is not None:
-            queue.remove(found)
+        if _take_one(self._by_remote, (proto, remote_addr, remote_port), pid, float("-inf")):
             self._count -= 1
-        if not queue:
-            del self._by_remote[key]
-        return found is not None
+            return True
+        return False
 
     def expire(self, now: float) -> None:
         """Forget events older than ``max_age``."""
         limit = now - self.max_age
-        for key in [k for k, q in self._by_remote.items() if q and q[0].at < limit]:
-            queue = self._by_remote[key]
-            while queue and queue[0].at < limit:
-                queue.popleft()
-                self._count -= 1
-            if not queue:
-                del self._by_remote[key]
+        self._count -= _expire_queues(self._by_remote, limit)
         for exact in [k for k, p in self._by_tuple.items() if p.at < limit]:
             del self._by_tuple[exact]
         self._expire_late(now)
+
+
+def _take_one(queues: dict[Any, deque[_Pending]], key: Any, pid: int, limit: float) -> bool:
+    """Remove the first entry of ``pid`` not older than ``limit`` from the queue at ``key``."""
+    queue = queues.get(key)
+    if not queue:
+        return False
+    found = next((p for p in queue if p.pid == pid and p.at >= limit), None)
+    if found is not None:
+        queue.remove(found)
+    if not queue:
+        del queues[key]
+    return found is not None
+
+
+def _expire_queues(queues: dict[Any, deque[_Pending]], limit: float) -> int:
+    """Drop the entries older than ``limit`` (each queue is in arrival order); how many went."""
+    gone = 0
+    for key in [k for k, q in queues.items() if q and q[0].at < limit]:
+        queue = queues[key]
+        while queue and queue[0].at < limit:
+            queue.popleft()
+            gone += 1
+        if not queue:
+            del queues[key]
+    return gone
 
 
 def netns_inode(pid: int | str = "self") -> int | None:
