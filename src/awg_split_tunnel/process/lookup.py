@@ -39,6 +39,12 @@ IPPROTO_UDP = 17
 EVENT_MAX_AGE = 2.0
 """Seconds an unclaimed connect event is kept (a connect whose packet we never saw: loopback, refused)."""
 
+STALE_EVENT_AGE = 0.1
+"""Seconds after which a waiting CONNECT is confirmed against the OS before a flow takes it, even when it
+is the only one. A connect's first packet follows it within milliseconds; an older event is one whose
+packet never came to us — a UDP socket connected only to learn its source address, as glibc's
+getaddrinfo does for each address it sorts — and another app's flow to that server must not take it."""
+
 MAX_EVENTS = 4096
 """Unclaimed events kept at most; the oldest go first (a flood must not grow memory)."""
 
@@ -109,11 +115,12 @@ class ConnectEvents:
         """The pid of the flow whose first packet this is, consuming the event; None if none is known.
 
         Matched by remote only, the oldest event wins — unless events of more than one process wait for
-        this remote (or the caller says the match is ``ambiguous``: several flows wait for it): then
-        ``confirm(pid)`` (does ``pid`` own this flow's socket? None: cannot tell) picks the owner among
-        them, in arrival order. Two apps connecting to one server at once otherwise swap owners, since
-        their CONNECT events and first packets reach us in no fixed order. If every candidate is known
-        not to own it, nothing is claimed (the caller falls back to the OS lookup).
+        this remote (or the caller says the match is ``ambiguous``: several flows wait for it), or the
+        oldest is older than ``STALE_EVENT_AGE``: then ``confirm(pid)`` (does ``pid`` own this flow's
+        socket? None: cannot tell) picks the owner among them, in arrival order. Two apps connecting to
+        one server at once otherwise swap owners, since their CONNECT events and first packets reach us
+        in no fixed order. If every candidate is known not to own it, nothing is claimed (the caller
+        falls back to the OS lookup).
         """
         exact = self._by_tuple.pop((proto, local_port, remote_addr, remote_port), None)
         if exact is not None and now - exact.at <= self.max_age:
@@ -132,7 +139,7 @@ class ConnectEvents:
             return None
         if confirm is not None:
             candidates = list(dict.fromkeys(pending.pid for pending in queue))
-            if len(candidates) > 1 or ambiguous:
+            if len(candidates) > 1 or ambiguous or now - queue[0].at > STALE_EVENT_AGE:
                 unknown = False
                 for pid in candidates:
                     owns = confirm(pid)

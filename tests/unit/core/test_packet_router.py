@@ -349,6 +349,32 @@ def test_a_connect_event_that_comes_after_its_flow_was_looked_up_is_not_taken_by
     assert {(e.app_port, e.pid) for e in env.router.connections()} == {(40001, 100), (40002, 200)}
 
 
+def test_an_old_connect_event_whose_packet_never_came_is_confirmed_before_another_flow_takes_it() -> None:
+    # glibc's getaddrinfo connects a UDP socket to each address it sorts and sends nothing: that CONNECT
+    # waits, alone, for a flow that never comes. Another app's flow to the same server, whose own event
+    # is not in yet, must not take it.
+    env = Env()
+    env.sockets = {100: set(), 200: {40002}}
+    env.connect(100, dport=443, proto=IPPROTO_UDP)  # app-socks only probes
+    env.now += 0.5
+    packet = build_packet(APP, WEB, IPPROTO_UDP, 40002, 443, b"quic")
+    assert env.route(packet) is PacketAction.HOLD  # app-direct's datagram: pid 100 does not own it
+    assert env.owner_checks == [(100, 40002)]
+    env.connect(200, dport=443, proto=IPPROTO_UDP)
+    (out,) = env.router.take_outgoing()
+    assert not out.inbound and view(out.data).dst_port == 443  # direct
+    assert [(e.app_port, e.pid) for e in env.router.connections()] == [(40002, 200)]
+
+
+def test_a_fresh_single_connect_event_is_taken_without_asking_the_os() -> None:
+    env = Env()
+    env.sockets = {100: {40001}}
+    env.connect(100)
+    env.now += 0.01
+    assert env.route(syn(sport=40001)) is PacketAction.INJECT_INBOUND
+    assert env.owner_checks == []
+
+
 def test_an_app_connecting_again_after_a_looked_up_flow_is_still_found() -> None:
     env = Env()
     env.os_owner = 100
