@@ -322,6 +322,45 @@ def test_nat_lookup_finds_a_flow_whose_announcement_is_still_in_the_pipe() -> No
     assert all(found)
 
 
+def test_nat_lookup_waits_for_an_announcement_the_reader_has_taken_off_the_pipe_but_not_applied() -> None:
+    # The router process announces a flow, then injects its first packet; the proxy accepts it and
+    # looks the flow up. If the pipe's reader has just read the announcement (the pipe is empty again)
+    # but not yet counted or applied it — it was descheduled while unpickling, on a loaded machine —
+    # the lookup must wait for it, not miss at once (a UDP app's only datagram, dropped).
+    import multiprocessing
+    import threading
+
+    from awg_split_tunnel.core.router_messages import FlowTunnelled
+
+    ours, theirs = multiprocessing.Pipe()
+    reading, release = threading.Event(), threading.Event()
+
+    class SlowReceive:
+        """The real connection, whose ``recv`` stalls after taking the message off the pipe."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(ours, name)
+
+        def recv(self) -> object:
+            message = ours.recv()
+            reading.set()
+            release.wait(5)
+            return message
+
+    process = RouterProcess(RouterSettings((), "direct", {}, {}), tuple)
+    process.heartbeat_interval = 3600
+    process.attach(SlowReceive())
+    key = WEB + (40000).to_bytes(2, "big")
+    theirs.send(FlowTunnelled(IPPROTO_TCP, key, WEB, 443, APP, 40000, "socks", 7, "/usr/bin/app", True))
+    assert reading.wait(5)
+    assert not ours.poll(0)  # the announcement is off the pipe
+    threading.Timer(0.1, release.set).start()
+    entry = process.nat_lookup("tcp", "198.18.0.10", 40000)
+    process.kill()
+    theirs.close()
+    assert entry is not None and entry.orig_dst_port == 443
+
+
 def test_tunnels_reported_down_while_the_router_process_stops_are_no_error() -> None:
     # The router process stops its devices as it stops; their DOWN reaches the daemon's handlers while
     # ``stop`` is still under way, and telling the stopping router must not raise (an ERROR traceback in

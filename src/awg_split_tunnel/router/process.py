@@ -147,6 +147,8 @@ class RouterProcess:
         self._applied = threading.Condition()
         self._received = 0
         self._applied_count = 0
+        self._receiving = False
+        """The reader thread is taking a message off the pipe (read, not yet counted in ``_received``)."""
         self._last_alive = 0.0
         self._stopping = False
         self._ended = threading.Event()
@@ -344,7 +346,7 @@ class RouterProcess:
 
     def _unread(self) -> bool:
         """Messages sent to us that are not applied yet (in the pipe, or being applied)."""
-        if self._received != self._applied_count:
+        if self._receiving or self._received != self._applied_count:
             return True
         conn = self._conn
         try:
@@ -402,11 +404,17 @@ class RouterProcess:
         conn = self._conn
         while True:
             try:
+                conn.poll(None)  # until a message (or the end) is in the pipe
+                # From here until it is counted the message is neither in the pipe nor received: a
+                # ``nat_lookup`` missing its flow meanwhile must still wait for it (``_unread``).
+                self._receiving = True
                 message = conn.recv()
             except (EOFError, OSError, ValueError):
+                self._receiving = False
                 break
             with self._applied:
                 self._received += 1
+                self._receiving = False
             try:
                 self._apply(message)
             except Exception:
