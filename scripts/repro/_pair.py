@@ -10,8 +10,10 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 CLIENT_IP, SERVER_IP = "198.18.200.1", "198.18.200.2"
 CLIENT_IP6, SERVER_IP6 = "2001:2:0:c8::1", "2001:2:0:c8::2"
@@ -106,3 +108,14 @@ def serve_tcp(pair: Pair, port: int) -> subprocess.Popen[bytes]:
         "while True:\n    c, _ = s.accept(); c.close()\n"
     )
     return subprocess.Popen(pair.nsenter(pair.server, sys.executable, "-c", code))
+
+
+def sniffed(handle: Any, seconds: float = 2.0, quiet: float = 0.2) -> Iterator[Any]:
+    """What a sniffing divert ``handle`` receives, until ``seconds`` have passed or nothing came for
+    ``quiet`` seconds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            yield handle.recv(timeout=quiet)
+        except TimeoutError:
+            return
