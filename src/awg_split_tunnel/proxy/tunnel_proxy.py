@@ -855,7 +855,14 @@ class TunnelProxy:
             entry = None
         if entry is None:
             self.counters.nat_misses += 1
-            log.debug("[Proxy] %s: no NAT entry for %s %s", self.tunnel_id, proto, format_address(*peer))
+            # Every connection and datagram that reaches a tunnel's proxy was sent there by the router, so
+            # a miss means an app's traffic is refused (a connection reset, a datagram dropped): a warning.
+            log.warning(
+                "[Proxy] %s: %s from %s refused: the router has no record of its flow",
+                self.tunnel_id,
+                proto.upper(),
+                format_address(*peer),
+            )
         return entry
 
     def _flow_failed(self, what: str, dst: Address, exe: str | None, exc: BaseException) -> None:
