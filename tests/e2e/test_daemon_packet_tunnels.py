@@ -349,6 +349,7 @@ def daemon(world: World, request: pytest.FixtureRequest) -> Iterator[RunningDaem
         stop_daemon(process)
         server.stop()
         print(running.output()[-5000:])
+        print(f"--- our AmneziaWG server:\n{server.output()[-5000:]}")
 
 
 def run_concurrently(lab: Lab) -> dict[tuple[str, str], str]:

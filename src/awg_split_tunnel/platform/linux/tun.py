@@ -187,9 +187,9 @@ class Tun:
             return
         fd, stats = self.fd, self.stats
         writev = os.writev
-        for header, packet in coalesce_tcp(packets):
+        for buffers in coalesce_tcp_buffers(packets):
             try:
-                writev(fd, [header, packet])
+                writev(fd, buffers)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as exc:
@@ -310,120 +310,114 @@ def _segment_tcp(packet: memoryview, mss: int) -> list[bytes]:
     return segments
 
 
-_IPV4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBH")  # IPv4 header without options + TCP up to the window
+IOV_MAX = 1024  # buffers per writev (Linux UIO_MAXIOV)
+_MAX_RUN_PIECES = IOV_MAX - 2  # a run's payloads, with the vnet header and the first packet's headers
 
 
-class _Flow:
-    """A run of TCP segments being merged: header of the first, payloads, next expected sequence."""
-
-    __slots__ = (
-        "doff",
-        "header",
-        "ihl",
-        "key",
-        "last_flags",
-        "mss",
-        "next_seq",
-        "payloads",
-        "size",
-        "version",
-    )
-
-    def __init__(
-        self, key: bytes, header: bytes, ihl: int, doff: int, version: int, payload: bytes, seq: int
-    ) -> None:
-        self.key = key
-        self.header = header
-        self.ihl = ihl
-        self.doff = doff
-        self.version = version
-        self.payloads = [payload]
-        self.mss = len(payload)
-        self.size = len(header) + len(payload)
-        self.next_seq = (seq + len(payload)) & 0xFFFFFFFF
-        self.last_flags = header[ihl + 13]
+def _varying_mask(header_len: int, varying: tuple[tuple[int, int], ...]) -> int:
+    """An all-ones mask over `header_len` bytes (big-endian) with the byte ranges in `varying` cleared."""
+    mask = bytearray(b"\xff" * header_len)
+    for start, end in varying:
+        mask[start:end] = bytes(end - start)
+    return int.from_bytes(mask, "big")
 
 
-def _tcp_segment(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
-    """(flow key, IP header length, TCP header length, sequence, TCP flags) of a TCP segment that GRO may
-    merge: IPv4 without options or fragments, or IPv6 without extension headers; data, ACK, no other
-    control flags."""
-    n = len(packet)
-    version = packet[0] >> 4
-    if version == 4:
-        if n < 40 or packet[0] != 0x45 or packet[9] != 6 or packet[6] & 0x3F or packet[7]:
-            return None
-        ihl = 20
-    elif version == 6:
-        if n < 60 or packet[6] != 6:
-            return None
-        ihl = 40
-    else:
-        return None
-    doff = (packet[ihl + 12] >> 4) * 4
-    flags = packet[ihl + 13]
-    if doff < 20 or n <= ihl + doff or flags & ~0x18 or not flags & 0x10:
-        return None
-    if version == 4:
-        # TOS, DF, TTL, addresses, ports, ack, data offset and window, options: all must match.
-        key = packet[1:2] + packet[6:7] + packet[8:9] + packet[12:24] + packet[28:33] + packet[34:36]
-    else:
-        key = packet[0:4] + packet[7:8] + packet[8:44] + packet[48:53] + packet[54:56]
-    key += packet[ihl + 20 : ihl + doff]
-    seq = int.from_bytes(packet[ihl + 4 : ihl + 8], "big")
-    return key, ihl, doff, seq, flags
+# Bytes of the IP and TCP headers that may differ between the segments of one GRO run: lengths, the IPv4
+# ID and checksum, the TCP sequence number, flags and checksum. Every other header byte, TCP options
+# included, must match (as Linux's tcp_gro_receive requires). Masks by header length (20 + TCP header).
+_V4_VARYING = ((2, 6), (10, 12), (24, 28), (33, 34), (36, 38))
+_V6_VARYING = ((4, 6), (44, 48), (53, 54), (56, 58))
+_V4_MASKS = {20 + doff: _varying_mask(20 + doff, _V4_VARYING) for doff in range(20, 61, 4)}
+_V6_MASKS = {40 + doff: _varying_mask(40 + doff, _V6_VARYING) for doff in range(20, 61, 4)}
 
 
-def coalesce_tcp(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """(vnet header, packet) pairs for `packets` in order, consecutive in-order segments of one TCP flow
-    merged into a GSO super-packet (the Linux GRO rules: same headers, equal-size segments except a
-    shorter last one, PSH ends a run, at most 64 KB)."""
-    out: list[tuple[bytes, bytes]] = []
-    flow: _Flow | None = None
+def coalesce_tcp_buffers(packets: list[bytes]) -> list[list[bytes]]:
+    """The buffers of one `writev` per entry (vnet header first) for `packets` in order, consecutive
+    in-order segments of one TCP flow merged into a GSO super-packet (the Linux GRO rules: same headers,
+    equal-size segments except a shorter last one, PSH ends a run, at most 64 KB). A merged packet's
+    payloads stay separate buffers: the kernel gathers them, so they are never copied into one.
+
+    Segments GRO may merge: IPv4 without options or fragments, IPv6 without extension headers; data,
+    ACK, no other control flag. A segment's flow key is its headers with the per-segment fields masked
+    out, as one integer. This runs per packet on the download path: the run being merged lives in local
+    variables, not in an object."""
+    out: list[list[bytes]] = []
+    append = out.append
+    v4_masks, v6_masks = _V4_MASKS, _V6_MASKS
+    # The run being merged, when `pieces` is not None: the first segment's headers, then the payloads.
+    pieces: list[bytes] | None = None
+    run_key = run_ihl = run_mss = run_size = next_seq = last_flags = 0
     for packet in packets:
-        info = _tcp_segment(packet)
-        if info is None:
-            if flow is not None:
-                out.append(_finish(flow))
-                flow = None
-            out.append((_NO_VNET_HDR, packet))
+        n = len(packet)
+        first = packet[0] if n else 0
+        ihl = headers = flags = 0
+        mask = None
+        if first == 0x45:
+            if n >= 40 and packet[9] == 6 and not packet[6] & 0x3F and not packet[7]:
+                ihl = 20
+                headers = 20 + (packet[32] >> 4) * 4
+                mask = v4_masks.get(headers)
+        elif first >> 4 == 6 and n >= 60 and packet[6] == 6:
+            ihl = 40
+            headers = 40 + (packet[52] >> 4) * 4
+            mask = v6_masks.get(headers)
+        if mask is not None:
+            flags = packet[ihl + 13]
+            if n <= headers or flags & ~0x18 or not flags & 0x10:
+                mask = None
+        if mask is None:
+            if pieces is not None:
+                append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
+                pieces = None
+            append([_NO_VNET_HDR, packet])
             continue
-        key, ihl, doff, seq, flags = info
-        payload_len = len(packet) - ihl - doff
-        if (
-            flow is not None
-            and key == flow.key
-            and seq == flow.next_seq
-            and payload_len <= flow.mss
-            and flow.size + payload_len <= MAX_PACKET
-        ):
-            flow.payloads.append(packet[ihl + doff :])
-            flow.size += payload_len
-            flow.next_seq = (seq + payload_len) & 0xFFFFFFFF
-            flow.last_flags = flags
-            if payload_len < flow.mss or flags & 0x08:
-                out.append(_finish(flow))  # a short segment or PSH ends the run, as in Linux GRO
-                flow = None
-            continue
-        if flow is not None:
-            out.append(_finish(flow))
-        flow = _Flow(key, packet[: ihl + doff], ihl, doff, 4 if ihl == 20 else 6, packet[ihl + doff :], seq)
+        value = int.from_bytes(packet[:headers], "big")
+        key = value & mask
+        seq = (value >> ((headers - ihl - 8) * 8)) & 0xFFFFFFFF
+        payload_len = n - headers
+        if pieces is not None:
+            if (
+                key == run_key
+                and seq == next_seq
+                and payload_len <= run_mss
+                and run_size + payload_len <= MAX_PACKET
+                and len(pieces) < _MAX_RUN_PIECES
+            ):
+                pieces.append(packet[headers:])
+                run_size += payload_len
+                next_seq = (seq + payload_len) & 0xFFFFFFFF
+                last_flags = flags
+                if payload_len < run_mss or flags & 0x08:
+                    # A short segment or PSH ends the run, as in Linux GRO.
+                    append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
+                    pieces = None
+                continue
+            append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
+        pieces = [packet[:headers], packet[headers:]]
+        run_key, run_ihl, run_mss, run_size, last_flags = key, ihl, payload_len, n, flags
+        next_seq = (seq + payload_len) & 0xFFFFFFFF
         if flags & 0x08:
-            out.append(_finish(flow))
-            flow = None
-    if flow is not None:
-        out.append(_finish(flow))
+            append(_finish(pieces, ihl, n, payload_len, flags))
+            pieces = None
+    if pieces is not None:
+        append(_finish(pieces, run_ihl, run_size, run_mss, last_flags))
     return out
 
 
-def _finish(flow: _Flow) -> tuple[bytes, bytes]:
-    if len(flow.payloads) == 1:
-        return _NO_VNET_HDR, flow.header + flow.payloads[0]
-    ihl, doff = flow.ihl, flow.doff
-    header = bytearray(flow.header)
-    tcp_len = flow.size - ihl
-    if flow.version == 4:
-        struct.pack_into("!H", header, 2, flow.size)
+def coalesce_tcp(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(vnet header, packet) pairs for `packets`: `coalesce_tcp_buffers` with each packet in one piece."""
+    return [(buffers[0], b"".join(buffers[1:])) for buffers in coalesce_tcp_buffers(packets)]
+
+
+def _finish(pieces: list[bytes], ihl: int, size: int, mss: int, last_flags: int) -> list[bytes]:
+    """The writev buffers for a run: [vnet header, IP + TCP headers, payloads...]; a run of one segment
+    goes as it is, a longer one as a GSO super-packet with its lengths and checksum prepared."""
+    if len(pieces) == 2:
+        return [_NO_VNET_HDR, *pieces]
+    header = bytearray(pieces[0])
+    tcp_len = size - ihl
+    if ihl == 20:
+        struct.pack_into("!H", header, 2, size)
         header[10:12] = b"\0\0"
         header[10:12] = checksum(header[:20]).to_bytes(2, "big")
         gso_type = VIRTIO_NET_HDR_GSO_TCPV4
@@ -432,11 +426,11 @@ def _finish(flow: _Flow) -> tuple[bytes, bytes]:
         struct.pack_into("!H", header, 4, tcp_len)
         gso_type = VIRTIO_NET_HDR_GSO_TCPV6
         addresses = header[8:40]
-    header[ihl + 13] |= flow.last_flags & 0x08
+    header[ihl + 13] |= last_flags & 0x08
     # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the kernel finishes per segment.
     header[ihl + 16 : ihl + 18] = ones_complement_sum(addresses, 6 + tcp_len).to_bytes(2, "big")
-    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, ihl + doff, flow.mss, ihl, 16)
-    return vnet, bytes(header) + b"".join(flow.payloads)
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, len(header), mss, ihl, 16)
+    return [vnet, bytes(header), *pieces[1:]]
 
 
 # --- interface configuration through iproute2 ------------------------------------------------------

@@ -37,6 +37,7 @@ from awg_split_tunnel.provider.wireguard.envelope import (
     Envelope,
     MessageType,
     PlainEnvelope,
+    TransportForm,
     UdpWindow,
     padded_plaintext_length,
 )
@@ -45,6 +46,7 @@ from awg_split_tunnel.provider.wireguard.value_range import Range
 __all__ = ["AmneziaEnvelope", "UnwrapStats", "envelope_for", "header_keystream", "timer_overrides"]
 
 NONCE_SIZE = 12
+NOISE_POOL = 4096  # random prefix bytes fetched from `urandom` at a time for transport messages
 _COUNTER_ZERO = bytes(4)
 _HANDSHAKES = (
     (MessageType.INITIATION, INITIATION_SIZE),
@@ -128,6 +130,15 @@ class AmneziaEnvelope:
             (msg_type, self._prefixes[msg_type], size, self._types[msg_type].lo, self._types[msg_type].hi)
             for msg_type, size in _HANDSHAKES
         )
+        # Without header protection, trailers or content padding a transport datagram is a random prefix
+        # and a WireGuard message with another type value: the core frames those itself.
+        self._form: TransportForm | None = None
+        if self._key is None and not self._trailers and self._padding is None:
+            sizes = frozenset(prefix + size for _, prefix, size, _, _ in self._classes)
+            self._form = TransportForm(self._s4, params.h4.lo, params.h4.hi, sizes)
+        self._type_values = range(params.h4.lo, params.h4.hi + 1)
+        self._noise = b""
+        self._noise_at = 0
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -175,6 +186,24 @@ class AmneziaEnvelope:
         if self._trailers:
             return ip_len + _below(self._rng, window.value - bare)
         return padded_plaintext_length(ip_len, mtu)
+
+    def transport_form(self) -> TransportForm | None:
+        return self._form
+
+    def transport_randomness(self, count: int) -> tuple[list[int], bytes]:
+        self._packets_sent += count
+        values = self._type_values
+        # `choices` draws one random() per pick: a batch draws what its messages one by one would.
+        types = [values[0]] * count if len(values) == 1 else self._rng.choices(values, k=count)
+        need = self._s4 * count
+        pool, at = self._noise, self._noise_at
+        if at + need > len(pool):
+            pool = pool[at:]
+            at = 0
+            while len(pool) < need:  # whole pools only, so the bytes drawn do not depend on batch sizes
+                pool += self._urandom(NOISE_POOL)
+        self._noise, self._noise_at = pool, at + need
+        return types, pool[at : at + need]
 
     def wrap_transport(self, message: bytes, window: UdpWindow) -> bytes:
         self._packets_sent += 1

@@ -9,7 +9,7 @@ their cost grows with the number of distinct lengths (a handful in real configs)
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -133,6 +133,40 @@ class AllowedIPs(Generic[V]):
         if n >= 40 and packet[0] >> 4 == 6:
             return self._cached(bytes(packet[8:24]))
         return None
+
+    def lookup_destinations(self, packets: Sequence[bytes | bytearray | memoryview]) -> list[V | None]:
+        """`lookup_destination` of each packet in one call; a run of packets to one address is looked up
+        once."""
+        return self._lookup_each(packets, 16, 24)
+
+    def lookup_sources(self, packets: Sequence[bytes | bytearray | memoryview]) -> list[V | None]:
+        """`lookup_source` of each packet in one call; a run of packets from one address is looked up
+        once."""
+        return self._lookup_each(packets, 12, 8)
+
+    def _lookup_each(
+        self, packets: Sequence[bytes | bytearray | memoryview], v4_at: int, v6_at: int
+    ) -> list[V | None]:
+        out: list[V | None] = []
+        append = out.append
+        cached = self._cached
+        last: bytes | bytearray | memoryview | None = None
+        value: V | None = None
+        for packet in packets:
+            n = len(packet)
+            version = packet[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                address = packet[v4_at : v4_at + 4]
+            elif version == 6 and n >= 40:
+                address = packet[v6_at : v6_at + 16]
+            else:
+                append(None)
+                continue
+            if address != last:
+                last = address
+                value = cached(bytes(address))
+            append(value)
+        return out
 
     def _cached(self, packed: bytes) -> V | None:
         cache = self._cache

@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -439,27 +439,31 @@ class WireGuardDevice:
     def send_packets(self, packets: Sequence[bytes]) -> None:
         """Encrypt and send IP packets, each to the peer whose AllowedIPs hold its destination.
         Packets with no such peer are dropped and counted."""
-        lookup = self.allowed_ips.lookup_destination
+        peers = self.allowed_ips.lookup_destinations(packets)
         # One batch per peer for the core (its timers and rekey check run once per batch); each peer's
         # packets keep their order.
-        by_peer: dict[bytes, list[bytes]] = {}
-        no_route = 0
-        for packet in packets:
-            peer = lookup(packet)
-            if peer is None:
-                no_route += 1
-                continue
-            batch = by_peer.get(peer)
-            if batch is None:
-                by_peer[peer] = [packet]
-            else:
-                batch.append(packet)
-        self.stats.dropped_no_route += no_route
-        if by_peer:
-            now = self.clock()
-            core_send = self.core.send_packets
-            for peer, batch in by_peer.items():
-                core_send(peer, batch, now)
+        first = peers[0] if peers else None
+        batches: Iterable[tuple[bytes, Sequence[bytes]]]
+        if first is not None and peers.count(first) == len(peers):
+            batches = ((first, packets),)  # the usual case: every packet to one peer
+        else:
+            by_peer: dict[bytes, list[bytes]] = {}
+            no_route = 0
+            for packet, peer in zip(packets, peers, strict=True):
+                if peer is None:
+                    no_route += 1
+                    continue
+                group = by_peer.get(peer)
+                if group is None:
+                    by_peer[peer] = [packet]
+                else:
+                    group.append(packet)
+            self.stats.dropped_no_route += no_route
+            batches = by_peer.items()
+        now = self.clock()
+        core_send = self.core.send_packets
+        for peer, batch in batches:
+            core_send(peer, batch, now)
         self._flush()
         self._rearm_timer()
 
@@ -474,14 +478,18 @@ class WireGuardDevice:
         if not batch:
             return
         self.stats.datagrams_in += len(batch)
-        lookup_source = self.allowed_ips.lookup_source
+        lookup_sources = self.allowed_ips.lookup_sources
         delivered: list[bytes] = []
         for event in self.core.receive_datagrams(batch, self.clock()):
             if type(event) is PacketsReceived:
                 # Cryptokey routing: a peer may only send from addresses in its own AllowedIPs.
                 peer = event.peer
                 received = event.ip_packets
-                kept = [packet for packet in received if lookup_source(packet) == peer]
+                sources = lookup_sources(received)
+                if sources.count(peer) == len(received):
+                    kept = received
+                else:
+                    kept = [p for p, source in zip(received, sources, strict=True) if source == peer]
                 if len(kept) != len(received):
                     self.stats.dropped_source += len(received) - len(kept)
                 delivered += kept

@@ -42,6 +42,22 @@ class UdpWindow:
     value: int = DEFAULT_UDP_WINDOW
 
 
+@dataclass(frozen=True, slots=True)
+class TransportForm:
+    """A transport framing simple enough for the core to apply itself, a batch at a time: `prefix` random
+    bytes, then the WireGuard message with a type value from [`type_lo`, `type_hi`] and WireGuard's
+    padding, nothing after it. A received datagram whose size is in `handshake_sizes` goes through
+    `Envelope.unwrap` (it may be a handshake message)."""
+
+    prefix: int
+    type_lo: int
+    type_hi: int
+    handshake_sizes: frozenset[int] = frozenset()
+
+
+PLAIN_TRANSPORT = TransportForm(0, int(MessageType.TRANSPORT), int(MessageType.TRANSPORT))
+
+
 def padded_plaintext_length(ip_len: int, mtu: int) -> int:
     """WireGuard's transport padding: round up to 16, capped at the MTU (wireguard-go send.go)."""
     if ip_len == 0:
@@ -91,6 +107,17 @@ class Envelope(Protocol):
         """Whether a decrypted transport plaintext is a keepalive rather than an IP packet."""
         ...
 
+    def transport_form(self) -> TransportForm | None:
+        """The transport framing when it is a `TransportForm` (the core then frames transport messages
+        itself with `transport_randomness`); None when the core must call `transport_plaintext_length`,
+        `type_value`, `wrap_transport`, `unwrap` and `note_received` per message."""
+        ...
+
+    def transport_randomness(self, count: int) -> tuple[list[int], bytes]:
+        """For `count` transport messages framed by `transport_form`: their type values, and their
+        prefixes' random bytes end to end, drawn as `count` messages one after the other would draw them."""
+        ...
+
 
 class PlainEnvelope:
     """WireGuard on the wire, exactly (AmneziaWG with every parameter unset)."""
@@ -126,3 +153,9 @@ class PlainEnvelope:
 
     def is_keepalive(self, plaintext: bytes) -> bool:
         return len(plaintext) == 0
+
+    def transport_form(self) -> TransportForm:
+        return PLAIN_TRANSPORT
+
+    def transport_randomness(self, count: int) -> tuple[list[int], bytes]:
+        return [PLAIN_TRANSPORT.type_lo] * count, b""

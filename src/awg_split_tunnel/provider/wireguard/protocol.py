@@ -65,8 +65,6 @@ UNDER_LOAD_HANDSHAKES = 128  # handshake messages per second that mean "under lo
 # Module-level so tests can lower it to force a rekey by message count.
 REKEY_AFTER_MESSAGES = _REKEY_AFTER_MESSAGES
 
-_PLAIN_TRANSPORT_TYPE = int(MessageType.TRANSPORT)
-_PLAIN_TRANSPORT_PREFIX = _PLAIN_TRANSPORT_TYPE.to_bytes(4, "little")
 _PAD_MASK = PADDING_MULTIPLE - 1
 _ZERO_PADDING = bytes(PADDING_MULTIPLE)
 _NO_MTU = 1 << 62  # MTU 0 means "no cap on the padding"
@@ -403,7 +401,7 @@ class WireGuardProtocol:
         if room < len(packets):
             packets = packets[: max(room, 0)]
         envelope = self.envelope
-        plain = type(envelope) is PlainEnvelope
+        form = envelope.transport_form()
         window = peer.window
         mtu = self.mtu
         cap = mtu if mtu else _NO_MTU
@@ -414,11 +412,17 @@ class WireGuardProtocol:
         pack_header = TRANSPORT_HEADER.pack
         append = self._outgoing.append
         tx_bytes = tx_packets = 0
-        for packet in packets:
+        if form is not None:
+            types, noise = envelope.transport_randomness(len(packets))
+            prefix = form.prefix
+        else:
+            types, noise, prefix = [0] * len(packets), b"", 0
+        at = 0
+        for packet, type_value in zip(packets, types, strict=True):
             n = len(packet)
-            if plain:
-                # PlainEnvelope.transport_plaintext_length inlined: pad the last MTU-sized piece to 16,
-                # never past the MTU (wireguard-go send.go).
+            if form is not None:
+                # padded_plaintext_length inlined: pad the last MTU-sized piece to 16, never past the MTU
+                # (wireguard-go send.go).
                 last = n if n <= cap else n % cap
                 pad = -last & _PAD_MASK
                 if last + pad > cap:
@@ -426,7 +430,13 @@ class WireGuardProtocol:
                 if pad:
                     packet = packet + _ZERO_PADDING[:pad]
                 pack_nonce(nonce, 4, counter)
-                datagram = pack_header(_PLAIN_TRANSPORT_TYPE, remote, counter) + encrypt(nonce, packet, None)
+                header = pack_header(type_value, remote, counter)
+                if prefix:
+                    end = at + prefix
+                    datagram = b"".join((noise[at:end], header, encrypt(nonce, packet, None)))
+                    at = end
+                else:
+                    datagram = header + encrypt(nonce, packet, None)
             else:
                 padded = envelope.transport_plaintext_length(n, mtu, window)
                 if padded > n:
@@ -524,6 +534,17 @@ class WireGuardProtocol:
         events: list[WireGuardEvent] = []
         envelope = self.envelope
         plain = type(envelope) is PlainEnvelope
+        form = envelope.transport_form()
+        # The form's transport datagrams are recognised here; everything else goes through `unwrap`.
+        prefix, type_lo, type_hi, handshake_sizes = 0, 1, 0, frozenset[int]()  # nothing matches
+        if form is not None:
+            prefix, type_lo, type_hi, handshake_sizes = (
+                form.prefix,
+                form.type_lo,
+                form.type_hi,
+                form.handshake_sizes,
+            )
+        min_size = prefix + MIN_TRANSPORT_SIZE
         unwrap = envelope.unwrap
         note_received = envelope.note_received
         is_keepalive = envelope.is_keepalive
@@ -556,8 +577,12 @@ class WireGuardProtocol:
         for data, source in datagrams:
             try:
                 size = len(data)
-                if plain and size >= MIN_TRANSPORT_SIZE and data[:4] == _PLAIN_TRANSPORT_PREFIX:
-                    message = data  # PlainEnvelope.unwrap's common case
+                if (
+                    size >= min_size
+                    and type_lo <= int.from_bytes(data[prefix : prefix + 4], "little") <= type_hi
+                    and size not in handshake_sizes
+                ):
+                    message = memoryview(data)[prefix:] if prefix else data  # `unwrap`'s common case
                 else:
                     try:
                         classified = unwrap(data)
@@ -616,7 +641,7 @@ class WireGuardProtocol:
                     peer.endpoint = source
                     peer.stats.endpoint = source
                     events.append(EndpointChanged(peer.public_key, source))
-                if not plain:
+                if form is None:
                     note_received(window, len(plaintext))
                 if pending_next:
                     # First message under the responder's new keypair: the packets before it keep their

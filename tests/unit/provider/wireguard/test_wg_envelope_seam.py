@@ -9,6 +9,7 @@ from awg_split_tunnel.provider.wireguard.envelope import (
     HANDSHAKE_SIZES,
     MIN_TRANSPORT_SIZE,
     MessageType,
+    TransportForm,
     UdpWindow,
     padded_plaintext_length,
 )
@@ -71,6 +72,12 @@ class PrefixEnvelope:
 
     def is_keepalive(self, plaintext: bytes) -> bool:
         return len(plaintext) == 0
+
+    def transport_form(self) -> TransportForm | None:
+        return None  # padding to 64: the core must ask per message
+
+    def transport_randomness(self, count: int) -> tuple[list[int], bytes]:
+        raise AssertionError("never called without a transport form")
 
 
 def ipv4(payload: bytes) -> bytes:
