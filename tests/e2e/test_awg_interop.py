@@ -8,15 +8,17 @@ to the web server without NAT, so the web server sees our tunnel address 198.19.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_wg_interop import OurClient, udp_echo
+from test_wg_interop import OurClient, curl, udp_echo
 
 from awg_split_tunnel.lab import Lab, LabUnavailable
+from awg_split_tunnel.lab.echo_server import pattern_sha256
 from awg_split_tunnel.lab.servers import (
     WireGuardPeer,
     amneziawg_peer_bin,
@@ -311,3 +313,38 @@ def test_the_reference_initiator_and_our_responder_interoperate(
         assert "handshake completed" in ours.output()
     finally:
         ours.stop()
+
+
+def test_datagrams_bigger_than_the_link_still_carry_tcp_both_ways(web_lab: Lab) -> None:
+    """S4 = 32 on top of the default MTU 1420 makes full-size transport datagrams 1,484 bytes: 12 more than
+    the lab's 1500-byte links carry in one packet. A UDP GSO write of such datagrams is refused by the
+    kernel (scripts/repro/udp_gso_bigger_than_mtu.py); the device sends them one by one, fragmented, so a
+    download and an upload still arrive whole, and each end's log says to lower the MTU."""
+    params = {**PARAMETER_SETS["2.0"], "S4": "32"}
+    server_private, server_public = generate_keypair()
+    client, client_public = our_client(web_lab, params, server_public, "big-s4")
+    server_conf = web_lab.tmpdir / "big-s4-resp.conf"
+    server_conf.write_text(conf_text(server_private, client_public, params, server=True))
+    server = OurClient(web_lab, web_lab.new_ifname("s"), server_conf, web_lab.tmpdir / "big-s4-resp.log", WG)
+    server.start()
+    try:
+        client.start()
+        try:
+            size = 4 * 1024 * 1024
+            download = web_lab.run(
+                CLIENT,
+                ["sh", "-c", f"curl -sS --max-time 60 http://{WEB_IP}/bytes/{size} | sha256sum"],
+                timeout=70,
+            )
+            assert download.stdout.split()[0] == pattern_sha256(size), download.stderr + server.output()
+            payload = web_lab.tmpdir / "big-s4-upload.bin"
+            data = os.urandom(size)
+            payload.write_bytes(data)
+            upload = curl(web_lab, f"http://{WEB_IP}/sha256", "--data-binary", f"@{payload}", timeout=60)
+            assert upload.stdout.strip() == hashlib.sha256(data).hexdigest(), upload.stderr + client.output()
+            for end in (client, server):
+                assert "1484 bytes are bigger than the network path" in end.output(), end.output()
+        finally:
+            client.stop()
+    finally:
+        server.stop()

@@ -139,7 +139,17 @@ def normalize_endpoint(address: tuple[Any, ...]) -> Endpoint:
 class DatagramSocket:
     """A non-blocking UDP socket (dual-stack when the host has IPv6) with batched GRO receive and GSO send."""
 
-    __slots__ = ("_addr_cache", "_dual", "gro", "gso", "gso_sends", "port", "receive_errors", "sock")
+    __slots__ = (
+        "_addr_cache",
+        "_dual",
+        "gro",
+        "gso",
+        "gso_sends",
+        "oversize",
+        "port",
+        "receive_errors",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -147,6 +157,10 @@ class DatagramSocket:
         self.port: int = sock.getsockname()[1]
         self.gso = sys.platform == "linux"
         self.gso_sends = 0
+        self.oversize = 0
+        """The smallest datagram size a GSO write was refused for as bigger than the path carries in one
+        packet (EMSGSIZE); datagrams this big or bigger are sent one by one, and the kernel fragments them
+        (docs/THROUGHPUT.md, "Datagrams bigger than the path"). 0: none seen."""
         self.receive_errors = 0
         self.gro = False
         if sys.platform == "linux":
@@ -251,7 +265,7 @@ class DatagramSocket:
             data, endpoint = datagrams[i]
             size = len(data)
             j = i + 1
-            if self.gso:
+            if self.gso and not (self.oversize and size >= self.oversize):
                 total = size
                 end = min(n, i + UDP_MAX_SEGMENTS)
                 while j < end:
@@ -279,10 +293,15 @@ class DatagramSocket:
                         )
                         self.gso_sends += 1
                     except OSError as exc:
-                        if exc.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                        if exc.errno == errno.EMSGSIZE:
+                            # Segments bigger than the path's MTU: GSO does not fragment, a plain send
+                            # does. This size and bigger go one by one from now on.
+                            self.oversize = min(self.oversize or size, size)
+                        elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                            # No UDP GSO here (old kernel, or a device that refuses it): one by one from now.
+                            self.gso = False
+                        else:
                             raise
-                        # No UDP GSO here (old kernel, or a device that refuses it): one by one from now on.
-                        self.gso = False
                         j = i + 1
                         sendto(data, address)
                 else:
@@ -381,6 +400,7 @@ class WireGuardDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
+        self._oversize_told = 0
 
     @classmethod
     def from_conf(cls, conf: WgConf, **kwargs: Any) -> WireGuardDevice:
@@ -531,6 +551,24 @@ class WireGuardDevice:
         self.stats.datagrams_out += sent
         self.stats.dropped_send_error += dropped
         self.stats.gso_sends = sock.gso_sends
+        if sock.oversize != self._oversize_told:
+            self._tell_oversize(sock.oversize)
+
+    def _tell_oversize(self, size: int) -> None:
+        """Once per smaller size: the tunnel's datagrams do not fit the path in one packet."""
+        self._oversize_told = size
+        # A 1500-byte IPv4 link carries 1472 bytes of UDP payload in one packet (docs/THROUGHPUT.md).
+        hint = f" by at least {size - 1472} for a 1500-byte IPv4 link" if size > 1472 else ""
+        log.warning(
+            "%s %s: encrypted packets of %d bytes are bigger than the network path carries in one packet; "
+            "they are sent fragmented, which is slower and which some networks drop. Lower MTU (now %d) in "
+            "the tunnel's config%s.",
+            self.log_tag,
+            self.tunnel_id,
+            size,
+            self.settings.mtu,
+            hint,
+        )
 
     def _rearm_timer(self) -> None:
         loop = self._loop

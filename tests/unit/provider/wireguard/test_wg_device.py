@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -527,3 +530,64 @@ def test_a_conf_with_an_unworkable_amneziawg_set_is_refused() -> None:
     )
     with pytest.raises(ConfigError):
         WireGuardDevice.from_conf(broken)
+
+
+class PathLimitedSocket:
+    """A loopback UDP socket behind a path that carries `limit` bytes of UDP payload in one packet, as the
+    kernel treats it (scripts/repro/udp_gso_bigger_than_mtu.py): a GSO write of bigger segments fails
+    with EMSGSIZE and sends nothing; a plain send of any size goes (the kernel fragments it)."""
+
+    def __init__(self, inner: socket.socket, limit: int) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def sendmsg(self, buffers: list[bytes], ancdata: list[tuple[int, int, bytes]], *rest: Any) -> int:
+        for level, kind, data in ancdata:
+            if (level, kind) == (socket.SOL_UDP, 103) and struct.unpack("H", data)[0] > self.limit:
+                self.refused += 1
+                raise OSError(errno.EMSGSIZE, "Message too long")
+        return int(self.inner.sendmsg(buffers, ancdata, *rest))
+
+
+def test_datagrams_bigger_than_the_path_go_fragmented_one_by_one_and_the_mtu_is_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tunnel MTU too big for the path (a PPPoE or mobile uplink, or AmneziaWG's S4 on top of 1420):
+    every packet still arrives, in order — before, each GSO batch was refused whole and dropped, so only
+    the handshake got through — and the log says once to lower the MTU."""
+    sockets: list[PathLimitedSocket] = []
+    bind = DatagramSocket.bind.__func__  # type: ignore[attr-defined]
+
+    def limited(cls: type[DatagramSocket], *args: Any, **kwargs: Any) -> DatagramSocket:
+        real = bind(cls, *args, **kwargs)
+        sockets.append(PathLimitedSocket(real.sock, 1400))
+        return cls(sockets[-1])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DatagramSocket, "bind", classmethod(limited))
+
+    async def scenario() -> None:
+        pair = Pair()
+        client = await pair.start()
+        try:
+            client.connect()
+            await wait_for(lambda: client.state is TunnelState.UP)
+            # 1408-byte IP packets: 1440-byte transport datagrams, 40 bytes over the path.
+            packets = [udp_packet("198.19.0.2", "198.19.0.1", bytes([i]) * 1380) for i in range(60)]
+            with caplog.at_level(logging.WARNING, logger="awg_split_tunnel.wireguard"):
+                client.send_packets(packets[:30])
+                await asyncio.sleep(0.05)
+                client.send_packets(packets[30:])
+                await wait_for(lambda: len(pair.received_by_server) == 60)
+            assert pair.received_by_server == packets
+            assert client.statistics().dropped_send_error == 0
+            warnings = [r.getMessage() for r in caplog.records if "bigger than the network path" in r.message]
+            assert len(warnings) == 1 and "1440 bytes" in warnings[0] and "MTU (now 1420)" in warnings[0]
+            assert sockets[-1].refused == 1  # GSO was tried once for that size, then no more
+        finally:
+            await pair.stop()
+
+    run(scenario)
