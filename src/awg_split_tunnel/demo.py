@@ -235,11 +235,13 @@ def _run_in_lab(lab: Any, console: Console, ui: bool = False) -> int:
             forward.close()
         exit_code = _stop_daemon(daemon)
     went_right = all(r.ok for r in results)
-    if exit_code != 0:
-        console.print(f"[red]the daemon exited with {exit_code}; the end of its log ({log_path}):[/]")
-    elif not went_right:
-        console.print(f"[red]the end of the daemon's log ({log_path}):[/]")
     if exit_code != 0 or not went_right:
+        why = (
+            f"the daemon exited with {exit_code}; the end of its log"
+            if exit_code
+            else "the end of the daemon's log"
+        )
+        console.print(f"[red]{why} ({log_path}):[/]")
         console.print(log_path.read_text(errors="replace")[-4000:], markup=False, highlight=False)
     passed = went_right and exit_code == 0
     verdict = "[green]every app went the predicted way[/]" if passed else "[red]some app did not[/]"

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,19 +188,26 @@ def test_ping_through_the_tunnel(setup: Setup) -> None:
         assert " 0% packet loss" in done.stdout
 
 
-def test_tcp_transfer_arrives_intact_both_ways(setup: Setup) -> None:
-    size = 8 * 1024 * 1024
-    download = setup.lab.run(
+def check_tcp_both_ways(
+    lab: Lab, down: int, up: int, name: str, context: Callable[[], str] = lambda: ""
+) -> None:
+    """A download of `down` bytes from the web server and an upload of `up` bytes to it, through whatever
+    routes ns client's traffic, each arrive whole (by their SHA-256); `context()` goes with a failure."""
+    download = lab.run(
         CLIENT,
-        ["sh", "-c", f"curl -sS --max-time 60 http://{WEB_IP}/bytes/{size} | sha256sum"],
+        ["sh", "-c", f"curl -sS --max-time 60 http://{WEB_IP}/bytes/{down} | sha256sum"],
         timeout=70,
     )
-    assert download.stdout.split()[0] == pattern_sha256(size), download.stderr
-    payload = setup.lab.tmpdir / "upload.bin"
-    data = os.urandom(4 * 1024 * 1024)
+    assert download.stdout.split()[0] == pattern_sha256(down), download.stderr + context()
+    payload = lab.tmpdir / f"{name}.bin"
+    data = os.urandom(up)
     payload.write_bytes(data)
-    upload = curl(setup.lab, f"http://{WEB_IP}/sha256", "--data-binary", f"@{payload}", timeout=60)
-    assert upload.stdout.strip() == hashlib.sha256(data).hexdigest(), upload.stderr
+    upload = curl(lab, f"http://{WEB_IP}/sha256", "--data-binary", f"@{payload}", timeout=60)
+    assert upload.stdout.strip() == hashlib.sha256(data).hexdigest(), upload.stderr + context()
+
+
+def test_tcp_transfer_arrives_intact_both_ways(setup: Setup) -> None:
+    check_tcp_both_ways(setup.lab, 8 * 1024 * 1024, 4 * 1024 * 1024, "upload")
 
 
 def test_peer_initiates_to_us(web_lab: Lab) -> None:

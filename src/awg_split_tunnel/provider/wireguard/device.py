@@ -295,8 +295,9 @@ class DatagramSocket:
                     except OSError as exc:
                         if exc.errno == errno.EMSGSIZE:
                             # Segments bigger than the path's MTU: GSO does not fragment, a plain send
-                            # does. This size and bigger go one by one from now on.
-                            self.oversize = min(self.oversize or size, size)
+                            # does. This size and bigger go one by one from now on (GSO is only tried
+                            # below `oversize`, so this size is the smallest refused yet).
+                            self.oversize = size
                         elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                             # No UDP GSO here (old kernel, or a device that refuses it): one by one from now.
                             self.gso = False
